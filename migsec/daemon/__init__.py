@@ -1,0 +1,1 @@
+"""migsecd: the per-host daemon (AS, AZ, inter-domain endpoint, VMM agent)."""

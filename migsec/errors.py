@@ -1,0 +1,225 @@
+"""One exception tree for migsec.
+
+Every failure migsec reports is a MigsecError. Library exceptions (cryptography,
+libvirt, lxml, OSError) are caught in the module that called the library and
+re-raised as one of these with ``raise ... from``. ``exit_code`` is what the CLI
+exits with when the error reaches it.
+
+Packages may define finer subclasses next to their code, but always below one
+of the classes here.
+"""
+from __future__ import annotations
+
+
+class MigsecError(Exception):
+    """Root of every error migsec raises on purpose."""
+
+    exit_code = 1
+
+
+# --- configuration -----------------------------------------------------------
+class ConfigError(MigsecError):
+    """A configuration file or setting is missing or invalid (names the setting)."""
+
+    exit_code = 2
+
+
+# --- crypto, keys, tickets ----------------------------------------------------
+class CryptoError(MigsecError):
+    """A cryptographic operation failed."""
+
+
+class DecryptionError(CryptoError):
+    """AEAD or envelope decryption failed. Deliberately opaque (like Fernet's InvalidToken)."""
+
+
+class SignatureError(CryptoError):
+    """A signature did not verify."""
+
+
+class KeyLoadError(CryptoError):
+    """A key could not be loaded, has the wrong type, or unsafe permissions."""
+
+
+class TicketError(CryptoError):
+    """A ticket (Auth_Tkt, Authr_Tkt, receipt) is invalid."""
+
+
+class TicketExpiredError(TicketError):
+    """A ticket or message is outside its validity window."""
+
+
+class TicketTamperedError(TicketError):
+    """A ticket failed its integrity check (bad MAC or signature)."""
+
+
+class ReplayError(TicketError):
+    """A nonce, ticket or request was seen before."""
+
+
+# --- PKI ------------------------------------------------------------------------
+class CertificateError(MigsecError):
+    """A certificate is unusable for the purpose it was presented for."""
+
+
+class UnknownIssuerError(CertificateError):
+    """The certificate does not chain to a trusted CA."""
+
+
+class CertificateExpiredError(CertificateError):
+    """The certificate is not valid at the time of use."""
+
+
+class DidMismatchError(CertificateError):
+    """The domain id in the certificate differs from the one claimed or expected."""
+
+
+class CertificateRevokedError(CertificateError):
+    """The certificate is on a configured CRL."""
+
+
+class KeyUsageError(CertificateError):
+    """The certificate's key usage or extended key usage does not allow this use."""
+
+
+# --- protocol ---------------------------------------------------------------------
+class ProtocolError(MigsecError):
+    """The peer (or local code) broke the migsec protocol."""
+
+
+class MalformedMessageError(ProtocolError):
+    """Bytes could not be decoded into a valid message."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame announced a length above the hard maximum."""
+
+
+class UnexpectedMessageError(ProtocolError):
+    """A message arrived that is not legal in the current state."""
+
+
+class HandshakeError(ProtocolError):
+    """The inter-domain handshake failed (wrong peer, bad binding, reflection)."""
+
+
+class RecordError(ProtocolError):
+    """A data record was rejected."""
+
+
+class RecordAuthError(RecordError):
+    """A record failed AEAD authentication (tampered)."""
+
+
+class RecordSequenceError(RecordError):
+    """A record arrived out of order, twice, or after a gap."""
+
+
+class TruncatedStreamError(RecordError):
+    """A stream ended before its announced end."""
+
+
+class NonceExhaustedError(RecordError):
+    """The record counter would wrap; the session must be re-keyed."""
+
+
+class IntegrityError(ProtocolError):
+    """The SHA-256 of what arrived does not match what was sent."""
+
+
+# --- authentication / authorization ---------------------------------------------------
+class AuthenticationError(MigsecError):
+    """The administrator could not be authenticated."""
+
+    exit_code = 3
+
+
+class AuthorizationDenied(MigsecError):
+    """A policy decision point did not permit the action."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, where: str = "", decision: str = "Deny") -> None:
+        super().__init__(message)
+        self.where = where
+        self.decision = decision
+
+
+# --- policy -------------------------------------------------------------------------
+class PolicyError(MigsecError):
+    """A policy or request could not be loaded or evaluated."""
+
+
+class PolicySyntaxError(PolicyError):
+    """A policy document is malformed or statically invalid."""
+
+
+class PolicyReferenceError(PolicyError):
+    """A policy reference is missing or forms a cycle."""
+
+
+class RequestSyntaxError(PolicyError):
+    """An XACML request (XML or JSON) is malformed."""
+
+
+class UnsafeXmlError(PolicyError):
+    """XML with DTDs, entities or external references was refused."""
+
+
+# --- virtualization ----------------------------------------------------------------
+class VirtError(MigsecError):
+    """A libvirt operation failed."""
+
+
+class DomainNotFoundError(VirtError):
+    """No domain with that name or uuid."""
+
+
+class UnsupportedDeviceError(VirtError):
+    """The domain has a device that cannot be migrated this way."""
+
+
+class MappingError(VirtError):
+    """A disk path or network has no mapping at the destination."""
+
+
+class SaveImageError(VirtError):
+    """A save image is unreadable or belongs to another domain."""
+
+
+class HypervisorUnavailableError(VirtError):
+    """libvirt could not be reached."""
+
+
+class LabError(MigsecError):
+    """The lab could not be brought up, used or torn down."""
+
+
+# --- transfer, commit, audit ------------------------------------------------------------
+class TransferError(MigsecError):
+    """Moving the VM's data failed."""
+
+
+class ResumeError(TransferError):
+    """A broken transfer could not be resumed."""
+
+
+class MigrationFailed(TransferError):
+    """The migration failed; ``rolled_back`` says whether the VM runs again at the source."""
+
+    def __init__(self, message: str, *, rolled_back: bool = False) -> None:
+        super().__init__(message)
+        self.rolled_back = rolled_back
+        self.exit_code = 4 if rolled_back else 1
+
+
+class JournalError(MigsecError):
+    """The migration journal is unreadable or inconsistent."""
+
+
+class AuditError(MigsecError):
+    """The audit ledger could not be written or read."""
+
+
+class LedgerCorruptError(AuditError):
+    """The audit ledger's hash chain or a signature does not verify."""
