@@ -18,10 +18,10 @@ from migsec.errors import MigsecError
 # command name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, str] = {
     "ca": "migsec.pki.cli:ca",
-    "peer": "migsec.pki.cli:peer",
+    "peer": "migsec.daemon.admin_cli:peer",
     "policy": "migsec.policy.cli:policy",
     "lab": "migsec.lab.cli:lab",
-    "user": "migsec.auth.cli:user",
+    "user": "migsec.daemon.admin_cli:user",
     "audit": "migsec.audit.cli:audit",
     "migrate": "migsec.daemon.client:migrate",
     "jobs": "migsec.daemon.client:jobs",
