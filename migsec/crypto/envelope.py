@@ -1,0 +1,220 @@
+"""JOSE envelopes (compact serialization) for tickets and control messages.
+
+Signed claims are JWS; confidential bodies are JWE, either to a certificate's
+public key (EC P-256: ECDH-ES+A256KW, RSA: RSA-OAEP-256; content A256GCM) or
+under a shared symmetric key (``dir`` + A256GCM, for E_SK1 / E_SK2 / E_SK3).
+Each call accepts exactly one algorithm, fixed by the key, so a token cannot
+choose a weaker one (no ``none``, no HMAC-with-public-key confusion, no ``zip``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+from joserfc import jwe, jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OctKey, RSAKey, OKPKey
+
+from migsec.crypto.keys import SigningKey, VerifyingKey
+from migsec.errors import CryptoError, DecryptionError, MalformedMessageError, SignatureError
+
+log = logging.getLogger(__name__)
+
+# Control messages are small; refuse anything bigger before parsing it.
+MAX_TOKEN_SIZE = 1 << 20
+ENC = "A256GCM"
+DIR_KEY_SIZE = 32
+
+
+# --- strict JSON and base64url (used for JWS claims and unverified peeking) ---------------
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise MalformedMessageError(f"duplicate JSON member {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedMessageError(f"JSON constant {name} is not allowed")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedMessageError(f"{what} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedMessageError(f"{what} must be a JSON object")
+    return value
+
+
+def _b64url_decode(part: str, what: str) -> bytes:
+    if not part or any(c not in _B64URL for c in part) or len(part) % 4 == 1:
+        raise MalformedMessageError(f"{what} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedMessageError(f"{what} is not base64url") from exc
+
+
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _split(token: str | bytes, parts: int, kind: str) -> list[str]:
+    if isinstance(token, (bytes, bytearray)):
+        try:
+            token = bytes(token).decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise MalformedMessageError(f"{kind} token is not ASCII") from exc
+    if not isinstance(token, str):
+        raise MalformedMessageError(f"{kind} token must be str or bytes")
+    if len(token) > MAX_TOKEN_SIZE:
+        raise MalformedMessageError(f"{kind} token larger than {MAX_TOKEN_SIZE} bytes")
+    pieces = token.split(".")
+    if len(pieces) != parts:
+        raise MalformedMessageError(f"{kind} compact token must have {parts} parts, got {len(pieces)}")
+    return pieces
+
+
+def _claims_bytes(claims: dict[str, Any]) -> bytes:
+    if not isinstance(claims, dict):
+        raise CryptoError("JWS claims must be a dict")
+    try:
+        return json.dumps(claims, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CryptoError(f"JWS claims are not JSON-serializable: {exc}") from exc
+
+
+def _private_jwk(key: SigningKey):
+    if key.kind == "ec-p256":
+        return ECKey.import_key(key._key)  # type: ignore[arg-type]
+    if key.kind == "ed25519":
+        return OKPKey.import_key(key._key)  # type: ignore[arg-type]
+    return RSAKey.import_key(key._key)  # type: ignore[arg-type]
+
+
+def _public_jwk(key: VerifyingKey):
+    if key.kind == "ec-p256":
+        return ECKey.import_key(key._key)  # type: ignore[arg-type]
+    if key.kind == "ed25519":
+        return OKPKey.import_key(key._key)  # type: ignore[arg-type]
+    return RSAKey.import_key(key._key)  # type: ignore[arg-type]
+
+
+# --- JWS ------------------------------------------------------------------------------------
+def jws_sign(claims: dict[str, Any], key: SigningKey, *, kid: str | None = None, typ: str | None = None) -> str:
+    """Sign ``claims`` (a JSON object) as a compact JWS with the key's algorithm."""
+    header: dict[str, Any] = {"alg": key.jose_alg}
+    if kid is not None:
+        header["kid"] = kid
+    if typ is not None:
+        header["typ"] = typ
+    try:
+        return jws.serialize_compact(header, _claims_bytes(claims), _private_jwk(key), algorithms=[key.jose_alg])
+    except JoseError as exc:
+        raise CryptoError(f"JWS signing failed: {exc}") from exc
+
+
+def jws_peek(token: str | bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims WITHOUT verifying the signature: for routing (kid, iss) only."""
+    header_b64, payload_b64, _sig = _split(token, 3, "JWS")
+    header = _json_object(_b64url_decode(header_b64, "JWS header"), "JWS header")
+    claims = _json_object(_b64url_decode(payload_b64, "JWS payload"), "JWS payload")
+    return header, claims
+
+
+def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
+    """Verify a compact JWS made by ``key`` and return its claims.
+
+    Garbage raises MalformedMessageError; a wrong algorithm or a bad signature
+    raises SignatureError.
+    """
+    header, claims = jws_peek(token)
+    if header.get("alg") != key.jose_alg:
+        raise SignatureError(f"JWS algorithm {header.get('alg')!r} does not match the key ({key.jose_alg})")
+    try:
+        jws.deserialize_compact(token, _public_jwk(key), algorithms=[key.jose_alg])
+    except JoseError as exc:
+        log.debug("JWS rejected: %s", type(exc).__name__)
+        raise SignatureError("JWS signature did not verify") from exc
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessageError("JWS could not be decoded") from exc
+    return claims
+
+
+# --- JWE to a public key ----------------------------------------------------------------------
+def _jwe_alg(kind: str) -> str:
+    if kind == "ec-p256":
+        return "ECDH-ES+A256KW"
+    if kind.startswith("rsa-"):
+        return "RSA-OAEP-256"
+    raise CryptoError(f"a {kind} key cannot receive encrypted messages; use an ec-p256 or RSA key")
+
+
+def jwe_header(token: str | bytes) -> dict[str, Any]:
+    """The protected header of a compact JWE, unverified (for routing by kid only)."""
+    header_b64 = _split(token, 5, "JWE")[0]
+    return _json_object(_b64url_decode(header_b64, "JWE header"), "JWE header")
+
+
+def jwe_encrypt(plaintext: bytes, recipient: VerifyingKey, *, kid: str | None = None) -> str:
+    """Encrypt ``plaintext`` to ``recipient`` (EC: ECDH-ES+A256KW, RSA: RSA-OAEP-256; A256GCM)."""
+    alg = _jwe_alg(recipient.kind)
+    header: dict[str, Any] = {"alg": alg, "enc": ENC}
+    if kid is not None:
+        header["kid"] = kid
+    try:
+        return jwe.encrypt_compact(header, bytes(plaintext), _public_jwk(recipient), algorithms=[alg, ENC])
+    except JoseError as exc:
+        raise CryptoError(f"JWE encryption failed: {exc}") from exc
+
+
+def _decrypt(token: str | bytes, jwk: Any, alg: str) -> bytes:
+    # Every failure is the same opaque error; the reason goes to the local debug log only.
+    try:
+        header = jwe_header(token)
+        if header.get("alg") != alg or header.get("enc") != ENC:
+            raise DecryptionError("decryption failed")
+        obj = jwe.decrypt_compact(token, jwk, algorithms=[alg, ENC])
+        plaintext = obj.plaintext
+        if plaintext is None:
+            raise DecryptionError("decryption failed")
+        return plaintext
+    except DecryptionError:
+        raise
+    except (JoseError, MalformedMessageError, ValueError, TypeError, KeyError) as exc:
+        log.debug("JWE rejected: %s", type(exc).__name__)
+        raise DecryptionError("decryption failed") from exc
+
+
+def jwe_decrypt(token: str | bytes, key: SigningKey) -> bytes:
+    """Decrypt a JWE addressed to ``key``; any failure raises the opaque DecryptionError."""
+    return _decrypt(token, _private_jwk(key), _jwe_alg(key.kind))
+
+
+# --- JWE under a shared key (dir + A256GCM) ---------------------------------------------------
+def _oct(key: bytes) -> OctKey:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != DIR_KEY_SIZE:
+        raise CryptoError(f"a dir/A256GCM key must be {DIR_KEY_SIZE} bytes")
+    return OctKey.import_key(bytes(key))
+
+
+def jwe_encrypt_dir(plaintext: bytes, key: bytes, *, kid: str | None = None) -> str:
+    """Encrypt under a 32-byte shared key (E_SK1 / E_SK2 / E_SK3)."""
+    header: dict[str, Any] = {"alg": "dir", "enc": ENC}
+    if kid is not None:
+        header["kid"] = kid
+    try:
+        return jwe.encrypt_compact(header, bytes(plaintext), _oct(key), algorithms=["dir", ENC])
+    except JoseError as exc:
+        raise CryptoError(f"JWE encryption failed: {exc}") from exc
+
+
+def jwe_decrypt_dir(token: str | bytes, key: bytes) -> bytes:
+    """Decrypt a dir/A256GCM JWE; any failure raises the opaque DecryptionError."""
+    return _decrypt(token, _oct(key), "dir")
