@@ -1,0 +1,242 @@
+"""``migsec migrate``, ``migsec jobs``, ``migsec recover``: thin clients of the local migsecd.
+
+They speak length-prefixed JSON over the daemon's unix socket
+(``migsec.daemon.wire``). The local exchange with the authentication and
+authorization servers is in ``migsec.auth.client_exchange``.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import click
+
+from migsec.daemon import wire
+from migsec.errors import (
+    AuthenticationError,
+    AuthorizationDenied,
+    ConfigError,
+    MigrationFailed,
+    MigsecError,
+    ProtocolError,
+)
+
+DEFAULT_SOCKET = "/run/migsec/migsecd.sock"
+
+_ERRORS: dict[str, type[MigsecError]] = {
+    "AuthenticationError": AuthenticationError,
+    "AuthorizationDenied": AuthorizationDenied,
+    "MigrationFailed": MigrationFailed,
+    "ConfigError": ConfigError,
+}
+
+
+class DaemonError(MigsecError):
+    """An error reported by migsecd; carries its exit code and class name."""
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(str(reply.get("message") or reply.get("error") or "migsecd failed"))
+        self.reply = reply
+        self.error = str(reply.get("error", "MigsecError"))
+        code = reply.get("exit_code", 1)
+        self.exit_code = code if isinstance(code, int) and 0 < code < 128 else 1
+
+
+class LocalConnection:
+    """A blocking connection to migsecd's unix socket."""
+
+    def __init__(self, path: str, *, timeout: float | None = None) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"migsecd is not running (no socket at {path})") from exc
+        except PermissionError as exc:
+            raise ConfigError(f"no permission to reach migsecd at {path} (root or the socket's group)") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot reach migsecd at {path}: {exc}") from exc
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return its final reply (ignoring events)."""
+        for reply in self.stream(message):
+            if "event" not in reply:
+                return reply
+        raise ProtocolError("migsecd closed the connection without answering")
+
+    def stream(self, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send one request; yield its events, then the final reply; raise DaemonError on failure."""
+        try:
+            wire.send_message(self.sock, message)
+            while True:
+                reply = wire.recv_message(self.sock)
+                if reply is None:
+                    raise ProtocolError("migsecd closed the connection without answering")
+                if "event" in reply:
+                    yield reply
+                    continue
+                if not reply.get("ok"):
+                    raise DaemonError(reply)
+                yield reply
+                return
+        except socket.timeout as exc:
+            raise MigrationFailed("timed out waiting for migsecd") from exc
+        except OSError as exc:
+            raise ProtocolError(f"connection to migsecd failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def socket_path(config_path: str | None) -> str:
+    """The daemon socket from --config, $MIGSEC_SOCKET or the default."""
+    if config_path:
+        from migsec.daemon.config import load_config
+
+        return str(load_config(config_path).socket_path)
+    return os.environ.get("MIGSEC_SOCKET", DEFAULT_SOCKET)
+
+
+def parse_destination(uri: str) -> tuple[str, int]:
+    parts = urlsplit(uri)
+    if parts.scheme != "migsec" or not parts.hostname:
+        raise click.BadParameter(f"{uri!r}: expected migsec://HOST:PORT", param_hint="DESTINATION")
+    try:
+        port = parts.port or 7443
+    except ValueError as exc:
+        raise click.BadParameter(f"{uri!r}: bad port", param_hint="DESTINATION") from exc
+    return parts.hostname, port
+
+
+def _read_password(password_stdin: bool, user: str) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise AuthenticationError("--password-stdin: no password on standard input")
+        return line.rstrip("\n")
+    if not sys.stdin.isatty():
+        raise AuthenticationError("no terminal to prompt for a password: use --password-stdin or --ssh-agent")
+    return getpass.getpass(f"Password for {user}: ")
+
+
+@click.command()
+@click.argument("domain")
+@click.argument("destination")
+@click.option("--verbose", is_flag=True, help="Show progress (a bar with bytes, rate and ETA on a terminal).")
+@click.option("--persistent", is_flag=True, help="Define the domain persistently on the destination.")
+@click.option("--undefinesource", is_flag=True, help="Undefine the domain on the source after success.")
+@click.option("--bandwidth", type=click.FloatRange(min=0.1), help="Limit the transfer rate (MiB/s).")
+@click.option("--dry-run", is_flag=True, help="Authenticate, authorize on both sides, check capacity; move nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
+@click.option("--timeout", type=click.FloatRange(min=1), help="Give up (and roll back) after this many seconds.")
+@click.option("--user", default=lambda: os.environ.get("MIGSEC_USER") or getpass.getuser(), show_default="$MIGSEC_USER or login name", help="migsec user to authenticate as.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="migsecd.toml (to find the daemon's socket).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@click.option("--ssh-agent", "use_agent", is_flag=True, help="Prove identity with a key held by ssh-agent instead of a password.")
+def migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+            timeout, user, config_path, password_stdin, use_agent) -> None:
+    """Migrate the running DOMAIN to migsec://HOST:PORT securely."""
+    from migsec.auth import client_exchange
+    from migsec.daemon.progress import Progress, human_bytes
+
+    host, port = parse_destination(destination)
+    credential: Any
+    if use_agent:
+        credential = client_exchange.AgentCredential.from_environment(user)
+    else:
+        credential = _read_password(password_stdin, user)
+    conn = LocalConnection(socket_path(config_path))
+    progress = Progress() if verbose and not as_json else None
+    try:
+        session = client_exchange.login(conn, user, credential)
+        request = {
+            "domain": domain,
+            "destination": {"host": host, "port": port},
+            "persistent": persistent,
+            "undefine_source": undefinesource,
+            "bandwidth_mib": bandwidth,
+            "dry_run": dry_run,
+            "timeout": timeout,
+        }
+        message = client_exchange.migration_message(session, request, conn)
+        result: dict[str, Any] = {}
+        try:
+            for reply in conn.stream(message):
+                if reply.get("event") == "progress" and progress is not None:
+                    progress.update(reply.get("phase", ""), int(reply.get("done", 0)), int(reply.get("total", 0)))
+                elif reply.get("event") == "step" and progress is not None:
+                    progress.message(str(reply.get("message", "")))
+                elif "event" not in reply:
+                    result = reply.get("result", {})
+        except DaemonError as exc:
+            if progress is not None:
+                progress.finish()
+            if as_json:
+                click.echo(json.dumps({"ok": False, **{k: v for k, v in exc.reply.items() if k != "ok"}}, sort_keys=True))
+                sys.exit(exc.exit_code)
+            raise
+        if progress is not None:
+            progress.finish()
+    finally:
+        conn.close()
+    if as_json:
+        click.echo(json.dumps({"ok": True, **result}, sort_keys=True))
+        return
+    if dry_run:
+        click.echo(f"dry run: {domain} may migrate to {result.get('destination_did', host)} "
+                   f"(authorized by both domains, capacity available); nothing was moved")
+        return
+    moved = result.get("bytes_on_wire")
+    extra = f", {human_bytes(moved)} on the wire" if isinstance(moved, int) else ""
+    click.echo(f"migrated {domain} to {result.get('destination_did', host)} "
+               f"(migration {result.get('migration_id', '?')}, {result.get('seconds', 0):.1f} s{extra})")
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="migsecd.toml (to find the daemon's socket).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include finished migrations older than a day.")
+def jobs(config_path, as_json, show_all) -> None:
+    """Show running and past migrations (from the migration journal)."""
+    conn = LocalConnection(socket_path(config_path))
+    try:
+        reply = conn.request({"op": "jobs", "all": show_all})
+    finally:
+        conn.close()
+    rows = reply.get("jobs", [])
+    if as_json:
+        click.echo(json.dumps(rows, sort_keys=True, indent=1))
+        return
+    if not rows:
+        click.echo("no migrations")
+        return
+    click.echo(f"{'MIGRATION':<34} {'ROLE':<11} {'DOMAIN':<16} {'PEER':<22} {'PHASE':<14} UPDATED")
+    for row in rows:
+        click.echo(f"{row.get('migration_id', ''):<34} {row.get('role', ''):<11} {row.get('domain', ''):<16} "
+                   f"{row.get('peer', ''):<22} {row.get('phase', ''):<14} {row.get('updated', '')}")
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="migsecd.toml (to find the daemon's socket).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def recover(config_path, as_json) -> None:
+    """After a crash: bring every interrupted migration's guest back running on exactly one host."""
+    conn = LocalConnection(socket_path(config_path), timeout=None)
+    try:
+        reply = conn.request({"op": "recover"})
+    finally:
+        conn.close()
+    actions = reply.get("actions", [])
+    if as_json:
+        click.echo(json.dumps(actions, sort_keys=True, indent=1))
+        return
+    if not actions:
+        click.echo("nothing to recover")
+    for action in actions:
+        click.echo(f"{action.get('migration_id')}: {action.get('domain')}: {action.get('outcome')}")

@@ -1,0 +1,48 @@
+"""``migsecd [--config PATH] [--foreground]``: the per-host migsec daemon."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from migsec.errors import MigsecError
+
+DEFAULT_CONFIG = "/etc/migsec/migsecd.toml"
+log = logging.getLogger("migsecd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="migsecd", description="migsec per-host daemon (AS, AZ, peer endpoint, VMM agent)")
+    parser.add_argument("--config", default=os.environ.get("MIGSEC_CONFIG", DEFAULT_CONFIG), help="TOML configuration (default %(default)s)")
+    parser.add_argument("--foreground", action="store_true", help="stay in the foreground (the default under systemd; migsecd never forks)")
+    parser.add_argument("--debug", action="store_true", help="log debugging detail")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from migsec.daemon.logsetup import setup_logging
+
+    args = parse_args(argv)
+    setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        from migsec.daemon.config import load_config
+        from migsec.daemon.server import Daemon
+        from migsec.daemon.services import Services
+
+        config = load_config(args.config)
+        services = Services.load(config)
+        daemon = Daemon(services)
+        asyncio.run(daemon.run())
+    except MigsecError as exc:
+        # the message names the setting; the key material itself never appears
+        print(f"migsecd: refusing to start: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""migsecd's asyncio core: the local unix socket and the inter-domain TCP endpoint.
+
+The control plane (local requests, the inter-domain handshake) runs on the
+event loop; anything that blocks (libvirt, the bulk data plane, durable journal
+writes) runs in threads. Components:
+
+- authentication server (AS) and authorization server (AZ): ``migsec.auth``;
+- inter-domain endpoint: ``migsec.daemon.destination`` (incoming) and
+  ``migsec.daemon.source`` (outgoing, driven by the VMM agent);
+- VMM agent: ``migsec.virt`` calls made from those threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from migsec.daemon import wire
+from migsec.daemon.notify import sd_notify
+from migsec.errors import ConfigError, MalformedMessageError, MigsecError
+
+log = logging.getLogger("migsecd")
+
+
+class Daemon:
+    """One migsecd: owns the sockets and dispatches to the components."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self.config = services.config
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="migsecd")
+        self._unix_server: asyncio.AbstractServer | None = None
+        self._peer_socket: socket.socket | None = None
+        self._peer_task: asyncio.Task | None = None
+        self._stopping: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.active = threading.Semaphore(services.max_concurrent)
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = asyncio.Event()
+        await self._start_unix()
+        self._start_tcp()
+        loop = asyncio.get_running_loop()
+        self.services.loop = loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        log.info(
+            "%s listening on %s (peers) and %s (local clients)",
+            self.services.did,
+            self.services.listen_description,
+            self.services.socket_path,
+        )
+        sd_notify("READY=1")
+
+    async def run(self) -> None:
+        await self.start()
+        assert self._stopping is not None
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("shutting down")
+        if self._peer_task is not None:
+            self._peer_task.cancel()
+        if self._peer_socket is not None:
+            self._peer_socket.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        try:
+            os.unlink(self.services.socket_path)
+        except FileNotFoundError:
+            pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _reload(self) -> None:
+        # running migrations keep the objects they already hold; new ones see the new ones
+        try:
+            self.services.reload()
+        except MigsecError as exc:
+            log.error("reload failed, keeping the previous policies and peers: %s", exc)
+        else:
+            log.info("reloaded policies and peers")
+
+    async def _start_unix(self) -> None:
+        path = self.services.socket_path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            if _unix_socket_alive(path):
+                raise ConfigError(f"daemon.socket: another migsecd is listening on {path}")
+            os.unlink(path)
+        old_umask = os.umask(0o117)  # never world-accessible, not even for a moment
+        try:
+            self._unix_server = await asyncio.start_unix_server(self._local_client, path=path)
+        finally:
+            os.umask(old_umask)
+        group = self.services.socket_group
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError as exc:
+                raise ConfigError(f"daemon.socket_group: no group named {group!r}") from exc
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+
+    def _start_tcp(self) -> None:
+        host, port = self.services.listen
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, address = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(64)
+        except OSError as exc:
+            raise ConfigError(f"daemon.listen: cannot listen on {host}:{port}: {exc}") from exc
+        sock.setblocking(False)
+        self._peer_socket = sock
+        self._peer_task = asyncio.get_running_loop().create_task(self._accept_peers(sock))
+
+    async def _accept_peers(self, listener: socket.socket) -> None:
+        from migsec.daemon.destination import serve_peer
+
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, address = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            self._spawn(serve_peer(self, conn, address))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- local clients ----------------------------------------------------------------
+    async def _local_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer_credentials(writer)
+        try:
+            while True:
+                try:
+                    message = await wire.read_message(reader)
+                except MigsecError as exc:
+                    await _send(writer, wire.error_reply(exc))
+                    return
+                if message is None:
+                    return
+                await self._dispatch(message, writer, peer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _dispatch(self, message: dict, writer: asyncio.StreamWriter, peer: str) -> None:
+        from migsec.daemon import handlers
+
+        op = message.get("op")
+        handler = handlers.LOCAL_OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            await _send(writer, wire.error_reply(MalformedMessageError(f"unknown operation {op!r}")))
+            return
+        loop = asyncio.get_running_loop()
+
+        def emit(event: dict) -> None:
+            # called from worker threads: progress events for the client
+            loop.call_soon_threadsafe(_write_nowait, writer, event)
+
+        try:
+            result = await loop.run_in_executor(self.executor, handler, self, message, emit)
+        except MigsecError as exc:
+            log.info("local %s from %s failed: %s", op, peer, exc)
+            reply = wire.error_reply(exc)
+        except Exception:
+            log.exception("local %s from %s: internal error", op, peer)
+            reply = wire.error_reply(RuntimeError())
+        else:
+            reply = {"ok": True, **result}
+        await _send(writer, reply)
+
+
+def _write_nowait(writer: asyncio.StreamWriter, message: dict) -> None:
+    if not writer.is_closing():
+        writer.write(wire.encode(message))
+
+
+async def _send(writer: asyncio.StreamWriter, message: dict) -> None:
+    if writer.is_closing():
+        return
+    writer.write(wire.encode(message))
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> str:
+    sock = writer.get_extra_info("socket")
+    try:
+        import struct
+
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        return f"pid={pid} uid={uid}"
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def _unix_socket_alive(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def run_in_thread(fn: Callable, *args):
+    """Helper for handlers that need a fresh thread (long-running migrations)."""
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    return thread
