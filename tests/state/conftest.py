@@ -1,0 +1,52 @@
+"""Fixtures for config, user database and journal tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def write(path: Path, text: str, mode: int = 0o644) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory with the files a valid migsecd.toml points at (relative paths)."""
+    write(tmp_path / "pki/domain-key.pem", "key", 0o600)
+    write(tmp_path / "pki/domain-cert.pem", "cert")
+    write(tmp_path / "pki/ca-cert.pem", "ca")
+    (tmp_path / "policies/source").mkdir(parents=True)
+    (tmp_path / "policies/destination").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture
+def write_file():
+    return write
+
+
+@pytest.fixture
+def minimal() -> str:
+    """A valid migsecd.toml for ``site``."""
+    return MINIMAL
+
+
+MINIMAL = """\
+[domain]
+id = "cloud-a.example"
+key = "pki/domain-key.pem"
+certificate = "pki/domain-cert.pem"
+trust = ["pki/ca-cert.pem"]
+
+[paths]
+state_dir = "state"
+users = "users.json"
+peers = "peers.json"
+policy_dir = "policies"
+sk3 = "sk3.key"
+"""
