@@ -1,0 +1,288 @@
+"""The authentication server's user database (``UserDatabase``).
+
+One JSON file, mode 0600, replaced atomically on every change. A user has roles
+(XACML subject attributes) and one or both credentials:
+
+- a password, stored as scrypt parameters, a salt and the scrypt output (the
+  "verifier key"), never the password. The verifier key is the paper's SK1: the AS
+  encrypts its reply under it and the client derives the same key from the typed
+  password, so the file is as secret as a key file;
+- an OpenSSH public key, so that a signature made by ssh-agent (``paramiko.Agent``)
+  proves the user's identity instead of a password.
+
+Every call re-reads the file, so a running daemon sees ``migsec user`` changes at
+once; changes are serialised across processes by ``flock`` on a ``.lock`` file.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hmac
+import json
+import os
+import re
+import stat
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import paramiko
+
+from migsec.crypto.kdf import random_bytes, scrypt_key
+from migsec.errors import AuthenticationError, ConfigError, MigsecError
+
+FORMAT_VERSION = 1
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+SALT_SIZE = 16
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$")
+_ROLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}$")
+
+
+class UserError(MigsecError):
+    """A user does not exist, already exists, or a user entry is invalid."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class PasswordVerifier:
+    """scrypt parameters + salt + output: enough to check a password and to act as SK1."""
+
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    key: bytes
+
+    def __repr__(self) -> str:  # the key is SK1: keep it out of logs and tracebacks
+        return f"PasswordVerifier(n={self.n}, r={self.r}, p={self.p})"
+
+    def matches(self, password: str | bytes) -> bool:
+        derived = scrypt_key(password, self.salt, n=self.n, r=self.r, p=self.p,
+                             length=len(self.key))
+        return hmac.compare_digest(derived, self.key)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    roles: tuple[str, ...]
+    password: PasswordVerifier | None = None
+    ssh_public_key: str | None = None  # one OpenSSH line: "type base64 [comment]"
+
+    @property
+    def ssh_fingerprint(self) -> str | None:
+        return _ssh_key(self.ssh_public_key).fingerprint if self.ssh_public_key else None
+
+
+def parse_ssh_public_key(text: str) -> str:
+    """Validate one OpenSSH public key line and return it normalised (``UserError`` if bad)."""
+    line = text.strip()
+    if not line or "\n" in line:
+        raise UserError("ssh public key: expected exactly one line in OpenSSH format "
+                        "('ssh-ed25519 AAAA... comment')")
+    _ssh_key(line)
+    return line
+
+
+def _ssh_key(line: str) -> paramiko.PKey:
+    try:
+        blob = paramiko.PublicBlob.from_string(line)
+        key = paramiko.PKey.from_type_string(blob.key_type, blob.key_blob)
+        # paramiko reads short fields leniently; a key that does not re-encode to the same
+        # blob was truncated or padded
+        reencoded = key.asbytes()
+    except Exception as exc:  # paramiko raises a mix of ValueError, SSHException, binascii.Error
+        raise UserError(f"ssh public key is not a valid OpenSSH public key: {exc}") from exc
+    if reencoded != blob.key_blob:
+        raise UserError("ssh public key is not a valid OpenSSH public key: truncated or "
+                        "trailing data in the key blob")
+    return key
+
+
+class UserDatabase:
+    """Users of the authentication server, stored in ``path`` (JSON, 0600)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, scrypt_n: int = SCRYPT_N,
+                 scrypt_r: int = SCRYPT_R, scrypt_p: int = SCRYPT_P) -> None:
+        self.path = Path(path)
+        self._params = (scrypt_n, scrypt_r, scrypt_p)
+
+    # --- queries
+    def list(self) -> list[User]:
+        """All users, sorted by name."""
+        return [self._decode(name, entry) for name, entry in sorted(self._read().items())]
+
+    def get(self, name: str) -> User:
+        """The user called ``name``; ``UserError`` if there is none."""
+        entry = self._read().get(name)
+        if entry is None:
+            raise UserError(f"no user {name!r} in {self.path}")
+        return self._decode(name, entry)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._read()
+
+    def verify_password(self, name: str, password: str | bytes) -> User:
+        """Return the user if ``password`` is theirs, else raise ``AuthenticationError``.
+
+        The message is the same for an unknown user, a user without a password and a wrong
+        password, so that a client cannot probe for names.
+        """
+        try:
+            user = self.get(name)
+        except UserError:
+            user = None
+        if user is None or user.password is None or not user.password.matches(password):
+            raise AuthenticationError(f"authentication failed for user {name!r}")
+        return user
+
+    def verify_ssh_signature(self, name: str, data: bytes, signature_blob: bytes) -> User:
+        """Check an SSH signature (wire format, as ``paramiko.AgentKey.sign_ssh_data`` returns)
+        over ``data`` with the user's registered key; ``AuthenticationError`` if it fails."""
+        try:
+            user = self.get(name)
+        except UserError:
+            user = None
+        ok = False
+        if user is not None and user.ssh_public_key:
+            try:
+                ok = bool(_ssh_key(user.ssh_public_key).verify_ssh_sig(
+                    data, paramiko.Message(bytes(signature_blob))))
+            except Exception:  # a malformed blob is just a failed proof
+                ok = False
+        if not ok:
+            raise AuthenticationError(f"ssh-agent authentication failed for user {name!r}")
+        return user  # type: ignore[return-value]
+
+    # --- changes
+    def add(self, name: str, password: str | bytes | None = None, roles: tuple[str, ...] | list[str] = (),
+            ssh_public_key: str | None = None) -> User:
+        """Add a user with roles and a password and/or an OpenSSH public key."""
+        if not isinstance(name, str) or not _USER_NAME.match(name):
+            raise UserError(f"user name {name!r} is invalid (1-64 of A-Z a-z 0-9 . _ @ -, "
+                            "not starting with '.', '@' or '-')")
+        roles = tuple(roles)
+        for role in roles:
+            if not isinstance(role, str) or not _ROLE_NAME.match(role):
+                raise UserError(f"role {role!r} is invalid (1-64 of A-Z a-z 0-9 . _ : -)")
+        if len(set(roles)) != len(roles):
+            raise UserError("a role is given twice")
+        if password is None and ssh_public_key is None:
+            raise UserError(f"user {name!r} needs a password or an ssh public key to log in")
+        if password is not None and len(password) == 0:
+            raise UserError("the password is empty")
+        entry: dict[str, Any] = {"roles": list(roles), "password": None, "ssh_public_key": None}
+        if ssh_public_key is not None:
+            entry["ssh_public_key"] = parse_ssh_public_key(ssh_public_key)
+        if password is not None:
+            n, r, p = self._params
+            salt = random_bytes(SALT_SIZE)
+            key = scrypt_key(password, salt, n=n, r=r, p=p)
+            entry["password"] = {"kdf": "scrypt", "n": n, "r": r, "p": p,
+                                 "salt": _b64(salt), "key": _b64(key)}
+        with self._locked():
+            users = self._read()
+            if name in users:
+                raise UserError(f"user {name!r} already exists in {self.path}")
+            users[name] = entry
+            self._write(users)
+        return self._decode(name, entry)
+
+    def delete(self, name: str) -> None:
+        """Remove a user; ``UserError`` if there is none."""
+        with self._locked():
+            users = self._read()
+            if name not in users:
+                raise UserError(f"no user {name!r} in {self.path}")
+            del users[name]
+            self._write(users)
+
+    # --- the file
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot lock the user database: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read the user database: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if mode & 0o077:
+                raise ConfigError(f"{self.path}: user database is readable by group or others "
+                                  f"(mode {stat.S_IMODE(mode):04o}, must be 0600)")
+            data = fh.read()
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{self.path}: user database is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION \
+                or not isinstance(doc.get("users"), dict):
+            raise ConfigError(f"{self.path}: not a migsec user database (version {FORMAT_VERSION})")
+        return doc["users"]
+
+    def _write(self, users: dict[str, Any]) -> None:
+        data = json.dumps({"version": FORMAT_VERSION, "users": users}, indent=2,
+                          sort_keys=True).encode() + b"\n"
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise ConfigError(f"{self.path}: cannot write the user database: {exc.strerror}") from exc
+
+    def _decode(self, name: str, entry: Any) -> User:
+        where = f"{self.path}: user {name!r}"
+        try:
+            pw = entry.get("password")
+            verifier = None
+            if pw is not None:
+                if pw.get("kdf") != "scrypt":
+                    raise ConfigError(f"{where}: unknown password kdf {pw.get('kdf')!r}")
+                verifier = PasswordVerifier(n=int(pw["n"]), r=int(pw["r"]), p=int(pw["p"]),
+                                            salt=_unb64(pw["salt"]), key=_unb64(pw["key"]))
+            roles = entry.get("roles", [])
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise ConfigError(f"{where}: roles must be a list of strings")
+            return User(name=name, roles=tuple(roles), password=verifier,
+                        ssh_public_key=entry.get("ssh_public_key"))
+        except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ConfigError(f"{where}: malformed entry ({exc!r})") from exc
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
