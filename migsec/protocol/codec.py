@@ -1,0 +1,220 @@
+"""Canonical JSON and strict field readers shared by every message decoder.
+
+Decoders never trust the shape of what arrived: every field is looked up,
+type-checked and bounded here, and anything unexpected (unknown keys, duplicate
+keys, NaN, wrong types, oversized strings) raises MalformedMessageError.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Iterable, Mapping
+
+from migsec.errors import MalformedMessageError
+
+VERSION = 1
+MAX_JSON_BYTES = 256 * 1024  # control messages are small; a bound keeps parsing cheap
+MAX_STRING = 4096
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,254}$")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form of a JSON object that digests and signatures are taken over."""
+    try:
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessageError(f"value cannot be encoded as canonical JSON: {exc}") from exc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MalformedMessageError(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise MalformedMessageError(f"JSON constant {name} is not allowed")
+
+
+def _no_float(text: str) -> Any:
+    raise MalformedMessageError(f"JSON number {text[:20]!r} is not an integer")
+
+
+def parse_json_object(data: bytes | bytearray | memoryview | str, what: str) -> dict[str, Any]:
+    """Parse a JSON object strictly (no duplicates, no floats, no NaN, bounded size)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    data = bytes(data)
+    if len(data) > MAX_JSON_BYTES:
+        raise MalformedMessageError(f"{what}: {len(data)} bytes of JSON exceed {MAX_JSON_BYTES}")
+    try:
+        text = data.decode("utf-8")
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_no_float,
+        )
+    except MalformedMessageError as exc:
+        raise MalformedMessageError(f"{what}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedMessageError(f"{what}: not valid JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(obj, dict):
+        raise MalformedMessageError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def b64e(data: bytes) -> str:
+    """base64url without padding (the JOSE form)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64d(text: str, what: str) -> bytes:
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_\-]*", text):
+        raise MalformedMessageError(f"{what} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedMessageError(f"{what} is not base64url") from exc
+
+
+class Fields:
+    """A checked view of one decoded JSON object; ``done()`` rejects leftover keys."""
+
+    def __init__(self, obj: Any, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise MalformedMessageError(f"{what}: expected an object, got {type(obj).__name__}")
+        self._obj = obj
+        self._seen: set[str] = set()
+        self.what = what
+
+    def _get(self, key: str, optional: bool) -> Any:
+        self._seen.add(key)
+        if key not in self._obj:
+            if optional:
+                return None
+            raise MalformedMessageError(f"{self.what}: missing field {key!r}")
+        return self._obj[key]
+
+    def header(self, typ: str) -> None:
+        """Check the ``v`` and ``t`` fields every migsec message carries."""
+        version = self.integer("v", 0, 255)
+        if version != VERSION:
+            raise MalformedMessageError(f"{self.what}: unsupported version {version}, expected {VERSION}")
+        got = self.string("t")
+        if got != typ:
+            raise MalformedMessageError(f"{self.what}: message type {got!r}, expected {typ!r}")
+
+    def string(self, key: str, *, optional: bool = False, max_len: int = MAX_STRING) -> Any:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be a string")
+        if len(value) > max_len:
+            raise MalformedMessageError(f"{self.what}: field {key!r} longer than {max_len}")
+        return value
+
+    def ident(self, key: str, *, optional: bool = False) -> Any:
+        value = self.string(key, optional=optional, max_len=255)
+        if value is not None:
+            check_ident(value, f"{self.what}: field {key!r}")
+        return value
+
+    def choice(self, key: str, allowed: Iterable[str]) -> str:
+        value = self.string(key)
+        allowed = tuple(allowed)
+        if value not in allowed:
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be one of {allowed}")
+        return value
+
+    def integer(self, key: str, lo: int, hi: int, *, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be an integer in [{lo}, {hi}]")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key, False)
+        if not isinstance(value, bool):
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be true or false")
+        return value
+
+    def blob(self, key: str, *, size: int | None = None, min_size: int = 0, max_size: int = 4096,
+             optional: bool = False) -> Any:
+        text = self.string(key, optional=optional, max_len=max_size * 2)
+        if text is None:
+            return None
+        value = b64d(text, f"{self.what}: field {key!r}")
+        if size is not None and len(value) != size:
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be {size} bytes")
+        if not min_size <= len(value) <= max_size:
+            raise MalformedMessageError(
+                f"{self.what}: field {key!r} must be {min_size}..{max_size} bytes")
+        return value
+
+    def string_map(self, key: str, *, optional: bool = False, max_items: int = 256) -> Any:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict) or len(value) > max_items:
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be an object of strings")
+        for k, v in value.items():
+            if not isinstance(v, str) or len(k) > MAX_STRING or len(v) > MAX_STRING:
+                raise MalformedMessageError(f"{self.what}: field {key!r} must map strings to strings")
+        return dict(value)
+
+    def scalar_map(self, key: str, *, optional: bool = False, max_items: int = 64) -> Any:
+        value = self._get(key, optional)
+        if value is None and optional:
+            return None
+        check_scalar_map(value, f"{self.what}: field {key!r}", max_items)
+        return dict(value)
+
+    def string_list(self, key: str, *, max_items: int = 64) -> list[str]:
+        value = self._get(key, False)
+        if not isinstance(value, list) or len(value) > max_items:
+            raise MalformedMessageError(f"{self.what}: field {key!r} must be a list of strings")
+        for item in value:
+            if not isinstance(item, str) or len(item) > MAX_STRING:
+                raise MalformedMessageError(f"{self.what}: field {key!r} must be a list of strings")
+        return list(value)
+
+    def raw(self, key: str) -> Any:
+        return self._get(key, False)
+
+    def done(self) -> None:
+        extra = set(self._obj) - self._seen
+        if extra:
+            raise MalformedMessageError(f"{self.what}: unknown field(s) {sorted(extra)}")
+
+
+def check_ident(value: Any, what: str) -> str:
+    """User ids, domain ids, VM names, migration ids: short printable tokens."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise MalformedMessageError(f"{what} must be 1-255 characters of [A-Za-z0-9._:@+-]")
+    return value
+
+
+def check_scalar_map(value: Any, what: str, max_items: int = 64) -> Mapping[str, Any]:
+    """An options object: string keys, values str / int / bool (no nesting, no floats)."""
+    if not isinstance(value, Mapping) or len(value) > max_items:
+        raise MalformedMessageError(f"{what} must be an object of at most {max_items} entries")
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > 255:
+            raise MalformedMessageError(f"{what} keys must be short strings")
+        if isinstance(v, str):
+            if len(v) > MAX_STRING:
+                raise MalformedMessageError(f"{what} value for {k!r} is too long")
+        elif not isinstance(v, (int, bool)):
+            raise MalformedMessageError(f"{what} value for {k!r} must be a string, integer or boolean")
+    return value
