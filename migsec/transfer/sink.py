@@ -1,0 +1,323 @@
+"""Where the destination writes: staged, sparse, verified, resumable streams.
+
+A :class:`Staging` directory holds one ``ch<N>.part`` file per stream (named by
+channel, never by a peer-chosen name) and ``state.json`` with the durably written
+("acknowledged") offset of each stream. A part file is pre-sized with ftruncate,
+so hole extents are never written; on reopen everything past the acknowledged
+offset is cut away (truncate down, then up), so stale data from an earlier attempt
+cannot survive in a region the sender now marks as a hole.
+
+Each sink hashes what it *wrote*: a verifier thread reads the part file back up to
+the last checkpoint (after fdatasync), and at END the rest, then compares with the
+digest the source announced.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterable
+
+from migsec.errors import (
+    IntegrityError,
+    ResumeError,
+    TransferError,
+    TruncatedStreamError,
+)
+from migsec.transfer.extents import BLOCK, READ_SIZE, StreamDigest
+from migsec.transfer.source import StreamSpec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StreamSink:
+    """Writes one stream at increasing offsets into its part file."""
+
+    def __init__(self, spec: StreamSpec, path: str, acked: int, done: bool, digest: str | None) -> None:
+        self.spec = spec
+        self.path = path
+        self.acked = acked
+        self.frontier = acked
+        self.done = done
+        self.digest = digest
+        self._fd = -1
+        self._verifier: threading.Thread | None = None
+        self._targets: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._hash = StreamDigest()
+        self._hash_error: BaseException | None = None
+        if not done:
+            self._open()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _open(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Cut away anything not acknowledged, then re-extend: the tail becomes a hole.
+            os.ftruncate(self._fd, self.acked)
+            os.ftruncate(self._fd, self.spec.size)
+        except OSError as exc:
+            raise TransferError(f"stream {self.name!r}: cannot prepare {self.path!r}: {exc.strerror}") from exc
+        self._verifier = threading.Thread(target=self._verify_loop, name=f"verify-{self.name}", daemon=True)
+        self._verifier.start()
+        if self.acked:
+            self._targets.put(self.acked)  # recompute the digest state of the kept prefix
+
+    def _verify_loop(self) -> None:
+        buf = bytearray(READ_SIZE)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._hash_error = exc
+            return
+        try:
+            while (target := self._targets.get()) is not None:
+                if self._hash_error is None:
+                    self._hash.feed_file(fd, target, buf)
+        except BaseException as exc:  # reported at end()
+            self._hash_error = exc
+        finally:
+            os.close(fd)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if self.done:
+            raise TransferError(f"stream {self.name!r}: record after END")
+        if offset != self.frontier:
+            raise ResumeError(f"stream {self.name!r}: record at offset {offset}, expected {self.frontier}")
+        if length < 0 or offset + length > self.spec.size:
+            raise TransferError(f"stream {self.name!r}: extent {offset}+{length} beyond size {self.spec.size}")
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        """Write a data extent at ``offset`` (must be the current end of what arrived)."""
+        self._check_range(offset, len(data))
+        view = memoryview(data)
+        pos = 0
+        try:
+            while pos < len(view):
+                pos += os.pwrite(self._fd, view[pos:], offset + pos)
+        except OSError as exc:
+            raise TransferError(f"stream {self.name!r}: write failed at {offset + pos}: {exc.strerror}") from exc
+        self.frontier += len(view)
+
+    def hole(self, offset: int, length: int) -> None:
+        """Record a hole extent: nothing is written, the region past the frontier is a hole."""
+        self._check_range(offset, length)
+        self.frontier += length
+
+    def sync(self) -> int:
+        """Make everything written durable; returns the new acknowledged offset."""
+        if self.done or self.frontier == self.acked:
+            return self.acked
+        if self.frontier % BLOCK and self.frontier != self.spec.size:
+            raise TransferError(f"stream {self.name!r}: checkpoint at unaligned offset {self.frontier}")
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise TransferError(f"stream {self.name!r}: fdatasync failed: {exc.strerror}") from exc
+        self.acked = self.frontier
+        self._targets.put(self.acked)
+        return self.acked
+
+    def end(self, size: int, digest: str) -> None:
+        """Check the stream is complete and that what was written hashes to ``digest``."""
+        if size != self.spec.size:
+            raise TransferError(f"stream {self.name!r}: END announces size {size}, expected {self.spec.size}")
+        if self.frontier != size:
+            raise TruncatedStreamError(f"stream {self.name!r}: END at {self.frontier} of {size} bytes")
+        self.sync()
+        self._targets.put(self.spec.size)
+        self._targets.put(None)
+        assert self._verifier is not None
+        self._verifier.join()
+        if self._hash_error is not None:
+            raise TransferError(f"stream {self.name!r}: reading back the written data failed: "
+                                f"{self._hash_error}") from self._hash_error
+        written = self._hash.hexdigest()
+        if written != digest:
+            raise IntegrityError(f"stream {self.name!r}: SHA-256 of the written data ({written[:16]}...) "
+                                 f"does not match the source's ({digest[:16]}...)")
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise TransferError(f"stream {self.name!r}: fsync failed: {exc.strerror}") from exc
+        self.digest = written
+        self.done = True
+        self.close()
+
+    def close(self) -> None:
+        """Stop the verifier and close the file (idempotent)."""
+        if self._verifier is not None and self._verifier.is_alive():
+            self._targets.put(None)
+            self._verifier.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Staging:
+    """A staging directory for one migration's incoming streams."""
+
+    def __init__(self, directory: str, sinks: dict[int, StreamSink], installed: bool) -> None:
+        self.directory = directory
+        self.sinks = sinks
+        self.installed = installed
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], specs: Iterable[StreamSpec]) -> Staging:
+        """Create the staging directory, or reopen it to resume (specs must match)."""
+        directory = os.fspath(directory)
+        specs = list(specs)
+        by_channel = {s.channel: s for s in specs}
+        if len(by_channel) != len(specs):
+            raise TransferError("two streams share a channel number")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise TransferError("two streams share a name")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        state = cls._load_state(directory)
+        previous = state.get("streams", {}) if state else {}
+        installed = bool(state and state.get("installed"))
+        sinks: dict[int, StreamSink] = {}
+        try:
+            for spec in specs:
+                old = previous.get(str(spec.channel))
+                if old is not None and StreamSpec(spec.channel, old["name"], old["kind"], old["size"],
+                                                  old["target"]) != spec:
+                    raise ResumeError(f"stream {spec.name!r} differs from the staged one; cannot resume")
+                if old is None and spec.target and os.path.lexists(spec.target):
+                    # discard() removes targets: never adopt a file that was there before.
+                    raise TransferError(f"stream {spec.name!r}: target {spec.target!r} already exists")
+                part = os.path.join(directory, f"ch{spec.channel}.part")
+                acked = int(old["acked"]) if old else 0
+                done = bool(old and old.get("done"))
+                if acked and not os.path.exists(part) and not installed:
+                    log.warning("stream %s: staged part file is gone; restarting it from 0", spec.name)
+                    acked, done = 0, False
+                sinks[spec.channel] = StreamSink(spec, part, acked, done, old.get("digest") if old else None)
+        except BaseException:
+            for sink in sinks.values():
+                sink.close()
+            raise
+        staging = cls(directory, sinks, installed)
+        staging.save_state()
+        return staging
+
+    @staticmethod
+    def _load_state(directory: str) -> dict | None:
+        path = os.path.join(directory, STATE_FILE)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"staging state {path!r} is unreadable: {exc}") from exc
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ResumeError(f"staging state {path!r} has an unknown format")
+        return state
+
+    def save_state(self) -> None:
+        """Write state.json atomically (temp file, fsync, rename, fsync directory)."""
+        state = {
+            "version": STATE_VERSION,
+            "installed": self.installed,
+            "streams": {
+                str(ch): {"name": s.spec.name, "kind": s.spec.kind, "size": s.spec.size,
+                          "target": s.spec.target, "acked": s.acked, "done": s.done, "digest": s.digest}
+                for ch, s in self.sinks.items()
+            },
+        }
+        path = os.path.join(self.directory, STATE_FILE)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(state, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(self.directory)
+
+    def sink(self, channel: int) -> StreamSink:
+        try:
+            return self.sinks[channel]
+        except KeyError:
+            raise TransferError(f"no stream on channel {channel}") from None
+
+    def resume_offsets(self) -> dict[int, int]:
+        """Per channel, the offset the sender must (re)start from."""
+        return {ch: (s.spec.size if s.done else s.acked) for ch, s in self.sinks.items()}
+
+    def checkpoint(self) -> dict[int, int]:
+        """fdatasync every stream with new data, persist the offsets; returns resume offsets."""
+        for s in self.sinks.values():
+            s.sync()
+        self.save_state()
+        return self.resume_offsets()
+
+    def part_path(self, channel: int) -> str:
+        return self.sink(channel).path
+
+    def read_bytes(self, channel: int) -> bytes:
+        """The content of a small verified stream (domain XML, manifest)."""
+        s = self.sink(channel)
+        if not s.done:
+            raise TransferError(f"stream {s.name!r} is not complete")
+        with open(s.spec.target if self.installed and s.spec.target else s.path, "rb") as fh:
+            return fh.read()
+
+    def commit(self) -> None:
+        """Rename every verified stream with a target into place (atomic per file)."""
+        pending = [s for s in self.sinks.values() if not s.done]
+        if pending:
+            raise TransferError(f"cannot commit: stream {pending[0].name!r} is incomplete")
+        dirs = set()
+        for s in self.sinks.values():
+            if not s.spec.target or (self.installed and not os.path.exists(s.path)):
+                continue
+            try:
+                os.replace(s.path, s.spec.target)
+            except OSError as exc:
+                raise TransferError(f"stream {s.name!r}: cannot move into {s.spec.target!r}: "
+                                    f"{exc.strerror}") from exc
+            dirs.add(os.path.dirname(os.path.abspath(s.spec.target)))
+            self.installed = True
+            self.save_state()
+        for d in dirs:
+            _fsync_dir(d)
+        self.installed = True
+        self.save_state()
+
+    def discard(self) -> None:
+        """Remove every partial file, every file installed by commit(), and the directory."""
+        for s in self.sinks.values():
+            s.close()
+            if self.installed and s.spec.target:
+                try:
+                    os.unlink(s.spec.target)
+                except FileNotFoundError:
+                    pass
+        if os.path.exists(self.directory):
+            shutil.rmtree(self.directory)
+
+    def close(self) -> None:
+        """After the VM runs at the destination: drop the staging directory, keep targets."""
+        for s in self.sinks.values():
+            s.close()
+        shutil.rmtree(self.directory)
