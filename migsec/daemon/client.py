@@ -99,7 +99,7 @@ def socket_path(config_path: str | None) -> str:
     if config_path:
         from migsec.daemon.config import load_config
 
-        return str(load_config(config_path).socket_path)
+        return str(load_config(config_path, check_files=False).listen.control_socket)
     return os.environ.get("MIGSEC_SOCKET", DEFAULT_SOCKET)
 
 

@@ -111,7 +111,7 @@ class Daemon:
             except KeyError as exc:
                 raise ConfigError(f"daemon.socket_group: no group named {group!r}") from exc
             os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
+        os.chmod(path, self.services.socket_mode)
 
     def _start_tcp(self) -> None:
         host, port = self.services.listen

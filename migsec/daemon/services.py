@@ -1,0 +1,180 @@
+"""Everything a running migsecd holds, built from its Config.
+
+Loading checks every setting the daemon needs and raises ConfigError naming the
+setting, so that ``migsecd`` refuses to start with a message an operator can act
+on. ``reload()`` (SIGHUP) swaps in new policies and peers atomically: a running
+migration keeps the objects it started with.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from migsec.errors import ConfigError, MigsecError
+
+log = logging.getLogger("migsecd")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def load_or_create_sk3(path: Path) -> bytes:
+    """SK3, the key the AS and AZ share (0600). Created on first start if absent."""
+    from migsec.crypto import random_bytes
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = random_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"[paths].sk3: cannot create {path}: {exc.strerror}") from exc
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        return key
+    if st.st_mode & 0o077:
+        raise ConfigError(f"[paths].sk3: {path} is group/other-accessible (must be 0600)")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"[paths].sk3: {path} is not a regular file")
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"[paths].sk3: cannot read {path}: {exc.strerror}") from exc
+    if len(key) != 32:
+        raise ConfigError(f"[paths].sk3: {path} must hold exactly 32 bytes")
+    return key
+
+
+@dataclass
+class Services:
+    """The daemon's loaded state; attributes are swapped, never mutated, on reload."""
+
+    config: Any
+    identity: Any
+    trust: Any
+    peers: Any
+    pdp_source: Any
+    pdp_destination: Any
+    users: Any
+    journal: Any
+    ledger: Any
+    sk3: bytes
+    clock: Callable[[], datetime] = utcnow
+    loop: Any = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    ledger_lock: threading.Lock = field(default_factory=threading.Lock)
+    running: dict[str, Any] = field(default_factory=dict)
+    replay: Any = None
+
+    # ---- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: Any, *, clock: Callable[[], datetime] = utcnow) -> "Services":
+        from migsec.audit import Ledger
+        from migsec.auth.users import UserDatabase
+        from migsec.daemon.journal import Journal
+        from migsec.pki import DomainIdentity, TrustStore
+        from migsec.protocol import ReplayCache
+
+        identity = _setting("[domain].key / [domain].certificate",
+                            lambda: DomainIdentity.load(config.domain.key, config.domain.certificate))
+        if identity.did != config.domain.id:
+            raise ConfigError(f"[domain].id: {config.domain.id!r} differs from the domain id in "
+                              f"{config.domain.certificate} ({identity.did!r})")
+        trust = _setting("[domain].trust", lambda: TrustStore.from_files(
+            [str(p) for p in config.domain.trust], [str(p) for p in config.domain.crls]))
+        state_dir = Path(config.paths.state_dir)
+        for d in (state_dir, config.paths.journal_dir, config.paths.staging_dir, Path(config.storage.image_dir)):
+            try:
+                Path(d).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"[paths].state_dir: cannot create {d}: {exc.strerror}") from exc
+        os.chmod(state_dir, 0o700)
+        journal = _setting("[paths].state_dir (journal)", lambda: Journal(config.paths.journal_dir))
+        ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity))
+        users = _setting("[paths].users", lambda: UserDatabase(config.paths.users))
+        sk3 = load_or_create_sk3(Path(config.paths.sk3))
+        services = cls(
+            config=config, identity=identity, trust=trust, peers=None, pdp_source=None,
+            pdp_destination=None, users=users, journal=journal, ledger=ledger, sk3=sk3,
+            clock=clock,
+        )
+        services.replay = ReplayCache(clock=clock)
+        services.reload()
+        return services
+
+    def reload(self) -> None:
+        """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure."""
+        from migsec.pki import PeerDirectory
+        from migsec.policy import PDP, load_policies
+
+        cfg = self.config
+        peers = _setting("[paths].peers", lambda: PeerDirectory(cfg.paths.peers))
+        source = _setting("[paths].policy_dir (source)",
+                          lambda: PDP(load_policies(_policy_files(cfg.paths.source_policies))))
+        dest = _setting("[paths].policy_dir (destination)",
+                        lambda: PDP(load_policies(_policy_files(cfg.paths.destination_policies))))
+        with self.lock:
+            self.peers, self.pdp_source, self.pdp_destination = peers, source, dest
+
+    # ---- conveniences ------------------------------------------------------------------
+    @property
+    def did(self) -> str:
+        return self.identity.did
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.config.listen.control_socket)
+
+    @property
+    def socket_mode(self) -> int:
+        return self.config.listen.socket_mode
+
+    @property
+    def socket_group(self) -> str | None:
+        return self.config.listen.socket_group
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        return self.config.listen.peer_host, self.config.listen.peer_port
+
+    @property
+    def listen_description(self) -> str:
+        return self.config.listen.peer
+
+    @property
+    def max_concurrent(self) -> int:
+        return max(1, self.config.limits.max_incoming) + 4
+
+    def audit(self, kind: str, **record: Any) -> None:
+        """Append to the audit ledger (serialized: the ledger is a hash chain)."""
+        with self.ledger_lock:
+            self.ledger.append(kind, **record)
+
+
+def _policy_files(directory: Path) -> list[str]:
+    if not Path(directory).is_dir():
+        raise ConfigError(f"policy directory {directory} does not exist")
+    files = sorted(str(p) for p in Path(directory).glob("*.xml"))
+    if not files:
+        raise ConfigError(f"policy directory {directory} holds no *.xml policy")
+    return files
+
+
+def _setting(setting: str, build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except MigsecError as exc:
+        raise ConfigError(f"{setting}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {exc.strerror or exc}") from exc
