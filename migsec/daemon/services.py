@@ -98,7 +98,7 @@ class Services:
             except OSError as exc:
                 raise ConfigError(f"[paths].state_dir: cannot create {d}: {exc.strerror}") from exc
         os.chmod(state_dir, 0o700)
-        journal = _setting("[paths].state_dir (journal)", lambda: Journal(config.paths.journal_dir))
+        journal = _setting("[paths].state_dir (journal)", lambda: Journal(config.paths.state_dir))
         ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity))
         users = _setting("[paths].users", lambda: UserDatabase(config.paths.users))
         sk3 = load_or_create_sk3(Path(config.paths.sk3))

@@ -87,14 +87,13 @@ class OutgoingMigration:
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             self.journal("suspending", work_dir=str(self.work_dir))
-            virt.suspend(conn, self.domain)
+            virt.suspend_domain(conn, self.domain)
             self.suspended = True
             self.step(f"suspended {self.domain}; saving memory while disks stream")
             self.saved_image = self.work_dir / "memory.save"
             plan = dataplane.SourcePlan.build(conn, info, self.saved_image, self.work_dir)
             self.journal("saving", save_image=str(self.saved_image))
-            saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image),
-                                                         bypass_cache=False, paused=True))
+            saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image), paused=True))
             receipt, session = self._transfer(session, plan, saver)
             self.journal("receipt", receipt=receipt.get("digest"))
         except MigsecError as exc:
@@ -169,10 +168,10 @@ class OutgoingMigration:
         from migsec import virt
 
         try:
-            if virt.domain_state(conn, self.domain) not in ("shutoff", "absent"):
-                virt.destroy(conn, self.domain)
+            if _state(conn, self.domain) not in ("shutoff", "absent"):
+                virt.destroy_domain(conn, self.domain)
             if self.request.get("undefine_source"):
-                virt.undefine(conn, self.domain)
+                virt.undefine_domain(conn, self.domain)
         except MigsecError as exc:
             log.error("releasing %s after commit: %s", self.domain, exc)
         _remove_tree(self.work_dir)
@@ -216,14 +215,14 @@ def restart_at_source(conn, domain: str, saved_image: Path | None, suspended: bo
     """Make the guest run at A again, whatever point the source side reached."""
     from migsec import virt
 
-    state = virt.domain_state(conn, domain)
+    state = _state(conn, domain)
     if state == "running":
         return "already running"
     if state == "paused":
-        virt.resume(conn, domain)
+        virt.resume_domain(conn, domain)
         return "resumed"
     if saved_image is not None and Path(saved_image).exists():
-        virt.restore_domain(conn, str(saved_image), None, paused=False)
+        virt.restore_domain(conn, str(saved_image), paused=False)
         return "restored from the save image"
     raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore")
 
@@ -270,3 +269,14 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _state(conn, domain: str) -> str:
+    """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
+    from migsec import virt
+    from migsec.errors import DomainNotFoundError
+
+    try:
+        return virt.domain_state(conn, domain).value
+    except DomainNotFoundError:
+        return "absent"
