@@ -1,0 +1,195 @@
+"""``migsec user`` and ``migsec peer``: the administrator's commands for users and peer domains.
+
+Both find their files through migsecd's configuration (``--config``, $MIGSEC_CONFIG or
+/etc/migsec/migsecd.toml) and change them in place; a running migsecd re-reads them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from migsec.daemon.config import config_path, did_problem, load_config, parse_address
+from migsec.errors import ConfigError
+
+_config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="migsecd configuration file (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+
+
+def _config(ctx: click.Context, option: Path | None):
+    # the subcommand's --config wins over the group's
+    chosen = option or (ctx.obj or {}).get("config")
+    return load_config(config_path(chosen), check_files=False)
+
+
+# --- users ----------------------------------------------------------------------------------
+@click.group()
+@_config_option
+@click.pass_context
+def user(ctx: click.Context, config: Path | None) -> None:
+    """Manage the users of this domain's authentication server."""
+    ctx.obj = {"config": config}
+
+
+def _users(ctx: click.Context, config: Path | None):
+    from migsec.auth.users import UserDatabase
+
+    return UserDatabase(_config(ctx, config).paths.users)
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, metavar="ROLE",
+              help="A role for the XACML policies (repeat for several).")
+@click.option("--ssh-key", type=click.File("r"), default=None, metavar="FILE",
+              help="OpenSSH public key (e.g. ~/.ssh/id_ed25519.pub): log in with ssh-agent.")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from the first line of standard input.")
+@_config_option
+@click.pass_context
+def user_add(ctx: click.Context, name: str, roles: tuple[str, ...], ssh_key, password_stdin: bool,
+             config: Path | None) -> None:
+    """Add user NAME with a password (prompted twice) and/or an ssh public key."""
+    from migsec.daemon.services import load_or_create_sk3
+
+    cfg = _config(ctx, config)
+    ssh_line = ssh_key.read() if ssh_key is not None else None
+    password: str | None = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("--password-stdin: standard input held no password")
+    elif ssh_line is None:
+        if not sys.stdin.isatty():
+            raise click.UsageError("no terminal to prompt for a password: use --password-stdin "
+                                   "or --ssh-key FILE")
+        password = click.prompt(f"Password for {name}", hide_input=True,
+                                confirmation_prompt="Repeat the password")
+    from migsec.auth.users import UserDatabase
+
+    added = UserDatabase(cfg.paths.users).add(name, password, roles=roles,
+                                               ssh_public_key=ssh_line)
+    # the AS needs SK3 to issue tickets: make it now, so that the first start finds it
+    load_or_create_sk3(cfg.paths.sk3)
+    how = " and ".join(filter(None, ["password" if added.password else "",
+                                     f"ssh key {added.ssh_fingerprint}" if added.ssh_public_key
+                                     else ""]))
+    click.echo(f"added user {added.name} (roles: {', '.join(added.roles) or 'none'}; "
+               f"login: {how})")
+
+
+@user.command("del")
+@click.argument("name")
+@_config_option
+@click.pass_context
+def user_del(ctx: click.Context, name: str, config: Path | None) -> None:
+    """Remove user NAME."""
+    _users(ctx, config).delete(name)
+    click.echo(f"deleted user {name}")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_config_option
+@click.pass_context
+def user_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
+    """List users, their roles and how they log in (never a secret)."""
+    users = _users(ctx, config).list()
+    rows = [{"name": u.name, "roles": list(u.roles), "password": u.password is not None,
+             "ssh_key": u.ssh_fingerprint} for u in users]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no users")
+        return
+    width = max(4, *(len(r["name"]) for r in rows))
+    click.echo(f"{'NAME':<{width}}  {'ROLES':<24}  LOGIN")
+    for r in rows:
+        login = ", ".join(filter(None, ["password" if r["password"] else "", r["ssh_key"] and
+                                        f"ssh {r['ssh_key']}"]))
+        click.echo(f"{r['name']:<{width}}  {','.join(r['roles']) or '-':<24}  {login}")
+
+
+# --- peers ----------------------------------------------------------------------------------
+@click.group()
+@_config_option
+@click.pass_context
+def peer(ctx: click.Context, config: Path | None) -> None:
+    """Manage the peer domains this host may migrate to and accept migrations from."""
+    ctx.obj = {"config": config}
+
+
+def _peers(ctx: click.Context, config: Path | None):
+    from migsec.pki import PeerDirectory
+
+    return PeerDirectory(_config(ctx, config).paths.peers)
+
+
+@peer.command("add")
+@click.argument("did")
+@click.option("--address", required=True, metavar="HOST:PORT", help="Where the peer's migsecd listens.")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="The peer domain's certificate (PEM).")
+@click.option("--fingerprint", default=None, metavar="SHA256:...",
+              help="Pin the certificate seen on first contact instead of giving it now.")
+@_config_option
+@click.pass_context
+def peer_add(ctx: click.Context, did: str, address: str, cert: Path | None,
+             fingerprint: str | None, config: Path | None) -> None:
+    """Add peer domain DID at HOST:PORT, known by its certificate or a pinned fingerprint."""
+    problem = did_problem(did)
+    if problem:
+        raise click.BadParameter(problem, param_hint="DID")
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address") from None
+    if (cert is None) == (fingerprint is None):
+        raise click.UsageError("give exactly one of --cert FILE or --fingerprint SHA256:...")
+    if fingerprint is not None and not fingerprint.startswith("SHA256:"):
+        raise click.BadParameter("must look like SHA256:<hex>", param_hint="--fingerprint")
+    cert_pem = None
+    if cert is not None:
+        try:
+            cert_pem = cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--cert: cannot read {cert}: {exc.strerror}") from exc
+    _peers(ctx, config).add(did, address, cert_pem=cert_pem, fingerprint=fingerprint)
+    click.echo(f"added peer {did} at {address} "
+               f"({'certificate ' + str(cert) if cert else 'pinned ' + str(fingerprint)})")
+
+
+@peer.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_config_option
+@click.pass_context
+def peer_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
+    """List peer domains."""
+    peers = _peers(ctx, config).list()
+    rows = [{"did": p.did, "address": p.address,
+             "certificate": p.cert_pem is not None, "fingerprint": p.fingerprint} for p in peers]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no peers")
+        return
+    width = max(3, *(len(r["did"]) for r in rows))
+    click.echo(f"{'DID':<{width}}  {'ADDRESS':<24}  TRUST")
+    for r in rows:
+        trust = "certificate" if r["certificate"] else f"pinned {r['fingerprint']} (not yet seen)"
+        click.echo(f"{r['did']:<{width}}  {r['address']:<24}  {trust}")
+
+
+@peer.command("del")
+@click.argument("did")
+@_config_option
+@click.pass_context
+def peer_del(ctx: click.Context, did: str, config: Path | None) -> None:
+    """Remove peer domain DID."""
+    _peers(ctx, config).remove(did)
+    click.echo(f"deleted peer {did}")
