@@ -174,6 +174,8 @@ class StreamDigest:
 
     def feed_file(self, fd: int, end: int, buf: bytearray | None = None) -> None:
         """Read ``fd`` from the current position up to ``end`` and feed it."""
+        if end <= self._pos:
+            return
         for kind, off, length, view in scan_blocks(fd, self._pos, end, buf):
             if kind == "data":
                 self.data(off, view)

@@ -179,44 +179,50 @@ class Staging:
         self.installed = installed
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], specs: Iterable[StreamSpec]) -> Staging:
-        """Create the staging directory, or reopen it to resume (specs must match)."""
+    def open(cls, directory: str | os.PathLike[str], specs: Iterable[StreamSpec] = ()) -> Staging:
+        """Create the staging directory, or reopen it to resume, then ``add`` each spec."""
         directory = os.fspath(directory)
-        specs = list(specs)
-        by_channel = {s.channel: s for s in specs}
-        if len(by_channel) != len(specs):
-            raise TransferError("two streams share a channel number")
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise TransferError("two streams share a name")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         state = cls._load_state(directory)
-        previous = state.get("streams", {}) if state else {}
         installed = bool(state and state.get("installed"))
-        sinks: dict[int, StreamSink] = {}
+        staging = cls(directory, {}, installed)
         try:
-            for spec in specs:
-                old = previous.get(str(spec.channel))
-                if old is not None and StreamSpec(spec.channel, old["name"], old["kind"], old["size"],
-                                                  old["target"]) != spec:
-                    raise ResumeError(f"stream {spec.name!r} differs from the staged one; cannot resume")
-                if old is None and spec.target and os.path.lexists(spec.target):
-                    # discard() removes targets: never adopt a file that was there before.
-                    raise TransferError(f"stream {spec.name!r}: target {spec.target!r} already exists")
+            for key, old in (state or {}).get("streams", {}).items():
+                spec = StreamSpec(int(key), old["name"], old["kind"], old["size"], old["target"])
                 part = os.path.join(directory, f"ch{spec.channel}.part")
-                acked = int(old["acked"]) if old else 0
-                done = bool(old and old.get("done"))
-                if acked and not os.path.exists(part) and not installed:
+                acked, done = int(old["acked"]), bool(old.get("done"))
+                if not installed and (acked or done) and not os.path.exists(part):
                     log.warning("stream %s: staged part file is gone; restarting it from 0", spec.name)
                     acked, done = 0, False
-                sinks[spec.channel] = StreamSink(spec, part, acked, done, old.get("digest") if old else None)
+                staging.sinks[spec.channel] = StreamSink(spec, part, acked, done, old.get("digest"))
+            for spec in specs:
+                staging.add(spec, save=False)
         except BaseException:
-            for sink in sinks.values():
+            for sink in staging.sinks.values():
                 sink.close()
             raise
-        staging = cls(directory, sinks, installed)
         staging.save_state()
         return staging
+
+    def add(self, spec: StreamSpec, *, save: bool = True) -> StreamSink:
+        """Stage a stream, or find the staged one when resuming (it must be identical)."""
+        old = self.sinks.get(spec.channel)
+        if old is not None:
+            if old.spec != spec:
+                raise ResumeError(f"stream {spec.name!r} on channel {spec.channel} differs from the "
+                                  f"staged {old.spec.name!r}; cannot resume")
+            return old
+        for other in self.sinks.values():
+            if other.spec.name == spec.name or (spec.target and other.spec.target == spec.target):
+                raise TransferError(f"stream {spec.name!r} clashes with staged stream {other.spec.name!r}")
+        if spec.target and os.path.lexists(spec.target):
+            # discard() removes targets: never adopt a file that was there before.
+            raise TransferError(f"stream {spec.name!r}: target {spec.target!r} already exists")
+        part = os.path.join(self.directory, f"ch{spec.channel}.part")
+        sink = self.sinks[spec.channel] = StreamSink(spec, part, 0, False, None)
+        if save:
+            self.save_state()
+        return sink
 
     @staticmethod
     def _load_state(directory: str) -> dict | None:
@@ -260,9 +266,15 @@ class Staging:
         except KeyError:
             raise TransferError(f"no stream on channel {channel}") from None
 
-    def resume_offsets(self) -> dict[int, int]:
-        """Per channel, the offset the sender must (re)start from."""
-        return {ch: (s.spec.size if s.done else s.acked) for ch, s in self.sinks.items()}
+    def by_name(self, name: str) -> StreamSink | None:
+        for s in self.sinks.values():
+            if s.spec.name == name:
+                return s
+        return None
+
+    def resume_offsets(self) -> dict[str, int]:
+        """Per stream name, the offset the sender must (re)start from."""
+        return {s.spec.name: (s.spec.size if s.done else s.acked) for s in self.sinks.values()}
 
     def checkpoint(self) -> dict[int, int]:
         """fdatasync every stream with new data, persist the offsets; returns resume offsets."""

@@ -110,6 +110,10 @@ class StreamSource:
         except BaseException as exc:  # reported by digest()
             self._error = exc
 
+    @property
+    def digest_ready(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
     def digest(self) -> tuple[str, int]:
         """Wait for the background hash: (stream digest hex, allocated data bytes)."""
         self.start_digest()

@@ -1,0 +1,482 @@
+"""The data plane: streams over the record layer on a blocking socket (run it in a thread).
+
+Session on the wire (channel 0 carries control, ``MANIFEST_CHANNEL`` the manifest)::
+
+    B -> A  CONTROL(0, {"type": "resume", "offsets": {name: offset}})   B's staging is authoritative
+    A -> B  per stream: CONTROL(ch, {"type": "open", name, kind, size, start}),
+            DATA/HOLE extents from ``start``, END(ch, size, stream digest)
+    B -> A  ACK(ch, offset) every ``ack_interval`` bytes (after fdatasync) and after END
+            (after the digest of the written file matched)
+    A -> B  the manifest as a stream on MANIFEST_CHANNEL; B checks it against what it verified
+    B -> A  ACK(MANIFEST_CHANNEL, size); on any failure B sends CONTROL(0, {"type": "error"})
+
+The sender never buffers: on resume it re-reads the file from B's offset. Hashing runs
+in background threads (hashlib releases the GIL); sealing and I/O stay in the calling
+thread with reused buffers (cryptography's AESGCM holds the GIL, FACTS.md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from migsec.errors import (
+    IntegrityError,
+    MigsecError,
+    ProtocolError,
+    ResumeError,
+    TransferError,
+    UnexpectedMessageError,
+)
+from migsec.protocol import NEED_DATA, Ack, Close, Control, Data, End, Hole, RecordLayer
+from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
+from migsec.protocol.records import OVERHEAD
+from migsec.transfer.extents import READ_SIZE, bytes_digest
+from migsec.transfer.manifest import Manifest, ManifestEntry
+from migsec.transfer.sink import Staging
+from migsec.transfer.source import KINDS, StreamSource, StreamSpec
+
+log = logging.getLogger(__name__)
+
+CONTROL_CHANNEL = 0
+MANIFEST_CHANNEL = 0xFFFF
+ACK_INTERVAL = 16 * 1024 * 1024
+MAX_MANIFEST = 16 * 1024 * 1024
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Logical bytes covered (data + holes) of one stream and of all streams so far."""
+
+    stream: str
+    done: int
+    total: int
+    all_done: int
+    all_total: int
+    wire_bytes: int
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the destination accepts for a stream name: kind, its own target path, size bounds."""
+
+    kind: str
+    target: str = ""
+    size: int | None = None
+    max_size: int | None = None
+
+
+@dataclass
+class SendResult:
+    manifest: Manifest
+    manifest_json: bytes
+    wire_bytes: int = 0
+    logical_bytes: int = 0
+    data_bytes: int = 0
+
+
+@dataclass
+class ReceiveResult:
+    manifest: Manifest
+    manifest_json: bytes
+    staging: Staging
+    wire_bytes: int = 0
+    resumed_from: dict[str, int] = field(default_factory=dict)
+
+
+class TokenBucket:
+    """Bandwidth limit in bytes/s with a burst of one second's worth (at least 1 MiB)."""
+
+    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise TransferError(f"bandwidth limit must be positive, got {rate}")
+        self.rate = rate
+        self.burst = max(rate, float(MiB))
+        self._clock, self._sleep = clock, sleep
+        self._tokens = self.burst
+        self._last = clock()
+
+    def take(self, n: int) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= n
+        if self._tokens < 0:
+            self._sleep(-self._tokens / self.rate)
+
+
+class PeerConnectionError(TransferError):
+    """The connection to the peer broke (reset, closed, timed out); the transfer can resume."""
+
+
+class _Wire:
+    """A blocking socket with byte counting and exact reads; OSError -> TransferError."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        sock.settimeout(timeout)
+        self.sock = sock
+        self.sent = 0
+        self.received = 0
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def send(self, data: bytes | memoryview) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise PeerConnectionError(f"connection to the peer failed while sending: {exc}") from exc
+        self.sent += len(data)
+
+    def readable(self, timeout: float = 0.0) -> bool:
+        return bool(self._poll.poll(int(timeout * 1000)))
+
+    def recv_some(self) -> bytes:
+        try:
+            data = self.sock.recv(65536)
+        except OSError as exc:
+            raise PeerConnectionError(f"connection to the peer failed while receiving: {exc}") from exc
+        self.received += len(data)
+        return data
+
+    def recv_exact(self, view: memoryview) -> None:
+        pos, n = 0, len(view)
+        while pos < n:
+            try:
+                got = self.sock.recv_into(view[pos:], n - pos)
+            except OSError as exc:
+                raise PeerConnectionError(f"connection to the peer failed while receiving: {exc}") from exc
+            if got == 0:
+                raise PeerConnectionError(f"connection ended mid-transfer ({pos} of {n} bytes of a frame)")
+            pos += got
+        self.received += n
+
+
+def _peer_error(msg: dict) -> MigsecError:
+    text = str(msg.get("message", "unspecified"))[:500]
+    if msg.get("error") == "integrity":
+        return IntegrityError(f"destination: {text}")
+    if msg.get("error") == "resume":
+        return ResumeError(f"destination: {text}")
+    return TransferError(f"destination refused the transfer: {text}")
+
+
+class _Sender:
+    def __init__(self, sock: socket.socket, records: RecordLayer, *, bandwidth_limit: float | None,
+                 progress: Callable[[Progress], None] | None, timeout: float | None) -> None:
+        self.wire = _Wire(sock, timeout)
+        self.records = records
+        self.bucket = TokenBucket(bandwidth_limit * MiB) if bandwidth_limit else None
+        self.progress = progress
+        self.timeout = timeout
+        self.out = bytearray(READ_SIZE + OVERHEAD)
+        self.buf = bytearray(READ_SIZE)
+        self.resume: dict[str, int] | None = None
+        self.all_done = 0
+        self.all_total = 0
+        self.data_bytes = 0
+        self._last_progress = 0.0
+
+    def send(self, frame: bytes | memoryview) -> None:
+        if self.bucket is not None:
+            self.bucket.take(len(frame))
+        self.wire.send(frame)
+
+    def handle(self, event: object) -> None:
+        if isinstance(event, Control):
+            kind = event.message.get("type")
+            if kind == "resume" and self.resume is None:
+                offsets = event.message.get("offsets")
+                if not isinstance(offsets, dict) or not all(
+                        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in offsets.items()):
+                    raise ProtocolError("resume offsets from the destination are malformed")
+                self.resume = offsets
+            elif kind == "error":
+                raise _peer_error(event.message)
+            else:
+                raise UnexpectedMessageError(f"unexpected control message {kind!r} from the destination")
+        elif isinstance(event, Close):
+            raise TransferError("destination closed the session before the transfer ended")
+        elif not isinstance(event, Ack):
+            raise UnexpectedMessageError(f"unexpected {type(event).__name__} from the destination")
+
+    def pump(self, wait: float = 0.0) -> None:
+        """Process what the peer sent; wait up to ``wait`` seconds for something."""
+        if not self.wire.readable(wait):
+            if wait:
+                raise PeerConnectionError(f"destination silent for {wait:.0f} s")
+            return
+        data = self.wire.recv_some()
+        self.records.receive_data(data)
+        while (event := self.records.next_event()) is not NEED_DATA:
+            self.handle(event)
+        if not data:
+            raise PeerConnectionError("destination closed the connection")
+
+    def report(self, name: str, done: int, total: int, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_progress >= 0.1:
+            self._last_progress = now
+            self.progress(Progress(name, done, total, self.all_done, self.all_total, self.wire.sent))
+
+    def send_stream(self, src: StreamSource, start: int) -> None:
+        ch, records, out = src.channel, self.records, self.out
+        self.send(records.send_control(ch, {"type": "open", "name": src.name, "kind": src.spec.kind,
+                                            "size": src.size, "start": start}))
+        for kind, off, length, view in src.pieces(start, self.buf):
+            if kind == "data":
+                n = records.seal_data_into(ch, off, view, out)
+                self.send(memoryview(out)[:n])
+                self.data_bytes += length
+            else:
+                self.send(records.send_hole(ch, off, length))
+            self.all_done += length
+            self.pump()
+            self.report(src.name, off + length, src.size)
+
+    def end_stream(self, src: StreamSource) -> ManifestEntry:
+        entry = _entry(src)
+        self.send(self.records.send_end(src.channel, src.size, bytes.fromhex(entry.digest)))
+        return entry
+
+    def wait_acked(self, targets: Mapping[int, int]) -> None:
+        deadline = time.monotonic() + (self.timeout or 3600.0)
+        while any(self.records.acked(ch) < size for ch, size in targets.items()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferError("destination did not acknowledge the streams in time")
+            self.pump(wait=left)
+
+
+def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[StreamSource], *,
+                 bandwidth_limit: float | None = None,
+                 progress: Callable[[Progress], None] | None = None,
+                 timeout: float | None = 60.0) -> SendResult:
+    """Send every source (iterated lazily, so a memory image can join when saved) and the manifest.
+
+    Resume offsets come from the destination's staging state. ``bandwidth_limit`` is in
+    MiB/s of wire bytes. Returns when the destination acknowledged everything, i.e. wrote,
+    fsynced and verified the digest of every stream and checked the manifest.
+    """
+    s = _Sender(sock, records, bandwidth_limit=bandwidth_limit, progress=progress, timeout=timeout)
+    while s.resume is None:
+        s.pump(wait=timeout or 3600.0)
+    entries: list[ManifestEntry] = []
+    waiting: list[StreamSource] = []  # sent, END pending until its digest thread finishes
+    targets: dict[int, int] = {}
+    seen: set[str] = set()
+    for src in sources:
+        if src.channel in (CONTROL_CHANNEL, MANIFEST_CHANNEL) or src.channel in targets \
+                or src.name in seen:
+            raise TransferError(f"stream {src.name!r}: channel {src.channel} or name already in use")
+        seen.add(src.name)
+        src.start_digest()
+        start = s.resume.get(src.name, 0)
+        if not 0 <= start <= src.size:
+            raise ResumeError(f"stream {src.name!r}: destination resumes at {start}, beyond size {src.size}")
+        s.all_total += src.size
+        s.all_done += start
+        if start < src.size:
+            s.send_stream(src, start)
+            targets[src.channel] = src.size
+            waiting.append(src)
+        else:
+            entries.append(_entry(src))
+        for done in [w for w in waiting if w.digest_ready]:
+            entries.append(s.end_stream(done))
+            waiting.remove(done)
+        s.report(src.name, src.size, src.size, force=True)
+    for src in waiting:
+        entries.append(s.end_stream(src))
+    manifest = Manifest(records.migration_id, tuple(sorted(entries, key=lambda e: e.channel)))
+    body = manifest.to_json()
+    _send_bytes_stream(s, MANIFEST_CHANNEL, "manifest", "manifest", body)
+    targets[MANIFEST_CHANNEL] = len(body)
+    s.wait_acked(targets)
+    return SendResult(manifest, body, s.wire.sent, s.all_total, s.data_bytes)
+
+
+def _entry(src: StreamSource) -> ManifestEntry:
+    digest, allocated = src.digest()
+    return ManifestEntry(src.channel, src.name, src.spec.kind, src.size, allocated, digest, src.spec.target)
+
+
+def _send_bytes_stream(s: _Sender, ch: int, name: str, kind: str, body: bytes) -> None:
+    s.send(s.records.send_control(ch, {"type": "open", "name": name, "kind": kind,
+                                       "size": len(body), "start": 0}))
+    for off in range(0, len(body), READ_SIZE):
+        s.send(s.records.send_data(ch, off, body[off:off + READ_SIZE]))
+    s.send(s.records.send_end(ch, len(body), bytes.fromhex(bytes_digest(body))))
+
+
+# --- destination --------------------------------------------------------------------
+class _Receiver:
+    def __init__(self, sock: socket.socket, records: RecordLayer, staging: Staging,
+                 expected: Mapping[str, Expected], ack_interval: int, timeout: float | None) -> None:
+        self.wire = _Wire(sock, timeout)
+        self.records = records
+        self.staging = staging
+        self.expected = expected
+        self.ack_interval = ack_interval
+        self.unacked: dict[int, int] = {}
+        self.manifest_buf: bytearray | None = None
+        self.manifest_size = 0
+        self.header = bytearray(HEADER_SIZE)
+        self.payload = bytearray(RECORD_MAX)
+        self.out = bytearray(RECORD_MAX)
+
+    def next_event(self) -> object:
+        self.wire.recv_exact(memoryview(self.header))
+        ftype, length = parse_header(self.header)
+        if ftype != RECORD:
+            raise UnexpectedMessageError(f"frame type 0x{ftype:02x} inside the data session")
+        view = memoryview(self.payload)[:length]
+        self.wire.recv_exact(view)
+        return self.records.open_record_into(view, self.out)
+
+    def open_stream(self, ch: int, msg: dict) -> None:
+        name, kind, size, start = (msg.get(k) for k in ("name", "kind", "size", "start"))
+        if msg.get("type") != "open" or not isinstance(size, int) or not isinstance(start, int):
+            raise ProtocolError(f"channel {ch}: malformed open message")
+        if ch == MANIFEST_CHANNEL:
+            if kind != "manifest" or not 0 < size <= MAX_MANIFEST or start != 0:
+                raise ProtocolError(f"manifest of {size} bytes refused")
+            self.manifest_buf, self.manifest_size = bytearray(), size
+            return
+        want = self.expected.get(name) if isinstance(name, str) else None
+        if want is None:
+            raise TransferError(f"stream {name!r} was not expected")
+        if kind != want.kind or kind not in KINDS or kind == "manifest":
+            raise TransferError(f"stream {name!r}: kind {kind!r}, expected {want.kind!r}")
+        if (want.size is not None and size != want.size) or \
+                (want.max_size is not None and size > want.max_size):
+            raise TransferError(f"stream {name!r}: size {size} not accepted "
+                                f"(expected {want.size}, at most {want.max_size})")
+        sink = self.staging.add(StreamSpec(ch, name, kind, size, want.target))
+        resume_at = sink.spec.size if sink.done else sink.acked
+        if start != resume_at:
+            raise ResumeError(f"stream {name!r}: source starts at {start}, destination has {resume_at}")
+
+    def ack(self, ch: int, offset: int) -> None:
+        self.wire.send(self.records.send_ack(ch, offset))
+
+    def on_data(self, ch: int, offset: int, data: memoryview) -> None:
+        if ch == MANIFEST_CHANNEL:
+            if self.manifest_buf is None or offset != len(self.manifest_buf) or \
+                    offset + len(data) > self.manifest_size:
+                raise ProtocolError("manifest data out of place")
+            self.manifest_buf += data
+            return
+        sink = self.staging.sink(ch)
+        sink.write(offset, data)
+        self._maybe_ack(ch, len(data))
+
+    def on_hole(self, ch: int, offset: int, length: int) -> None:
+        if ch == MANIFEST_CHANNEL:
+            raise ProtocolError("manifest cannot have holes")
+        self.staging.sink(ch).hole(offset, length)
+        self._maybe_ack(ch, length)
+
+    def _maybe_ack(self, ch: int, n: int) -> None:
+        pending = self.unacked.get(ch, 0) + n
+        if pending >= self.ack_interval:
+            sink = self.staging.sink(ch)
+            sink.sync()
+            self.staging.save_state()
+            self.ack(ch, sink.acked)
+            pending = 0
+        self.unacked[ch] = pending
+
+    def on_end(self, ev: End) -> Manifest | None:
+        if ev.channel == MANIFEST_CHANNEL:
+            body = bytes(self.manifest_buf or b"")
+            if len(body) != ev.total_length or len(body) != self.manifest_size or \
+                    bytes_digest(body) != ev.sha256.hex():
+                raise IntegrityError("manifest: digest or length does not match")
+            manifest = Manifest.from_json(body)
+            self.check_manifest(manifest)
+            self.ack(MANIFEST_CHANNEL, len(body))
+            self.manifest_json = body
+            return manifest
+        sink = self.staging.sink(ev.channel)
+        sink.end(ev.total_length, ev.sha256.hex())
+        self.staging.save_state()
+        self.ack(ev.channel, ev.total_length)
+        return None
+
+    def check_manifest(self, manifest: Manifest) -> None:
+        if manifest.migration_id != self.records.migration_id:
+            raise IntegrityError(f"manifest names migration {manifest.migration_id!r}, "
+                                 f"not {self.records.migration_id!r}")
+        staged = {s.spec.name: s for s in self.staging.sinks.values()}
+        listed = {e.name for e in manifest.streams}
+        missing = (set(self.expected) - listed) | (set(staged) - listed) | (listed - set(staged))
+        if missing:
+            raise IntegrityError(f"manifest and received streams differ: {sorted(missing)}")
+        for e in manifest.streams:
+            s = staged[e.name]
+            if not s.done or e.digest != s.digest or e.size != s.spec.size or \
+                    e.kind != s.spec.kind or e.channel != s.spec.channel:
+                raise IntegrityError(f"stream {e.name!r}: manifest entry does not match what was verified")
+
+
+def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str | os.PathLike[str],
+                    expected: Mapping[str, Expected], *, ack_interval: int = ACK_INTERVAL,
+                    timeout: float | None = 60.0) -> ReceiveResult:
+    """Receive streams into ``staging_dir`` until the manifest checks out.
+
+    Reopens existing staging state (resume). On failure, everything written is made durable
+    (so the next attempt resumes from it), the source is told why, and the error is raised;
+    call ``Staging.open(dir).discard()`` to give up instead.
+    """
+    for name, want in expected.items():
+        StreamSpec(1, name, want.kind, 0, want.target)  # validates name and kind
+    staging = Staging.open(staging_dir)
+    r = _Receiver(sock, records, staging, expected, ack_interval, timeout)
+    resumed = staging.resume_offsets()
+    try:
+        r.wire.send(records.send_control(CONTROL_CHANNEL, {"type": "resume", "offsets": resumed}))
+        while True:
+            ev = r.next_event()
+            if isinstance(ev, Data):
+                r.on_data(ev.channel, ev.offset, ev.data)  # type: ignore[arg-type]
+            elif isinstance(ev, Hole):
+                r.on_hole(ev.channel, ev.offset, ev.length)
+            elif isinstance(ev, Control):
+                if ev.message.get("type") == "error":
+                    raise _peer_error(ev.message)
+                r.open_stream(ev.channel, ev.message)
+            elif isinstance(ev, End):
+                manifest = r.on_end(ev)
+                if manifest is not None:
+                    return ReceiveResult(manifest, r.manifest_json, staging, r.wire.received, resumed)
+            else:
+                raise UnexpectedMessageError(f"unexpected {type(ev).__name__} from the source")
+    except BaseException as exc:
+        _tell_source(r, exc)
+        try:
+            staging.checkpoint()
+        except MigsecError as cp_exc:
+            log.warning("could not checkpoint staging after failure: %s", cp_exc)
+        for sink in staging.sinks.values():
+            sink.close()
+        raise
+
+
+def _tell_source(r: _Receiver, exc: BaseException) -> None:
+    if isinstance(exc, PeerConnectionError) or r.records.errored:
+        return  # the connection or the session is gone; nothing can be told
+    kind = "integrity" if isinstance(exc, IntegrityError) else \
+        "resume" if isinstance(exc, ResumeError) else "refused"
+    try:
+        r.wire.send(r.records.send_control(CONTROL_CHANNEL, {"type": "error", "error": kind,
+                                                              "message": str(exc)[:500]}))
+    except MigsecError:
+        pass
