@@ -1,0 +1,187 @@
+"""The policy decision point: a loaded PolicyStore evaluated against requests."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lxml import etree
+
+from migsec.errors import PolicyError, PolicyReferenceError
+from migsec.policy import datatypes as T
+from migsec.policy import model as M
+from migsec.policy.parser import NS, PolicyStore, load_policies
+from migsec.policy.request import Attribute, Category, Request
+
+ENV = "urn:oasis:names:tc:xacml:3.0:attribute-category:environment"
+CURRENT = "urn:oasis:names:tc:xacml:1.0:environment:current-"
+_PUBLIC = {M.IND_D: "Indeterminate", M.IND_P: "Indeterminate", M.IND_DP: "Indeterminate"}
+
+
+@dataclass
+class ResultOut:
+    """One Result of a Response, with the request attributes marked IncludeInResult."""
+
+    decision: str  # Permit | Deny | NotApplicable | Indeterminate
+    status: M.Status
+    obligations: list[M.Obligation]
+    advice: list[M.Obligation]
+    attributes: list[Category] = field(default_factory=list)
+    policy_ids: list[tuple[str, str, str]] = field(default_factory=list)
+    extended: str = ""  # the extended Indeterminate kind, for diagnostics
+
+
+@dataclass
+class Response:
+    results: list[ResultOut]
+    fmt: str = "xml"
+
+    def to_xml(self) -> bytes:
+        return response_xml(self)
+
+    def to_json(self) -> bytes:
+        return response_json(self)
+
+    def serialize(self) -> bytes:
+        return self.to_json() if self.fmt == "json" else self.to_xml()
+
+
+class PDP:
+    """Evaluate requests against one root policy. ``clock`` supplies current-time when absent."""
+
+    def __init__(self, store: PolicyStore, clock: Callable[[], _dt.datetime] | None = None) -> None:
+        self.store = store
+        self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone.utc))
+
+    @classmethod
+    def from_files(cls, paths: list[str | Path], **kw: Any) -> "PDP":
+        return cls(load_policies(paths), **kw)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, **kw: Any) -> "PDP":
+        """Load every ``*.xml`` in ``directory``; the root is the one policy nobody references."""
+        files = sorted(Path(directory).glob("*.xml"))
+        if not files:
+            raise PolicyError(f"{directory}: no *.xml policy files")
+        store = load_policies(files)
+        referenced = set()
+        for p in store.by_id.values():
+            for child in getattr(p, "children", []):
+                if hasattr(child, "ref_id"):
+                    referenced.add((child.kind == "PolicySet", child.ref_id))
+        roots = [p for key, p in store.by_id.items() if key not in referenced]
+        if len(roots) != 1:
+            names = ", ".join(f"{p.id} ({Path(p.source).name})" for p in roots)
+            raise PolicyReferenceError(f"{directory}: need exactly one root policy (not referenced by another), found: {names}")
+        store.root = roots[0]
+        return cls(store, **kw)
+
+    def evaluate(self, request: Request) -> Response:
+        repeated = request.repeated_categories()
+        if repeated:
+            status = M.Status(M.SYNTAX, f"category {repeated[0]} repeated (multiple decision profile not supported)")
+            return Response([ResultOut("Indeterminate", status, [], [])], request.fmt)
+        index = request.index()
+        now = None
+        for name, (dt, _) in T.now_values(_dt.datetime(2000, 1, 1)).items():
+            key = (ENV, CURRENT + name, dt)
+            if key not in index:
+                now = now or T.now_values(self.clock())
+                index[key] = [(None, now[name][1])]
+        result = self.store.root.evaluate(M.Context(index))
+        decision = _PUBLIC.get(result.decision, result.decision)
+        included = [Category(c.category, [a for a in c.attributes if a.include_in_result], c.xml_id)
+                    for c in request.categories]
+        out = ResultOut(decision, result.status, result.obligations if decision in (M.PERMIT, M.DENY) else [],
+                        result.advice if decision in (M.PERMIT, M.DENY) else [],
+                        [c for c in included if c.attributes],
+                        result.policy_ids if request.return_policy_id_list else [], result.decision)
+        return Response([out], request.fmt)
+
+
+# --- serialisation ------------------------------------------------------------------------------------
+def _text(dt: str, value: Any) -> str:
+    return T.format_value(dt, value)
+
+
+def response_xml(resp: Response) -> bytes:
+    E = lambda tag, **a: etree.Element("{%s}%s" % (NS, tag), {k: v for k, v in a.items() if v is not None}, nsmap={None: NS})
+    root = E("Response")
+    for r in resp.results:
+        res = etree.SubElement(root, "{%s}Result" % NS)
+        etree.SubElement(res, "{%s}Decision" % NS).text = r.decision
+        st = etree.SubElement(res, "{%s}Status" % NS)
+        etree.SubElement(st, "{%s}StatusCode" % NS, Value=r.status.code)
+        if r.status.message:
+            etree.SubElement(st, "{%s}StatusMessage" % NS).text = r.status.message
+        if r.status.missing:
+            detail = etree.SubElement(st, "{%s}StatusDetail" % NS)
+            for m in r.status.missing:
+                md = etree.SubElement(detail, "{%s}MissingAttributeDetail" % NS,
+                                      {k: v for k, v in (("Category", m.category), ("AttributeId", m.attribute_id),
+                                                         ("DataType", m.datatype), ("Issuer", m.issuer)) if v})
+        for tag, items, id_attr in (("Obligations", r.obligations, "ObligationId"), ("AssociatedAdvice", r.advice, "AdviceId")):
+            if not items:
+                continue
+            box = etree.SubElement(res, "{%s}%s" % (NS, tag))
+            for o in items:
+                oel = etree.SubElement(box, "{%s}%s" % (NS, "Obligation" if tag == "Obligations" else "Advice"), {id_attr: o.id})
+                for a in o.assignments:
+                    attrs = {"AttributeId": a.attribute_id, "DataType": a.datatype}
+                    if a.category:
+                        attrs["Category"] = a.category
+                    if a.issuer:
+                        attrs["Issuer"] = a.issuer
+                    etree.SubElement(oel, "{%s}AttributeAssignment" % NS, attrs).text = _text(a.datatype, a.value)
+        for c in r.attributes:
+            cel = etree.SubElement(res, "{%s}Attributes" % NS, Category=c.category)
+            for a in c.attributes:
+                attrs = {"AttributeId": a.attribute_id, "IncludeInResult": "true"}
+                if a.issuer:
+                    attrs["Issuer"] = a.issuer
+                ael = etree.SubElement(cel, "{%s}Attribute" % NS, attrs)
+                for dt, v in a.values:
+                    etree.SubElement(ael, "{%s}AttributeValue" % NS, DataType=dt).text = _text(dt, v)
+        if r.policy_ids:
+            pl = etree.SubElement(res, "{%s}PolicyIdentifierList" % NS)
+            for kind, pid, version in r.policy_ids:
+                etree.SubElement(pl, "{%s}%sIdReference" % (NS, kind), Version=version).text = pid
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+def _json_attr_value(dt: str, v: Any) -> Any:
+    if dt in (T.BOOLEAN, T.INTEGER) or (dt == T.DOUBLE and T.format_double(v) == repr(v)):
+        return v
+    return _text(dt, v)
+
+
+def response_json(resp: Response) -> bytes:
+    results = []
+    for r in resp.results:
+        out: dict[str, Any] = {"Decision": r.decision, "Status": {"StatusCode": {"Value": r.status.code}}}
+        if r.status.message:
+            out["Status"]["StatusMessage"] = r.status.message
+        if r.status.missing:
+            out["Status"]["StatusDetail"] = {"MissingAttributeDetail": [
+                {k: v for k, v in (("Category", m.category), ("AttributeId", m.attribute_id),
+                                   ("DataType", m.datatype), ("Issuer", m.issuer)) if v} for m in r.status.missing]}
+        for key, items in (("Obligations", r.obligations), ("AssociatedAdvice", r.advice)):
+            if items:
+                out[key] = [{"Id": o.id, "AttributeAssignment": [
+                    {k: v for k, v in (("AttributeId", a.attribute_id), ("Value", _json_attr_value(a.datatype, a.value)),
+                                       ("DataType", T.DATATYPES[a.datatype].short), ("Category", a.category),
+                                       ("Issuer", a.issuer)) if v is not None} for a in o.assignments]} for o in items]
+        if r.attributes:
+            out["Category"] = [{"CategoryId": c.category, "Attribute": [
+                {k: v for k, v in (("AttributeId", a.attribute_id), ("Issuer", a.issuer),
+                                   ("Value", [_json_attr_value(dt, v) for dt, v in a.values]),
+                                   ("DataType", T.DATATYPES[a.values[0][0]].short if a.values else None)) if v is not None}
+                for a in c.attributes]} for c in r.attributes]
+        if r.policy_ids:
+            out["PolicyIdentifierList"] = {
+                "PolicyIdReference": [{"Id": i, "Version": v} for k, i, v in r.policy_ids if k == "Policy"],
+                "PolicySetIdReference": [{"Id": i, "Version": v} for k, i, v in r.policy_ids if k == "PolicySet"]}
+        results.append(out)
+    return json.dumps({"Response": results}, indent=2).encode()

@@ -1,0 +1,199 @@
+"""XACML requests in XML and in the JSON profile of XACML 3.0 (v1.0)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from migsec.errors import RequestSyntaxError
+from migsec.policy import datatypes as T
+from migsec.policy.parser import X, children, local
+from migsec.policy.xmlsafe import parse_xml
+
+CATEGORY_SHORT = {
+    "AccessSubject": "urn:oasis:names:tc:xacml:1.0:subject-category:access-subject",
+    "Action": "urn:oasis:names:tc:xacml:3.0:attribute-category:action",
+    "Resource": "urn:oasis:names:tc:xacml:3.0:attribute-category:resource",
+    "Environment": "urn:oasis:names:tc:xacml:3.0:attribute-category:environment",
+    "RecipientSubject": "urn:oasis:names:tc:xacml:1.0:subject-category:recipient-subject",
+    "IntermediarySubject": "urn:oasis:names:tc:xacml:1.0:subject-category:intermediary-subject",
+    "Codebase": "urn:oasis:names:tc:xacml:1.0:subject-category:codebase",
+    "RequestingMachine": "urn:oasis:names:tc:xacml:1.0:subject-category:requesting-machine",
+}
+
+
+@dataclass
+class Attribute:
+    attribute_id: str
+    issuer: str | None
+    include_in_result: bool
+    values: list[tuple[str, Any]]  # (data type, value)
+
+
+@dataclass
+class Category:
+    category: str
+    attributes: list[Attribute] = field(default_factory=list)
+    xml_id: str | None = None
+
+
+@dataclass
+class Request:
+    categories: list[Category]
+    return_policy_id_list: bool = False
+    combined_decision: bool = False
+    fmt: str = "xml"  # how the response should be written
+
+    def index(self) -> dict[tuple[str, str, str], list[tuple[str | None, Any]]]:
+        out: dict[tuple[str, str, str], list[tuple[str | None, Any]]] = {}
+        for cat in self.categories:
+            for a in cat.attributes:
+                for dt, v in a.values:
+                    out.setdefault((cat.category, a.attribute_id, dt), []).append((a.issuer, v))
+        return out
+
+    def repeated_categories(self) -> list[str]:
+        seen, rep = set(), []
+        for c in self.categories:
+            if c.category in seen:
+                rep.append(c.category)
+            seen.add(c.category)
+        return rep
+
+
+def _bool_attr(el: etree._Element, name: str, source: str) -> bool:
+    v = el.get(name, "false")
+    if v not in ("true", "false", "1", "0"):
+        raise RequestSyntaxError(f"{source}:{el.sourceline}: <{local(el)}> {name} must be a boolean, not {v!r}")
+    return v in ("true", "1")
+
+
+def parse_request_xml(data: bytes, source: str = "<request>") -> Request:
+    """Parse an XACML 3.0 XML Request; raise RequestSyntaxError naming the bad element."""
+    root = parse_xml(data, source, RequestSyntaxError)
+    if root.tag != X + "Request":
+        raise RequestSyntaxError(f"{source}: expected an XACML 3.0 <Request>, got {root.tag}")
+
+    def fail(el: etree._Element, msg: str) -> RequestSyntaxError:
+        return RequestSyntaxError(f"{source}:{el.sourceline}: <{local(el)}>: {msg}")
+
+    cats = []
+    for el in children(root):
+        name = local(el)
+        if name == "Attributes":
+            cat = el.get("Category")
+            if not cat:
+                raise fail(el, "missing Category")
+            c = Category(cat, xml_id=el.get("{http://www.w3.org/XML/1998/namespace}id"))
+            for a in children(el):
+                if local(a) == "Content":
+                    continue  # only AttributeSelector (XPath) reads it, which is not supported
+                if local(a) != "Attribute":
+                    raise fail(a, "unexpected element in Attributes")
+                aid = a.get("AttributeId")
+                if not aid:
+                    raise fail(a, "missing AttributeId")
+                values = []
+                for v in children(a):
+                    if local(v) != "AttributeValue":
+                        raise fail(v, "unexpected element in Attribute")
+                    dt = v.get("DataType")
+                    if not dt:
+                        raise fail(v, "missing DataType")
+                    dt = T.canonical(dt)
+                    if dt == T.XPATHEXPRESSION:
+                        continue  # only XPath functions could use it
+                    try:
+                        values.append((dt, T.parse_value(dt, v.text or "")))
+                    except T.ValueSyntaxError as exc:
+                        raise fail(v, str(exc)) from exc
+                c.attributes.append(Attribute(aid, a.get("Issuer"), _bool_attr(a, "IncludeInResult", source), values))
+            cats.append(c)
+        elif name in ("RequestDefaults",):
+            continue
+        elif name == "MultiRequests":
+            raise fail(el, "MultiRequests (multiple decision profile) is not supported")
+        else:
+            raise fail(el, "unexpected element in Request")
+    return Request(cats, _bool_attr(root, "ReturnPolicyIdList", source),
+                   _bool_attr(root, "CombinedDecision", source), "xml")
+
+
+def _json_value(dt: str | None, value: Any, where: str) -> tuple[str, Any]:
+    if dt is None:  # the JSON profile infers the type from the JSON value
+        if isinstance(value, bool):
+            return T.BOOLEAN, value
+        if isinstance(value, int):
+            return T.INTEGER, value
+        if isinstance(value, float):
+            return T.DOUBLE, value
+        if isinstance(value, str):
+            return T.STRING, value
+        raise RequestSyntaxError(f"{where}: cannot infer a data type for {value!r}")
+    dt = T.canonical(T.SHORT_NAMES.get(dt, dt))
+    try:
+        if isinstance(value, bool) and dt == T.BOOLEAN:
+            return dt, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and dt in (T.INTEGER, T.DOUBLE):
+            if dt == T.INTEGER and isinstance(value, float):
+                raise T.ValueSyntaxError(f"not an integer: {value!r}")
+            return dt, float(value) if dt == T.DOUBLE else value
+        if not isinstance(value, str):
+            raise T.ValueSyntaxError(f"expected a string for {dt}, got {value!r}")
+        return dt, T.parse_value(dt, value)
+    except T.ValueSyntaxError as exc:
+        raise RequestSyntaxError(f"{where}: {exc}") from exc
+
+
+def parse_request_json(data: bytes, source: str = "<request>") -> Request:
+    """Parse a request in the JSON profile of XACML 3.0."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestSyntaxError(f"{source}: not valid JSON: {exc}") from exc
+    req = doc.get("Request") if isinstance(doc, dict) else None
+    if not isinstance(req, dict):
+        raise RequestSyntaxError(f"{source}: expected an object with a \"Request\" member")
+    cats: list[Category] = []
+
+    def category(obj: Any, cat_id: str, where: str) -> Category:
+        if not isinstance(obj, dict):
+            raise RequestSyntaxError(f"{where}: a category must be an object")
+        c = Category(cat_id, xml_id=obj.get("Id"))
+        attrs = obj.get("Attribute", [])
+        for i, a in enumerate(attrs if isinstance(attrs, list) else [attrs]):
+            w = f"{where}.Attribute[{i}]"
+            if not isinstance(a, dict) or not isinstance(a.get("AttributeId"), str):
+                raise RequestSyntaxError(f"{w}: missing AttributeId")
+            if "Value" not in a:
+                raise RequestSyntaxError(f"{w}: missing Value")
+            raw = a["Value"] if isinstance(a["Value"], list) else [a["Value"]]
+            values = [_json_value(a.get("DataType"), v, w) for v in raw]
+            c.attributes.append(Attribute(a["AttributeId"], a.get("Issuer"), bool(a.get("IncludeInResult", False)), values))
+        return c
+
+    for key, value in req.items():
+        if key in CATEGORY_SHORT:
+            for i, obj in enumerate(value if isinstance(value, list) else [value]):
+                cats.append(category(obj, CATEGORY_SHORT[key], f"{source}: Request.{key}[{i}]"))
+        elif key == "Category":
+            for i, obj in enumerate(value if isinstance(value, list) else [value]):
+                cid = obj.get("CategoryId") if isinstance(obj, dict) else None
+                if not isinstance(cid, str):
+                    raise RequestSyntaxError(f"{source}: Request.Category[{i}]: missing CategoryId")
+                cats.append(category(obj, CATEGORY_SHORT.get(cid, cid), f"{source}: Request.Category[{i}]"))
+        elif key in ("ReturnPolicyIdList", "CombinedDecision", "XPathVersion"):
+            continue
+        elif key == "MultiRequests":
+            raise RequestSyntaxError(f"{source}: MultiRequests (multiple decision profile) is not supported")
+        else:
+            raise RequestSyntaxError(f"{source}: unknown member Request.{key}")
+    return Request(cats, bool(req.get("ReturnPolicyIdList", False)), bool(req.get("CombinedDecision", False)), "json")
+
+
+def parse_request(data: bytes, source: str = "<request>") -> Request:
+    """XML or JSON, by the first non-blank character."""
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    return parse_request_json(data, source) if head == b"{" else parse_request_xml(data, source)
