@@ -137,7 +137,9 @@ class CertificateAuthority:
         """Open an existing CA directory made by :meth:`create`."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise ConfigError(f"CA directory {directory} does not exist (create one with: migsec ca init {directory})")
+            raise ConfigError(
+                f"CA directory {directory} does not exist (pass --ca DIR, or create one with: migsec ca init {directory})"
+            )
         if not (directory / CA_KEY).exists():
             raise ConfigError(f"{directory} is not a CA directory: {CA_KEY} is missing")
         key = SigningKey.load(directory / CA_KEY)
@@ -238,6 +240,8 @@ class CertificateAuthority:
             cert.verify_directly_issued_by(self.cert)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise CertificateError(f"certificate was not issued by this CA ({self.name})") from exc
+        if cert.serial_number == self.cert.serial_number or _is_ca(cert):
+            raise CertificateError("refusing to revoke a CA certificate; revoke domain certificates only")
         entries = self._revoked()
         serial = format(cert.serial_number, "x")
         if not any(e["serial"] == serial for e in entries):
@@ -273,3 +277,10 @@ def _cert_key(cert: x509.Certificate) -> VerifyingKey:
         return certificate_public_key(cert)
     except CryptoError as exc:
         raise ConfigError(f"CA certificate key is unusable: {exc}") from exc
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
