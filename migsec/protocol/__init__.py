@@ -55,28 +55,38 @@ SessionKeys (``migsec.protocol.session``)
 Local exchange, inter-domain handshake and commit messages: see below (filled in
 as those modules land: ``local``, ``handshake``, ``commit``).
 """
-from migsec.protocol.framing import NEED_DATA
-from migsec.protocol.records import (
-    Ack,
-    Close,
-    Control,
-    Data,
-    End,
-    Hole,
-    RecordLayer,
+from migsec.protocol.commit import Decision, Receipt, Resumed, token_hash
+from migsec.protocol.framing import NEED_DATA, FrameDecoder, encode_frame, parse_header
+from migsec.protocol.handshake import (
+    DestinationHandshake,
+    MigrationAccepted,
+    MigrationProposed,
+    MigrationRefused,
+    SourceHandshake,
 )
+from migsec.protocol.local import (
+    AuthorizationServer,
+    AuthReply,
+    AuthRequest,
+    CheckedRequest,
+    ClientLogin,
+    Credentials,
+    LocalMigrationRequest,
+    make_auth_reply,
+    make_migration_request,
+)
+from migsec.protocol.messages import AuthorizationTicket, MigrationRequest, Obligation
+from migsec.protocol.records import Ack, Close, Control, Data, End, Hole, RecordLayer
 from migsec.protocol.replay import ReplayCache
 from migsec.protocol.session import SessionKeys
 
 __all__ = [
-    "NEED_DATA",
-    "Ack",
-    "Close",
-    "Control",
-    "Data",
-    "End",
-    "Hole",
-    "RecordLayer",
-    "ReplayCache",
-    "SessionKeys",
+    "NEED_DATA", "FrameDecoder", "encode_frame", "parse_header",
+    "AuthRequest", "AuthReply", "ClientLogin", "Credentials", "make_auth_reply",
+    "LocalMigrationRequest", "make_migration_request", "AuthorizationServer", "CheckedRequest",
+    "MigrationRequest", "AuthorizationTicket", "Obligation",
+    "SourceHandshake", "DestinationHandshake", "MigrationProposed", "MigrationAccepted",
+    "MigrationRefused", "SessionKeys", "ReplayCache",
+    "RecordLayer", "Data", "Hole", "Control", "End", "Ack", "Close",
+    "Receipt", "Decision", "Resumed", "token_hash",
 ]

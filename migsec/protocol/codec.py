@@ -189,8 +189,8 @@ class Fields:
                 raise MalformedMessageError(f"{self.what}: field {key!r} must be a list of strings")
         return list(value)
 
-    def raw(self, key: str) -> Any:
-        return self._get(key, False)
+    def raw(self, key: str, *, optional: bool = False) -> Any:
+        return self._get(key, optional)
 
     def done(self) -> None:
         extra = set(self._obj) - self._seen

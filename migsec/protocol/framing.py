@@ -134,6 +134,13 @@ class FrameDecoder:
         self._pending = None
         return Frame(frame_type, payload)
 
+    def take_buffer(self) -> bytes:
+        """Hand over the unparsed bytes (a protocol switch, e.g. handshake -> record layer)."""
+        if self._pending is not None:
+            raise MalformedMessageError("cannot hand over the buffer in the middle of a frame")
+        data, self._buf = bytes(self._buf), bytearray()
+        return data
+
     def _at_shortage(self) -> _Sentinel:
         if not self._eof:
             return NEED_DATA
