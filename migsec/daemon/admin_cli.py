@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from migsec.daemon.config import config_path, did_problem, load_config, parse_address
+from migsec.daemon.config import config_path, load_config
 from migsec.errors import ConfigError
 
 _config_option = click.option(
@@ -141,26 +141,18 @@ def _peers(ctx: click.Context, config: Path | None):
 def peer_add(ctx: click.Context, did: str, address: str, cert: Path | None,
              fingerprint: str | None, config: Path | None) -> None:
     """Add peer domain DID at HOST:PORT, known by its certificate or a pinned fingerprint."""
-    problem = did_problem(did)
-    if problem:
-        raise click.BadParameter(problem, param_hint="DID")
-    try:
-        parse_address(address)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--address") from None
+    # DID, address and fingerprint syntax are checked by the peer directory itself
     if (cert is None) == (fingerprint is None):
         raise click.UsageError("give exactly one of --cert FILE or --fingerprint SHA256:...")
-    if fingerprint is not None and not fingerprint.startswith("SHA256:"):
-        raise click.BadParameter("must look like SHA256:<hex>", param_hint="--fingerprint")
     cert_pem = None
     if cert is not None:
         try:
             cert_pem = cert.read_bytes()
         except OSError as exc:
             raise ConfigError(f"--cert: cannot read {cert}: {exc.strerror}") from exc
-    _peers(ctx, config).add(did, address, cert_pem=cert_pem, fingerprint=fingerprint)
-    click.echo(f"added peer {did} at {address} "
-               f"({'certificate ' + str(cert) if cert else 'pinned ' + str(fingerprint)})")
+    added = _peers(ctx, config).add(did, address, cert_pem=cert_pem, fingerprint=fingerprint)
+    how = f"certificate {added.fingerprint}" if cert else f"pinned {added.fingerprint}"
+    click.echo(f"added peer {added.did} at {added.address} ({how})")
 
 
 @peer.command("list")

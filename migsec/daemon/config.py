@@ -19,13 +19,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from migsec.errors import ConfigError
+from migsec.errors import ConfigError, MigsecError
 
 DEFAULT_CONFIG_PATH = Path("/etc/migsec/migsecd.toml")
 CONFIG_ENV = "MIGSEC_CONFIG"
 DEFAULT_PEER_PORT = 7443
 
-_DID_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
@@ -39,14 +38,12 @@ def config_path(option: str | os.PathLike[str] | None = None) -> Path:
 
 def did_problem(did: object) -> str | None:
     """Why ``did`` is not a valid domain id (a lower-case DNS-like name), or None if it is."""
-    if not isinstance(did, str) or not did:
-        return "must be a non-empty string"
-    if len(did) > 253:
-        return "is longer than 253 characters"
-    for label in did.split("."):
-        if not _DID_LABEL.match(label):
-            return (f"{did!r} is not a DNS-like name (lower-case labels of a-z, 0-9 and '-', "
-                    "separated by dots)")
+    from migsec.pki.names import validate_did  # one definition of a DID for all of migsec
+
+    try:
+        validate_did(did)  # type: ignore[arg-type]
+    except MigsecError as exc:
+        return str(exc)
     return None
 
 

@@ -122,8 +122,8 @@ def test_check_files_false_skips_file_checks_only(site):
 
 
 @pytest.mark.parametrize("old, new, setting, problem", [
-    ('id = "cloud-a.example"', 'id = "cloud a"', "[domain].id", "not a DNS-like name"),
-    ('id = "cloud-a.example"', 'id = "-a.example"', "[domain].id", "not a DNS-like name"),
+    ('id = "cloud-a.example"', 'id = "cloud a"', "[domain].id", "invalid domain id"),
+    ('id = "cloud-a.example"', 'id = "-a.example"', "[domain].id", "invalid domain id"),
     ('id = "cloud-a.example"', "id = 7", "[domain].id", "must be a string"),
     ('id = "cloud-a.example"\n', "", "[domain].id", "missing setting"),
     ('trust = ["pki/ca-cert.pem"]', "trust = []", "[domain].trust", "at least one"),
