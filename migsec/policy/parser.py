@@ -51,6 +51,12 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.references: list[Reference] = []
+        self.ids: set[tuple[bool, str]] = set()  # Policy/PolicySet ids defined inline in this document
+
+    def unique(self, el: etree._Element, is_set: bool, pid: str) -> None:
+        if (is_set, pid) in self.ids:
+            raise self.fail(el, f"duplicate {'PolicySetId' if is_set else 'PolicyId'} {pid!r} in one document")
+        self.ids.add((is_set, pid))
 
     def fail(self, el: etree._Element, message: str) -> PolicySyntaxError:
         return PolicySyntaxError(f"{self.source}:{el.sourceline}: <{local(el)}>: {message}")
@@ -78,6 +84,7 @@ class _Parser:
 
     def policy(self, el: etree._Element) -> M.Policy:
         pid = self.attr(el, "PolicyId")
+        self.unique(el, False, pid)
         alg = self.algorithm(el, "RuleCombiningAlgId", True)
         self.variables: dict[str, Any] = {}
         raw_vars = {}
@@ -114,6 +121,7 @@ class _Parser:
 
     def policy_set(self, el: etree._Element) -> M.PolicySet:
         psid = self.attr(el, "PolicySetId")
+        self.unique(el, True, psid)
         alg = self.algorithm(el, "PolicyCombiningAlgId", False)
         target, items, obligations, advice = M.Target([]), [], [], []
         for c in children(el):
@@ -140,12 +148,6 @@ class _Parser:
                 continue
             else:
                 raise self.fail(c, "unexpected element in PolicySet")
-        inline = [i for i in items if not isinstance(i, Reference)]
-        for kind in (False, True):
-            ids = [i.id for i in inline if i.is_set == kind]
-            dup = {i for i in ids if ids.count(i) > 1}
-            if dup:
-                raise self.fail(el, f"duplicate {'PolicySetId' if kind else 'PolicyId'} {sorted(dup)[0]!r} in policy set {psid!r}")
         ps = M.PolicySet(psid, el.get("Version", "1.0"), target, alg, [], obligations, advice, self.source)
         ps.children = items
         return ps
@@ -328,9 +330,10 @@ def parse_policy_bytes(data: bytes, source: str) -> tuple[M.Policy, list[Referen
 class PolicyStore:
     """Policies by id, one root, references resolved and checked for cycles."""
 
-    def __init__(self, root: M.Policy, by_id: dict[tuple[bool, str], M.Policy]) -> None:
+    def __init__(self, root: M.Policy, by_id: dict[tuple[bool, str], M.Policy], by_file: dict[str, M.Policy]) -> None:
         self.root = root
         self.by_id = by_id
+        self.by_file = by_file
 
 
 def load_policies(paths: Iterable[str | Path] | str | Path, root_id: str | None = None) -> PolicyStore:
@@ -379,7 +382,7 @@ def load_policy_documents(docs: list[tuple[bytes, str]], root_id: str | None = N
         root = found[0]
     for policy in tops:
         _check_cycles(policy, [])
-    return PolicyStore(root, by_id)
+    return PolicyStore(root, by_id, {p.source: p for p in tops})
 
 
 def _check_cycles(node: Any, stack: list[str]) -> None:

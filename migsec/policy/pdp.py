@@ -12,6 +12,7 @@ from lxml import etree
 from migsec.errors import PolicyError, PolicyReferenceError
 from migsec.policy import datatypes as T
 from migsec.policy import model as M
+from migsec.policy.combining import only_one_applicable
 from migsec.policy.parser import NS, PolicyStore, load_policies
 from migsec.policy.request import Attribute, Category, Request
 
@@ -51,13 +52,20 @@ class Response:
 class PDP:
     """Evaluate requests against one root policy. ``clock`` supplies current-time when absent."""
 
-    def __init__(self, store: PolicyStore, clock: Callable[[], _dt.datetime] | None = None) -> None:
+    def __init__(self, store: PolicyStore, clock: Callable[[], _dt.datetime] | None = None,
+                 extra_roots: list[M.Policy] | None = None) -> None:
         self.store = store
         self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone.utc))
+        # several initial policies: the one whose target applies is used, two applicable is an error
+        self.roots = [store.root, *(extra_roots or [])]
 
     @classmethod
-    def from_files(cls, paths: list[str | Path], **kw: Any) -> "PDP":
-        return cls(load_policies(paths), **kw)
+    def from_files(cls, paths: list[str | Path], roots: int = 1, **kw: Any) -> "PDP":
+        """The first ``roots`` files are initial (root) policies; the rest are for references."""
+        paths = list(paths)
+        store = load_policies(paths)
+        extra = [store.by_file[str(Path(p))] for p in paths[1:roots]]
+        return cls(store, extra_roots=extra, **kw)
 
     @classmethod
     def from_directory(cls, directory: str | Path, **kw: Any) -> "PDP":
@@ -90,7 +98,8 @@ class PDP:
             if key not in index:
                 now = now or T.now_values(self.clock())
                 index[key] = [(None, now[name][1])]
-        result = self.store.root.evaluate(M.Context(index))
+        ctx = M.Context(index)
+        result = self.roots[0].evaluate(ctx) if len(self.roots) == 1 else only_one_applicable(self.roots, ctx)
         decision = _PUBLIC.get(result.decision, result.decision)
         included = [Category(c.category, [a for a in c.attributes if a.include_in_result], c.xml_id)
                     for c in request.categories]
