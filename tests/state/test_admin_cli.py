@@ -95,3 +95,55 @@ def test_user_add_prompts_twice_on_a_tty(cfg, site):
     assert os.waitstatus_to_exitcode(status) == 0, out
     assert b"tty-secret" not in out  # hidden input
     assert UserDatabase(site / "users.json").verify_password("tty-user", "tty-secret")
+
+
+@pytest.fixture(scope="module")
+def peer_certs(tmp_path_factory):
+    from migsec.pki import CertificateAuthority
+
+    root = tmp_path_factory.mktemp("peer-pki")
+    ca = CertificateAuthority.create(root / "ca", "Test CA")
+    return {did: ca.issue_domain(did, root / did) for did in ("cloud-b.example", "cloud-c.example")}
+
+
+def test_peer_add_list_del(cfg, site, peer_certs):
+    from migsec.pki import PeerDirectory
+
+    b_cert = peer_certs["cloud-b.example"]
+    r = run("peer", "--config", str(cfg), "add", "cloud-b.example", "--address",
+            "198.18.0.2:7443", "--cert", str(b_cert))
+    assert r.exit_code == 0, r.output
+    assert "added peer cloud-b.example at migsec://198.18.0.2:7443 (certificate SHA256:" in r.output
+    fp = "SHA256:" + "ab" * 32
+    r = run("peer", "add", "cloud-c.example", "--address", "198.18.0.3:7443",
+            "--fingerprint", fp, "--config", str(cfg))
+    assert r.exit_code == 0, r.output
+    peers = PeerDirectory(site / "peers.json").list()
+    assert [(p.did, p.cert_pem is not None, p.fingerprint) for p in peers] == \
+        [("cloud-b.example", True, peers[0].fingerprint), ("cloud-c.example", False, fp)]
+    assert peers[0].cert_pem == b_cert.read_bytes()
+
+    r = run("peer", "--config", str(cfg), "list")
+    assert "cloud-b.example" in r.output and "certificate" in r.output
+    assert f"pinned {fp}" in r.output
+    rows = json.loads(run("peer", "--config", str(cfg), "list", "--json").output)
+    assert [x["did"] for x in rows] == ["cloud-b.example", "cloud-c.example"]
+
+    assert run("peer", "--config", str(cfg), "del", "cloud-c.example").exit_code == 0
+    r = run("peer", "--config", str(cfg), "del", "cloud-c.example")
+    assert r.exit_code == 2 and "no peer 'cloud-c.example'" in r.output
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["cloud-b.example", "--address", "h:1"], "exactly one of --cert"),
+    (["cloud-b.example", "--address", "h:1", "--fingerprint", "md5:00"], "SHA256:<64 hex"),
+    (["Cloud_B", "--address", "h:1", "--fingerprint", "SHA256:" + "00" * 32], "invalid domain id"),
+    (["cloud-b.example", "--address", "ftp://h:1", "--fingerprint", "SHA256:" + "00" * 32],
+     "migsec://host:port"),
+    (["cloud-c.example", "--address", "h:1", "--cert", "CERT_B"], "not 'cloud-c.example'"),
+])
+def test_peer_add_errors(cfg, site, peer_certs, args, problem):
+    args = [str(peer_certs["cloud-b.example"]) if a == "CERT_B" else a for a in args]
+    r = run("peer", "--config", str(cfg), "add", *args)
+    assert r.exit_code != 0 and problem in r.output, r.output
+    assert not (site / "peers.json").exists()
