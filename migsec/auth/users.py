@@ -136,7 +136,12 @@ class UserDatabase:
             user = self.get(name)
         except UserError:
             user = None
-        if user is None or user.password is None or not user.password.matches(password):
+        if user is None or user.password is None:
+            # spend the same scrypt work as a real check, so timing does not reveal the name
+            n, r, p = self._params
+            scrypt_key(password or b"-", b"\0" * SALT_SIZE, n=n, r=r, p=p)
+            raise AuthenticationError(f"authentication failed for user {name!r}")
+        if not user.password.matches(password):
             raise AuthenticationError(f"authentication failed for user {name!r}")
         return user
 
