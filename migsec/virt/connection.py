@@ -16,6 +16,7 @@ DEFAULT_URI = "qemu:///system"
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 _handler_lock = threading.Lock()
 _handler_installed = False
+_event_loop_started = False
 
 
 def _silence_default_handler() -> None:
@@ -25,6 +26,23 @@ def _silence_default_handler() -> None:
         if not _handler_installed:
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
             _handler_installed = True
+
+
+def _ensure_event_loop() -> None:
+    # The embedded QEMU driver (qemu:///embed?root=DIR) runs inside this process and
+    # needs libvirt's event loop to watch its QEMU monitors; one daemon thread serves all.
+    global _event_loop_started
+    with _handler_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
 
 
 @dataclass(frozen=True)
@@ -101,10 +119,15 @@ class Connection:
 
 
 def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
-    """Open a libvirt connection to ``uri`` (any libvirt URI, e.g. a lab host's socket)."""
+    """Open a libvirt connection to ``uri`` (any libvirt URI, e.g. a lab host's socket).
+
+    ``qemu:///embed?root=DIR`` runs libvirt's QEMU driver in this process (no daemon).
+    """
     if not isinstance(uri, str) or not uri.strip():
         raise HypervisorUnavailableError(f"invalid libvirt URI {uri!r}: expected e.g. qemu:///system")
     _silence_default_handler()
+    if "///embed" in uri:
+        _ensure_event_loop()
     with libvirt_call("connect", uri=uri):
         raw = libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
     if raw is None:  # very old bindings returned None instead of raising
