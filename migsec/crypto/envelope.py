@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_SIZE = 1 << 20
 ENC = "A256GCM"
 DIR_KEY_SIZE = 32
+# Header members migsec writes. Anything else (crit, b64, jku, x5u, jwk, zip, ...) would change
+# how a library processes the token, so it is refused before the library sees it.
+JWS_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+JWE_HEADER_MEMBERS = frozenset({"alg", "enc", "kid", "epk"})
+_LIBRARY_ERRORS = (JoseError, ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 # --- strict JSON and base64url (used for JWS claims and unverified peeking) ---------------
@@ -135,6 +140,9 @@ def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
     raises SignatureError.
     """
     header, claims = jws_peek(token)
+    extra = set(header) - JWS_HEADER_MEMBERS
+    if extra:
+        raise MalformedMessageError(f"JWS header has unsupported members {sorted(extra)}")
     if header.get("alg") != key.jose_alg:
         raise SignatureError(f"JWS algorithm {header.get('alg')!r} does not match the key ({key.jose_alg})")
     try:
@@ -142,7 +150,7 @@ def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
     except JoseError as exc:
         log.debug("JWS rejected: %s", type(exc).__name__)
         raise SignatureError("JWS signature did not verify") from exc
-    except (ValueError, TypeError) as exc:
+    except _LIBRARY_ERRORS as exc:
         raise MalformedMessageError("JWS could not be decoded") from exc
     return claims
 
@@ -178,7 +186,7 @@ def _decrypt(token: str | bytes, jwk: Any, alg: str) -> bytes:
     # Every failure is the same opaque error; the reason goes to the local debug log only.
     try:
         header = jwe_header(token)
-        if header.get("alg") != alg or header.get("enc") != ENC:
+        if header.get("alg") != alg or header.get("enc") != ENC or set(header) - JWE_HEADER_MEMBERS:
             raise DecryptionError("decryption failed")
         obj = jwe.decrypt_compact(token, jwk, algorithms=[alg, ENC])
         plaintext = obj.plaintext
@@ -187,7 +195,7 @@ def _decrypt(token: str | bytes, jwk: Any, alg: str) -> bytes:
         return plaintext
     except DecryptionError:
         raise
-    except (JoseError, MalformedMessageError, ValueError, TypeError, KeyError) as exc:
+    except (MalformedMessageError, *_LIBRARY_ERRORS) as exc:
         log.debug("JWE rejected: %s", type(exc).__name__)
         raise DecryptionError("decryption failed") from exc
 

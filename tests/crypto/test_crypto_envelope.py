@@ -190,3 +190,34 @@ def test_fuzz_mutated_valid_tokens(keys, data):
             fn(mutated)
         except MigsecError:
             pass
+
+
+def test_unexpected_header_members_refused(keys):
+    """crit / b64 / jwk / jku change how a library reads the token: refused up front."""
+    k = keys["ec-p256"]
+    _, p, s = jws_sign(CLAIMS, k).split(".")
+    for extra in ({"b64": False, "crit": ["b64"]}, {"jwk": {"kty": "EC"}}, {"jku": "https://evil.example/k"}):
+        head = b64(json.dumps({"alg": "ES256", **extra}).encode())
+        with pytest.raises(MalformedMessageError, match="unsupported members"):
+            jws_verify(f"{head}.{p}.{s}", k.public_key)
+    parts = jwe_encrypt(b"x", k.public_key).split(".")
+    header = jwe_header(".".join(parts))
+    parts[0] = b64(json.dumps({**header, "jku": "https://evil.example/k"}).encode())
+    with pytest.raises(DecryptionError):
+        jwe_decrypt(".".join(parts), k)
+
+
+_VALUES = st.one_of(st.text(max_size=40), st.integers(), st.none(), st.binary(max_size=70).map(b64),
+                    st.sampled_from(["EC", "OKP", "RSA", "oct", "P-256", "P-384", "X25519"]))
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["kty", "crv", "x", "y", "d", "n", "e", "k"]), _VALUES, max_size=6),
+       st.booleans())
+def test_fuzz_jwe_hostile_epk(keys, epk, keep_body):
+    """A well-formed ECDH-ES header with a hostile ephemeral key reaches the key import path."""
+    k = keys["ec-p256"]
+    body = jwe_encrypt(b"x", k.public_key).split(".")[1:] if keep_body else ["AA", "A" * 16, "AA", "A" * 22]
+    head = b64(json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "epk": epk}).encode())
+    with pytest.raises(MigsecError):
+        jwe_decrypt(".".join([head, *body]), k)
