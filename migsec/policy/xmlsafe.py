@@ -5,6 +5,9 @@ from lxml import etree
 
 from migsec.errors import UnsafeXmlError
 
+_DOCTYPE_MARKERS = tuple("<!DOCTYPE".encode(enc) for enc in ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"))
+
+
 # A fresh parser per call: lxml parsers are not thread-safe.
 def _parser() -> etree.XMLParser:
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
@@ -18,6 +21,10 @@ def parse_xml(data: bytes, source: str, error: type[Exception]) -> etree._Elemen
     """
     if not isinstance(data, bytes):
         raise TypeError("parse_xml takes bytes, so the parser sees the declared encoding and BOM")
+    # Refused before parsing: libxml2 would otherwise still read the internal subset (and may fail
+    # on an entity bomb with a generic syntax error instead of saying what was refused).
+    if any(m in data for m in _DOCTYPE_MARKERS):
+        raise UnsafeXmlError(f"{source}: XML with a DOCTYPE (DTD or entity declarations) is refused")
     try:
         tree = etree.fromstring(data, _parser()).getroottree()
     except etree.XMLSyntaxError as exc:
