@@ -7,6 +7,8 @@ import multiprocessing
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from migsec.audit import GENESIS, SIGNER_KIND, Ledger, entry_hash
 from migsec.crypto.envelope import jws_sign
@@ -244,3 +246,20 @@ def test_concurrent_appends_from_processes(tmp_path, cloud_a, pki):
     report = Ledger(path).verify(pki.trust)
     # each process writes a signer entry if it found none: one or two of them
     assert report.entries - len(report.signers) == 30
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(max_size=200) | st.text(max_size=200).map(str.encode)
+       | st.dictionaries(st.sampled_from(["seq", "time", "kind", "migration_id", "prev", "body",
+                                          "peer", "hash", "sig"]),
+                         st.integers() | st.text(max_size=8) | st.none() | st.booleans()
+                         | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+                         max_size=9).map(lambda d: json.dumps(d).encode()))
+def test_any_damaged_line_is_a_ledger_error(good, pki, junk):
+    original = good.path.read_bytes()
+    try:
+        good.path.write_bytes(original + junk.replace(b"\n", b" ") + b"\n")
+        with pytest.raises(LedgerCorruptError):
+            good.verify(pki.trust)
+    finally:
+        good.path.write_bytes(original)

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from migsec.daemon.config import config_path, did_problem, load_config, parse_address
 from migsec.errors import ConfigError
@@ -192,3 +194,31 @@ def test_address_and_did_helpers():
     assert did_problem("cloud-b.example") is None
     assert did_problem("a" * 64) is not None
     assert did_problem("UPPER.example") is not None
+
+
+_toml_values = st.recursive(
+    st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=12)
+    | st.sampled_from(["0.0.0.0:1", "[::1]:7443", "/abs", "rel", "qemu:///system", "0660"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.sampled_from(["domain", "paths", "listen", "libvirt", "storage", "network",
+                              "limits", "hooks"]),
+       key=st.text(min_size=1, max_size=16) | st.sampled_from(
+           ["id", "trust", "crls", "peer", "socket_mode", "map", "bridge_map", "max_incoming",
+            "clock_skew_s", "allow_native_migration", "uri", "image_dir", "state_dir"]),
+       value=_toml_values)
+def test_any_value_gives_a_config_or_a_config_error(site, table, key, value):
+    import tomllib
+
+    raw = tomllib.loads(MINIMAL)
+    raw.setdefault(table, {})[key] = value
+    from migsec.daemon.config import _Loader
+
+    try:
+        _Loader(site / "migsecd.toml", raw, check_files=True).config()
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{site / 'migsecd.toml'}: [")
