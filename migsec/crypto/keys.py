@@ -207,7 +207,14 @@ class SigningKey:
                 fh.write(self.to_pem())
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails if another writer created the key meanwhile
+                tmp.unlink()
+        except FileExistsError as exc:
+            tmp.unlink(missing_ok=True)
+            raise KeyExistsError(f"key file {path} already exists; not overwriting it") from exc
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise CryptoError(f"cannot write key file {path}: {exc.strerror}") from exc
