@@ -124,12 +124,16 @@ class Ledger:
             raise AuditError("peer_did given without a peer_token")
         with self._locked() as fd:
             self._catch_up(fd)
+            # the chain tip moves only once the lines are durably written
             lines = []
+            seq, prev = self._seq, self._hash
             cert_pem = _text(self.identity.cert_pem)
             if cert_pem != self._signer_pem:
-                lines.append(self._make(SIGNER_KIND, None,
-                                        {"did": self.identity.did, "certificate": cert_pem}, None))
-            entry = self._make(kind, migration_id, full_body, peer)
+                signer = self._make(seq + 1, prev, SIGNER_KIND, None,
+                                    {"did": self.identity.did, "certificate": cert_pem}, None)
+                lines.append(signer)
+                seq, prev = signer.seq, signer.hash
+            entry = self._make(seq + 1, prev, kind, migration_id, full_body, peer)
             lines.append(entry)
             data = b"".join(canonical_json(e.as_dict()) + b"\n" for e in lines)
             try:
@@ -141,20 +145,20 @@ class Ledger:
                 raise AuditError(f"{self.path}: cannot append to the ledger: "
                                  f"{exc.strerror or exc}") from exc
             self._offset += len(data)
+            self._seq, self._hash = entry.seq, entry.hash
             self._signer_pem = cert_pem
         return entry
 
-    def _make(self, kind: str, migration_id: str | None, body: dict[str, Any],
-              peer: dict[str, Any] | None) -> LedgerEntry:
-        core = {"seq": self._seq + 1, "time": _format_time(self._clock()), "kind": kind,
-                "migration_id": migration_id, "prev": self._hash, "body": body, "peer": peer}
+    def _make(self, seq: int, prev: str, kind: str, migration_id: str | None,
+              body: dict[str, Any], peer: dict[str, Any] | None) -> LedgerEntry:
+        core = {"seq": seq, "time": _format_time(self._clock()), "kind": kind,
+                "migration_id": migration_id, "prev": prev, "body": body, "peer": peer}
         try:
             digest = entry_hash(core)
         except (TypeError, ValueError) as exc:
             raise AuditError(f"ledger entry {kind!r} is not plain JSON: {exc}") from exc
         sig = jws_sign({"ledger": self.identity.did, "seq": core["seq"], "hash": digest},
                        self.identity.key, kid=self.identity.did, typ=SIG_TYP)
-        self._seq, self._hash = core["seq"], digest
         return LedgerEntry(hash=digest, sig=sig, **core)
 
     def _locked(self):

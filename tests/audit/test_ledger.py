@@ -188,14 +188,29 @@ def test_key_rotation_records_a_new_signer(tmp_path, cloud_a, pki, clock):
     # an entry signed by the old key after the rotation is caught
     ls = path.read_bytes().splitlines(keepends=True)
     forged = Ledger(tmp_path / "scratch.jsonl", cloud_a, clock=clock)
-    forged._seq, forged._hash = 4, json.loads(ls[-1])["hash"]
-    forged._signer_pem = cloud_a.cert_pem.decode()
-    forged._offset = 0
-    entry = forged._make("decision", "m3", {}, None)
+    entry = forged._make(5, json.loads(ls[-1])["hash"], "decision", "m3", {}, None)
     path.write_bytes(b"".join(ls) + json.dumps(entry.as_dict()).encode() + b"\n")
     with pytest.raises(LedgerCorruptError, match=r"entry 5 .*local signature by cloud-a.example "
                                                   r"does not verify"):
         Ledger(path).verify(pki.trust)
+
+
+def test_failed_append_does_not_move_the_chain_tip(tmp_path, cloud_a, pki, monkeypatch):
+    import os as os_module
+
+    ledger = Ledger(tmp_path / "l.jsonl", cloud_a)
+    ledger.append("decision", "m1")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os_module, "fsync", disk_full)
+        with pytest.raises(AuditError, match="cannot append to the ledger: No space left"):
+            ledger.append("decision", "m2")
+    # the line reached the page cache (not durable, but present): the chain must still hold
+    assert ledger.append("decision", "m3").seq == 4
+    assert ledger.verify(pki.trust).entries == 4
 
 
 def test_bad_appends_are_refused(tmp_path, cloud_a):
