@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ MANIFEST_CHANNEL = 0xFFFF
 ACK_INTERVAL = 16 * 1024 * 1024
 MAX_MANIFEST = 16 * 1024 * 1024
 MiB = 1024 * 1024
+RING = 4  # decrypted records in flight between the reader and the writer thread
+POLL_EVERY = 8 * MiB  # the sender looks for ACKs and errors this often
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class _Sender:
         self.all_done = 0
         self.all_total = 0
         self.data_bytes = 0
+        self.since_poll = 0
         self._last_progress = 0.0
 
     def send(self, frame: bytes | memoryview) -> None:
@@ -238,8 +243,11 @@ class _Sender:
             else:
                 self.send(records.send_hole(ch, off, length))
             self.all_done += length
-            self.pump()
-            self.report(src.name, off + length, src.size)
+            self.since_poll += length
+            if self.since_poll >= POLL_EVERY:
+                self.since_poll = 0
+                self.pump()
+                self.report(src.name, off + length, src.size)
 
     def end_stream(self, src: StreamSource) -> ManifestEntry:
         entry = _entry(src)
@@ -330,16 +338,71 @@ class _Receiver:
         self.manifest_size = 0
         self.header = bytearray(HEADER_SIZE)
         self.payload = bytearray(RECORD_MAX)
-        self.out = bytearray(RECORD_MAX)
+        # Decrypted records wait in a small ring for the writer thread: pwrite and fdatasync
+        # release the GIL, so they overlap receiving and decrypting the next records.
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(RING):
+            self.free.put(bytearray(RECORD_MAX))
+        self.work: queue.SimpleQueue[tuple[object, bytearray | None] | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # the record layer is shared by the reader and the writer
+        self.error: BaseException | None = None
+        self.manifest: Manifest | None = None
+        self.manifest_json = b""
 
-    def next_event(self) -> object:
+    def next_event(self, out: bytearray) -> object:
         self.wire.recv_exact(memoryview(self.header))
         ftype, length = parse_header(self.header)
         if ftype != RECORD:
             raise UnexpectedMessageError(f"frame type 0x{ftype:02x} inside the data session")
         view = memoryview(self.payload)[:length]
         self.wire.recv_exact(view)
-        return self.records.open_record_into(view, self.out)
+        with self.lock:
+            return self.records.open_record_into(view, out)
+
+    def send_control(self, message: dict) -> None:
+        with self.lock:
+            self.wire.send(self.records.send_control(CONTROL_CHANNEL, message))
+
+    def write_loop(self) -> None:
+        """The writer thread: applies events in order; always hands buffers back."""
+        while (item := self.work.get()) is not None:
+            ev, buf = item
+            try:
+                if self.error is None:
+                    self.apply(ev)
+            except BaseException as exc:
+                self.error = exc
+                _tell_source(self, exc)  # early, so the source stops sending
+            finally:
+                if buf is not None:
+                    self.free.put(buf)
+
+    def apply(self, ev: object) -> None:
+        if isinstance(ev, Data):
+            self.on_data(ev.channel, ev.offset, ev.data)  # type: ignore[arg-type]
+        elif isinstance(ev, Hole):
+            self.on_hole(ev.channel, ev.offset, ev.length)
+        elif isinstance(ev, Control):
+            if ev.message.get("type") == "error":
+                raise _peer_error(ev.message)
+            self.open_stream(ev.channel, ev.message)
+        elif isinstance(ev, End):
+            self.manifest = self.on_end(ev)
+        else:
+            raise UnexpectedMessageError(f"unexpected {type(ev).__name__} from the source")
+
+    def read_loop(self) -> None:
+        """The calling thread: receive and decrypt until the manifest's END was read."""
+        while True:
+            buf = self.free.get()
+            if self.error is not None:
+                raise self.error
+            ev = self.next_event(buf)
+            self.work.put((ev, buf) if isinstance(ev, Data) else (ev, None))
+            if not isinstance(ev, Data):
+                self.free.put(buf)
+            if isinstance(ev, End) and ev.channel == MANIFEST_CHANNEL:
+                return
 
     def open_stream(self, ch: int, msg: dict) -> None:
         name, kind, size, start = (msg.get(k) for k in ("name", "kind", "size", "start"))
@@ -365,7 +428,8 @@ class _Receiver:
             raise ResumeError(f"stream {name!r}: source starts at {start}, destination has {resume_at}")
 
     def ack(self, ch: int, offset: int) -> None:
-        self.wire.send(self.records.send_ack(ch, offset))
+        with self.lock:
+            self.wire.send(self.records.send_ack(ch, offset))
 
     def on_data(self, ch: int, offset: int, data: memoryview) -> None:
         if ch == MANIFEST_CHANNEL:
@@ -441,33 +505,34 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
     staging = Staging.open(staging_dir)
     r = _Receiver(sock, records, staging, expected, ack_interval, timeout)
     resumed = staging.resume_offsets()
+    writer = threading.Thread(target=r.write_loop, name="transfer-writer", daemon=True)
     try:
-        r.wire.send(records.send_control(CONTROL_CHANNEL, {"type": "resume", "offsets": resumed}))
-        while True:
-            ev = r.next_event()
-            if isinstance(ev, Data):
-                r.on_data(ev.channel, ev.offset, ev.data)  # type: ignore[arg-type]
-            elif isinstance(ev, Hole):
-                r.on_hole(ev.channel, ev.offset, ev.length)
-            elif isinstance(ev, Control):
-                if ev.message.get("type") == "error":
-                    raise _peer_error(ev.message)
-                r.open_stream(ev.channel, ev.message)
-            elif isinstance(ev, End):
-                manifest = r.on_end(ev)
-                if manifest is not None:
-                    return ReceiveResult(manifest, r.manifest_json, staging, r.wire.received, resumed)
-            else:
-                raise UnexpectedMessageError(f"unexpected {type(ev).__name__} from the source")
+        r.send_control({"type": "resume", "offsets": resumed})
+        writer.start()
+        try:
+            r.read_loop()
+        finally:
+            r.work.put(None)
+            if writer.is_alive():
+                writer.join()
+        if r.error is not None:
+            raise r.error
+        if r.manifest is None:
+            raise TransferError("the source ended without a manifest")
+        return ReceiveResult(r.manifest, r.manifest_json, staging, r.wire.received, resumed)
     except BaseException as exc:
-        _tell_source(r, exc)
+        error = r.error or exc  # the writer's error explains a connection the source then closed
+        if r.error is None:
+            _tell_source(r, exc)
         try:
             staging.checkpoint()
         except MigsecError as cp_exc:
             log.warning("could not checkpoint staging after failure: %s", cp_exc)
         for sink in staging.sinks.values():
             sink.close()
-        raise
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def _tell_source(r: _Receiver, exc: BaseException) -> None:
@@ -476,7 +541,6 @@ def _tell_source(r: _Receiver, exc: BaseException) -> None:
     kind = "integrity" if isinstance(exc, IntegrityError) else \
         "resume" if isinstance(exc, ResumeError) else "refused"
     try:
-        r.wire.send(r.records.send_control(CONTROL_CHANNEL, {"type": "error", "error": kind,
-                                                              "message": str(exc)[:500]}))
+        r.send_control({"type": "error", "error": kind, "message": str(exc)[:500]})
     except MigsecError:
         pass

@@ -1,0 +1,153 @@
+"""Transfer throughput over loopback TCP between two processes (prints figures, asserts nothing).
+
+Cases: a 1 GiB random file, and a 2 GiB sparse disk with 300 MiB written; bytes on the
+wire versus allocated bytes; next to scp (OpenSSH, aes128-gcm) against a private sshd
+started on a high port for this run, when sshd is available.
+
+    .venv/bin/python bench/bench_transfer.py [--dir DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from migsec.crypto import random_bytes
+from migsec.protocol import RecordLayer, SessionKeys
+from migsec.transfer import Expected, StreamSource, receive_streams, send_streams
+
+MiB = 1024 * 1024
+
+
+def make_random(path: str, size: int) -> None:
+    with open(path, "wb") as fh:
+        for _ in range(size // (64 * MiB)):
+            fh.write(os.urandom(64 * MiB))
+
+
+def make_sparse_disk(path: str, size: int, written: int) -> None:
+    """``written`` bytes of random data in 4 MiB runs spread over the disk, plus some zero blocks."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        runs = written // (4 * MiB)
+        step = size // runs
+        for i in range(runs):
+            os.pwrite(fd, os.urandom(4 * MiB), i * step)
+        os.pwrite(fd, bytes(16 * MiB), step // 2)  # written zeros: sent as a hole
+    finally:
+        os.close(fd)
+
+
+def _receiver(keys: SessionKeys, port_q, staging: str, target: str, done_q) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port_q.put(server.getsockname()[1])
+        conn, _ = server.accept()
+    with conn:
+        result = receive_streams(conn, RecordLayer(keys, "destination"), staging,
+                                 {"disk0": Expected("disk", target)})
+        result.staging.commit()
+        result.staging.close()
+        done_q.put(result.wire_bytes)
+
+
+def run_migsec(path: str, workdir: str) -> tuple[float, int, int]:
+    """(seconds, wire bytes, allocated bytes) for one file, sender and receiver in two processes."""
+    keys = SessionKeys("bench-1", random_bytes(32), random_bytes(32), random_bytes(32), "a.example", "b.example")
+    target = os.path.join(workdir, "received.img")
+    staging = os.path.join(workdir, "staging")
+    ctx = multiprocessing.get_context("fork")
+    port_q, done_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(keys, port_q, staging, target, done_q))
+    proc.start()
+    port = port_q.get(timeout=30)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        result = send_streams(sock, RecordLayer(keys, "source"), [StreamSource(1, "disk0", "disk", path=path)])
+    elapsed = time.perf_counter() - start
+    done_q.get(timeout=60)
+    proc.join(30)
+    allocated = result.manifest.streams[0].allocated
+    os.unlink(target)
+    return elapsed, result.wire_bytes, allocated
+
+
+def run_scp(path: str, workdir: str) -> str:
+    """Copy ``path`` with scp to a private sshd on loopback; a note if that is impossible."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if sshd is None or shutil.which("scp") is None or shutil.which("ssh-keygen") is None:
+        return "scp: skipped (sshd, scp or ssh-keygen not installed)"
+    d = os.path.join(workdir, "ssh")
+    os.makedirs(d, mode=0o700)
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, name)], check=True)
+    shutil.copy(os.path.join(d, "user.pub"), os.path.join(d, "authorized_keys"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = os.path.join(d, "sshd_config")
+    with open(config, "w") as fh:
+        fh.write(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\n"
+                 f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
+                 f"StrictModes no\nPidFile {d}/sshd.pid\nUsePAM no\n"
+                 "Subsystem sftp internal-sftp\n")
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", config], stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            return f"scp: skipped (private sshd did not start: {proc.stderr.read().decode()[:200]!r})"
+        dest = os.path.join(workdir, "scp-copy.img")
+        argv = ["scp", "-q", "-c", "aes128-gcm@openssh.com", "-i", f"{d}/user", "-P", str(port),
+                "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={d}/known_hosts",
+                "-o", "BatchMode=yes", path, f"127.0.0.1:{dest}"]
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            return f"scp: failed ({done.stderr.decode()[:200]!r})"
+        size = os.path.getsize(path)
+        os.unlink(dest)
+        return f"scp aes128-gcm: {elapsed:6.2f} s  {size / elapsed / 1e6:7.1f} MB/s logical (every byte sent)"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="256 MiB / 512 MiB instead of 1 / 2 GiB")
+    parser.add_argument("--no-scp", action="store_true")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="bench-transfer-", dir=args.dir)
+    try:
+        scale = 4 if args.quick else 1
+        cases = [("random", 1024 * MiB // scale, None), ("sparse", 2048 * MiB // scale, 300 * MiB // scale)]
+        for name, size, written in cases:
+            path = os.path.join(workdir, f"{name}.img")
+            if written is None:
+                make_random(path, size)
+            else:
+                make_sparse_disk(path, size, written)
+            st = os.stat(path)
+            print(f"== {name}: {size / MiB:.0f} MiB logical, {st.st_blocks * 512 / MiB:.0f} MiB allocated on disk")
+            for attempt in (1, 2):
+                elapsed, wire, allocated = run_migsec(path, workdir)
+                print(f"migsec run {attempt}: {elapsed:6.2f} s  {size / elapsed / 1e6:7.1f} MB/s logical  "
+                      f"wire {wire / MiB:.1f} MiB  data extents {allocated / MiB:.1f} MiB  "
+                      f"wire/data {wire / max(allocated, 1):.4f}  "
+                      f"wire/allocated-on-disk {wire / (st.st_blocks * 512):.4f}")
+            print(run_scp(path, workdir) if not args.no_scp else "scp: skipped (--no-scp)")
+            os.unlink(path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Staged sinks: sparse writes, read-back verification, resume state, commit and discard."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from migsec.errors import IntegrityError, ResumeError, TransferError, TruncatedStreamError
+from migsec.transfer import BLOCK, Staging, StreamSource, StreamSpec, file_digest
+from transfer_helpers import MiB, make_sparse
+
+
+def feed(sink, source: StreamSource, start: int = 0, stop: int | None = None) -> None:
+    """Copy a source's pieces into a sink locally (the data plane does this over the network)."""
+    for kind, off, length, view in source.pieces(start):
+        if stop is not None and off >= stop:
+            return
+        if kind == "data":
+            sink.write(off, view)
+        else:
+            sink.hole(off, length)
+
+
+def sha(path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def test_stream_arrives_identical_and_sparse(tmp_path, sparse_image):
+    target = str(tmp_path / "out.img")
+    src = StreamSource(1, "disk0", "disk", path=sparse_image, target=target)
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    sink = staging.sink(1)
+    feed(sink, src)
+    digest, allocated = src.digest()
+    sink.end(src.size, digest)
+    staging.commit()
+    staging.close()
+    assert sha(target) == sha(sparse_image)
+    assert os.path.getsize(target) == src.size
+    # holes and the 2 MiB of written zeros stay unallocated at the destination
+    assert os.stat(target).st_blocks * 512 <= allocated + 64 * 1024
+    assert os.stat(target).st_blocks < os.stat(sparse_image).st_blocks
+    assert not (tmp_path / "stage").exists()
+
+
+def test_corrupted_byte_on_disk_before_end_is_caught(tmp_path, sparse_image):
+    src = StreamSource(1, "disk0", "disk", path=sparse_image)
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    sink = staging.sink(1)
+    feed(sink, src)
+    with open(sink.path, "r+b") as fh:  # flip one byte of what was written
+        fh.seek(20 * MiB + 5)
+        byte = fh.read(1)
+        fh.seek(20 * MiB + 5)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match="stream 'disk0'"):
+        sink.end(src.size, src.digest()[0])
+    staging.discard()
+    assert not (tmp_path / "stage").exists()
+
+
+def test_end_before_all_data_is_truncation(tmp_path):
+    src = StreamSource(1, "xml", "xml", data=os.urandom(3 * BLOCK))
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    sink = staging.sink(1)
+    feed(sink, src, stop=BLOCK)
+    with pytest.raises(TruncatedStreamError, match="'xml'"):
+        sink.end(src.size, src.digest()[0])
+    staging.discard()
+
+
+def test_wrong_offsets_and_overruns_are_refused(tmp_path):
+    spec = StreamSpec(1, "disk0", "disk", 4 * BLOCK)
+    staging = Staging.open(tmp_path / "stage", [spec])
+    sink = staging.sink(1)
+    with pytest.raises(ResumeError, match="expected 0"):
+        sink.write(BLOCK, b"x" * BLOCK)
+    sink.hole(0, 3 * BLOCK)
+    with pytest.raises(TransferError, match="beyond size"):
+        sink.write(3 * BLOCK, b"x" * (BLOCK + 1))
+    staging.discard()
+
+
+def test_resume_keeps_acked_prefix_and_cuts_the_rest(tmp_path, sparse_image):
+    target = str(tmp_path / "out.img")
+    src = StreamSource(1, "disk0", "disk", path=sparse_image, target=target)
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    sink = staging.sink(1)
+    feed(sink, src, stop=2 * MiB)
+    staging.checkpoint()
+    acked = sink.acked
+    feed(sink, src, start=acked, stop=24 * MiB)  # written but never acknowledged, then "crash"
+    assert sink.frontier > 20 * MiB + MiB
+    for s in staging.sinks.values():
+        s.close()
+    state = json.loads((tmp_path / "stage" / "state.json").read_text())
+    assert state["streams"]["1"]["acked"] == acked > 0
+
+    again = Staging.open(tmp_path / "stage", [src.spec])
+    assert again.resume_offsets() == {"disk0": acked}
+    sink2 = again.sink(1)
+    with open(sink2.path, "rb") as fh:  # the unacknowledged region was cut back to a hole
+        fh.seek(20 * MiB)
+        assert fh.read(MiB) == bytes(MiB)
+    feed(sink2, src, start=acked)
+    sink2.end(src.size, src.digest()[0])
+    again.commit()
+    again.close()
+    assert sha(target) == sha(sparse_image)
+
+
+def test_resume_detects_a_prefix_changed_while_disconnected(tmp_path, sparse_image):
+    src = StreamSource(1, "disk0", "disk", path=sparse_image)
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    sink = staging.sink(1)
+    feed(sink, src, stop=2 * MiB)
+    staging.checkpoint()
+    acked = sink.acked
+    sink.close()
+    with open(sink.path, "r+b") as fh:
+        fh.write(b"\x00\x01")
+    again = Staging.open(tmp_path / "stage")
+    feed(again.sink(1), src, start=acked)
+    with pytest.raises(IntegrityError):
+        again.sink(1).end(src.size, src.digest()[0])
+    again.discard()
+
+
+def test_resume_with_a_different_stream_is_refused(tmp_path):
+    staging = Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", MiB)])
+    staging.sink(1).close()
+    with pytest.raises(ResumeError, match="differs"):
+        Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", 2 * MiB)])
+
+
+def test_existing_target_is_never_adopted(tmp_path):
+    target = tmp_path / "precious.img"
+    target.write_bytes(b"keep me")
+    with pytest.raises(TransferError, match="already exists"):
+        Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", MiB, str(target))])
+    assert target.read_bytes() == b"keep me"
+
+
+def test_discard_after_commit_removes_installed_files_too(tmp_path):
+    data = os.urandom(BLOCK + 10)
+    target = tmp_path / "t" / "disk.img"
+    target.parent.mkdir()
+    src = StreamSource(1, "disk0", "disk", data=data, target=str(target))
+    staging = Staging.open(tmp_path / "stage", [src.spec])
+    feed(staging.sink(1), src)
+    staging.sink(1).end(src.size, src.digest()[0])
+    staging.commit()
+    assert target.read_bytes() == data
+    assert file_digest(target) == src.digest()[0]
+    Staging.open(tmp_path / "stage").discard()
+    assert not target.exists() and not (tmp_path / "stage").exists()
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_commit_refuses_incomplete_streams(tmp_path):
+    staging = Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", MiB, str(tmp_path / "x"))])
+    with pytest.raises(TransferError, match="incomplete"):
+        staging.commit()
+    staging.discard()
+    assert not (tmp_path / "x").exists()
+
+
+def test_part_files_are_private(tmp_path):
+    staging = Staging.open(tmp_path / "stage", [StreamSpec(1, "memory", "memory", MiB)])
+    assert os.stat(staging.sink(1).path).st_mode & 0o077 == 0
+    assert os.stat(tmp_path / "stage").st_mode & 0o077 == 0
+    staging.discard()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(channel=0), dict(channel=70000), dict(name="../etc/passwd"), dict(name=""),
+    dict(kind="kernel"), dict(size=-1),
+])
+def test_stream_spec_validates(bad):
+    fields = dict(channel=1, name="disk0", kind="disk", size=10) | bad
+    with pytest.raises(TransferError):
+        StreamSpec(**fields)
+
+
+def test_source_refuses_unaligned_resume(sparse_image):
+    src = StreamSource(1, "disk0", "disk", path=sparse_image)
+    with pytest.raises(TransferError, match="cannot resume at offset 100"):
+        list(src.pieces(100))
