@@ -35,6 +35,11 @@ Operations (name_or_uuid everywhere)::
 ``paused``: True/False ask libvirt for the paused/running flag, None keeps the saved state.
 Flags a driver refuses raise OperationUnsupportedError; nothing falls back silently.
 
+Images (qemu-img, formats always given, never probed)::
+
+    image_chain(path, format=) -> (ImageInfo(path, format, virtual_size, allocated_size, backing), ...)
+    rebase_image(path, backing=, backing_format=, format="qcow2")   # header only, after a move
+
 XML rewrite (an lxml tree, never string edits; input parsed as untrusted)::
 
     rewrite_domain_xml(xml, disk_map={src_dir_or_file: dst}, network_map=None, bridge_map=None)
@@ -56,6 +61,7 @@ from migsec.virt.errors import (
     DomainXmlError,
     OperationUnsupportedError,
 )
+from migsec.virt.images import ImageInfo, image_chain, rebase_image
 from migsec.virt.ops import (
     check_save_image,
     define_domain,
@@ -88,6 +94,7 @@ __all__ = [
     "DomainStateError",
     "DomainXmlError",
     "HostCapacity",
+    "ImageInfo",
     "InterfaceInfo",
     "OperationUnsupportedError",
     "PathMap",
@@ -99,7 +106,9 @@ __all__ = [
     "destroy_domain",
     "domain_state",
     "domain_xml",
+    "image_chain",
     "parse_domain_xml",
+    "rebase_image",
     "restore_domain",
     "resume_domain",
     "rewrite_domain_xml",

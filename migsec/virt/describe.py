@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,10 +20,8 @@ from migsec.virt.domxml import (
     view,
 )
 from migsec.virt.errors import DiskImageError, libvirt_call
+from migsec.virt.images import image_chain
 from migsec.virt.rewrite import PathMap, is_network_key
-
-QEMU_IMG = "qemu-img"
-_QEMU_IMG_TIMEOUT = 60
 
 
 class DomainState(str, enum.Enum):
@@ -94,55 +90,25 @@ class DomainInfo:
         return tuple(seen)
 
 
-def _qemu_img_chain(path: str, fmt: str | None, label: str) -> list[dict] | None:
-    """qemu-img's view of an image and its backing chain, or None when the file is not here."""
-    if not os.path.exists(path):
-        return None  # on another host or mount namespace: libvirt is the only source
-    # Never let qemu-img probe the top image's format: a guest can write a qcow2
-    # header into a raw disk and point a "backing file" at any host file.
-    argv = [QEMU_IMG, "info", "--backing-chain", "--output=json", "-U", "-f", fmt or "raw", path]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=_QEMU_IMG_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DiskImageError(f"{label}: cannot run {QEMU_IMG} on '{path}': {exc}") from exc
-    if proc.returncode != 0:
-        raise DiskImageError(f"{label}: {QEMU_IMG} info failed on '{path}': {proc.stderr.strip()}")
-    try:
-        data = json.loads(proc.stdout)
-    except json.JSONDecodeError as exc:
-        raise DiskImageError(f"{label}: {QEMU_IMG} gave unreadable output for '{path}'") from exc
-    if isinstance(data, dict):  # older qemu-img without a chain returns one object
-        data = [data]
-    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
-        raise DiskImageError(f"{label}: {QEMU_IMG} gave unexpected JSON for '{path}'")
-    return data
-
-
-def _int_or_none(value: object) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _with_sizes(dom: libvirt.virDomain, disk: DiskInfo, uri: str, name: str) -> DiskInfo:
     label = f"domain '{name}' disk '{disk.target}'"
     chain = disk.backing_chain
     chain_source = disk.chain_source
     virtual = allocated = None
-    if disk.type == "file" and disk.source:
-        entries = _qemu_img_chain(disk.source, disk.format, label)
-        if entries is not None:
-            virtual = _int_or_none(entries[0].get("virtual-size"))
-            allocated = _int_or_none(entries[0].get("actual-size"))
-            from_img = tuple(
-                BackingFile(
-                    path=str(e.get("filename")),
-                    format=e.get("format"),
-                    virtual_size=_int_or_none(e.get("virtual-size")),
-                    allocated_size=_int_or_none(e.get("actual-size")),
-                )
+    # Only images visible from here; on another host or mount namespace libvirt is the source.
+    if disk.type == "file" and disk.source and os.path.exists(disk.source):
+        try:
+            entries = image_chain(disk.source, format=disk.format or "raw")
+        except DiskImageError as exc:
+            raise DiskImageError(f"{label}: {exc}") from exc
+        virtual, allocated = entries[0].virtual_size, entries[0].allocated_size
+        if chain_source != "libvirt":  # the live XML is what QEMU really opened
+            chain = tuple(
+                BackingFile(path=e.path, format=e.format, virtual_size=e.virtual_size,
+                            allocated_size=e.allocated_size)
                 for e in entries[1:]
             )
-            if chain_source != "libvirt":  # the live XML is what QEMU really opened
-                chain, chain_source = from_img, "qemu-img"
+            chain_source = "qemu-img"
     if virtual is None and disk.source and disk.target:
         # libvirt can size images on hosts we cannot see (remote URIs, lab namespaces).
         try:

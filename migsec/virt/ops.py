@@ -68,6 +68,13 @@ def resume_domain(conn: Connection, name_or_uuid: str) -> None:
         dom.resume()
 
 
+def _describe_action(action: str, bypass_cache: bool, paused: bool | None, xml: bool = False) -> str:
+    # Name the options in the message so "unsupported flags" says which one.
+    opts = [o for o, on in (("bypass-cache", bypass_cache), ("paused", paused is True),
+                            ("running", paused is False), ("replacement XML", xml)) if on]
+    return f"{action} ({', '.join(opts)})" if opts else action
+
+
 def _save_flags(bypass_cache: bool, paused: bool | None, what: str, uri: str) -> int:
     flags = 0
     if bypass_cache:
@@ -94,8 +101,9 @@ def save_domain(
     """
     dom = lookup(conn, name_or_uuid)
     _expect(dom, conn, "save", {DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED})
-    flags = _save_flags(bypass_cache, paused, "save", conn.uri)
-    with libvirt_call("save", uri=conn.uri, domain=name_or_uuid, path=path):
+    action = _describe_action("save", bypass_cache, paused)
+    flags = _save_flags(bypass_cache, paused, action, conn.uri)
+    with libvirt_call(action, uri=conn.uri, domain=name_or_uuid, path=path):
         if flags:
             dom.saveFlags(path, None, flags)
         else:
@@ -161,8 +169,9 @@ def restore_domain(
     """
     # Refuse unsafe or malformed replacement XML before libvirt sees it.
     image_name = view(parse_domain_xml(xml)).name if xml is not None else None
-    flags = _save_flags(bypass_cache, paused, "restore", conn.uri)
-    with libvirt_call("restore", uri=conn.uri, domain=image_name, path=path):
+    action = _describe_action("restore", bypass_cache, paused, xml is not None)
+    flags = _save_flags(bypass_cache, paused, action, conn.uri)
+    with libvirt_call(action, uri=conn.uri, domain=image_name, path=path):
         if flags or xml is not None:
             conn.raw.restoreFlags(path, xml, flags)
         else:

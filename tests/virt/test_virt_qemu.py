@@ -27,6 +27,7 @@ from migsec.virt import (
     describe_domain,
     destroy_domain,
     domain_state,
+    rebase_image,
     restore_domain,
     resume_domain,
     save_domain,
@@ -101,7 +102,7 @@ def move_images(a: Path, b: Path) -> None:
     """What the transfer layer does: copy the chain to B, point the top at B's base, drop A's."""
     for f in ("base.raw", "emb-vm.qcow2"):
         shutil.copy2(a / f, b / f)
-    qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(b / "base.raw"), "-F", "raw", str(b / "emb-vm.qcow2"))
+    rebase_image(str(b / "emb-vm.qcow2"), backing=str(b / "base.raw"), backing_format="raw")
     shutil.rmtree(a)
 
 
