@@ -17,6 +17,7 @@ from migsec.errors import MalformedMessageError
 VERSION = 1
 MAX_JSON_BYTES = 256 * 1024  # control messages are small; a bound keeps parsing cheap
 MAX_STRING = 4096
+MAX_EPOCH = 2**37  # seconds; year ~6300, well inside datetime's range
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,254}$")
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from migsec.crypto import SigningKey, VerifyingKey, sha256
 from migsec.crypto.envelope import jws_peek, jws_sign, jws_verify
 from migsec.errors import MalformedMessageError, SignatureError, TicketError, TicketTamperedError
-from migsec.protocol.codec import VERSION, Fields, b64e, check_ident
+from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, check_ident
 from migsec.protocol.messages import check_token, from_epoch, to_epoch
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,254}$")
@@ -73,7 +73,7 @@ class _Signed:
 def _common(obj: Any, what: str, typ: str) -> tuple[Fields, str, str, str, datetime]:
     f = Fields(obj, what)
     f.header(typ)
-    return f, f.ident("mid"), f.ident("src"), f.ident("dest"), from_epoch(f.integer("iat", 0, 2**40))
+    return f, f.ident("mid"), f.ident("src"), f.ident("dest"), from_epoch(f.integer("iat", 0, MAX_EPOCH))
 
 
 def _check_common(msg: Any) -> None:

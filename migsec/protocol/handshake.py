@@ -35,7 +35,7 @@ from migsec.errors import (
     TicketTamperedError,
     UnexpectedMessageError,
 )
-from migsec.protocol.codec import VERSION, Fields, b64e, canonical_json, check_ident, parse_json_object
+from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, canonical_json, check_ident, parse_json_object
 from migsec.protocol.errors import KeyBindingError, ReflectionError
 from migsec.protocol.framing import CLOSED, CONTROL_MAX, MIG_REQ, MIG_RESP, NEED_DATA, RECORD, RECORD_MAX, Frame, FrameDecoder, encode_frame
 from migsec.protocol.messages import AuthorizationTicket, MigrationRequest, check_token, from_epoch, to_epoch
@@ -302,7 +302,7 @@ class SourceHandshake(_Machine):
         dest, src, status = b.ident("dest"), b.ident("src"), b.choice("status", ("ack", "nack"))
         nonce_a, h_req = b.blob("nonce_a", size=NONCE_SIZE), b.blob("h_req", size=32)
         b.blob("nonce5", size=NONCE_SIZE)
-        mid, sent = b.ident("mid"), from_epoch(b.integer("time", 0, 2**40))
+        mid, sent = b.ident("mid"), from_epoch(b.integer("time", 0, MAX_EPOCH))
         eb = b.blob("eb", size=32, optional=True)
         reason = b.string("reason", optional=True, max_len=1024)
         b.done()
@@ -378,7 +378,7 @@ class DestinationHandshake(_Machine):
         src, dest, user = b.ident("src"), b.ident("dest"), b.ident("user")
         b.choice("curve", (CURVE,))
         ea, nonce_a = b.blob("ea", size=32), b.blob("nonce_a", size=NONCE_SIZE)
-        sent, mid = from_epoch(b.integer("time", 0, 2**40)), b.ident("mid")
+        sent, mid = from_epoch(b.integer("time", 0, MAX_EPOCH)), b.ident("mid")
         resume_of = b.ident("resume_of", optional=True)
         b.done()
         if src == me.did:

@@ -29,7 +29,7 @@ from migsec.errors import (
     TicketExpiredError,
     TicketTamperedError,
 )
-from migsec.protocol.codec import VERSION, Fields, b64e, canonical_json, check_ident, parse_json_object
+from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, canonical_json, check_ident, parse_json_object
 from migsec.protocol.framing import AUTH_REPLY, AUTH_REQUEST, LOCAL_MIGRATION_REQUEST
 from migsec.protocol.messages import (
     AuthorizationTicket,
@@ -47,6 +47,7 @@ TICKET_LIFETIME = timedelta(minutes=10)
 AUTHZ_LIFETIME = timedelta(minutes=10)
 REQUEST_WINDOW = timedelta(minutes=2)  # how old a LocalMigrationRequest may be
 CLOCK_SKEW = timedelta(seconds=60)
+MAX_SCRYPT_MEMORY = 512 * 1024 * 1024
 
 
 def _decode(data: bytes | str, what: str, typ: str) -> Fields:
@@ -153,9 +154,12 @@ class AuthReply:
         if kdf is not None:
             k = Fields(kdf, "AuthReply.kdf")
             k.choice("alg", ("scrypt",))
-            kw = dict(salt=k.blob("salt", min_size=16, max_size=64), scrypt_n=k.integer("n", 2, 2**22),
+            kw = dict(salt=k.blob("salt", min_size=16, max_size=64), scrypt_n=k.integer("n", 2, 2**20),
                       scrypt_r=k.integer("r", 1, 32), scrypt_p=k.integer("p", 1, 16))
             k.done()
+            # the MC runs scrypt with these: bound the memory a hostile reply can make it use
+            if kw["scrypt_n"] & (kw["scrypt_n"] - 1) or 128 * kw["scrypt_n"] * kw["scrypt_r"] > MAX_SCRYPT_MEMORY:
+                raise MalformedMessageError("AuthReply: scrypt n must be a power of two using at most 512 MiB")
         msg = cls(user_id=f.ident("user"), enc_part=f.string("enc", max_len=60_000),
                   ticket=f.string("tkt", max_len=60_000), as_epk=f.blob("epk", size=32, optional=True), **kw)
         f.done()
@@ -233,7 +237,7 @@ class ClientLogin:
             raise AuthenticationError("AuthReply did not open: wrong password or a tampered reply") from None
         f = _decode(plain, "AuthReply part", "auth-reply-part")
         user, nonce1 = f.ident("user"), f.blob("nonce1", size=NONCE_SIZE)
-        sk2, expires = f.blob("sk2", size=KEY_SIZE), from_epoch(f.integer("exp", 0, 2**40))
+        sk2, expires = f.blob("sk2", size=KEY_SIZE), from_epoch(f.integer("exp", 0, MAX_EPOCH))
         f.done()
         if user != req.user_id or nonce1 != req.nonce1:
             raise AuthenticationError("AuthReply answers another request (user or Nonce1 differ)")
@@ -329,7 +333,7 @@ class AuthorizationServer:
         t = _decode(ticket_plain, "Auth_Tkt", "auth-tkt")
         t_user, sk2 = t.ident("user"), t.blob("sk2", size=KEY_SIZE)
         nonce2 = t.blob("nonce2", size=NONCE_SIZE)
-        issued, expires = from_epoch(t.integer("iat", 0, 2**40)), from_epoch(t.integer("exp", 0, 2**40))
+        issued, expires = from_epoch(t.integer("iat", 0, MAX_EPOCH)), from_epoch(t.integer("exp", 0, MAX_EPOCH))
         t.done()
         if not issued - CLOCK_SKEW <= now < expires:
             raise TicketExpiredError(f"Auth_Tkt of {t_user!r} expired at {expires.isoformat()}")
@@ -340,7 +344,7 @@ class AuthorizationServer:
         b = _decode(body_plain, "MigrationRequest body", "local-mig-body")
         request = MigrationRequest.from_claims(b.raw("rqst"))
         dest, user = b.ident("dest"), b.ident("user")
-        nonce3, sent = b.blob("nonce3", size=NONCE_SIZE), from_epoch(b.integer("time", 0, 2**40))
+        nonce3, sent = b.blob("nonce3", size=NONCE_SIZE), from_epoch(b.integer("time", 0, MAX_EPOCH))
         b.done()
         if user != t_user:
             raise AuthenticationError(f"MigrationRequest is from {user!r} but Auth_Tkt is for {t_user!r}")

@@ -20,6 +20,7 @@ from migsec.errors import (
     TicketTamperedError,
 )
 from migsec.protocol.codec import (
+    MAX_EPOCH,
     VERSION,
     Fields,
     b64e,
@@ -34,7 +35,7 @@ MAX_TOKEN = 60 * 1024
 
 def to_epoch(when: datetime) -> int:
     if when.tzinfo is None:
-        raise ValueError("times must be timezone-aware (UTC)")
+        raise MalformedMessageError("times must be timezone-aware (UTC)")
     return int(when.timestamp())
 
 
@@ -177,7 +178,7 @@ class AuthorizationTicket:
         ticket = cls(
             src_did=f.ident("iss"), dest_did=f.ident("aud"), user_id=f.ident("sub"), vm=f.ident("vm"),
             request_digest=f.blob("req", size=32), nonce4=f.blob("nonce4", min_size=16, max_size=64),
-            issued_at=from_epoch(f.integer("iat", 0, 2**40)), expires_at=from_epoch(f.integer("exp", 0, 2**40)),
+            issued_at=from_epoch(f.integer("iat", 0, MAX_EPOCH)), expires_at=from_epoch(f.integer("exp", 0, MAX_EPOCH)),
             obligations=tuple(Obligation.from_claims(o) for o in obligations))
         f.done()
         return ticket
