@@ -48,12 +48,17 @@ def migrate(daemon, message: dict, emit: Emit) -> dict:
     from migsec.daemon.source import OutgoingMigration
 
     az = AuthorizationServer(daemon.services)
-    grant = az.authorize(_field(message, "request", str), _field(message, "ticket", str))
+    grant = az.authorize(_field(message, "request", str))
     emit({"event": "step", "message": f"authorized by {daemon.services.did}: "
-          f"{grant.request.get('domain')} -> {grant.destination_did}"})
+          f"{grant.request.vm} -> {grant.destination_did}"})
+    services = daemon.services
     with daemon.active:
-        job = OutgoingMigration(daemon.services, grant, emit)
-        return {"result": job.run()}
+        job = OutgoingMigration(services, grant, emit)
+        services.running[grant.migration_id] = job
+        try:
+            return {"result": job.run()}
+        finally:
+            services.running.pop(grant.migration_id, None)
 
 
 def jobs(daemon, message: dict, emit: Emit) -> dict:

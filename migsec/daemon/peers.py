@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from migsec.errors import ConfigError
 
@@ -14,6 +15,15 @@ def _addresses(host: str) -> set[str]:
         return set()
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``migsec://host:port`` (or ``host:port``) -> (host, port)."""
+    raw = address if "://" in address else f"migsec://{address}"
+    parts = urlsplit(raw)
+    if not parts.hostname:
+        raise ConfigError(f"peer address {address!r} has no host")
+    return parts.hostname, parts.port or 7443
+
+
 def find_peer(services: Any, host: str, port: int) -> Any:
     """The peer whose DID is ``host`` or whose directory address is ``host:port``."""
     peers = services.peers.list()
@@ -22,14 +32,8 @@ def find_peer(services: Any, host: str, port: int) -> Any:
             return peer
     wanted = _addresses(host)
     for peer in peers:
-        p_host, _, p_port = str(peer.address).rpartition(":")
-        p_host = p_host.strip("[]")
-        if int(p_port or 0) == port and (p_host == host or _addresses(p_host) & wanted):
+        p_host, p_port = split_address(peer.address)
+        if p_port == port and (p_host == host or _addresses(p_host) & wanted):
             return peer
     raise ConfigError(f"no peer domain at {host}:{port} in the peer directory "
                       f"(add it with `migsec peer add DID --address {host}:{port} --cert FILE`)")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = str(address).rpartition(":")
-    return host.strip("[]"), int(port)

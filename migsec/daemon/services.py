@@ -99,7 +99,7 @@ class Services:
                 raise ConfigError(f"[paths].state_dir: cannot create {d}: {exc.strerror}") from exc
         os.chmod(state_dir, 0o700)
         journal = _setting("[paths].state_dir (journal)", lambda: Journal(config.paths.state_dir))
-        ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity))
+        ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity, clock=clock))
         users = _setting("[paths].users", lambda: UserDatabase(config.paths.users))
         sk3 = load_or_create_sk3(Path(config.paths.sk3))
         services = cls(
@@ -154,10 +154,18 @@ class Services:
     def max_concurrent(self) -> int:
         return max(1, self.config.limits.max_incoming) + 4
 
-    def audit(self, kind: str, **record: Any) -> None:
-        """Append to the audit ledger (serialized: the ledger is a hash chain)."""
+    def audit(self, kind: str, migration_id: str | None = None, *, token: str | None = None,
+              peer_token: str | None = None, peer_cert_pem: bytes | None = None,
+              peer_did: str | None = None, **fields: Any) -> None:
+        """Append to the audit ledger: ``token`` is a message we signed, ``peer_token`` one the
+        peer signed (kept with the certificate it was made with, so it can be checked later)."""
+        body = {k: v for k, v in fields.items() if v is not None}
+        if token is not None:
+            body["token"] = token
         with self.ledger_lock:
-            self.ledger.append(kind, **record)
+            self.ledger.append(kind, migration_id, body, peer_token=peer_token,
+                               peer_cert_pem=peer_cert_pem if peer_token else None,
+                               peer_did=peer_did if peer_token else None)
 
 
 def _policy_files(directory: Path) -> list[str]:

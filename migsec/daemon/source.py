@@ -1,20 +1,19 @@
 """The source side of one migration (the VMM agent at A), run in a worker thread.
 
-Phases, each journaled before it takes effect (DESIGN §3.4)::
+Journal phases (``migsec.daemon.journal``), each written before it takes effect::
 
-    authorized -> connected -> suspended -> saved -> transferred -> receipt
-               -> committed (point of no return) -> released -> done
-    any failure before ``committed``      -> rolled-back (the guest runs at A again)
+    requested -> authorized -> handshaken -> suspended -> saved/streaming -> streamed
+      -> receipt-received -> committed (point of no return) -> released -> done
+    any failure before ``committed`` -> aborted -> rolled-back (the guest runs at A again)
 
-The coordinator is A: after B's signed receipt A writes its decision durably,
-then releases its copy, then tells B to resume. ``migsec recover`` finishes
-whatever a crash interrupted from the same journal.
+A is the coordinator: after B's signed receipt A writes its decision durably,
+releases its copy, then tells B to resume. ``migsec recover`` finishes whatever a
+crash interrupted, from the same journal.
 """
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,16 +21,16 @@ from typing import Any, Callable
 
 from migsec.errors import (
     AuthorizationDenied,
+    DomainNotFoundError,
     MigrationFailed,
     MigsecError,
-    ProtocolError,
-    ResumeError,
     TransferError,
 )
 
 log = logging.getLogger("migsecd.source")
 MAX_RESUMES = 3
 RESUME_BACKOFF_S = (0.5, 1.0, 2.0)
+REPLY_TIMEOUT_S = 120
 
 
 class OutgoingMigration:
@@ -42,16 +41,20 @@ class OutgoingMigration:
         self.grant = grant
         self.emit = emit
         self.request = grant.request
+        self.options = dict(grant.request.options)
         self.mid = grant.migration_id
-        self.domain = self.request["domain"]
+        self.domain = grant.request.vm
         self.dest_did = grant.destination_did
         self.started = time.monotonic()
-        timeout = self.request.get("timeout")
+        timeout = self.options.get("timeout")
         self.deadline = self.started + timeout if timeout else None
         self.work_dir = Path(services.config.paths.staging_dir) / f"out-{self.mid}"
+        self.saved_image = self.work_dir / "memory.save"
         self.suspended = False
-        self.saved_image: Path | None = None
         self.bytes_on_wire = 0
+        self.data_bytes = 0
+        self.logical_bytes = 0
+        self.downtime_started: float | None = None
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -59,133 +62,188 @@ class OutgoingMigration:
         from migsec.daemon import link
 
         services = self.services
+        dry_run = bool(self.options.get("dry_run"))
         peer = services.peers.get(self.dest_did)
-        conn = virt.connect(services.config.libvirt.uri)
-        info = virt.describe_domain(conn, self.domain)
-        self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
-                     user=self.grant.user, options=_options(self.request))
+        if not dry_run:
+            self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
+                         user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
+                         save_image=str(self.saved_image))
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
-            session = link.connect(services, peer, self.grant, info, dry_run=bool(self.request.get("dry_run")))
+            session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
         except MigsecError as exc:
-            self.journal("rolled-back", reason=str(exc))
-            raise
-        self.step(f"{self.dest_did} accepted (certificate verified, its policy permits, capacity ok)")
-        if self.request.get("dry_run"):
+            if not dry_run:
+                self.journal("aborted", reason=str(exc))
+                self.journal("rolled-back")
+            if isinstance(exc, AuthorizationDenied):
+                raise
+            raise MigrationFailed(f"{self.dest_did}: {exc}; {self.domain} was not touched",
+                                  rolled_back=True) from exc
+        except ConnectionError as exc:
+            if not dry_run:
+                self.journal("aborted", reason=str(exc))
+                self.journal("rolled-back")
+            raise MigrationFailed(f"{exc}; {self.domain} was not touched", rolled_back=True) from exc
+        self.step(f"{self.dest_did} accepted (certificates verified, its policy permits, capacity ok)")
+        if dry_run:
             session.close()
-            self.journal("done", dry_run=True)
             return self.result(dry_run=True)
+        self.journal("handshaken")
+        conn = virt.connect(services.config.libvirt.uri)
         try:
-            return self._move(conn, info, session)
+            return self._move(conn, session)
         finally:
-            session.close()
+            conn.close()
 
-    def _move(self, conn, info, session) -> dict:
+    def _move(self, conn: Any, session: Any) -> dict:
         from migsec import virt
-        from migsec.daemon import dataplane
 
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.journal("suspending", work_dir=str(self.work_dir))
+            info = virt.describe_domain(conn, self.domain)
             virt.suspend_domain(conn, self.domain)
             self.suspended = True
-            self.step(f"suspended {self.domain}; saving memory while disks stream")
-            self.saved_image = self.work_dir / "memory.save"
-            plan = dataplane.SourcePlan.build(conn, info, self.saved_image, self.work_dir)
-            self.journal("saving", save_image=str(self.saved_image))
+            self.downtime_started = time.monotonic()
+            self.journal("suspended")
+            self.step(f"suspended {self.domain}; saving its memory while the disks stream")
             saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image), paused=True))
-            receipt, session = self._transfer(session, plan, saver)
-            self.journal("receipt", receipt=receipt.get("digest"))
-        except MigsecError as exc:
-            self.rollback(conn, exc)
-            raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: {exc}",
-                                  rolled_back=True) from exc
+            session, receipt = self._transfer(session, info, saver)
+            self.journal("receipt-received", receipt=receipt["token"])
         except BaseException as exc:
+            session.close()
             self.rollback(conn, exc)
+            if isinstance(exc, MigsecError) and not isinstance(exc, MigrationFailed):
+                raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: {exc}",
+                                      rolled_back=True) from exc
             raise
-        # point of no return: the decision is durable before anything is released
-        decision = session.sign_decision("commit", receipt)
-        self.journal("committed", decision=decision.get("digest"))
-        self.services.audit("decision", migration_id=self.mid, role="source", token=decision["token"])
-        self.release(conn)
         try:
-            resumed = session.send_decision(decision)
-            self.services.audit("resumed", migration_id=self.mid, role="source", token=resumed["token"])
-            self.journal("done")
-        except MigsecError as exc:
-            # B has the guest paused and a receipt on record; `migsec recover` re-sends the decision
-            self.journal("committed-unacknowledged", reason=str(exc))
-            raise MigrationFailed(f"{self.domain} was committed to {self.dest_did} but the decision "
-                                  f"was not acknowledged ({exc}); run `migsec recover`") from exc
-        self.step(f"{self.domain} is running at {self.dest_did}")
-        return self.result()
+            return self._commit(conn, session, receipt)
+        finally:
+            session.close()
 
-    def _transfer(self, session, plan, saver):
-        """Stream everything, resuming after connection loss; returns (receipt, session)."""
-        from migsec.daemon import link
+    def _transfer(self, session: Any, info: Any, saver: "_Background") -> tuple[Any, dict]:
+        """Stream everything, resuming on a new connection after a break; returns B's receipt."""
+        from migsec.daemon import dataplane, link
 
+        files = dataplane.request_files(self.request)
         attempt = 0
         while True:
             try:
                 self.check_deadline()
-                receipt = session.send_plan(plan, saver=saver, progress=self.progress,
-                                            bandwidth=self.bandwidth(), deadline=self.deadline)
+                self.journal("streaming", attempt=attempt)
+                result = dataplane.send(session, dataplane.source_streams(info, files, saver, self.saved_image),
+                                        bandwidth=self.bandwidth(), progress=self.progress)
                 self.bytes_on_wire = session.bytes_on_wire
-                return receipt, session
-            except (ConnectionError, socket.timeout, OSError, ResumeError, ProtocolError) as exc:
-                if isinstance(exc, AuthorizationDenied) or attempt >= MAX_RESUMES:
-                    raise TransferError(f"connection to {self.dest_did} lost: {exc}") from exc
-                if isinstance(exc, ProtocolError) and not _is_connection_loss(exc):
-                    raise
+                self.data_bytes, self.logical_bytes = result.data_bytes, result.logical_bytes
+                self.journal("streamed", bytes_on_wire=self.bytes_on_wire)
+                self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
+                message = session.control.recv_control(REPLY_TIMEOUT_S)
+                return session, self._check_receipt(session, message, result)
+            except (ConnectionError, _connection_errors()) as exc:
                 session.close()
-                delay = RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)]
+                if saver.failed:
+                    saver.join()  # raises the save error: nothing to resume
                 attempt += 1
+                if attempt > MAX_RESUMES:
+                    raise TransferError(f"connection to {self.dest_did} lost {attempt} times, giving up: {exc}") from exc
+                delay = RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)]
                 self.step(f"connection lost ({exc}); resuming in {delay:.1f} s (attempt {attempt}/{MAX_RESUMES})")
-                self.journal("resuming", attempt=attempt)
                 time.sleep(delay)
+                self.check_deadline()
                 peer = self.services.peers.get(self.dest_did)
-                try:
-                    session = link.connect(self.services, peer, self.grant, None, resume=session)
-                except (ConnectionError, OSError) as exc2:
-                    if attempt >= MAX_RESUMES:
-                        raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
-                    continue
+                while True:
+                    try:
+                        session = link.connect(self.services, peer, self.request, self.grant.token,
+                                               migration_id=self.mid, resume_of=self.mid)
+                        break
+                    except ConnectionError as exc2:
+                        attempt += 1
+                        if attempt > MAX_RESUMES:
+                            raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
+                        time.sleep(RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)])
 
-    def rollback(self, conn, cause: BaseException) -> None:
-        """Before the decision: the guest runs at A again; B discards (it never got a commit)."""
-        from migsec import virt
+    def _check_receipt(self, session: Any, message: dict, result: Any) -> dict:
+        from migsec.crypto import sha256
+        from migsec.daemon.link import verify_peer_message
 
+        if message.get("type") == "abort":
+            raise TransferError(f"{self.dest_did} aborted: {message.get('reason', 'no reason given')}")
+        if message.get("type") != "receipt":
+            raise TransferError(f"expected a receipt from {self.dest_did}, got {message.get('type')!r}")
+        claims = verify_peer_message(message.get("token"), session.peer.public_key, issuer=self.dest_did,
+                                     kind="receipt", migration_id=self.mid)
+        if claims.get("manifest_sha256") != sha256(result.manifest_json).hex():
+            raise TransferError(f"{self.dest_did}'s receipt covers another manifest")
+        self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
+                            peer_token=message["token"], peer_cert_pem=session.peer.cert_pem,
+                            peer_did=self.dest_did)
+        self.step(f"{self.dest_did} restored {self.domain} paused and signed a receipt")
+        return {"token": message["token"], "claims": claims}
+
+    def _commit(self, conn: Any, session: Any, receipt: dict) -> dict:
+        from migsec.crypto import sha256
+        from migsec.daemon.link import sign_message
+
+        decision = sign_message(self.services, "decision", migration_id=self.mid, outcome="commit",
+                                receipt_sha256=sha256(receipt["token"].encode()).hex())
+        # the point of no return: durable before anything is released or sent
+        self.journal("committed", decision=decision)
+        self.services.audit("decision", self.mid, role="source", token=decision, outcome="commit")
+        self.release(conn)
+        try:
+            session.control.send_control({"type": "decision", "token": decision})
+            message = session.control.recv_control(REPLY_TIMEOUT_S)
+            self._check_resumed(session.peer, message)
+        except (MigsecError, ConnectionError, OSError) as exc:
+            raise MigrationFailed(f"{self.domain} was committed to {self.dest_did} but it did not confirm "
+                                  f"resuming it ({exc}); run `migsec recover`") from exc
+        self.journal("done")
+        self.step(f"{self.domain} is running at {self.dest_did}")
+        return self.result()
+
+    def _check_resumed(self, peer: Any, message: dict) -> None:
+        from migsec.daemon.link import verify_peer_message
+
+        if message.get("type") != "resumed":
+            raise TransferError(f"expected 'resumed' from {self.dest_did}, got {message.get('type')!r}")
+        verify_peer_message(message.get("token"), peer.public_key, issuer=self.dest_did, kind="resumed",
+                            migration_id=self.mid)
+        self.services.audit("resumed", self.mid, role="source", peer_token=message["token"],
+                            peer_cert_pem=peer.cert_pem, peer_did=peer.did)
+
+    def rollback(self, conn: Any, cause: BaseException) -> None:
+        """Before the decision: the guest runs at A again; B never got a commit and discards."""
         log.warning("migration %s of %s failed, rolling back: %s", self.mid, self.domain, cause)
-        try:
-            restart_at_source(conn, self.domain, self.saved_image, self.suspended)
-        finally:
-            self.journal("rolled-back", reason=str(cause) or type(cause).__name__)
-            self.services.audit("decision", migration_id=self.mid, role="source",
-                                token=None, outcome="abort", reason=str(cause))
-            _remove_tree(self.work_dir)
+        self.journal("aborted", reason=str(cause) or type(cause).__name__)
+        self.services.audit("decision", self.mid, role="source", outcome="abort",
+                            reason=str(cause) or type(cause).__name__)
+        how = restart_at_source(conn, self.domain, self.saved_image)
+        self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.journal("rolled-back", how=how)
 
-    def release(self, conn) -> None:
+    def release(self, conn: Any) -> None:
         from migsec import virt
 
         try:
-            if _state(conn, self.domain) not in ("shutoff", "absent"):
+            if domain_state(conn, self.domain) not in ("shutoff", "absent"):
                 virt.destroy_domain(conn, self.domain)
-            if self.request.get("undefine_source"):
+            if self.options.get("undefine_source") and domain_state(conn, self.domain) != "absent":
                 virt.undefine_domain(conn, self.domain)
         except MigsecError as exc:
             log.error("releasing %s after commit: %s", self.domain, exc)
-        _remove_tree(self.work_dir)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         self.journal("released")
 
     # ---- helpers ------------------------------------------------------------------------
     def bandwidth(self) -> int | None:
-        limits = [b for b in (self.request.get("bandwidth"), self.grant.max_bandwidth,
+        limits = [b for b in (self.options.get("bandwidth"), self.grant.max_bandwidth,
                               self.services.config.limits.bandwidth_mib_s * 1024 * 1024) if b]
         return min(limits) if limits else None
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TransferError(f"--timeout of {self.request.get('timeout')} s exceeded")
+            raise TransferError(f"--timeout of {self.options.get('timeout')} s exceeded")
 
     def progress(self, phase: str, done: int, total: int) -> None:
         self.emit({"event": "progress", "phase": phase, "done": done, "total": total})
@@ -200,31 +258,53 @@ class OutgoingMigration:
         record(self.services, self.mid, "source", phase, **fields)
 
     def result(self, *, dry_run: bool = False) -> dict:
+        now = time.monotonic()
         return {
             "migration_id": self.mid,
             "domain": self.domain,
             "source_did": self.services.did,
             "destination_did": self.dest_did,
             "dry_run": dry_run,
-            "seconds": round(time.monotonic() - self.started, 3),
+            "seconds": round(now - self.started, 3),
+            "downtime_seconds": round(now - self.downtime_started, 3) if self.downtime_started else 0,
             "bytes_on_wire": self.bytes_on_wire,
+            "data_bytes": self.data_bytes,
+            "logical_bytes": self.logical_bytes,
         }
 
 
-def restart_at_source(conn, domain: str, saved_image: Path | None, suspended: bool) -> str:
+def domain_state(conn: Any, domain: str) -> str:
+    """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
+    from migsec import virt
+
+    try:
+        return virt.domain_state(conn, domain).value
+    except DomainNotFoundError:
+        return "absent"
+
+
+def restart_at_source(conn: Any, domain: str, saved_image: Path | None) -> str:
     """Make the guest run at A again, whatever point the source side reached."""
     from migsec import virt
 
-    state = _state(conn, domain)
+    state = domain_state(conn, domain)
     if state == "running":
-        return "already running"
+        return "kept running"
     if state == "paused":
         virt.resume_domain(conn, domain)
         return "resumed"
     if saved_image is not None and Path(saved_image).exists():
         virt.restore_domain(conn, str(saved_image), paused=False)
-        return "restored from the save image"
-    raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore")
+        return "restored from its save image"
+    raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    from migsec.errors import ProtocolError, TruncatedStreamError
+    from migsec.transfer.plane import PeerConnectionError
+
+    # a cut connection shows up as one of these; anything else (integrity, refusal) is final
+    return (PeerConnectionError, TruncatedStreamError, OSError)
 
 
 class _Background:
@@ -236,7 +316,7 @@ class _Background:
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="migsec-save")
         self._thread.start()
 
-    def _run(self, fn) -> None:
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
             fn()
         except BaseException as exc:  # handed to join()
@@ -245,38 +325,11 @@ class _Background:
             self._done.set()
 
     @property
-    def done(self) -> bool:
-        return self._done.is_set()
+    def failed(self) -> bool:
+        return self._done.is_set() and self._error is not None
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float | None = 600) -> None:
         if not self._done.wait(timeout):
             raise TransferError("saving the guest's memory did not finish in time")
         if self._error is not None:
             raise self._error
-
-
-def _options(request: dict) -> dict:
-    return {k: request.get(k) for k in ("persistent", "undefine_source", "bandwidth", "dry_run", "timeout")}
-
-
-def _is_connection_loss(exc: ProtocolError) -> bool:
-    from migsec.errors import TruncatedStreamError
-
-    return isinstance(exc, TruncatedStreamError) or isinstance(exc.__cause__, OSError)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _state(conn, domain: str) -> str:
-    """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
-    from migsec import virt
-    from migsec.errors import DomainNotFoundError
-
-    try:
-        return virt.domain_state(conn, domain).value
-    except DomainNotFoundError:
-        return "absent"

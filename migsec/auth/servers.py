@@ -1,0 +1,246 @@
+"""The authentication server (AS) and authorization server (AZ) of a domain, on top of
+``migsec.protocol.local`` (the messages) and ``migsec.policy`` (the PDP).
+
+AS (paper steps 1-2): looks the user up, answers with E_SK1(...) and Auth_Tkt. An
+unknown user gets a decoy reply that cannot be opened, so that the client cannot
+tell an unknown name from a wrong password.
+
+AZ (steps 3-4) at the source: opens the ticket and request, asks the source PDP
+(action ``migrate``) and, on Permit, signs the AuthorizationTicket. At the
+destination: ``admit_incoming`` asks the destination PDP (``receive-migration``)
+and checks capacity. Obligations the PEP cannot fulfil turn a Permit into a
+denial (XACML 3.0 §7.18).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+from migsec.errors import AuthenticationError, AuthorizationDenied, MigsecError
+
+log = logging.getLogger("migsecd.auth")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Decoy:
+    """Password parameters for a user that does not exist (the reply never opens)."""
+
+    key: bytes
+    salt: bytes
+    n: int
+    r: int
+    p: int
+
+
+class AuthenticationServer:
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def handle(self, request_text: str) -> dict:
+        from migsec.auth.users import SCRYPT_N, SCRYPT_P, SCRYPT_R, UserError
+        from migsec.crypto import random_bytes
+        from migsec.protocol.local import AuthRequest, make_auth_reply
+
+        services = self.services
+        request = AuthRequest.decode(request_text.encode())
+        lifetime = timedelta(seconds=services.config.limits.ticket_lifetime_s)
+        try:
+            user = services.users.get(request.user_id)
+        except UserError:
+            user = None
+        if request.ssh_signature is not None:
+            if user is None or not user.ssh_public_key:
+                log.info("login of %r refused: no such user with an ssh key", request.user_id)
+                raise AuthenticationError(f"ssh-agent authentication failed for user {request.user_id!r}")
+
+            def verify(payload: bytes, signature: bytes) -> None:
+                services.users.verify_ssh_signature(request.user_id, payload, signature)
+
+            reply = make_auth_reply(request, sk3=services.sk3, ssh_verify=verify, lifetime=lifetime,
+                                    clock=services.clock)
+        else:
+            password_key = user.password if user is not None else None
+            if password_key is None:
+                # same shape as a real reply; the salt is stable per name so probing learns nothing
+                salt = hmac.new(services.sk3, b"decoy-salt " + request.user_id.encode(), "sha256").digest()[:16]
+                password_key = _Decoy(random_bytes(32), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+            reply = make_auth_reply(request, sk3=services.sk3, password_key=password_key,
+                                    lifetime=lifetime, clock=services.clock)
+        log.info("issued Auth_Tkt to %r", request.user_id)
+        return {"reply": reply.encode().decode()}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the AZ hands the VMM agent after a Permit."""
+
+    migration_id: str
+    user: str
+    roles: tuple[str, ...]
+    request: Any  # migsec.protocol.messages.MigrationRequest
+    ticket: Any  # AuthorizationTicket
+    token: str  # its compact JWS
+    destination_did: str
+    max_bandwidth: int | None  # bytes/s, from an obligation
+
+
+class AuthorizationServer:
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def authorize(self, request_text: str) -> Grant:
+        """Steps 3-4 at the source; raises AuthorizationDenied (where="source") on anything but Permit."""
+        from migsec import virt
+        from migsec.auth.users import UserError
+        from migsec.policy import authorize
+        from migsec.policy import attributes as A
+        from migsec.protocol.local import AuthorizationServer as ProtocolAZ
+        from migsec.protocol.local import LocalMigrationRequest
+        from migsec.daemon.dataplane import enrich_options
+        from migsec.protocol.messages import MigrationRequest, Obligation
+
+        services = self.services
+        az = ProtocolAZ(did=services.did, key=services.identity.key, sk3=services.sk3,
+                        replay_cache=services.replay, clock=services.clock)
+        checked = az.open_request(LocalMigrationRequest.decode(request_text.encode()))
+        mig = checked.request
+        try:
+            roles = tuple(services.users.get(checked.user_id).roles)
+        except UserError as exc:
+            raise AuthenticationError(f"user {checked.user_id!r} no longer exists") from exc
+        try:
+            services.peers.get(mig.dest_did)
+        except MigsecError as exc:
+            raise AuthorizationDenied(f"{mig.dest_did!r} is not in the peer directory", where="source") from exc
+        with virt.connect(services.config.libvirt.uri) as conn:
+            info = virt.describe_domain(conn, mig.vm)
+        decision = authorize(
+            services.pdp_source,
+            subject={"user-id": checked.user_id, "roles": list(roles), "source-domain": services.did},
+            resource=vm_attributes(info),
+            action=A.ACTION_MIGRATE,
+            environment={"source-domain": services.did, "destination-domain": mig.dest_did,
+                         "current-dateTime": services.clock()},
+        )
+        if not decision.permitted:
+            reason = _reason(decision)
+            services.audit("denied", where="source", user=checked.user_id, vm=mig.vm,
+                           destination=mig.dest_did, decision=decision.decision, reason=reason)
+            raise AuthorizationDenied(
+                f"{services.did} policy: {decision.decision} for {checked.user_id!r} to migrate "
+                f"{mig.vm!r} to {mig.dest_did!r}{': ' + reason if reason else ''}",
+                where="source", decision=decision.decision)
+        max_bandwidth, obligations = apply_obligations(decision, mig, where="source")
+        # the AZ vouches for the VM's facts: B's policy, capacity check and stream plan use them
+        virt.check_migratable(info)
+        mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,
+                               network_map=mig.network_map, options=enrich_options(dict(mig.options), info))
+        checked = replace(checked, request=mig)
+        ticket, token = az.issue(checked, obligations=[Obligation(o.id, _scalars(o.attributes)) for o in obligations])
+        migration_id = uuid.uuid4().hex
+        services.audit("authr-tkt", migration_id, role="source", token=token)
+        log.info("%s: permitted %r to migrate %r to %r", migration_id, checked.user_id, mig.vm, mig.dest_did)
+        return Grant(migration_id, checked.user_id, roles, mig, ticket, token, mig.dest_did, max_bandwidth)
+
+
+def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, vm: dict) -> tuple[int | None, list]:
+    """Step 6 at the destination: PDP (receive-migration) + capacity; AuthorizationDenied otherwise.
+
+    ``vm`` is what the source declared about the VM (name, uuid, vcpus, memory, disks).
+    Returns the bandwidth limit obligations ask for and the obligations.
+    """
+    from migsec.policy import authorize
+    from migsec.policy import attributes as A
+
+    decision = authorize(
+        services.pdp_destination,
+        subject={"user-id": user_id, "source-domain": src_did},
+        resource={k: v for k, v in vm.items() if k in ("vm-name", "vm-uuid", "vcpus", "memory-bytes", "disk-bytes", "tags")},
+        action=A.ACTION_RECEIVE,
+        environment={"source-domain": src_did, "destination-domain": services.did,
+                     "current-dateTime": services.clock()},
+    )
+    if not decision.permitted:
+        reason = _reason(decision)
+        raise AuthorizationDenied(
+            f"{services.did} policy: {decision.decision} for receiving {vm.get('vm-name')!r} from "
+            f"{src_did!r}{': ' + reason if reason else ''}", where="destination", decision=decision.decision)
+    check_capacity(services, vm)
+    return apply_obligations(decision, request, where="destination")
+
+
+def check_capacity(services: Any, vm: dict) -> None:
+    """Configured limits and the host's free memory; AuthorizationDenied naming what is short."""
+    from migsec import virt
+
+    limits = services.config.limits
+    vcpus, memory = int(vm.get("vcpus", 0)), int(vm.get("memory-bytes", 0))
+    if limits.max_vcpus and vcpus > limits.max_vcpus:
+        raise AuthorizationDenied(f"{services.did}: {vcpus} vCPUs exceed [limits].max_vcpus = {limits.max_vcpus}",
+                                  where="destination", decision="Capacity")
+    if limits.max_memory_mib and memory > limits.max_memory_mib * MIB:
+        raise AuthorizationDenied(f"{services.did}: {memory // MIB} MiB exceed [limits].max_memory_mib = "
+                                  f"{limits.max_memory_mib}", where="destination", decision="Capacity")
+    with virt.connect(services.config.libvirt.uri) as conn:
+        capacity = conn.capacity()
+    if memory > capacity.free_memory_bytes:
+        raise AuthorizationDenied(f"{services.did}: not enough free memory ({capacity.free_memory_bytes // MIB} MiB "
+                                  f"free, {memory // MIB} MiB needed)", where="destination", decision="Capacity")
+
+
+def vm_attributes(info: Any) -> dict:
+    """The resource attributes of a VM for the PDP (and for the destination's check)."""
+    return {
+        "vm-name": info.name,
+        "vm-uuid": info.uuid,
+        "vcpus": int(info.vcpus),
+        "memory-bytes": int(info.memory_bytes),
+        "disk-bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
+        "tags": list(info.tags),
+    }
+
+
+def apply_obligations(decision: Any, request: Any, *, where: str) -> tuple[int | None, list]:
+    """The obligations this PEP understands; any other makes the Permit unusable."""
+    from migsec.policy import attributes as A
+
+    bandwidth: int | None = None
+    for ob in decision.obligations:
+        if ob.id == A.OBLIGATION_MAX_BANDWIDTH:
+            value = ob.attributes.get(A.ASSIGN_BANDWIDTH_MIB_S)
+            if not isinstance(value, int) or value <= 0:
+                raise AuthorizationDenied(f"obligation {ob.id} has no usable bandwidth value", where=where,
+                                          decision="Indeterminate")
+            limit = value * MIB
+            bandwidth = limit if bandwidth is None else min(bandwidth, limit)
+        elif ob.id == A.OBLIGATION_REQUIRE_LIVE:
+            if request.mode != "live":
+                raise AuthorizationDenied(f"policy at the {where} requires a live migration "
+                                          f"(obligation {ob.id}); this migsec moves VMs cold",
+                                          where=where, decision="Obligation")
+        else:
+            raise AuthorizationDenied(f"policy at the {where} returned obligation {ob.id!r}, which this "
+                                      f"host cannot fulfil", where=where, decision="Obligation")
+    return bandwidth, list(decision.obligations)
+
+
+def _scalars(attributes: dict) -> dict:
+    out = {}
+    for k, v in attributes.items():
+        out[k] = ",".join(map(str, v)) if isinstance(v, list) else v
+    return out
+
+
+def _reason(decision: Any) -> str:
+    from migsec.policy import attributes as A
+
+    for advice in decision.advice:
+        text = advice.attributes.get(A.ASSIGN_REASON)
+        if text:
+            return str(text if not isinstance(text, list) else "; ".join(map(str, text)))
+    return decision.status_message or ""

@@ -1,0 +1,160 @@
+"""What moves: the VM's streams as both daemons name them, on top of ``migsec.transfer``.
+
+Streams (names agreed through the signed request's options, never chosen by B
+from what A sends): ``domain.xml`` (kind xml), ``disk<i>`` for the i-th file of
+``options["files"]`` (kind disk; B picks the target path from its own storage
+mapping), ``memory`` (the libvirt save image, kind memory; it stays in staging
+and B restores from it). The manifest follows as the plane's last stream.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+from migsec.errors import MappingError, MigsecError, TransferError
+
+log = logging.getLogger("migsecd.dataplane")
+MIB = 1024 * 1024
+XML_MAX = 1 * MIB
+PLANE_TIMEOUT_S = 120
+
+
+# ---- the shared naming ---------------------------------------------------------------------
+def request_files(request: Any) -> list[str]:
+    files = str(request.options.get("files", ""))
+    return [f for f in files.split("|") if f]
+
+
+def enrich_options(options: dict, info: Any) -> dict:
+    """The VM facts the source AZ vouches for (B's PDP, capacity check and stream plan use them)."""
+    return {
+        **options,
+        "vm_uuid": info.uuid,
+        "vcpus": int(info.vcpus),
+        "memory_bytes": int(info.memory_bytes),
+        "disk_bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
+        "tags": ",".join(info.tags),
+        "files": "|".join(info.files),
+    }
+
+
+# ---- A ------------------------------------------------------------------------------------------
+def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
+    """The streams in sending order; the memory image joins once the save finished."""
+    from migsec import virt
+    from migsec.transfer.source import StreamSource
+
+    yield StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
+    for i, path in enumerate(files):
+        yield StreamSource(2 + i, f"disk{i}", "disk", path=path)
+    saver.join()
+    yield StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
+
+
+def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
+         progress: Callable[[str, int, int], None]) -> Any:
+    """Run the plane on A's session; returns the SendResult."""
+    from migsec.transfer.plane import send_streams
+
+    def report(p: Any) -> None:
+        progress(p.stream, p.all_done, max(p.all_total, p.all_done))
+
+    result = send_streams(session.sock, session.records, streams,
+                          bandwidth_limit=(bandwidth / MIB) if bandwidth else None,
+                          progress=report, timeout=PLANE_TIMEOUT_S)
+    session.bytes_on_wire += result.wire_bytes
+    return result
+
+
+# ---- B ------------------------------------------------------------------------------------------
+def disk_map(services: Any, files: list[str]) -> dict[str, str]:
+    """Source file -> destination path, from B's [storage] settings (map, else image_dir)."""
+    storage = services.config.storage
+    out: dict[str, str] = {}
+    for f in files:
+        p = PurePosixPath(f)
+        if not p.is_absolute() or ".." in p.parts:
+            raise MappingError(f"disk path {f!r} from the source is not a clean absolute path")
+        target = None
+        for src_dir, dst_dir in sorted(storage.map.items(), key=lambda kv: -len(kv[0])):
+            try:
+                rel = p.relative_to(src_dir)
+            except ValueError:
+                continue
+            target = str(PurePosixPath(dst_dir) / rel)
+            break
+        if target is None:
+            target = str(PurePosixPath(storage.image_dir) / p.name)
+        out[f] = target
+    if len(set(out.values())) != len(out):
+        raise MappingError("two source disks map to the same destination path")
+    return out
+
+
+def expected_streams(services: Any, request: Any) -> dict[str, Any]:
+    from migsec.transfer.plane import Expected
+
+    files = request_files(request)
+    targets = disk_map(services, files)
+    memory = int(request.options.get("memory_bytes", 0))
+    expected = {"domain.xml": Expected("xml", max_size=XML_MAX),
+                "memory": Expected("memory", max_size=memory * 2 + 256 * MIB)}
+    for i, f in enumerate(files):
+        Path(targets[f]).parent.mkdir(parents=True, exist_ok=True)
+        expected[f"disk{i}"] = Expected("disk", target=targets[f])
+    return expected
+
+
+@dataclass
+class Received:
+    memory_path: str
+    restore_xml: str
+    manifest_digest: str
+    wire_bytes: int
+
+
+def staging_dir(services: Any, migration_id: str) -> Path:
+    return Path(services.config.paths.staging_dir) / f"in-{migration_id}"
+
+
+def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str) -> Received:
+    """Receive into staging, install the disks, and prepare the restore XML (B's mappings)."""
+    from migsec import virt
+    from migsec.crypto import sha256
+    from migsec.transfer.plane import receive_streams
+
+    expected = expected_streams(services, request)
+    result = receive_streams(sock, records, str(staging_dir(services, migration_id)), expected,
+                             timeout=PLANE_TIMEOUT_S)
+    staging = result.staging
+    staging.commit()
+    memory = staging.by_name("memory")
+    if memory is None:
+        raise TransferError("no memory image arrived")
+    files = request_files(request)
+    network = services.config.network
+    with virt.connect(services.config.libvirt.uri) as conn:
+        xml = virt.save_image_restore_xml(
+            conn, memory.path, uuid=str(request.options.get("vm_uuid")),
+            disk_map=disk_map(services, files),
+            network_map=dict(network.map) or None, bridge_map=dict(network.bridge_map) or None)
+    return Received(memory.path, xml, sha256(result.manifest_json).hex(), result.wire_bytes)
+
+
+def discard(services: Any, migration_id: str) -> None:
+    """Remove every partial and installed file of an incoming migration (before its commit)."""
+    from migsec.transfer.sink import Staging
+
+    directory = staging_dir(services, migration_id)
+    if directory.exists():
+        try:
+            Staging.open(directory).discard()
+        except MigsecError as exc:
+            log.warning("discarding %s: %s; removing the directory", directory, exc)
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)

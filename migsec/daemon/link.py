@@ -1,0 +1,315 @@
+"""The inter-domain link: the handshake on both sides and the signed commit messages.
+
+A (blocking, in the VMM agent's thread): ``connect()`` -> SourceSession.
+B (asyncio): ``accept_async()`` -> Accepted, then the socket goes to a thread.
+
+Handshake frames are read exactly (header, then payload), so no byte of the
+record layer that follows is ever consumed here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from migsec.errors import (
+    AuthorizationDenied,
+    CertificateError,
+    HandshakeError,
+    MalformedMessageError,
+    MigsecError,
+    ProtocolError,
+    TicketTamperedError,
+)
+from migsec.protocol.framing import HEADER_SIZE, parse_header
+
+log = logging.getLogger("migsecd.link")
+CONNECT_TIMEOUT_S = 15
+HANDSHAKE_TIMEOUT_S = 30
+REPLY_TIMEOUT_S = 120
+PURPOSES = ("migrate", "recover")
+
+
+@dataclass(frozen=True)
+class PeerCert:
+    """The peer domain as the handshake verified it, with the certificate PEM (for the ledger)."""
+
+    did: str
+    public_key: Any
+    cert_pem: bytes
+
+
+def _frame_cert(payload: bytes) -> bytes:
+    """The certificate PEM a handshake frame carried (already verified by the handshake)."""
+    import json
+
+    return str(json.loads(payload)["cert"]).encode("ascii")
+
+
+# ---- signed commit messages (receipt, decision, resumed) ------------------------------------
+def sign_message(services: Any, kind: str, **claims: Any) -> str:
+    """A compact JWS by this domain's key: the non-repudiable record of ``kind``."""
+    from migsec.crypto.envelope import jws_sign
+
+    body = {"v": 1, "t": kind, "iss": services.did, "iat": int(time.time()), **claims}
+    return jws_sign(body, services.identity.key, typ=f"migsec-{kind}+jwt")
+
+
+def verify_peer_message(token: Any, public_key: Any, *, issuer: str, kind: str, migration_id: str) -> dict:
+    """Check a peer's signed message: signature, typ, issuer, kind and migration id."""
+    from migsec.crypto.envelope import jws_peek, jws_verify
+    from migsec.errors import SignatureError
+
+    if not isinstance(token, str):
+        raise MalformedMessageError(f"{kind}: no signed token")
+    header, _ = jws_peek(token)
+    if header.get("typ") != f"migsec-{kind}+jwt":
+        raise MalformedMessageError(f"{kind}: JWS typ {header.get('typ')!r}")
+    try:
+        claims = jws_verify(token, public_key)
+    except SignatureError as exc:
+        raise TicketTamperedError(f"{kind} from {issuer} does not verify under its certificate key") from exc
+    if claims.get("t") != kind or claims.get("iss") != issuer or claims.get("migration_id") != migration_id:
+        raise TicketTamperedError(f"{kind} names another issuer, kind or migration")
+    return claims
+
+
+# ---- A: the source side -----------------------------------------------------------------------
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise HandshakeError("the peer closed the connection during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+@dataclass
+class SourceSession:
+    """A keyed connection from A to B (after B's Ack)."""
+
+    services: Any
+    sock: socket.socket
+    keys: Any
+    peer: PeerCert  # B, as verified in the handshake
+    records: Any = None
+    bytes_on_wire: int = 0
+    _control: Any = None
+
+    def __post_init__(self) -> None:
+        from migsec.protocol import RecordLayer
+
+        self.records = RecordLayer(self.keys, "source")
+
+    @property
+    def migration_id(self) -> str:
+        return self.keys.migration_id
+
+    @property
+    def control(self) -> Any:
+        from migsec.daemon.channel import ControlLink
+
+        if self._control is None:
+            self._control = ControlLink(self.sock, self.records, self.keys.dest_did)
+        return self._control
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id: str,
+            resume_of: str | None = None) -> SourceSession:
+    """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
+    from migsec.daemon.peers import split_address
+    from migsec.protocol.handshake import MigrationAccepted, MigrationRefused, SourceHandshake
+
+    if peer.cert_pem is None:
+        raise CertificateError(f"peer {peer.did} has only a pinned fingerprint; add its certificate "
+                               f"(`migsec peer add {peer.did} --cert FILE`)")
+    hs = SourceHandshake(services.identity, services.trust, peer_did=peer.did, peer_cert_pem=peer.cert_pem,
+                         clock=services.clock)
+    frame = hs.initiate(request, token, migration_id=migration_id, resume_of=resume_of)
+    host, port = split_address(peer.address)
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {peer.did} at {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        sock.sendall(frame)
+        header = _recv_exact(sock, HEADER_SIZE)
+        _, length = parse_header(header)
+        payload = _recv_exact(sock, length)
+        hs.receive_data(header + payload)
+        event = hs.next_event()
+    except socket.timeout as exc:
+        sock.close()
+        raise HandshakeError(f"{peer.did} did not answer the handshake within {HANDSHAKE_TIMEOUT_S} s") from exc
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(f"handshake with {peer.did} failed: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    peer_cert = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
+    if isinstance(event, MigrationRefused):
+        sock.close()
+        services.audit("mig-resp", migration_id, role="source", outcome="refused", reason=event.reason,
+                       peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
+        raise AuthorizationDenied(f"{peer.did} refused: {event.reason}", where="destination")
+    if not isinstance(event, MigrationAccepted):
+        sock.close()
+        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
+    services.audit("mig-resp", migration_id, role="source", outcome="accepted",
+                   peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
+    sock.settimeout(None)
+    return SourceSession(services, sock, event.keys, peer_cert)
+
+
+# ---- B: the destination side -------------------------------------------------------------------
+@dataclass
+class Accepted:
+    """What B hands the data-plane thread after sending its Ack."""
+
+    keys: Any
+    proposal: Any  # migsec.protocol.handshake.MigrationProposed
+    purpose: str  # "migrate" | "resume" | "recover" | "dry-run"
+    peer: PeerCert
+    bandwidth: int | None = None
+    leftover: bytes = b""
+
+    @property
+    def request(self) -> Any:
+        return self.proposal.request
+
+    @property
+    def src_did(self) -> str:
+        return self.proposal.src_did
+
+    @property
+    def user_id(self) -> str:
+        return self.proposal.user_id
+
+
+
+async def accept_async(services: Any, conn: socket.socket, loop: asyncio.AbstractEventLoop,
+                       executor: Any) -> Accepted | None:
+    """B's side of the handshake. Returns None when nothing follows (dry run, refusal)."""
+    from migsec.protocol.handshake import DestinationHandshake, MigrationProposed
+    from migsec.protocol import NEED_DATA
+
+    hs = DestinationHandshake(services.identity, services.trust, replay_cache=services.replay,
+                              clock=services.clock)
+    event: Any = NEED_DATA
+    while event is NEED_DATA:
+        header = await _sock_recv_exact(loop, conn, HEADER_SIZE)
+        _, length = parse_header(header)
+        payload = await _sock_recv_exact(loop, conn, length)
+        hs.receive_data(header + payload)
+        event = hs.next_event()
+    if not isinstance(event, MigrationProposed):
+        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
+    peer = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
+    mid = event.migration_id
+    services.audit("authr-tkt", mid, role="destination", peer_token=event.authorization_token,
+                   peer_cert_pem=peer.cert_pem, peer_did=peer.did)
+    services.audit("mig-req", mid, role="destination", peer_token=event.signed_request,
+                   peer_cert_pem=peer.cert_pem, peer_did=peer.did)
+    try:
+        purpose, bandwidth = await loop.run_in_executor(executor, decide, services, event)
+    except AuthorizationDenied as exc:
+        log.info("refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
+        await loop.sock_sendall(conn, hs.refuse(str(exc)[:1000]))
+        services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
+                       outcome="refused", reason=str(exc)[:1000])
+        return None
+    except MigsecError as exc:
+        log.warning("refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
+        await loop.sock_sendall(conn, hs.refuse(f"{type(exc).__name__}: {exc}"[:1000]))
+        return None
+    await loop.sock_sendall(conn, hs.accept())
+    services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
+                   outcome="accepted", purpose=purpose)
+    if purpose == "dry-run":
+        return None
+    return Accepted(hs.keys, event, purpose, peer, bandwidth, hs.trailing_data())
+
+
+async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(conn, n - len(buf))
+        if not chunk:
+            raise HandshakeError("the peer closed the connection during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
+    """B's decision on a verified MigReq (in a worker thread: policy, libvirt, journal)."""
+    from migsec.auth.servers import admit_incoming
+    from migsec.errors import JournalError
+
+    _check_pin(services, proposal)
+    options = proposal.request.options
+    mid = proposal.migration_id
+    if proposal.resume_of is not None or options.get("purpose") == "recover":
+        try:
+            entry = services.journal.get(mid)
+        except JournalError as exc:
+            raise AuthorizationDenied(f"no migration {mid} to resume or recover here") from exc
+        if entry.data.get("peer") != proposal.src_did:
+            raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}")
+        if proposal.resume_of is not None:
+            if entry.role != "destination" or proposal.resume_of != mid or \
+                    entry.phase not in ("accepted", "receiving", "received"):
+                raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})")
+            return "resume", None
+        return "recover", None
+    if options.get("purpose", "migrate") != "migrate":
+        raise AuthorizationDenied(f"unknown purpose {options.get('purpose')!r}")
+    try:
+        services.journal.get(mid)
+    except JournalError:
+        pass
+    else:
+        raise AuthorizationDenied(f"migration id {mid} was used before")
+    bandwidth, _ = admit_incoming(services, src_did=proposal.src_did, user_id=proposal.user_id,
+                                  request=proposal.request, vm=vm_facts(proposal.request))
+    if options.get("dry_run"):
+        return "dry-run", bandwidth
+    return "migrate", bandwidth
+
+
+def _check_pin(services: Any, proposal: Any) -> None:
+    """A source listed in B's peer directory must present the certificate recorded there."""
+    from migsec.errors import ConfigError
+
+    try:
+        known = services.peers.get(proposal.src_did)
+    except ConfigError:
+        return  # not listed: CA trust and B's policy (source-domain) decide
+    if known.fingerprint and known.fingerprint != proposal.peer.fingerprint:
+        raise AuthorizationDenied(f"{proposal.src_did} presented certificate {proposal.peer.fingerprint}, "
+                                  f"not the one in the peer directory ({known.fingerprint})")
+
+
+def vm_facts(request: Any) -> dict:
+    """The VM attributes A's AZ put into the (signed) request options."""
+    o = request.options
+    facts = {"vm-name": request.vm}
+    for key, short in (("vm_uuid", "vm-uuid"), ("vcpus", "vcpus"), ("memory_bytes", "memory-bytes"),
+                       ("disk_bytes", "disk-bytes")):
+        if key in o:
+            facts[short] = o[key]
+    if o.get("tags"):
+        facts["tags"] = [t for t in str(o["tags"]).split(",") if t]
+    return facts

@@ -1,0 +1,211 @@
+"""``migsec recover`` and ``migsec jobs``: finishing migrations a crash interrupted.
+
+The rule (DESIGN §3.4, journal docstring): before A's durable ``committed`` the
+source copy wins, after it the destination copy wins. A decides; B asks A.
+
+- A, undecided: decide abort (durably), restart the guest at A, tell B to discard.
+- A, committed: make sure A's copy is released, send B the commit, B resumes.
+- B, not yet committed: ask A; A's answer (commit / abort) is applied; no answer
+  or "pending" leaves B's paused copy paused (it never runs without a commit).
+- B, commit-received: resume here.
+
+A recovery conversation is a fresh handshake whose request says
+``purpose=recover``; the initiator's own AZ signs a short-lived ticket for it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from migsec.errors import JournalError, MigsecError
+
+log = logging.getLogger("migsecd.recovery")
+ANSWER_TIMEOUT_S = 120
+SYSTEM_USER = "migsecd"
+
+
+def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
+    from migsec.daemon.jobs import describe
+
+    entries = services.journal.list()
+    rows = [describe(e) for e in entries]
+    running = set(services.running)
+    for row in rows:
+        row["running"] = row["migration_id"] in running
+    return rows
+
+
+def recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+    actions = []
+    for entry in services.journal.list(active_only=True):
+        if entry.migration_id in services.running:
+            continue  # in progress in this daemon
+        try:
+            outcome = recover_one(services, entry)
+        except (MigsecError, ConnectionError, OSError) as exc:
+            outcome = f"failed: {exc}"
+            log.error("recovering %s: %s", entry.migration_id, exc)
+        emit({"event": "step", "message": f"{entry.migration_id}: {outcome}"})
+        actions.append({"migration_id": entry.migration_id, "role": entry.role,
+                        "domain": entry.data.get("domain"), "outcome": outcome})
+    return actions
+
+
+def recover_one(services: Any, entry: Any) -> str:
+    if entry.role == "source":
+        return _recover_source(services, entry)
+    return _recover_destination(services, entry)
+
+
+# ---- A -----------------------------------------------------------------------------------------
+def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
+    from migsec import virt
+    from migsec.daemon.jobs import record
+    from migsec.daemon.link import sign_message
+    from migsec.daemon.source import restart_at_source
+
+    mid, domain = entry.migration_id, entry.data.get("domain")
+    save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
+    if not entry.decided:
+        if entry.phase != "aborted":
+            record(services, mid, "source", "aborted", reason="recovered after a crash (no decision)")
+        abort = sign_message(services, "decision", migration_id=mid, outcome="abort")
+        services.audit("decision", mid, role="source", token=abort, outcome="abort",
+                       reason="recovery")
+        with virt.connect(services.config.libvirt.uri) as conn:
+            how = restart_at_source(conn, domain, save_image)
+        if entry.data.get("work_dir"):
+            shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
+        record(services, mid, "source", "rolled-back", how=how)
+        if not tell_peer:
+            return f"rolled back: {domain} {how} here"
+        peer_note = _tell_peer(services, entry, {"type": "decision", "token": abort})
+        return f"rolled back: {domain} {how} here; {peer_note}"
+    # committed: the destination copy wins
+    with virt.connect(services.config.libvirt.uri) as conn:
+        from migsec.daemon.source import domain_state
+
+        if domain_state(conn, domain) not in ("shutoff", "absent"):
+            virt.destroy_domain(conn, domain)
+        options = entry.data.get("options") or {}
+        if options.get("undefine_source") and domain_state(conn, domain) != "absent":
+            virt.undefine_domain(conn, domain)
+    if entry.data.get("work_dir"):
+        shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
+    if entry.phase == "committed":
+        record(services, mid, "source", "released")
+    decision = entry.data.get("decision")
+    answer = _ask_peer(services, entry, {"type": "decision", "token": decision})
+    if answer is not None and answer.get("type") == "resumed":
+        record(services, mid, "source", "done")
+        return f"committed: {domain} runs at {entry.data.get('peer')}"
+    return f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet (run recover again)"
+
+
+# ---- B -----------------------------------------------------------------------------------------
+def _recover_destination(services: Any, entry: Any) -> str:
+    from migsec.daemon.destination import IncomingMigration
+
+    mid = entry.migration_id
+    job = IncomingMigration(services, mid)
+    if entry.decided:
+        name = job.finish_commit()
+        return f"committed: {name} runs here"
+    answer = _ask_peer(services, entry, {"type": "query"}, want_key=True)
+    if answer is None:
+        return f"{entry.data.get('peer')} unreachable: left as is (a paused copy never runs without its commit)"
+    message, peer = answer
+    if message.get("type") == "pending":
+        return f"{entry.data.get('peer')} says the migration is still in progress"
+    reply = job.apply_decision(message, peer)
+    if reply.get("type") == "resumed":
+        return f"committed by {entry.data.get('peer')}: {entry.data.get('domain')} runs here"
+    return f"aborted by {entry.data.get('peer')}: partial files and any paused copy removed here"
+
+
+# ---- talking to the peer --------------------------------------------------------------------------
+def _session(services: Any, entry: Any) -> Any:
+    from migsec.crypto import random_bytes
+    from migsec.daemon import link
+    from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
+
+    peer = services.peers.get(entry.data.get("peer"))
+    request = MigrationRequest(vm=str(entry.data.get("domain")), mode="cold", dest_did=peer.did,
+                               options={"purpose": "recover"})
+    now = services.clock()
+    ticket = AuthorizationTicket(src_did=services.did, dest_did=peer.did, user_id=SYSTEM_USER, vm=request.vm,
+                                 request_digest=request.digest(), nonce4=random_bytes(16), issued_at=now,
+                                 expires_at=now + timedelta(minutes=5))
+    token = ticket.sign(services.identity.key)
+    services.audit("authr-tkt", entry.migration_id, role=entry.role, token=token, purpose="recover")
+    return link.connect(services, peer, request, token, migration_id=entry.migration_id)
+
+
+def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = False) -> Any:
+    from migsec.daemon.link import verify_peer_message
+
+    try:
+        session = _session(services, entry)
+    except (MigsecError, ConnectionError, OSError) as exc:
+        log.warning("recovery of %s: cannot reach %s: %s", entry.migration_id, entry.data.get("peer"), exc)
+        return None
+    try:
+        session.control.send_control(message)
+        answer = session.control.recv_control(ANSWER_TIMEOUT_S)
+        if answer.get("type") == "resumed":
+            verify_peer_message(answer.get("token"), session.peer.public_key, issuer=session.peer.did,
+                                kind="resumed", migration_id=entry.migration_id)
+            services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["token"],
+                           peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
+        return (answer, session.peer) if want_key else answer
+    except (MigsecError, ConnectionError, OSError) as exc:
+        log.warning("recovery of %s: %s did not answer: %s", entry.migration_id, entry.data.get("peer"), exc)
+        return None
+    finally:
+        session.close()
+
+
+def _tell_peer(services: Any, entry: Any, message: dict) -> str:
+    answer = _ask_peer(services, entry, message)
+    if answer is None:
+        return f"{entry.data.get('peer')} unreachable (it will ask when it recovers)"
+    return f"{entry.data.get('peer')} answered {answer.get('type')}"
+
+
+def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
+    """The responder's side of a recovery conversation (in a worker thread)."""
+    from migsec.daemon.channel import ControlLink
+    from migsec.daemon.destination import IncomingMigration
+    from migsec.daemon.jobs import record
+    from migsec.daemon.link import sign_message
+    from migsec.protocol import RecordLayer
+
+    mid = accepted.keys.migration_id
+    control = ControlLink(conn, RecordLayer(accepted.keys, "destination"), accepted.src_did)
+    try:
+        message = control.recv_control(ANSWER_TIMEOUT_S)
+        entry = services.journal.get(mid)
+        if entry.role == "destination":
+            # A tells us its decision
+            reply = IncomingMigration(services, mid).apply_decision(message, accepted.peer)
+        else:
+            # B asks what A decided
+            if mid in services.running:
+                reply = {"type": "pending"}
+            elif entry.decided:
+                reply = {"type": "decision", "token": entry.data.get("decision")}
+            else:
+                # presumed abort: A finishes its own side first, then answers
+                outcome = (_recover_source(services, entry, tell_peer=False)
+                           if not entry.terminal else entry.phase)
+                log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
+                token = sign_message(services, "decision", migration_id=mid, outcome="abort")
+                services.audit("decision", mid, role="source", token=token, outcome="abort")
+                reply = {"type": "decision", "token": token}
+        control.send_control(reply)
+    except (MigsecError, ConnectionError, OSError, JournalError) as exc:
+        log.warning("recovery conversation for %s with %s failed: %s", mid, accepted.src_did, exc)
