@@ -28,7 +28,6 @@ def _merge(decision: str, results: Sequence[Result]) -> Result:
         if r.decision == decision:
             out.obligations.extend(r.obligations)
             out.advice.extend(r.advice)
-            out.policy_ids.extend(r.policy_ids)
     return out
 
 

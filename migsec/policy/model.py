@@ -74,7 +74,6 @@ class Result:
     status: Status = STATUS_OK
     obligations: list[Obligation] = field(default_factory=list)
     advice: list[Obligation] = field(default_factory=list)
-    policy_ids: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Context:
@@ -83,6 +82,9 @@ class Context:
     def __init__(self, attributes: dict[tuple[str, str, str], list[tuple[str | None, Any]]]) -> None:
         self.attributes = attributes
         self.variables: dict[int, Any] = {}
+        # every Policy/PolicySet evaluated with a result other than NotApplicable (ReturnPolicyIdList),
+        # as AuthzForce reports it: also those that did not decide the combined result
+        self.applicable: list[tuple[str, str, str]] = []
 
     def bag(self, category: str, attribute_id: str, datatype: str, issuer: str | None) -> list[Any]:
         found = self.attributes.get((category, attribute_id, datatype), ())
@@ -397,10 +399,13 @@ class Policy:
             target_error = exc.status
         result = self.algorithm.combine(self.rules, ctx)
         if target_error is not None:
-            return _after_indeterminate_target(result, target_error)
+            result = _after_indeterminate_target(result, target_error)
+            if result.decision != NA:
+                ctx.applicable.append(("PolicySet" if self.is_set else "Policy", self.id, self.version))
+            return result
         result = add_obligations(result, self.obligations, self.advice, ctx)
-        if result.decision in (PERMIT, DENY):
-            result.policy_ids.append(("Policy", self.id, self.version))
+        if result.decision != NA:
+            ctx.applicable.append(("Policy", self.id, self.version))
         return result
 
 
@@ -418,10 +423,13 @@ class PolicySet(Policy):
             target_error = exc.status
         result = self.algorithm.combine(self.children, ctx)
         if target_error is not None:
-            return _after_indeterminate_target(result, target_error)
+            result = _after_indeterminate_target(result, target_error)
+            if result.decision != NA:
+                ctx.applicable.append(("PolicySet" if self.is_set else "Policy", self.id, self.version))
+            return result
         result = add_obligations(result, self.obligations, self.advice, ctx)
-        if result.decision in (PERMIT, DENY):
-            result.policy_ids.append(("PolicySet", self.id, self.version))
+        if result.decision != NA:
+            ctx.applicable.append(("PolicySet", self.id, self.version))
         return result
 
 

@@ -87,27 +87,40 @@ class PDP:
         return cls(store, **kw)
 
     def evaluate(self, request: Request) -> Response:
-        repeated = request.repeated_categories()
-        if repeated:
-            status = M.Status(M.SYNTAX, f"category {repeated[0]} repeated (multiple decision profile not supported)")
-            return Response([ResultOut("Indeterminate", status, [], [])], request.fmt)
-        index = request.index()
+        """One Result per individual request (multiple decision profile), in order."""
+        results = [self._evaluate_one(request, cats) for cats in request.individual()]
+        if request.combined_decision and len(results) > 1:
+            results = [_combine_results(results)]
+        return Response(results, request.fmt)
+
+    def _evaluate_one(self, request: Request, categories: list[Category]) -> ResultOut:
+        index = Request.index(categories)
         now = None
-        for name, (dt, _) in T.now_values(_dt.datetime(2000, 1, 1)).items():
+        for name, (dt, _) in _NOW_TYPES.items():
             key = (ENV, CURRENT + name, dt)
-            if key not in index:
+            if key not in index:  # §10.2.5: the PDP supplies the current time, one instant per request
                 now = now or T.now_values(self.clock())
                 index[key] = [(None, now[name][1])]
         ctx = M.Context(index)
         result = self.roots[0].evaluate(ctx) if len(self.roots) == 1 else only_one_applicable(self.roots, ctx)
         decision = _PUBLIC.get(result.decision, result.decision)
+        decided = decision in (M.PERMIT, M.DENY)
         included = [Category(c.category, [a for a in c.attributes if a.include_in_result], c.xml_id)
-                    for c in request.categories]
-        out = ResultOut(decision, result.status, result.obligations if decision in (M.PERMIT, M.DENY) else [],
-                        result.advice if decision in (M.PERMIT, M.DENY) else [],
-                        [c for c in included if c.attributes],
-                        result.policy_ids if request.return_policy_id_list else [], result.decision)
-        return Response([out], request.fmt)
+                    for c in categories]
+        return ResultOut(decision, result.status, result.obligations if decided else [],
+                         result.advice if decided else [], [c for c in included if c.attributes],
+                         list(dict.fromkeys(ctx.applicable)) if request.return_policy_id_list else [], result.decision)
+
+
+_NOW_TYPES = {name: (dt, None) for name, (dt, _) in T.now_values(_dt.datetime(2000, 1, 1)).items()}
+
+
+def _combine_results(results: list[ResultOut]) -> ResultOut:
+    """CombinedDecision: one decision if all agree and carry no obligations/advice, else Indeterminate."""
+    first = results[0]
+    if all(r.decision == first.decision and not r.obligations and not r.advice for r in results):
+        return ResultOut(first.decision, first.status, [], [])
+    return ResultOut("Indeterminate", M.Status(M.PROCESSING, "individual decisions differ or carry obligations"), [], [])
 
 
 # --- serialisation ------------------------------------------------------------------------------------

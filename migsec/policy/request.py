@@ -45,22 +45,36 @@ class Request:
     return_policy_id_list: bool = False
     combined_decision: bool = False
     fmt: str = "xml"  # how the response should be written
+    multi_requests: list[list[str]] = field(default_factory=list)  # MultiRequests: lists of Attributes ids
 
-    def index(self) -> dict[tuple[str, str, str], list[tuple[str | None, Any]]]:
+    def individual(self) -> list[list[Category]]:
+        """Split per the multiple decision profile: MultiRequests, else one request per
+        combination of repeated categories (document order), else the request itself."""
+        if self.multi_requests:
+            by_id = {c.xml_id: c for c in self.categories if c.xml_id}
+            out = []
+            for refs in self.multi_requests:
+                missing = [r for r in refs if r not in by_id]
+                if missing:
+                    raise RequestSyntaxError(f"MultiRequests references unknown Attributes xml:id {missing[0]!r}")
+                out.append([by_id[r] for r in refs])
+            return out
+        groups: dict[str, list[Category]] = {}
+        for c in self.categories:
+            groups.setdefault(c.category, []).append(c)
+        combos: list[list[Category]] = [[]]
+        for instances in groups.values():
+            combos = [combo + [inst] for combo in combos for inst in instances]
+        return combos
+
+    @staticmethod
+    def index(categories: list[Category]) -> dict[tuple[str, str, str], list[tuple[str | None, Any]]]:
         out: dict[tuple[str, str, str], list[tuple[str | None, Any]]] = {}
-        for cat in self.categories:
+        for cat in categories:
             for a in cat.attributes:
                 for dt, v in a.values:
                     out.setdefault((cat.category, a.attribute_id, dt), []).append((a.issuer, v))
         return out
-
-    def repeated_categories(self) -> list[str]:
-        seen, rep = set(), []
-        for c in self.categories:
-            if c.category in seen:
-                rep.append(c.category)
-            seen.add(c.category)
-        return rep
 
 
 def _bool_attr(el: etree._Element, name: str, source: str) -> bool:
@@ -79,7 +93,7 @@ def parse_request_xml(data: bytes, source: str = "<request>") -> Request:
     def fail(el: etree._Element, msg: str) -> RequestSyntaxError:
         return RequestSyntaxError(f"{source}:{el.sourceline}: <{local(el)}>: {msg}")
 
-    cats = []
+    cats, multi = [], []
     for el in children(root):
         name = local(el)
         if name == "Attributes":
@@ -114,11 +128,19 @@ def parse_request_xml(data: bytes, source: str = "<request>") -> Request:
         elif name in ("RequestDefaults",):
             continue
         elif name == "MultiRequests":
-            raise fail(el, "MultiRequests (multiple decision profile) is not supported")
+            for ref in children(el):
+                if local(ref) != "RequestReference":
+                    raise fail(ref, "expected RequestReference")
+                ids = [a.get("ReferenceId") for a in children(ref) if local(a) == "AttributesReference"]
+                if not ids or not all(ids):
+                    raise fail(ref, "a RequestReference needs AttributesReference elements with a ReferenceId")
+                multi.append(ids)
         else:
             raise fail(el, "unexpected element in Request")
-    return Request(cats, _bool_attr(root, "ReturnPolicyIdList", source),
-                   _bool_attr(root, "CombinedDecision", source), "xml")
+    request = Request(cats, _bool_attr(root, "ReturnPolicyIdList", source),
+                      _bool_attr(root, "CombinedDecision", source), "xml", multi)
+    request.individual()  # unknown references are a syntax error now, not at evaluation
+    return request
 
 
 def _json_value(dt: str | None, value: Any, where: str) -> tuple[str, Any]:
@@ -157,6 +179,7 @@ def parse_request_json(data: bytes, source: str = "<request>") -> Request:
     if not isinstance(req, dict):
         raise RequestSyntaxError(f"{source}: expected an object with a \"Request\" member")
     cats: list[Category] = []
+    multi: list[list[str]] = []
 
     def category(obj: Any, cat_id: str, where: str) -> Category:
         if not isinstance(obj, dict):
@@ -187,10 +210,20 @@ def parse_request_json(data: bytes, source: str = "<request>") -> Request:
         elif key in ("ReturnPolicyIdList", "CombinedDecision", "XPathVersion"):
             continue
         elif key == "MultiRequests":
-            raise RequestSyntaxError(f"{source}: MultiRequests (multiple decision profile) is not supported")
+            refs = value.get("RequestReference") if isinstance(value, dict) else None
+            if not isinstance(refs, list):
+                raise RequestSyntaxError(f"{source}: Request.MultiRequests needs a RequestReference array")
+            for i, ref in enumerate(refs):
+                ids = ref.get("ReferenceId") if isinstance(ref, dict) else None
+                if not isinstance(ids, list) or not ids or not all(isinstance(x, str) for x in ids):
+                    raise RequestSyntaxError(f"{source}: Request.MultiRequests.RequestReference[{i}] needs ReferenceId strings")
+                multi.append(ids)
         else:
             raise RequestSyntaxError(f"{source}: unknown member Request.{key}")
-    return Request(cats, bool(req.get("ReturnPolicyIdList", False)), bool(req.get("CombinedDecision", False)), "json")
+    request = Request(cats, bool(req.get("ReturnPolicyIdList", False)), bool(req.get("CombinedDecision", False)),
+                      "json", multi)
+    request.individual()
+    return request
 
 
 def parse_request(data: bytes, source: str = "<request>") -> Request:
