@@ -52,8 +52,64 @@ SessionKeys (``migsec.protocol.session``)
     frozen: migration_id, a_to_b, b_to_a (32-byte keys, hidden from repr),
     transcript_hash, src_did, dest_did, resume_of; ``keys_for(role)``.
 
-Local exchange, inter-domain handshake and commit messages: see below (filled in
-as those modules land: ``local``, ``handshake``, ``commit``).
+Messages (``migsec.protocol.messages``; strict decoders raise MalformedMessageError)
+    ``MigrationRequest(vm, mode "cold"|"live", dest_did, storage_map={src: dst},
+    network_map={src: dst}, options={str: str|int|bool})``; ``.claims()``, ``.digest()``
+    (SHA-256 of canonical JSON), ``MigrationRequest.from_claims(obj)``.
+    ``Obligation(id, attributes)``. ``AuthorizationTicket(src_did, dest_did, user_id, vm,
+    request_digest, nonce4, issued_at, expires_at, obligations)``: ``.sign(key) -> JWS``,
+    ``AuthorizationTicket.verify(token, verifying_key, now=) `` (TicketTamperedError,
+    TicketExpiredError), ``.peek(token)`` (unverified). All times are aware UTC datetimes.
+
+Local exchange (``migsec.protocol.local``; each message has ``encode() -> bytes``,
+``decode(bytes)`` and ``FRAME_TYPE`` for ``encode_frame``)
+    MC: ``login = ClientLogin(user_id, ssh=False, clock=)``; send ``login.request``
+        (AuthRequest; ssh users: ``login.sign_with(agent_sign)`` first);
+        ``creds = login.finish(AuthReply, password=...)`` -> Credentials(user_id, sk2,
+        ticket, expires_at) (AuthenticationError on a wrong password / foreign reply);
+        ``make_migration_request(creds, MigrationRequest) -> LocalMigrationRequest``.
+    AS: ``make_auth_reply(AuthRequest, sk3=, password_key=<.key .salt .n .r .p> |
+        ssh_verify=callable(payload, signature), lifetime=, clock=) -> AuthReply``.
+        SK1 is the stored scrypt verifier key; the reply is sealed under
+        HKDF(SK1, Nonce1) (ssh users: HKDF(X25519 ECDH)).
+    AZ: ``az = AuthorizationServer(did=, key=SigningKey, sk3=, replay_cache=, clock=)``;
+        ``checked = az.open_request(LocalMigrationRequest)`` -> CheckedRequest(user_id,
+        request, nonce3, ticket_expires_at) after SK3/SK2, expiry, same-UserID and replay
+        checks (TicketTamperedError, TicketExpiredError, ReplayError, AuthenticationError);
+        ask the PDP; then ``ticket, token = az.issue(checked, obligations=[...])``.
+        One Auth_Tkt authorizes one MigrationRequest (its Nonce2 enters the replay cache).
+
+Inter-domain handshake (``migsec.protocol.handshake``); identity = pki.DomainIdentity,
+trust = pki.TrustStore
+    A: ``hs = SourceHandshake(identity, trust, peer_did=, peer_cert_pem=, clock=)``;
+        ``frame = hs.initiate(request, authr_tkt_token, migration_id=None, resume_of=None)``;
+        then ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationAccepted(keys,
+        peer, signed_response) | MigrationRefused(migration_id, reason, ...) | NEED_DATA.
+        ``hs.migration_id`` is set by initiate.
+    B: ``hs = DestinationHandshake(identity, trust, replay_cache=, clock=)``;
+        ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationProposed(migration_id,
+        resume_of, src_did, user_id, request, authorization, authorization_token, peer,
+        signed_request) | NEED_DATA. Run policy + capacity, then ``hs.accept() -> frame``
+        (``hs.keys`` set; ``hs.signed_response`` for the ledger) or ``hs.refuse(reason)``.
+    After DONE, ``hs.trailing_data()`` returns bytes already received past the
+    handshake: feed them to the RecordLayer. ``hs.state`` in IDLE / AWAITING_* /
+    DECIDING / DONE / REFUSED / ERROR; illegal moves raise UnexpectedMessageError.
+    Refusals: UnknownIssuerError, CertificateExpiredError, DidMismatchError,
+    CertificateRevokedError, KeyUsageError (from the TrustStore), TicketTamperedError,
+    TicketExpiredError (Authr_Tkt or message time outside ``TIME_WINDOW`` = 2 min),
+    ReplayError (NonceA), KeyBindingError (signature does not bind the body / eA / eB /
+    H(MigReq)), ReflectionError (our own kind of message or domain), HandshakeError,
+    MalformedMessageError. Keys: HKDF-SHA-256(X25519(eA, eB), salt = transcript hash,
+    info = migration id + DIDs) -> a_to_b || b_to_a.
+
+Commit messages (``migsec.protocol.commit``; compact JWS, store them in the ledger)
+    ``Receipt(migration_id, src_did, dest_did, streams={name: sha256}, transcript_hash,
+    issued_at)`` signed by B; ``Decision(..., decision "commit"|"abort", issued_at,
+    receipt_hash=token_hash(receipt_token), reason=None)`` signed by A;
+    ``Resumed(..., decision_hash=token_hash(decision_token), issued_at)`` signed by B.
+    ``.sign(key) -> token``; ``Cls.verify(token, verifying_key, migration_id=None)``;
+    ``Cls.peek(token)`` unverified. Carry them as CONTROL records
+    ``{"t": "receipt"|"decision"|"resumed", "jws": token}``.
 """
 from migsec.protocol.commit import Decision, Receipt, Resumed, token_hash
 from migsec.protocol.framing import NEED_DATA, FrameDecoder, encode_frame, parse_header
