@@ -5,6 +5,8 @@ Connections::
     conn = connect("qemu:///system")          # any URI: test:///default,
     with connect(uri) as conn: ...             #   qemu+unix:///system?socket=/path/libvirt-sock
     conn.uri, conn.hostname, conn.driver, conn.capacity() -> HostCapacity, conn.list_domains()
+    conn.local_files   may qemu-img read this libvirt's disk paths? (False for remote and
+                       socket= URIs, whose paths may name other files; connect(local_files=))
 
 Describing (frozen dataclasses)::
 

@@ -5,6 +5,7 @@ import re
 import threading
 from dataclasses import dataclass
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -57,9 +58,11 @@ class HostCapacity:
 class Connection:
     """An open libvirt connection. Close it (or use ``with``) when done."""
 
-    def __init__(self, raw: libvirt.virConnect, uri: str) -> None:
+    def __init__(self, raw: libvirt.virConnect, uri: str, *, local_files: bool | None = None) -> None:
         self._raw: libvirt.virConnect | None = raw
         self.uri = uri
+        # Whether paths in this libvirt's domain XML name files this process can read.
+        self.local_files = _same_filesystem(uri) if local_files is None else local_files
 
     @property
     def raw(self) -> libvirt.virConnect:
@@ -118,10 +121,19 @@ class Connection:
         return f"<Connection {self.uri} {state}>"
 
 
-def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
+def _same_filesystem(uri: str) -> bool:
+    # A remote host, or a socket into another mount namespace (the lab), may hold a
+    # different file under the same path; qemu-img must not inspect ours instead.
+    parsed = urlsplit(uri)
+    return not parsed.netloc and "+" not in parsed.scheme and "socket=" not in parsed.query
+
+
+def connect(uri: str = DEFAULT_URI, *, readonly: bool = False, local_files: bool | None = None) -> Connection:
     """Open a libvirt connection to ``uri`` (any libvirt URI, e.g. a lab host's socket).
 
     ``qemu:///embed?root=DIR`` runs libvirt's QEMU driver in this process (no daemon).
+    ``local_files``: whether disk paths of this libvirt are files this process sees
+    (so qemu-img may inspect them); by default true only for plain local URIs.
     """
     if not isinstance(uri, str) or not uri.strip():
         raise HypervisorUnavailableError(f"invalid libvirt URI {uri!r}: expected e.g. qemu:///system")
@@ -132,7 +144,7 @@ def connect(uri: str = DEFAULT_URI, *, readonly: bool = False) -> Connection:
         raw = libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
     if raw is None:  # very old bindings returned None instead of raising
         raise HypervisorUnavailableError(f"connect: cannot open libvirt at {uri}")
-    return Connection(raw, uri)
+    return Connection(raw, uri, local_files=local_files)
 
 
 def lookup(conn: Connection, name_or_uuid: str) -> libvirt.virDomain:

@@ -90,13 +90,13 @@ class DomainInfo:
         return tuple(seen)
 
 
-def _with_sizes(dom: libvirt.virDomain, disk: DiskInfo, uri: str, name: str) -> DiskInfo:
+def _with_sizes(dom: libvirt.virDomain, disk: DiskInfo, local_files: bool, name: str) -> DiskInfo:
     label = f"domain '{name}' disk '{disk.target}'"
     chain = disk.backing_chain
     chain_source = disk.chain_source
     virtual = allocated = None
     # Only images visible from here; on another host or mount namespace libvirt is the source.
-    if disk.type == "file" and disk.source and os.path.exists(disk.source):
+    if local_files and disk.type == "file" and disk.source and os.path.exists(disk.source):
         try:
             entries = image_chain(disk.source, format=disk.format or "raw")
         except DiskImageError as exc:
@@ -122,13 +122,17 @@ def _with_sizes(dom: libvirt.virDomain, disk: DiskInfo, uri: str, name: str) -> 
 
 
 def describe_domain(conn: Connection, name_or_uuid: str) -> DomainInfo:
-    """Describe a domain: identity, state, CPUs, memory, disks with chains and sizes, NICs, tags."""
+    """Describe a domain: identity, state, CPUs, memory, disks with chains and sizes, NICs, tags.
+
+    Backing chains come from libvirt's live XML, else from qemu-img when
+    ``conn.local_files``; sizes from qemu-img, else libvirt's blockInfo.
+    """
     dom = lookup(conn, name_or_uuid)
     with libvirt_call("describe domain", uri=conn.uri, domain=name_or_uuid):
         xml = dom.XMLDesc(0)
         persistent = bool(dom.isPersistent())
     v = view(parse_domain_xml(xml))
-    disks = tuple(_with_sizes(dom, d, conn.uri, v.name) for d in v.disks)
+    disks = tuple(_with_sizes(dom, d, conn.local_files, v.name) for d in v.disks)
     return DomainInfo(
         name=v.name,
         uuid=v.uuid,
