@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,9 @@ def test_authorize_accepts_full_ids_and_time(tmp_path):
                      environment={"current-dateTime": late}).decision == "Deny"
     assert authorize(pdp, subject={}, resource={"urn:example:zone": 4}, action="x",
                      environment={"current-dateTime": early}).decision == "Deny"
+
+
+def test_docs_list_every_attribute():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
+    for spec in A.SPECS:
+        assert f"`{spec.short}` | `{spec.id}`" in doc, spec.short
