@@ -6,7 +6,7 @@ network access and DTDs off, and refuses documents that carry a DOCTYPE.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lxml import etree
 
@@ -150,7 +150,7 @@ class XmlView:
     interfaces: tuple[InterfaceInfo, ...]
     tags: tuple[str, ...]
     boot: BootFiles
-    unmovable: tuple[str, ...] = field(default=())
+    unmovable: tuple[str, ...] = ()
 
 
 def _text(root: etree._Element, path: str) -> str | None:
@@ -259,24 +259,25 @@ def tags_element(tags: list[str] | tuple[str, ...]) -> str:
     return to_string(root)
 
 
+def _attr(elem: etree._Element, path: str, attr: str) -> str:
+    child = elem.find(path)
+    return (child.get(attr) if child is not None else None) or "?"
+
+
 def _unmovable(root: etree._Element) -> tuple[str, ...]:
-    """Devices cold migration cannot carry, described for an error message."""
+    """Devices cold migration cannot carry (host hardware or host state), for an error message."""
     found: list[str] = []
     for hd in root.iterfind("devices/hostdev"):
         addr = hd.find("source/address")
-        where = " ".join(f"{k}={v}" for k, v in addr.attrib.items()) if addr is not None else ""
-        found.append(f"hostdev passthrough ({hd.get('type', '?')} {where})".replace(" )", ")"))
+        where = " ".join(f"{k}={v}" for k, v in addr.attrib.items()) if addr is not None else "?"
+        found.append(f"hostdev passthrough ({hd.get('type', '?')} {where})")
     for fs in root.iterfind("devices/filesystem"):
-        tgt = fs.find("target")
-        found.append(f"filesystem passthrough '{tgt.get('dir') if tgt is not None else '?'}'")
+        found.append(f"filesystem passthrough '{_attr(fs, 'target', 'dir')}'")
     for iface in root.iterfind("devices/interface"):
         if iface.get("type") in {"hostdev", "vhostuser", "vdpa"}:
-            mac = iface.find("mac")
-            found.append(
-                f"interface type '{iface.get('type')}' (mac {mac.get('address') if mac is not None else '?'})"
-            )
+            found.append(f"interface type '{iface.get('type')}' (mac {_attr(iface, 'mac', 'address')})")
     for tpm in root.iterfind("devices/tpm"):
-        found.append(f"tpm backend '{(tpm.find('backend').get('type') if tpm.find('backend') is not None else '?')}'")
+        found.append(f"tpm with backend '{_attr(tpm, 'backend', 'type')}'")
     for rd in root.iterfind("devices/redirdev"):
         found.append(f"USB redirection ({rd.get('type', '?')})")
     for sc in root.iterfind("devices/smartcard"):

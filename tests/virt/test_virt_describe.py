@@ -179,3 +179,26 @@ def test_check_migratable_needs_backing_files_mapped(conn) -> None:
     info = describe_domain(conn, define_domain(conn, data_xml("chain.xml")))
     with pytest.raises(MappingError, match="debian-base.raw"):
         check_migratable(info, {"/var/lib/migsec-test/images": "/srv/b/images"})
+
+
+def test_other_host_bound_devices_are_refused(conn) -> None:
+    xml = data_xml("web1.xml").replace(
+        "</devices>",
+        """<filesystem type='mount' accessmode='passthrough'>
+      <source dir='/srv/share'/><target dir='share0'/>
+    </filesystem>
+    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
+    <interface type='hostdev' managed='yes'>
+      <mac address='52:54:00:6b:3c:09'/>
+      <source><address type='pci' domain='0x0000' bus='0x5e' slot='0x10' function='0x2'/></source>
+    </interface>
+  </devices>""",
+    )
+    info = describe_domain(conn, define_domain(conn, xml))
+    assert info.unmovable == (
+        "filesystem passthrough 'share0'",
+        "interface type 'hostdev' (mac 52:54:00:6b:3c:09)",
+        "tpm with backend 'emulator'",
+    )
+    with pytest.raises(UnsupportedDeviceError, match="'web1'.*share0.*52:54:00:6b:3c:09.*emulator"):
+        check_migratable(info, {"/var/lib/migsec-test": "/srv/b"})
