@@ -166,3 +166,10 @@ def test_define_conflicts_and_bad_xml(conn) -> None:
     with pytest.raises(DomainXmlError, match="DOCTYPE"):
         define_domain(conn, data_xml("entity.xml"))
     assert conn.list_domains() == ["test"]
+
+
+def test_save_to_unwritable_place_names_the_path(conn, tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "test.save"
+    with pytest.raises(SaveImageError, match=str(target)):
+        save_domain(conn, "test", str(target))
+    assert domain_state(conn, "test") is DomainState.RUNNING
