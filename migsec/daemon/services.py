@@ -112,16 +112,26 @@ class Services:
         return services
 
     def reload(self) -> None:
-        """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure."""
+        """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure.
+
+        ``policy_dir`` holds either ``source/`` and ``destination/`` (one PDP each) or, as
+        ``migsec policy init-defaults`` writes it, one policy set (``root.xml`` first) that
+        serves both actions.
+        """
         from migsec.pki import PeerDirectory
         from migsec.policy import PDP, load_policies
 
         cfg = self.config
+        policy_dir = Path(cfg.paths.policy_dir)
         peers = _setting("[paths].peers", lambda: PeerDirectory(cfg.paths.peers))
-        source = _setting("[paths].policy_dir (source)",
-                          lambda: PDP(load_policies(_policy_files(cfg.paths.source_policies))))
-        dest = _setting("[paths].policy_dir (destination)",
-                        lambda: PDP(load_policies(_policy_files(cfg.paths.destination_policies))))
+        _setting("[paths].peers", peers.list)  # a corrupt directory is refused now, not mid-migration
+        if cfg.paths.source_policies.is_dir() and cfg.paths.destination_policies.is_dir():
+            source = _setting("[paths].policy_dir (source/)",
+                              lambda: PDP(load_policies(_policy_files(cfg.paths.source_policies))))
+            dest = _setting("[paths].policy_dir (destination/)",
+                            lambda: PDP(load_policies(_policy_files(cfg.paths.destination_policies))))
+        else:
+            source = dest = _setting("[paths].policy_dir", lambda: PDP(load_policies(_policy_files(policy_dir))))
         with self.lock:
             self.peers, self.pdp_source, self.pdp_destination = peers, source, dest
 
@@ -169,12 +179,13 @@ class Services:
 
 
 def _policy_files(directory: Path) -> list[str]:
+    """The policy files of a directory, the root policy set first."""
     if not Path(directory).is_dir():
         raise ConfigError(f"policy directory {directory} does not exist")
-    files = sorted(str(p) for p in Path(directory).glob("*.xml"))
+    files = sorted(Path(directory).glob("*.xml"), key=lambda p: (p.name != "root.xml", p.name))
     if not files:
         raise ConfigError(f"policy directory {directory} holds no *.xml policy")
-    return files
+    return [str(p) for p in files]
 
 
 def _setting(setting: str, build: Callable[[], Any]) -> Any:
