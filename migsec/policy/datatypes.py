@@ -212,7 +212,9 @@ def _parse_datetime(text: str) -> DateTime:
 def _format_datetime(v: DateTime) -> str:
     d = v.value
     frac = f".{d.microsecond:06d}".rstrip("0") if d.microsecond else ""
-    return d.strftime("%Y-%m-%dT%H:%M:%S") + frac + _fmt_tz(d.tzinfo if v.has_tz else None, d)
+    # not strftime("%Y"): it does not pad years below 1000 to four digits
+    return (f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
+            + frac + _fmt_tz(d.tzinfo if v.has_tz else None, d))
 
 
 def _parse_date(text: str) -> Date:
