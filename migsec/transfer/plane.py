@@ -148,6 +148,19 @@ class _Wire:
         self.received += len(data)
         return data
 
+    def linger(self, seconds: float = 2.0) -> None:
+        """Half-close and drain: closing with unread data would reset the connection and
+        destroy the error message just sent before the peer could read it."""
+        deadline = time.monotonic() + seconds
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(1024 * 1024):
+                    return
+        except OSError:
+            return
+
     def recv_exact(self, view: memoryview) -> None:
         pos, n = 0, len(view)
         while pos < n:
@@ -217,11 +230,11 @@ class _Sender:
                 raise PeerConnectionError(f"destination silent for {wait:.0f} s")
             return
         data = self.wire.recv_some()
+        if not data:  # every complete record before it was handled already
+            raise PeerConnectionError("destination closed the connection")
         self.records.receive_data(data)
         while (event := self.records.next_event()) is not NEED_DATA:
             self.handle(event)
-        if not data:
-            raise PeerConnectionError("destination closed the connection")
 
     def report(self, name: str, done: int, total: int, force: bool = False) -> None:
         if self.progress is None:
@@ -348,6 +361,7 @@ class _Receiver:
         self.error: BaseException | None = None
         self.manifest: Manifest | None = None
         self.manifest_json = b""
+        self.told = False  # an error message went to the source
 
     def next_event(self, out: bytearray) -> object:
         self.wire.recv_exact(memoryview(self.header))
@@ -521,9 +535,13 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
             raise TransferError("the source ended without a manifest")
         return ReceiveResult(r.manifest, r.manifest_json, staging, r.wire.received, resumed)
     except BaseException as exc:
-        error = r.error or exc  # the writer's error explains a connection the source then closed
+        # The writer's error explains a connection the source then closed; the reader's own
+        # protocol error (a tampered record) explains the writer's failure to ACK after it.
+        error = r.error if r.error is not None and isinstance(exc, PeerConnectionError) else exc
         if r.error is None:
             _tell_source(r, exc)
+        if r.told:
+            r.wire.linger()  # only this thread reads the socket; the writer has stopped
         try:
             staging.checkpoint()
         except MigsecError as cp_exc:
@@ -542,5 +560,6 @@ def _tell_source(r: _Receiver, exc: BaseException) -> None:
         "resume" if isinstance(exc, ResumeError) else "refused"
     try:
         r.send_control({"type": "error", "error": kind, "message": str(exc)[:500]})
+        r.told = True
     except MigsecError:
         pass

@@ -131,3 +131,69 @@ def sparse_image(tmp_path):
         (64 * MiB - 5000, rnd(5000)),            # data at the very end
     ]
     return make_sparse(str(tmp_path / "disk.img"), 64 * MiB, writes)
+
+
+class Relay:
+    """A TCP relay between the source and the destination that counts the bytes on the wire.
+
+    ``cut_after``: close both connections once that many source->destination bytes passed.
+    ``flip_at``: invert the byte at that source->destination position (a tampered record).
+    """
+
+    def __init__(self, *, cut_after: int | None = None, flip_at: int | None = None) -> None:
+        self.cut_after, self.flip_at = cut_after, flip_at
+        self.a_to_b = 0
+        self.b_to_a = 0
+        self.cut = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._dest_server = socket.create_server(("127.0.0.1", 0))
+        self.address = self._server.getsockname()
+
+    def connect(self) -> tuple[socket.socket, socket.socket]:
+        """(source end, destination end), joined through the relay."""
+        src = socket.create_connection(self.address)
+        up, _ = self._server.accept()
+        down = socket.create_connection(self._dest_server.getsockname())
+        dst, _ = self._dest_server.accept()
+        self._conns = (up, down)
+        threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+        return src, dst
+
+    def _pump(self, rx: socket.socket, tx: socket.socket, forward: bool) -> None:
+        try:
+            while not self.cut.is_set():
+                data = rx.recv(256 * 1024)
+                if not data:
+                    tx.shutdown(socket.SHUT_WR)
+                    return
+                if forward:
+                    pos = self.a_to_b
+                    if self.flip_at is not None and pos <= self.flip_at < pos + len(data):
+                        data = bytearray(data)
+                        data[self.flip_at - pos] ^= 0x01
+                    if self.cut_after is not None and pos + len(data) >= self.cut_after:
+                        data = data[:self.cut_after - pos]
+                        tx.sendall(data)
+                        self.a_to_b += len(data)
+                        self._cut()
+                        return
+                    self.a_to_b += len(data)
+                else:
+                    self.b_to_a += len(data)
+                tx.sendall(data)
+        except OSError:
+            self._cut()
+
+    def _cut(self) -> None:
+        self.cut.set()
+        for s in self._conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self._dest_server.close()
