@@ -1,0 +1,234 @@
+"""End-to-end: real migsecd daemons in the two-host lab move real QEMU guests.
+
+Each test boots its own small guest on host a and checks what the guest itself says
+on its serial console (counter, memory checksum, disk blocks), what libvirt says on
+both hosts, and the audit ledgers.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migsec.lab import expected_memory_sha256
+from tests.e2e.conftest import GUEST_REGION_MIB, migrate
+from tests.e2e.deploy import GUEST, GUEST_PASSWORD, MIGSEC, PORT, run
+
+pytestmark = pytest.mark.lab
+
+
+def audit_ok(domain) -> str:
+    proc = domain.migsec("audit", "--config", str(domain.config), "verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def journal(domain, migration_id: str) -> dict:
+    proc = domain.migsec("jobs", "--json", "--config", str(domain.config), check=True)
+    rows = {r["migration_id"]: r for r in json.loads(proc.stdout)}
+    return rows.get(migration_id, {})
+
+
+def leftovers(domain, name: str) -> list[str]:
+    """Files of an incoming migration of ``name`` left on ``domain``'s host."""
+    found = [str(p) for p in domain.staging.glob("in-*")]
+    found += [str(p) for p in domain.lab.host(domain.host).image_dir.glob(f"{name}*")]
+    return found
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_state_intact(guest, host: str, counter_before: int) -> None:
+    """The guest on ``host`` is the same boot, its counter went on, memory and disk check out."""
+    counter = guest.wait_counter_beyond(host, counter_before, timeout=30)
+    assert counter > counter_before
+    dep = guest.dep
+    # a new MEM line, after the move, with the pattern's checksum (the guest checks every 5 s)
+    seen = len(guest.console(host).memory)
+    mem = wait_for(lambda: guest.console(host).memory[seen:], 30, "a memory check after the move")[0]
+    assert mem.ok and mem.sha256 == expected_memory_sha256(guest.seed, GUEST_REGION_MIB)
+    dep.lab.request_disk_check(host, guest.name)
+    check = wait_for(lambda: guest.console(host).disk_checks, 30, "the guest's disk check")[-1]
+    assert check.blocks > 0 and check.bad == 0
+
+
+def test_success_guest_continues_on_b(dep, guest):
+    a, b = dep["a"], dep["b"]
+    boot = guest.console("a").boots[-1]
+    code, result, err = migrate(dep, guest.name, "--undefinesource")
+    assert code == 0, err
+    assert result["ok"] and result["destination_did"] == b.did and result["bytes_on_wire"] > 0
+    # gone from A (undefined), running on B as the same boot whose counter continues
+    assert guest.state("a") == "absent"
+    assert guest.state("b") == "running"
+    last_on_a = guest.console("a").counters[-1]
+    on_b = guest.console("b")
+    assert not on_b.boots, "the guest rebooted on B"
+    assert_state_intact(guest, "b", last_on_a)
+    assert guest.console("b").counters[0] in range(last_on_a - 1, last_on_a + 3)
+    assert boot == guest.console("a").boots[-1]
+    # both sides journalled the end, and both ledgers verify, each holding the peer's signatures
+    mid = result["migration_id"]
+    assert journal(a, mid)["phase"] == "done" and journal(b, mid)["phase"] == "done"
+    for d in (a, b):
+        out = audit_ok(d)
+        assert "peer-signed" in out
+    assert not list(b.staging.glob("in-*"))
+
+
+def test_denied_at_source_by_policy(dep, guest):
+    before = guest.console("a").counters[-1]
+    code, result, err = migrate(dep, guest.name, user=GUEST, password=GUEST_PASSWORD)
+    assert code == 3, (result, err)
+    assert "policy" in result["message"] and result.get("where") == "source"
+    guest.assert_runs_only_on("a")
+    assert guest.console("a").counters[-1] > before
+    assert not leftovers(dep["b"], guest.name)
+
+
+def test_denied_at_destination_by_policy(dep, guest):
+    b = dep["b"]
+    b.write_policies(accept_from=["cloud-z.example"])
+    b.reload()
+    try:
+        code, result, err = migrate(dep, guest.name)
+    finally:
+        b.write_policies()
+        b.reload()
+    assert code == 3, (result, err)
+    assert "cloud-b.example refused" in result["message"] and "policy" in result["message"]
+    guest.assert_runs_only_on("a")
+    assert not leftovers(b, guest.name)
+
+
+def test_wrong_password(dep, guest):
+    code, result, err = migrate(dep, guest.name, password="not the password")
+    assert code == 3, (result, err)
+    assert "wrong password" in (result.get("message", "") + err)
+    guest.assert_runs_only_on("a")
+
+
+def test_unknown_peer_certificate(dep, guest, tmp_path):
+    """A's peer directory holds a certificate for cloud-b.example from a CA that A does not trust."""
+    a, b = dep["a"], dep["b"]
+    run([MIGSEC, "ca", "init", str(tmp_path / "rogue-ca"), "--name", "rogue CA"])
+    run([MIGSEC, "ca", "issue", "--did", b.did, "--out", str(tmp_path / "rogue"), "--ca", str(tmp_path / "rogue-ca")])
+    cfg = str(a.config)
+    run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+    run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
+         "--cert", str(tmp_path / "rogue" / "domain-cert.pem"), "--config", cfg])
+    try:
+        code, result, err = migrate(dep, guest.name)
+    finally:
+        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
+             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+    assert code != 0, result
+    assert "UnknownIssuer" in result.get("error", "") or "trusted" in result.get("message", ""), result
+    guest.assert_runs_only_on("a")
+    assert not leftovers(b, guest.name)
+
+
+def test_connection_cut_mid_transfer_resumes(dep, guest):
+    """A relay on A's side resets the connection after 40 MB; the transfer resumes and completes."""
+    a, b = dep["a"], dep["b"]
+    relay_port = PORT + 1
+    relay = dep.lab.host("a").popen(
+        [sys.executable, str(Path(__file__).with_name("relay.py")), f"{a.address}:{relay_port}",
+         f"{b.address}:{PORT}", str(40 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
+    cfg = str(a.config)
+    try:
+        assert relay.stdout.readline().strip() == "listening"
+        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}",
+             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+        last_on_a = guest.console("a").counters[-1]
+        code, result, err = migrate(dep, guest.name, "--undefinesource",
+                                    destination=f"migsec://{b.did}:{PORT}")
+    finally:
+        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
+             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+        relay.kill()
+        events = relay.stdout.read()
+        relay.wait()
+    assert "cut" in events, "the relay never cut the connection (transfer smaller than the cut?)"
+    assert events.count("connection") >= 1
+    assert code == 0, err
+    guest.assert_runs_only_on("b")
+    assert_state_intact(guest, "b", guest.console("a").counters[-1])
+    assert guest.console("b").counters[0] in range(last_on_a - 1, guest.console("a").counters[-1] + 3)
+    for d in (a, b):
+        audit_ok(d)
+
+
+def test_destination_daemon_killed_mid_transfer(dep, guest):
+    """B's migsecd dies mid-transfer: A rolls back (the guest runs on A), B keeps no partial files."""
+    a, b = dep["a"], dep["b"]
+    proc = a.lab.host("a").popen(
+        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
+         "--password-stdin", "--bandwidth", "10", "--config", str(a.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("correct horse battery staple\n")
+    proc.stdin.close()
+    try:
+        wait_for(lambda: any(p.stat().st_size > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
+                 60, "data arriving at B")
+        b.kill(signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        b.start()
+    assert proc.returncode == 4, (out, err)
+    assert json.loads(out)["rolled_back"] is True
+    guest.assert_runs_only_on("a")
+    # B's daemon restarts with partial files; recovery asks A, learns "abort", removes them
+    rec = b.migsec("recover", "--json", "--config", str(b.config))
+    assert rec.returncode == 0, rec.stderr
+    assert any("aborted" in action["outcome"] for action in json.loads(rec.stdout)), rec.stdout
+    assert not leftovers(b, guest.name)
+    guest.assert_runs_only_on("a")
+    for d in (a, b):
+        audit_ok(d)
+
+
+def test_source_daemon_killed_after_restore_then_recover(dep, guest):
+    """A's migsecd dies once B holds the restored guest; `migsec recover` leaves exactly one copy running."""
+    a, b = dep["a"], dep["b"]
+    last = guest.console("a").counters[-1]
+    proc = a.lab.host("a").popen(
+        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
+         "--password-stdin", "--config", str(a.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("correct horse battery staple\n")
+    proc.stdin.close()
+    try:
+        wait_for(lambda: guest.state("b") in ("paused", "running"), 120, "the guest restored on B")
+        a.kill(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        a.start()
+    rec = a.migsec("recover", "--json", "--config", str(a.config))
+    assert rec.returncode == 0, rec.stderr
+    running = [h for h in ("a", "b") if guest.state(h) == "running"]
+    assert len(running) == 1, {h: guest.state(h) for h in ("a", "b")}
+    host = running[0]
+    guest.assert_runs_only_on(host)
+    if host == "a":
+        assert guest.state("b") == "absent" and not leftovers(b, guest.name)
+    assert not guest.console(host).boots or host == "a"
+    assert_state_intact(guest, host, last)
+    for d in (a, b):
+        audit_ok(d)
