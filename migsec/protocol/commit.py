@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from migsec.crypto import SigningKey, VerifyingKey, sha256
 from migsec.crypto.envelope import jws_peek, jws_sign, jws_verify
 from migsec.errors import MalformedMessageError, SignatureError, TicketError, TicketTamperedError
-from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, check_ident
+from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, check_ident, jose_header_typ
 from migsec.protocol.messages import check_token, from_epoch, to_epoch
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,254}$")
@@ -57,9 +57,9 @@ class _Signed:
     def verify(cls: type[T], token: str, key: VerifyingKey, *, migration_id: str | None = None) -> T:
         """Check the signature (and, if given, the migration id); return the message."""
         check_token(token, cls.KIND, 3)
-        header, _ = jws_peek(token)
-        if header.get("typ") != cls.TYP:
-            raise MalformedMessageError(f"{cls.KIND} has JWS typ {header.get('typ')!r}, expected {cls.TYP!r}")
+        typ = jose_header_typ(token, cls.KIND)
+        if typ != cls.TYP:
+            raise MalformedMessageError(f"{cls.KIND} has JWS typ {typ!r}, expected {cls.TYP!r}")
         try:
             claims = jws_verify(token, key)
         except SignatureError as exc:

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from migsec.crypto import EphemeralKey, SigningKey, VerifyingKey, hkdf_sha256, random_bytes, sha256
-from migsec.crypto.envelope import jwe_decrypt, jwe_encrypt, jws_peek, jws_sign, jws_verify
+from migsec.crypto.envelope import jwe_decrypt, jwe_encrypt, jws_sign, jws_verify
 from migsec.errors import (
     DecryptionError,
     DidMismatchError,
@@ -35,7 +35,16 @@ from migsec.errors import (
     TicketTamperedError,
     UnexpectedMessageError,
 )
-from migsec.protocol.codec import MAX_EPOCH, VERSION, Fields, b64e, canonical_json, check_ident, parse_json_object
+from migsec.protocol.codec import (
+    MAX_EPOCH,
+    VERSION,
+    Fields,
+    b64e,
+    canonical_json,
+    check_ident,
+    jose_header_typ,
+    parse_json_object,
+)
 from migsec.protocol.errors import KeyBindingError, ReflectionError
 from migsec.protocol.framing import CLOSED, CONTROL_MAX, MIG_REQ, MIG_RESP, NEED_DATA, RECORD, RECORD_MAX, Frame, FrameDecoder, encode_frame
 from migsec.protocol.messages import AuthorizationTicket, MigrationRequest, check_token, from_epoch, to_epoch
@@ -60,8 +69,11 @@ class Identity(Protocol):
 
 
 class Peer(Protocol):
+    """migsec.pki.VerifiedPeer fits."""
+
     did: str
     public_key: VerifyingKey
+    not_after: datetime
 
 
 class Trust(Protocol):
@@ -164,11 +176,11 @@ def _open_signed(token_bytes: bytes, own_key: SigningKey, peer: Peer, want_typ: 
     except (DecryptionError, UnicodeDecodeError):
         raise HandshakeError(f"{what} body is not encrypted to this domain's key") from None
     check_token(token, f"{what} signed body", 3)
-    header, _ = jws_peek(token)
-    if header.get("typ") == other_typ:
+    typ = jose_header_typ(token, f"{what} signed body")
+    if typ == other_typ:
         raise ReflectionError(f"{what} body is a {other_typ}: our own kind of message came back")
-    if header.get("typ") != want_typ:
-        raise MalformedMessageError(f"{what} body has typ {header.get('typ')!r}, expected {want_typ!r}")
+    if typ != want_typ:
+        raise MalformedMessageError(f"{what} body has typ {typ!r}, expected {want_typ!r}")
     try:
         return token, jws_verify(token, peer.public_key)
     except SignatureError:
@@ -232,6 +244,7 @@ class SourceHandshake(_Machine):
         self._identity, self._trust, self._window = identity, trust, time_window
         self.peer_did = peer_did
         self._peer_cert = peer_cert_pem
+        self._verified_peer: Peer | None = None
         self._ephemeral: EphemeralKey | None = None
         self._nonce_a = b""
         self._mig_req = b""
@@ -257,6 +270,7 @@ class SourceHandshake(_Machine):
                 me.did, self.peer_did, request.vm, request.digest()):
             raise TicketTamperedError("Authr_Tkt does not match this request (DIDs, VM or digest)")
         peer = self._trust.verify(self._peer_cert, expected_did=self.peer_did, at=self._clock())
+        self._verified_peer = peer
         self.migration_id = check_ident(migration_id or random_bytes(16).hex(), "migration id")
         self.resume_of = None if resume_of is None else check_ident(resume_of, "resume_of")
         self._ephemeral = EphemeralKey.generate(CURVE)
@@ -294,7 +308,11 @@ class SourceHandshake(_Machine):
         f = _outer(frame.payload, "mig-resp")
         sealed, cert = f.string("body", max_len=CONTROL_MAX), _cert(f)
         f.done()
-        peer = self._trust.verify(cert, expected_did=self.peer_did, at=now)
+        known = self._verified_peer
+        if cert == self._peer_cert and known is not None and now < known.not_after:
+            peer = known  # the certificate we verified moments ago in initiate(); no second chain walk
+        else:
+            peer = self._trust.verify(cert, expected_did=self.peer_did, at=now)
         token, claims = _open_signed(sealed.encode("ascii"), self._identity.key, peer, RESP_TYP, REQ_TYP,
                                      "MigResp")
         b = Fields(claims, "MigResp body")

@@ -27,6 +27,7 @@ from migsec.protocol.codec import (
     canonical_json,
     check_ident,
     check_scalar_map,
+    jose_header_typ,
 )
 
 MODES = ("cold", "live")
@@ -194,9 +195,9 @@ class AuthorizationTicket:
     def verify(cls, token: str, key: VerifyingKey, *, now: datetime) -> "AuthorizationTicket":
         """Check the signature by the source domain's key and the validity window."""
         check_token(token, "Authr_Tkt", 3)
-        header, _ = jws_peek(token)
-        if header.get("typ") != AUTHZ_TYP:
-            raise MalformedMessageError(f"Authr_Tkt has JWS typ {header.get('typ')!r}, expected {AUTHZ_TYP!r}")
+        typ = jose_header_typ(token, "Authr_Tkt")
+        if typ != AUTHZ_TYP:
+            raise MalformedMessageError(f"Authr_Tkt has JWS typ {typ!r}, expected {AUTHZ_TYP!r}")
         try:
             claims = jws_verify(token, key)
         except SignatureError as exc:
