@@ -330,10 +330,17 @@ def parse_policy_bytes(data: bytes, source: str) -> tuple[M.Policy, list[Referen
 class PolicyStore:
     """Policies by id, one root, references resolved and checked for cycles."""
 
-    def __init__(self, root: M.Policy, by_id: dict[tuple[bool, str], M.Policy], by_file: dict[str, M.Policy]) -> None:
+    def __init__(self, root: M.Policy, by_id: dict[tuple[bool, str], M.Policy], by_file: dict[str, M.Policy],
+                 references: list[Reference] | None = None) -> None:
         self.root = root
         self.by_id = by_id
         self.by_file = by_file
+        self.references = references or []
+
+    def unreferenced(self) -> list[M.Policy]:
+        """Top-level policies that no reference (at any depth) points to: candidate roots."""
+        targets = {id(r.target) for r in self.references}
+        return [p for p in self.by_file.values() if id(p) not in targets]
 
 
 def load_policies(paths: Iterable[str | Path] | str | Path, root_id: str | None = None) -> PolicyStore:
@@ -382,7 +389,7 @@ def load_policy_documents(docs: list[tuple[bytes, str]], root_id: str | None = N
         root = found[0]
     for policy in tops:
         _check_cycles(policy, [])
-    return PolicyStore(root, by_id, {p.source: p for p in tops})
+    return PolicyStore(root, by_id, {p.source: p for p in tops}, refs)
 
 
 def _check_cycles(node: Any, stack: list[str]) -> None:

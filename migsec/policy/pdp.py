@@ -74,12 +74,7 @@ class PDP:
         if not files:
             raise PolicyError(f"{directory}: no *.xml policy files")
         store = load_policies(files)
-        referenced = set()
-        for p in store.by_id.values():
-            for child in getattr(p, "children", []):
-                if hasattr(child, "ref_id"):
-                    referenced.add((child.kind == "PolicySet", child.ref_id))
-        roots = [p for key, p in store.by_id.items() if key not in referenced]
+        roots = store.unreferenced()
         if len(roots) != 1:
             names = ", ".join(f"{p.id} ({Path(p.source).name})" for p in roots)
             raise PolicyReferenceError(f"{directory}: need exactly one root policy (not referenced by another), found: {names}")

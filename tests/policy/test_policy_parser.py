@@ -136,3 +136,11 @@ def test_directory_needs_one_root(tmp_path):
 def test_bad_requests_are_named(text, message):
     with pytest.raises(RequestSyntaxError, match=message):
         parse_request(text.encode(), "req")
+
+
+def test_directory_root_is_found_through_nested_references(tmp_path):
+    # Leaf is referenced only from a PolicySet nested inside Root, not from a top-level element
+    nested = _set("Inner", "<PolicySetIdReference>Leaf</PolicySetIdReference>").replace(f" {NS}", "")
+    (tmp_path / "a-root.xml").write_text(_set("Root", nested))
+    (tmp_path / "b-leaf.xml").write_text(_set("Leaf", ""))
+    assert PDP.from_directory(tmp_path).store.root.id == "Root"
