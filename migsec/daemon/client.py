@@ -142,6 +142,19 @@ def _read_password(password_stdin: bool, user: str) -> str:
 def migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
             timeout, user, config_path, password_stdin, use_agent) -> None:
     """Migrate the running DOMAIN to migsec://HOST:PORT securely."""
+    try:
+        _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+                 timeout, user, config_path, password_stdin, use_agent)
+    except MigsecError as exc:
+        if not as_json:
+            raise
+        reply = exc.reply if isinstance(exc, DaemonError) else wire.error_reply(exc)
+        click.echo(json.dumps({**reply, "ok": False}, sort_keys=True))
+        sys.exit(exc.exit_code)
+
+
+def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+             timeout, user, config_path, password_stdin, use_agent) -> None:
     from migsec.auth import client_exchange
     from migsec.daemon.progress import Progress, human_bytes
 
@@ -174,12 +187,9 @@ def migrate(domain, destination, verbose, persistent, undefinesource, bandwidth,
                     progress.message(str(reply.get("message", "")))
                 elif "event" not in reply:
                     result = reply.get("result", {})
-        except DaemonError as exc:
+        except DaemonError:
             if progress is not None:
                 progress.finish()
-            if as_json:
-                click.echo(json.dumps({"ok": False, **{k: v for k, v in exc.reply.items() if k != "ok"}}, sort_keys=True))
-                sys.exit(exc.exit_code)
             raise
         if progress is not None:
             progress.finish()

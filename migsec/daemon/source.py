@@ -71,19 +71,14 @@ class OutgoingMigration:
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
-        except MigsecError as exc:
+        except (MigsecError, ConnectionError) as exc:
+            # nothing was touched yet: the guest never stopped running here
             if not dry_run:
                 self.journal("aborted", reason=str(exc))
-                self.journal("rolled-back")
-            if isinstance(exc, AuthorizationDenied):
+                self.journal("rolled-back", how="never stopped")
+            if isinstance(exc, MigsecError):
                 raise
-            raise MigrationFailed(f"{self.dest_did}: {exc}; {self.domain} was not touched",
-                                  rolled_back=True) from exc
-        except ConnectionError as exc:
-            if not dry_run:
-                self.journal("aborted", reason=str(exc))
-                self.journal("rolled-back")
-            raise MigrationFailed(f"{exc}; {self.domain} was not touched", rolled_back=True) from exc
+            raise MigrationFailed(f"{exc}; {self.domain} was not touched") from exc
         self.step(f"{self.dest_did} accepted (certificates verified, its policy permits, capacity ok)")
         if dry_run:
             session.close()

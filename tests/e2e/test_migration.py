@@ -143,12 +143,12 @@ def test_unknown_peer_certificate(dep, guest, tmp_path):
 
 
 def test_connection_cut_mid_transfer_resumes(dep, guest):
-    """A relay on A's side resets the connection after 40 MB; the transfer resumes and completes."""
+    """A relay on A's side resets the connection after 24 MiB; the transfer resumes and completes."""
     a, b = dep["a"], dep["b"]
     relay_port = PORT + 1
     relay = dep.lab.host("a").popen(
         [sys.executable, str(Path(__file__).with_name("relay.py")), f"{a.address}:{relay_port}",
-         f"{b.address}:{PORT}", str(40 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
+         f"{b.address}:{PORT}", str(24 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
     cfg = str(a.config)
     try:
         assert relay.stdout.readline().strip() == "listening"
@@ -185,7 +185,7 @@ def test_destination_daemon_killed_mid_transfer(dep, guest):
     proc.stdin.write("correct horse battery staple\n")
     proc.stdin.close()
     try:
-        wait_for(lambda: any(p.stat().st_size > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
+        wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
                  60, "data arriving at B")
         b.kill(signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
