@@ -59,7 +59,7 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _b64url_decode(part: str, what: str) -> bytes:
-    if not part or any(c not in _B64URL for c in part) or len(part) % 4 == 1:
+    if not part or not _B64URL.issuperset(part) or len(part) % 4 == 1:
         raise MalformedMessageError(f"{what} is not base64url")
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
