@@ -379,6 +379,14 @@ def _parse_uri(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class XPathExpression:
+    """An xpathExpression request value: kept only to be echoed (IncludeInResult); XPath is not evaluated."""
+
+    text: str
+    xpath_category: str
+
+
+@dataclass(frozen=True)
 class DataType:
     uri: str
     short: str
@@ -427,6 +435,8 @@ def parse_value(datatype: str, text: str) -> Any:
 
 
 def format_value(datatype: str, value: Any) -> str:
+    if isinstance(value, XPathExpression):
+        return value.text
     return DATATYPES[canonical(datatype)].format(value)
 
 

@@ -160,7 +160,10 @@ def response_xml(resp: Response) -> bytes:
                     attrs["Issuer"] = a.issuer
                 ael = etree.SubElement(cel, "{%s}Attribute" % NS, attrs)
                 for dt, v in a.values:
-                    etree.SubElement(ael, "{%s}AttributeValue" % NS, DataType=dt).text = _text(dt, v)
+                    vel = etree.SubElement(ael, "{%s}AttributeValue" % NS, DataType=dt)
+                    vel.text = _text(dt, v)
+                    if isinstance(v, T.XPathExpression):
+                        vel.set("XPathCategory", v.xpath_category)
         if r.policy_ids:
             pl = etree.SubElement(res, "{%s}PolicyIdentifierList" % NS)
             for kind, pid, version in r.policy_ids:
@@ -172,6 +175,11 @@ def _json_attr_value(dt: str, v: Any) -> Any:
     if dt in (T.BOOLEAN, T.INTEGER) or (dt == T.DOUBLE and T.format_double(v) == repr(v)):
         return v
     return _text(dt, v)
+
+
+def _json_type(dt: str) -> str:
+    known = T.DATATYPES.get(dt)
+    return known.short if known else dt
 
 
 def response_json(resp: Response) -> bytes:
@@ -188,13 +196,13 @@ def response_json(resp: Response) -> bytes:
             if items:
                 out[key] = [{"Id": o.id, "AttributeAssignment": [
                     {k: v for k, v in (("AttributeId", a.attribute_id), ("Value", _json_attr_value(a.datatype, a.value)),
-                                       ("DataType", T.DATATYPES[a.datatype].short), ("Category", a.category),
+                                       ("DataType", _json_type(a.datatype)), ("Category", a.category),
                                        ("Issuer", a.issuer)) if v is not None} for a in o.assignments]} for o in items]
         if r.attributes:
             out["Category"] = [{"CategoryId": c.category, "Attribute": [
                 {k: v for k, v in (("AttributeId", a.attribute_id), ("Issuer", a.issuer),
                                    ("Value", [_json_attr_value(dt, v) for dt, v in a.values]),
-                                   ("DataType", T.DATATYPES[a.values[0][0]].short if a.values else None)) if v is not None}
+                                   ("DataType", _json_type(a.values[0][0]) if a.values else None)) if v is not None}
                 for a in c.attributes]} for c in r.attributes]
         if r.policy_ids:
             out["PolicyIdentifierList"] = {

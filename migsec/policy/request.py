@@ -117,8 +117,12 @@ def parse_request_xml(data: bytes, source: str = "<request>") -> Request:
                     if not dt:
                         raise fail(v, "missing DataType")
                     dt = T.canonical(dt)
-                    if dt == T.XPATHEXPRESSION:
-                        continue  # only XPath functions could use it
+                    if dt == T.XPATHEXPRESSION:  # kept for IncludeInResult; no policy can use one
+                        cat = v.get("XPathCategory")
+                        if not cat:
+                            raise fail(v, "an xpathExpression value needs an XPathCategory")
+                        values.append((dt, T.XPathExpression(v.text or "", cat)))
+                        continue
                     try:
                         values.append((dt, T.parse_value(dt, v.text or "")))
                     except T.ValueSyntaxError as exc:
