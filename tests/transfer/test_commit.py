@@ -1,0 +1,222 @@
+"""The commit exchange: signed Receipt / Decision / Resumed between two real domain keys.
+
+The hypervisor operations and the journal are injected; here they record calls, so the
+tests can check the one rule that matters: exactly one side ever runs the VM.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from migsec.errors import IntegrityError, JournalError, TicketError, UnexpectedMessageError
+from migsec.transfer import Manifest, ManifestEntry
+from migsec.transfer.commit import (
+    AWAIT_RESUMED,
+    DISCARDED,
+    DONE,
+    IN_DOUBT,
+    ROLLED_BACK,
+    RUNNING,
+    DestinationCommit,
+    SourceCommit,
+    as_control,
+)
+from transfer_helpers import A_DID, B_DID
+
+MID = "mig-commit-1"
+
+
+class Host:
+    """Records what the state machine asked the hypervisor and the journal to do."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.log: list[str] = []
+        self.fail_on = fail_on
+
+    def journal(self, phase: str, **fields) -> None:
+        if phase == self.fail_on:
+            raise JournalError(f"disk full writing {phase}")
+        self.log.append(f"journal:{phase}")
+
+    def action(self, name: str):
+        def run() -> None:
+            if name == self.fail_on:
+                from migsec.errors import VirtError
+                raise VirtError(f"{name} failed")
+            self.log.append(name)
+        return run
+
+    def count(self, name: str) -> int:
+        return self.log.count(name)
+
+
+def manifest(digest_seed: bytes = b"") -> tuple[Manifest, bytes]:
+    entries = (
+        ManifestEntry(1, "domain.xml", "xml", 100, 100, os.urandom(32).hex() if not digest_seed else "ab" * 32),
+        ManifestEntry(2, "disk0", "disk", 1 << 30, 300 << 20, "cd" * 32, "/var/lib/images/d.img"),
+    )
+    m = Manifest(MID, entries)
+    return m, m.to_json()
+
+
+def machines(domains, a_host: Host, b_host: Host, *, b_key=None):
+    a = SourceCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
+                     peer_key=domains.b.public_key, journal=a_host.journal,
+                     resume_vm=a_host.action("resume"), release_vm=a_host.action("release"))
+    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=os.urandom(32),
+                          key=b_key or domains.b.key, peer_key=domains.a.public_key, journal=b_host.journal,
+                          restore_paused=b_host.action("restore"), resume_vm=b_host.action("resume"),
+                          discard=b_host.action("discard"))
+    return a, b
+
+
+def test_commit_moves_the_vm_exactly_once(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    receipt = b.restore()
+    decision = a.receipt_received(receipt)
+    assert a.committed and a.state == AWAIT_RESUMED
+    resumed = b.decision_received(decision)
+    a.resumed_received(resumed)
+    assert (a.state, b.state) == (DONE, RUNNING)
+    assert ha.count("resume") == 0 and ha.count("release") == 1
+    assert hb.count("resume") == 1 and hb.count("discard") == 0
+    # durability order: the decision is journaled before it can leave A, and B journals it
+    # before running the VM
+    assert ha.log.index("journal:committed") < ha.log.index("release")
+    assert hb.log.index("journal:commit-received") < hb.log.index("resume")
+    assert as_control("decision", decision) == {"t": "decision", "jws": decision}
+
+
+def test_source_failure_before_decision_rolls_back_and_destination_discards(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    b.restore()
+    abort = a.fail("operator pressed ^C")
+    assert a.state == ROLLED_BACK and ha.count("resume") == 1 and "journal:committed" not in ha.log
+    assert b.decision_received(abort) is None
+    assert b.state == DISCARDED and hb.count("discard") == 1 and hb.count("resume") == 0
+
+
+def test_receipt_for_other_digests_aborts(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    sent, raw_sent = manifest()
+    other, raw_other = manifest(digest_seed=b"x")
+    a.streams_sent(sent, raw_sent)
+    b.streams_verified(other, raw_other)
+    with pytest.raises(IntegrityError):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and ha.count("resume") == 1 and not a.committed
+
+
+def test_receipt_signed_by_another_key_aborts(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb, b_key=domains.a.key)  # B's receipt signed with the wrong key
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    with pytest.raises(TicketError):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and ha.count("resume") == 1
+
+
+def test_commit_not_durable_means_abort(domains):
+    ha, hb = Host(fail_on="committed"), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    with pytest.raises(JournalError):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and ha.count("resume") == 1 and a.decision_token is None
+
+
+def test_destination_never_resumes_without_a_signed_commit(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    # a decision before any receipt: refused, nothing happens
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    receipt = b.restore()
+    # the link breaks after the receipt left: B is in doubt, neither runs nor discards
+    b.fail("connection lost")
+    assert b.state == IN_DOUBT and hb.count("resume") == 0 and hb.count("discard") == 0
+    # a "decision" signed by B's own key (forged) is refused
+    from migsec.protocol import Decision, token_hash
+    from datetime import datetime, timezone
+    forged = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
+                      issued_at=datetime.now(timezone.utc), receipt_hash=token_hash(receipt)).sign(domains.b.key)
+    with pytest.raises(TicketError):
+        b.decision_received(forged)
+    # a genuine commit for a different receipt is refused too
+    stale = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
+                     issued_at=datetime.now(timezone.utc), receipt_hash=os.urandom(32)).sign(domains.a.key)
+    with pytest.raises(TicketError):
+        b.decision_received(stale)
+    assert b.state == IN_DOUBT and hb.count("resume") == 0
+    # A's real decision, delivered by recovery, settles it
+    b.decision_received(a.receipt_received(receipt))
+    assert b.state == RUNNING and hb.count("resume") == 1 and ha.count("resume") == 0
+
+
+def test_commit_before_restore_is_illegal(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    b.streams_verified(m, raw)
+    from migsec.protocol import Decision
+    from datetime import datetime, timezone
+    early = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
+                     issued_at=datetime.now(timezone.utc), receipt_hash=os.urandom(32)).sign(domains.a.key)
+    with pytest.raises(UnexpectedMessageError):
+        b.decision_received(early)
+    assert hb.count("resume") == 0
+
+
+def test_source_failure_after_commit_never_resumes_the_source(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    decision = a.receipt_received(b.restore())
+    again = a.fail("link to B broke before Resumed")
+    assert again == decision and a.state == AWAIT_RESUMED and ha.count("resume") == 0
+    a.resumed_received(b.decision_received(again))
+    assert a.state == DONE and ha.count("release") == 1
+
+
+def test_restore_failure_discards_before_any_receipt(domains):
+    ha, hb = Host(), Host(fail_on="restore")
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    b.streams_verified(m, raw)
+    from migsec.errors import VirtError
+    with pytest.raises(VirtError):
+        b.restore()
+    assert b.state == DISCARDED and hb.count("discard") == 1 and b.receipt_token is None
+
+
+def test_resumed_for_another_decision_does_not_release(domains):
+    ha, hb = Host(), Host()
+    a, b = machines(domains, ha, hb)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    a.receipt_received(b.restore())
+    from migsec.protocol import Resumed
+    from datetime import datetime, timezone
+    wrong = Resumed(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision_hash=os.urandom(32),
+                    issued_at=datetime.now(timezone.utc)).sign(domains.b.key)
+    with pytest.raises(TicketError):
+        a.resumed_received(wrong)
+    assert ha.count("release") == 0 and a.state == AWAIT_RESUMED
