@@ -1,0 +1,18 @@
+"""migsec's libvirt ``qemu`` hook (installed as ``/etc/libvirt/hooks/qemu.d/50-migsec``).
+
+libvirt runs the hook as ``50-migsec DOMAIN OPERATION SUB-OPERATION EXTRA`` with the domain
+XML on stdin and waits for it, so the hook stays small, imports lazily and never calls back
+into libvirt (that would deadlock libvirtd). ``migsec.hooks.qemu.main(argv)`` does:
+
+- ``migrate begin`` (on a destination): refuse libvirt's own incoming migration, exit 1 with
+  the reason on stderr, unless ``[hooks] allow_native_migration``; either way it is audited;
+- ``restore begin``: apply ``[storage] map`` / ``[network] map`` / ``bridge_map`` to a save
+  image's XML that comes from another host (``migsec.hooks.mapping``) and print the result;
+  nothing is printed (= unchanged) for a local restore;
+- ``started begin``, ``stopped end``, ``release end``: append a signed audit record.
+
+The configuration is ``$MIGSEC_CONFIG`` or ``/etc/migsec/migsecd.toml`` (``migsec install``
+writes the path into the installed script, because libvirt gives hooks a minimal environment).
+
+Nothing is imported here so that ``import migsec.hooks.qemu`` stays cheap.
+"""
