@@ -19,10 +19,12 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import time
+import tty
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -382,8 +384,19 @@ class Lab:
         pty = h.virsh("ttyconsole", name).strip()
         if not pty.startswith("/dev/pts/"):
             raise LabError(f"guest {name} on {host} has no console pty (got {pty!r})")
-        with open(pty, "wb", buffering=0) as f:
-            f.write(b"verify\n")
+        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY)
+        try:
+            # Raw, or the pty would echo the guest's own output back into the guest.
+            tty.setraw(fd)
+            os.write(fd, b"verify\r")
+            # QEMU notices a pty client only on its next poll (every second) and drops
+            # what is pending when the client leaves, so stay a while, draining output.
+            deadline = time.monotonic() + 2.5
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([fd], [], [], left)[0]:
+                    os.read(fd, 65536)
+        finally:
+            os.close(fd)
 
     # --- status and down ------------------------------------------------------------
     def status(self) -> dict:
