@@ -172,6 +172,9 @@ def call(fn: Function, args: Sequence[Any]) -> Any:
     try:
         return fn.impl(*args)
     except EvalError as exc:
+        inner = getattr(exc, "indeterminate", None)
+        if inner is not None:  # an argument's own status (e.g. missing-attribute) is kept
+            raise inner from exc
         raise processing_error(str(exc)) from exc
     except (ArithmeticError, ValueError) as exc:  # e.g. integer overflow into float
         raise processing_error(f"{fn.id}: {exc}") from exc
@@ -204,7 +207,10 @@ def _thunk(expr: Expr, ctx: Context) -> Callable[[], Any]:
         try:
             return expr.evaluate(ctx)
         except Indeterminate as exc:
-            raise EvalError(exc.status.message) from exc
+            # lazy functions (and/or/n-of) see an EvalError; call() restores the original status
+            err = EvalError(exc.status.message)
+            err.indeterminate = exc  # type: ignore[attr-defined]
+            raise err from exc
 
     return run
 

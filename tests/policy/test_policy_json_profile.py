@@ -75,3 +75,20 @@ def test_json_multi_requests():
     }}).encode()
     out = json.loads(pdp.evaluate(parse_request(js)).serialize())["Response"]
     assert [r["Decision"] for r in out] == ["Permit", "Deny"]
+
+
+def test_missing_attribute_status_survives_and(tmp_path):
+    (tmp_path / "p.xml").write_text("""<Policy xmlns="urn:oasis:names:tc:xacml:3.0:core:schema:wd-17" PolicyId="p"
+      Version="1" RuleCombiningAlgId="urn:oasis:names:tc:xacml:1.0:rule-combining-algorithm:first-applicable">
+      <Target/><Rule RuleId="r" Effect="Permit"><Condition>
+      <Apply FunctionId="urn:oasis:names:tc:xacml:1.0:function:and">
+        <AttributeValue DataType="http://www.w3.org/2001/XMLSchema#boolean">true</AttributeValue>
+        <Apply FunctionId="urn:oasis:names:tc:xacml:1.0:function:boolean-one-and-only">
+          <AttributeDesignator Category="urn:oasis:names:tc:xacml:3.0:attribute-category:resource"
+            AttributeId="urn:example:flag" MustBePresent="true"
+            DataType="http://www.w3.org/2001/XMLSchema#boolean"/></Apply>
+      </Apply></Condition></Rule></Policy>""")
+    r = PDP.from_directory(tmp_path).evaluate(parse_request(b'{"Request": {}}')).results[0]
+    assert r.decision == "Indeterminate"
+    assert r.status.code == "urn:oasis:names:tc:xacml:1.0:status:missing-attribute"
+    assert [m.attribute_id for m in r.status.missing] == ["urn:example:flag"]
