@@ -6,10 +6,12 @@ tests can check the one rule that matters: exactly one side ever runs the VM.
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 
 import pytest
 
-from migsec.errors import IntegrityError, JournalError, TicketError, UnexpectedMessageError
+from migsec.errors import IntegrityError, JournalError, TicketError, UnexpectedMessageError, VirtError
+from migsec.protocol import Decision, Resumed, token_hash
 from migsec.transfer import Manifest, ManifestEntry
 from migsec.transfer.commit import (
     AWAIT_RESUMED,
@@ -42,7 +44,6 @@ class Host:
     def action(self, name: str):
         def run() -> None:
             if name == self.fail_on:
-                from migsec.errors import VirtError
                 raise VirtError(f"{name} failed")
             self.log.append(name)
         return run
@@ -51,9 +52,9 @@ class Host:
         return self.log.count(name)
 
 
-def manifest(digest_seed: bytes = b"") -> tuple[Manifest, bytes]:
+def manifest(xml_digest: str = "ab" * 32) -> tuple[Manifest, bytes]:
     entries = (
-        ManifestEntry(1, "domain.xml", "xml", 100, 100, os.urandom(32).hex() if not digest_seed else "ab" * 32),
+        ManifestEntry(1, "domain.xml", "xml", 100, 100, xml_digest),
         ManifestEntry(2, "disk0", "disk", 1 << 30, 300 << 20, "cd" * 32, "/var/lib/images/d.img"),
     )
     m = Manifest(MID, entries)
@@ -109,7 +110,7 @@ def test_receipt_for_other_digests_aborts(domains):
     ha, hb = Host(), Host()
     a, b = machines(domains, ha, hb)
     sent, raw_sent = manifest()
-    other, raw_other = manifest(digest_seed=b"x")
+    other, raw_other = manifest(xml_digest="ef" * 32)
     a.streams_sent(sent, raw_sent)
     b.streams_verified(other, raw_other)
     with pytest.raises(IntegrityError):
@@ -143,7 +144,6 @@ def test_destination_never_resumes_without_a_signed_commit(domains):
     ha, hb = Host(), Host()
     a, b = machines(domains, ha, hb)
     m, raw = manifest()
-    # a decision before any receipt: refused, nothing happens
     a.streams_sent(m, raw)
     b.streams_verified(m, raw)
     receipt = b.restore()
@@ -151,8 +151,6 @@ def test_destination_never_resumes_without_a_signed_commit(domains):
     b.fail("connection lost")
     assert b.state == IN_DOUBT and hb.count("resume") == 0 and hb.count("discard") == 0
     # a "decision" signed by B's own key (forged) is refused
-    from migsec.protocol import Decision, token_hash
-    from datetime import datetime, timezone
     forged = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
                       issued_at=datetime.now(timezone.utc), receipt_hash=token_hash(receipt)).sign(domains.b.key)
     with pytest.raises(TicketError):
@@ -173,8 +171,6 @@ def test_commit_before_restore_is_illegal(domains):
     a, b = machines(domains, ha, hb)
     m, raw = manifest()
     b.streams_verified(m, raw)
-    from migsec.protocol import Decision
-    from datetime import datetime, timezone
     early = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
                      issued_at=datetime.now(timezone.utc), receipt_hash=os.urandom(32)).sign(domains.a.key)
     with pytest.raises(UnexpectedMessageError):
@@ -200,7 +196,6 @@ def test_restore_failure_discards_before_any_receipt(domains):
     a, b = machines(domains, ha, hb)
     m, raw = manifest()
     b.streams_verified(m, raw)
-    from migsec.errors import VirtError
     with pytest.raises(VirtError):
         b.restore()
     assert b.state == DISCARDED and hb.count("discard") == 1 and b.receipt_token is None
@@ -213,8 +208,6 @@ def test_resumed_for_another_decision_does_not_release(domains):
     a.streams_sent(m, raw)
     b.streams_verified(m, raw)
     a.receipt_received(b.restore())
-    from migsec.protocol import Resumed
-    from datetime import datetime, timezone
     wrong = Resumed(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision_hash=os.urandom(32),
                     issued_at=datetime.now(timezone.utc)).sign(domains.b.key)
     with pytest.raises(TicketError):
