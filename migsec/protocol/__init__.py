@@ -34,6 +34,8 @@ Record layer (``migsec.protocol.records``), built from the handshake's SessionKe
         (type must be RECORD), readinto a reused buffer of ``length`` bytes, then
         ``open_record_into(payload_view, out) -> event``; a Data event's ``data``
         is then a memoryview of ``out`` (valid until ``out`` is reused).
+    Threads: one thread may send while another receives (the two directions keep
+        separate state); calls within one direction must be serialized by the caller.
     State: acked(ch) (what the peer acknowledged of ours), sent_position(ch),
         received_position(ch), open_channels(), peer_closed, records_sent/received.
     Errors: RecordAuthError (tampered), RecordSequenceError (reordered, dropped,
@@ -85,7 +87,8 @@ trust = pki.TrustStore
         ``frame = hs.initiate(request, authr_tkt_token, migration_id=None, resume_of=None)``;
         then ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationAccepted(keys,
         peer, signed_response) | MigrationRefused(migration_id, reason, ...) | NEED_DATA.
-        ``hs.migration_id`` is set by initiate.
+        ``hs.migration_id`` and ``hs.signed_request`` (A's JWS, for the ledger) are set by
+        initiate. A re-verifies Cert_B only if it differs from ``peer_cert_pem``.
     B: ``hs = DestinationHandshake(identity, trust, replay_cache=, clock=)``;
         ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationProposed(migration_id,
         resume_of, src_did, user_id, request, authorization, authorization_token, peer,

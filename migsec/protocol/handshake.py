@@ -251,6 +251,7 @@ class SourceHandshake(_Machine):
         self.migration_id = ""
         self.resume_of: str | None = None
         self.keys: SessionKeys | None = None
+        self.signed_request: str | None = None  # our JWS body of MigReq, for the audit ledger
 
     def initiate(self, request: MigrationRequest, authorization_token: str, *,
                  migration_id: str | None = None, resume_of: str | None = None) -> bytes:
@@ -284,6 +285,7 @@ class SourceHandshake(_Machine):
         if self.resume_of is not None:
             body["resume_of"] = self.resume_of
         signed = jws_sign(body, me.key, typ=REQ_TYP)
+        self.signed_request = signed
         sealed = jwe_encrypt(signed.encode("ascii"), peer.public_key)
         self._mig_req = canonical_json({"v": VERSION, "t": "mig-req", "body": sealed, "authr_tkt": token,
                                         "cert": me.cert_pem.decode("ascii")})
@@ -364,6 +366,7 @@ class DestinationHandshake(_Machine):
         self._nonce_a = b""
         self._mig_req = b""
         self.keys: SessionKeys | None = None
+        self.signed_response: str | None = None  # our JWS body of MigResp, for the audit ledger
 
     def next_event(self) -> MigrationProposed | object:
         frame = self._next_frame()
