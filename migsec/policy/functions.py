@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Callable, Sequence
 
 from migsec.policy import datatypes as T
@@ -423,9 +421,3 @@ for _fid in [f for f in FUNCTIONS if f.startswith(F3 + "dayTimeDuration-") or f.
 
 def lookup(fid: str) -> Function | None:
     return FUNCTIONS.get(fid)
-
-
-def normalise_zero(value: Any) -> Any:
-    if isinstance(value, Decimal) and value == 0:
-        return Decimal(0)
-    return value

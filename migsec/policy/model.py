@@ -6,7 +6,6 @@ policy and policy-set level.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -437,7 +436,3 @@ class PolicySet(Policy):
         if result.decision != NA:
             ctx.applicable.append(("PolicySet", self.id, self.version))
         return result
-
-
-def same_value(a: Any, b: Any) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))

@@ -19,7 +19,6 @@ from migsec.errors import PolicyError, RequestSyntaxError
 from migsec.policy import datatypes as T
 from migsec.policy.parser import X
 from migsec.policy.pdp import PDP
-from migsec.policy.parser import load_policies
 from migsec.policy.request import parse_request
 
 REPO = Path(__file__).resolve().parents[2]
