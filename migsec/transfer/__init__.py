@@ -1,4 +1,67 @@
-"""migsec.transfer: VM state as streams over the record layer (placeholder doc, see below)."""
+"""migsec.transfer: VM state as streams over the record layer, and the commit exchange.
+
+For the daemon: run ``send_streams`` / ``receive_streams`` in a thread on a blocking socket
+after the inter-domain handshake produced ``SessionKeys`` (FACTS.md: ~2x faster than asyncio
+streams for bulk data).
+
+Sources (A) -- ``source.py``, ``extents.py``
+    ``StreamSource(channel, name, kind, *, path=None | data=None, target="")``; kind is one of
+    ``KINDS = ("xml", "disk", "memory", "manifest")``; channels 1..65534 (0 is control,
+    ``MANIFEST_CHANNEL`` = 65535). ``.spec -> StreamSpec(channel, name, kind, size, target)``,
+    ``.pieces(start)`` yields ("data", off, len, view) / ("hole", off, len, None) from a resume
+    offset, ``.digest() -> (hex, allocated_bytes)`` (hashed in a background thread).
+    ``iter_extents(path) -> Extent(kind, offset, length)``: SEEK_DATA/SEEK_HOLE plus all-zero
+    64 KiB blocks (``BLOCK``).
+
+Stream digest ("migsec-stream-digest-v1", ``extents.py``)
+    SHA-256 over the canonical block sequence: ``Z||count`` per run of all-zero 64 KiB blocks,
+    ``D||bytes`` per data block, ``E||size`` at the end. Independent of chunking and of how
+    the file system stores zeros, and holes cost nothing to hash; each side computes it by
+    reading the file (B reads back what it wrote). ``file_digest(path)``, ``bytes_digest(b)``.
+    It is the 32-byte value in END records, the manifest and the signed Receipt.
+
+Sinks (B) -- ``sink.py``
+    ``Staging.open(directory, specs=())`` creates or reopens (resume) a 0700 staging dir with
+    ``ch<N>.part`` files (pre-sized, holes never written) and ``state.json`` (acked offsets,
+    written atomically). ``.add(spec)``, ``.sink(channel)``, ``.by_name(name)`` ->
+    ``StreamSink`` (``.path``, ``.write(off, data)``, ``.hole(off, len)``, ``.sync()``,
+    ``.end(size, digest_hex)`` -> IntegrityError naming the stream), ``.resume_offsets()``,
+    ``.checkpoint()``, ``.read_bytes(channel)``, ``.commit()`` (renames every stream with a
+    target into place; streams without a target, e.g. the memory image, stay at ``.path``),
+    ``.discard()`` (removes part files, installed targets and the directory; a target that
+    existed before is refused at ``add``), ``.close()`` (after the VM runs: drop staging only).
+
+Data plane -- ``plane.py``
+    ``send_streams(sock, records, sources, *, bandwidth_limit=None (MiB/s), progress=None,
+    timeout=60) -> SendResult(manifest, manifest_json, wire_bytes, logical_bytes, data_bytes)``.
+    ``sources`` is iterated lazily (yield the memory source once the save finished). Resume
+    offsets come from B's staging in the first record B sends, so a resumed session just
+    calls send_streams again with the same sources on the new session.
+    ``receive_streams(sock, records, staging_dir, expected: {name: Expected(kind, target="",
+    size=None, max_size=None)}, *, ack_interval=16 MiB, timeout=60) -> ReceiveResult(manifest,
+    manifest_json, staging, wire_bytes, resumed_from)``. Returns once every stream was written,
+    fsynced and verified and the manifest matched. On failure B makes what it wrote durable
+    (resume point), tells A why (A raises IntegrityError / ResumeError / TransferError with
+    B's reason), and raises; ``PeerConnectionError`` (a TransferError) means the link broke
+    and a resume can follow. ``progress(Progress(stream, done, total, all_done, all_total,
+    wire_bytes))`` is called at most every 0.1 s and at the end of every stream.
+    ``Manifest`` / ``ManifestEntry(channel, name, kind, size, allocated, digest, target)``:
+    ``.to_json()`` is the canonical form to sign, ``Manifest.from_json`` the strict decoder.
+    The record layer is not closed: the commit messages can follow on channel 0.
+
+Commit exchange -- ``commit.py`` (DESIGN §3.4)
+    ``SourceCommit(migration_id, src_did, dest_did, key, peer_key, journal, resume_vm,
+    release_vm)``: ``streams_sent(manifest, manifest_json)``, ``receipt_received(token) ->
+    decision token`` (journals "committed" before returning it), ``resumed_received(token)``,
+    ``fail(reason) -> abort Decision`` (resumes A) or, after the commit, the commit Decision to
+    resend (A never resumes then). ``DestinationCommit(..., transcript_hash, restore_paused,
+    resume_vm, discard)``: ``streams_verified(manifest, manifest_json)``, ``restore() ->
+    Receipt token``, ``decision_received(token) -> Resumed token | None``, ``fail(reason)``
+    (DISCARDED before the receipt, IN_DOUBT after it: never resumes without A's signed
+    commit). ``journal(phase, **fields)`` uses the phase names of ``migsec.daemon.journal``.
+    ``as_control(kind, token)`` is the channel-0 CONTROL body.
+"""
+from migsec.transfer.commit import DestinationCommit, SourceCommit, as_control
 from migsec.transfer.extents import BLOCK, Extent, StreamDigest, bytes_digest, file_digest, iter_extents
 from migsec.transfer.manifest import Manifest, ManifestEntry
 from migsec.transfer.plane import (
@@ -15,3 +78,11 @@ from migsec.transfer.plane import (
 )
 from migsec.transfer.sink import Staging, StreamSink
 from migsec.transfer.source import KINDS, StreamSource, StreamSpec
+
+__all__ = [
+    "ACK_INTERVAL", "BLOCK", "KINDS", "MANIFEST_CHANNEL",
+    "DestinationCommit", "Expected", "Extent", "Manifest", "ManifestEntry", "PeerConnectionError",
+    "Progress", "ReceiveResult", "SendResult", "SourceCommit", "Staging", "StreamDigest",
+    "StreamSink", "StreamSource", "StreamSpec", "TokenBucket",
+    "as_control", "bytes_digest", "file_digest", "iter_extents", "receive_streams", "send_streams",
+]

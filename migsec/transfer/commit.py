@@ -50,6 +50,8 @@ def _utc_now() -> datetime:
 def receipt_streams(manifest: Manifest, manifest_json: bytes) -> dict[str, bytes]:
     """What a receipt vouches for: every stream digest, and the manifest's SHA-256."""
     streams = {e.name: bytes.fromhex(e.digest) for e in manifest.streams}
+    if MANIFEST_STREAM in streams:
+        raise IntegrityError(f"a stream may not be called {MANIFEST_STREAM!r} (reserved for the manifest)")
     streams[MANIFEST_STREAM] = sha256(manifest_json)
     return streams
 
