@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from migsec.errors import PolicyReferenceError, PolicySyntaxError, RequestSyntaxError, UnsafeXmlError
 from migsec.policy import PDP, load_policies, parse_request
@@ -144,3 +147,28 @@ def test_directory_root_is_found_through_nested_references(tmp_path):
     (tmp_path / "a-root.xml").write_text(_set("Root", nested))
     (tmp_path / "b-leaf.xml").write_text(_set("Leaf", ""))
     assert PDP.from_directory(tmp_path).store.root.id == "Root"
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+                         st.sampled_from(["Request", "Resource", "Action", "Attribute", "AttributeId", "Value",
+                                          "DataType", "Category", "CategoryId", "MultiRequests", "x"]), kids, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_any_json_request_parses_or_is_refused_cleanly(doc):
+    try:
+        parse_request(json.dumps({"Request": doc}).encode(), "fuzz")
+    except RequestSyntaxError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_parse_or_are_refused_cleanly(data):
+    try:
+        parse_request(b"<Request " + data, "fuzz")
+    except (RequestSyntaxError, UnsafeXmlError):
+        pass
