@@ -94,8 +94,9 @@ trust = pki.TrustStore
         resume_of, src_did, user_id, request, authorization, authorization_token, peer,
         signed_request) | NEED_DATA. Run policy + capacity, then ``hs.accept() -> frame``
         (``hs.keys`` set; ``hs.signed_response`` for the ledger) or ``hs.refuse(reason)``.
-    After DONE, ``hs.trailing_data()`` returns bytes already received past the
-    handshake: feed them to the RecordLayer. ``hs.state`` in IDLE / AWAITING_* /
+    In DECIDING / DONE / REFUSED ``next_event()`` returns NEED_DATA and leaves further
+    bytes alone; after DONE, ``hs.trailing_data()`` returns bytes already received past
+    the handshake: feed them to the RecordLayer. ``hs.state`` in IDLE / AWAITING_* /
     DECIDING / DONE / REFUSED / ERROR; illegal moves raise UnexpectedMessageError.
     Refusals: UnknownIssuerError, CertificateExpiredError, DidMismatchError,
     CertificateRevokedError, KeyUsageError (from the TrustStore), TicketTamperedError,

@@ -97,6 +97,8 @@ SOURCE_TRANSITIONS = {
     (AWAITING_RESPONSE, "receive MigResp ack"): DONE,
     (AWAITING_RESPONSE, "receive MigResp nack"): REFUSED,
 }
+# states in which next_event() leaves further bytes alone (NEED_DATA)
+_PAUSED = (DECIDING, DONE, REFUSED)
 DESTINATION_TRANSITIONS = {
     (AWAITING_REQUEST, "receive MigReq"): DECIDING,
     (DECIDING, "send MigResp ack"): DONE,
@@ -224,10 +226,12 @@ class _Machine:
     def _next_frame(self) -> Frame | object:
         if self.state == ERROR:
             raise UnexpectedMessageError("handshake is in ERROR state")
+        if self.state in _PAUSED:
+            return NEED_DATA  # what follows belongs to the record layer: see trailing_data()
         frame = self._guard(self._decoder.next_frame)
         if frame is CLOSED:
-            self.state = ERROR
-            raise HandshakeError(f"connection closed during the handshake (state {self.state})")
+            state, self.state = self.state, ERROR
+            raise HandshakeError(f"connection closed during the handshake (state {state})")
         return frame
 
 

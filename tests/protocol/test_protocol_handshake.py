@@ -75,6 +75,7 @@ def test_handshake_then_records(pki, clock, replay_cache):
     assert accepted.keys == dst.keys and accepted.keys.migration_id == proposed.migration_id
     assert accepted.keys.a_to_b != accepted.keys.b_to_a
 
+    assert src.next_event() is NEED_DATA  # the record that followed is left for the record layer
     a_records = RecordLayer(accepted.keys, "source")
     a_records.receive_data(src.trailing_data())
     assert a_records.next_event().message == {"ready": True}
