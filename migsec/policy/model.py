@@ -75,21 +75,42 @@ class Result:
     advice: list[Obligation] = field(default_factory=list)
 
 
-class Context:
-    """One request as the evaluator sees it: attribute bags by (category, id, data type)."""
+# (category, attribute id, data type) -> [(issuer, value)]; the PDP's attribute finder (a PIP)
+AttributeProvider = Callable[[str, str, str], "list[tuple[str | None, Any]]"]
 
-    def __init__(self, attributes: dict[tuple[str, str, str], list[tuple[str | None, Any]]]) -> None:
+
+class Context:
+    """One request as the evaluator sees it: attribute bags by (category, id, data type).
+
+    An attribute the request lacks is asked of ``provider`` once (if there is one), so values
+    that are costly to compute are only fetched when a policy needs them.
+    """
+
+    def __init__(self, attributes: dict[tuple[str, str, str], list[tuple[str | None, Any]]],
+                 provider: AttributeProvider | None = None) -> None:
         self.attributes = attributes
+        self.provider = provider
         self.variables: dict[int, Any] = {}
         # every Policy/PolicySet evaluated with a result other than NotApplicable (ReturnPolicyIdList),
         # as AuthzForce reports it: also those that did not decide the combined result
         self.applicable: list[tuple[str, str, str]] = []
 
     def bag(self, category: str, attribute_id: str, datatype: str, issuer: str | None) -> list[Any]:
-        found = self.attributes.get((category, attribute_id, datatype), ())
+        key = (category, attribute_id, datatype)
+        found = self.attributes.get(key)
+        if found is None:
+            found = self.attributes[key] = self._provide(key)
         if issuer is None:
             return [v for _, v in found]
         return [v for iss, v in found if iss == issuer]
+
+    def _provide(self, key: tuple[str, str, str]) -> list[tuple[str | None, Any]]:
+        if self.provider is None:
+            return []
+        try:
+            return list(self.provider(*key))
+        except Exception as exc:  # a PIP failure is this attribute's Indeterminate, not a crash
+            raise processing_error(f"attribute provider failed for {key[1]}: {type(exc).__name__}: {exc}") from exc
 
 
 # --- expressions -------------------------------------------------------------------------------

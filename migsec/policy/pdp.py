@@ -53,8 +53,12 @@ class PDP:
     """Evaluate requests against one root policy. ``clock`` supplies current-time when absent."""
 
     def __init__(self, store: PolicyStore, clock: Callable[[], _dt.datetime] | None = None,
-                 extra_roots: list[M.Policy] | None = None) -> None:
+                 extra_roots: list[M.Policy] | None = None,
+                 attribute_provider: M.AttributeProvider | None = None) -> None:
+        """``attribute_provider(category, attribute_id, data_type) -> [(issuer, value)]`` is asked
+        for attributes a request lacks (a PIP); it may raise, which makes them Indeterminate."""
         self.store = store
+        self.attribute_provider = attribute_provider
         self.clock = clock or (lambda: _dt.datetime.now(_dt.timezone.utc))
         # several initial policies: the one whose target applies is used, two applicable is an error
         self.roots = [store.root, *(extra_roots or [])]
@@ -96,7 +100,7 @@ class PDP:
             if key not in index:  # §10.2.5: the PDP supplies the current time, one instant per request
                 now = now or T.now_values(self.clock())
                 index[key] = [(None, now[name][1])]
-        ctx = M.Context(index)
+        ctx = M.Context(index, self.attribute_provider)
         result = self.roots[0].evaluate(ctx) if len(self.roots) == 1 else only_one_applicable(self.roots, ctx)
         decision = _PUBLIC.get(result.decision, result.decision)
         decided = decision in (M.PERMIT, M.DENY)

@@ -92,3 +92,34 @@ def test_missing_attribute_status_survives_and(tmp_path):
     assert r.decision == "Indeterminate"
     assert r.status.code == "urn:oasis:names:tc:xacml:1.0:status:missing-attribute"
     assert [m.attribute_id for m in r.status.missing] == ["urn:example:flag"]
+
+
+def test_attribute_provider_is_asked_only_for_missing_attributes(tmp_path):
+    asked = []
+
+    def pip(category, attribute_id, datatype):
+        asked.append(attribute_id)
+        if attribute_id == "urn:migsec:resource:memory-bytes":
+            raise OSError("libvirt unreachable")
+        return [(None, 4)] if attribute_id == "urn:migsec:resource:vcpus" else []
+
+    pdp = PDP.from_directory(DEFAULT_DIR, attribute_provider=pip)
+    js = json.dumps({"Request": {
+        "Action": {"Attribute": [{"AttributeId": "urn:oasis:names:tc:xacml:1.0:action:action-id", "Value": "receive-migration"}]},
+        "Environment": {"Attribute": [{"AttributeId": "urn:migsec:environment:source-domain", "Value": "cloud-a.example"}]},
+        "Resource": {"Attribute": [{"AttributeId": "urn:migsec:resource:memory-bytes", "Value": 1024}]}}}).encode()
+    assert pdp.evaluate(parse_request(js)).results[0].decision == "Permit"
+    assert "urn:migsec:resource:vcpus" in asked and "urn:migsec:resource:memory-bytes" not in asked
+    # a failing provider makes the attribute Indeterminate (processing-error), not an exception
+    (tmp_path / "p.xml").write_text("""<Policy xmlns="urn:oasis:names:tc:xacml:3.0:core:schema:wd-17" PolicyId="p"
+      Version="1" RuleCombiningAlgId="urn:oasis:names:tc:xacml:1.0:rule-combining-algorithm:first-applicable">
+      <Target/><Rule RuleId="r" Effect="Permit"><Condition>
+      <Apply FunctionId="urn:oasis:names:tc:xacml:1.0:function:integer-is-in">
+        <AttributeValue DataType="http://www.w3.org/2001/XMLSchema#integer">1024</AttributeValue>
+        <AttributeDesignator Category="urn:oasis:names:tc:xacml:3.0:attribute-category:resource"
+          AttributeId="urn:migsec:resource:memory-bytes" MustBePresent="false"
+          DataType="http://www.w3.org/2001/XMLSchema#integer"/>
+      </Apply></Condition></Rule></Policy>""")
+    r = PDP.from_directory(tmp_path, attribute_provider=pip).evaluate(parse_request(b'{"Request": {}}')).results[0]
+    assert (r.decision, r.status.code) == ("Indeterminate", "urn:oasis:names:tc:xacml:1.0:status:processing-error")
+    assert "libvirt unreachable" in r.status.message

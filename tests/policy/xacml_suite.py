@@ -134,6 +134,21 @@ def response_summary(data: bytes) -> list[dict[str, Any]]:
     return [result_summary(r) for r in root.findall(X + "Result")]
 
 
+def _provider(case: Case):
+    """IIA002's AttributeProvider.xml (AuthzForce's test PIP): fixed attributes, asked when missing."""
+    if not case.policies or not (case.policies[0].parent / "AttributeProvider.xml").exists():
+        return None
+    root = etree.fromstring((case.policies[0].parent / "AttributeProvider.xml").read_bytes())
+    table: dict[tuple[str, str, str], list] = {}
+    for cat in root.iter(X + "Attributes"):
+        for a in cat.iter(X + "Attribute"):
+            for v in a.iter(X + "AttributeValue"):
+                dt = v.get("DataType")
+                table.setdefault((cat.get("Category"), a.get("AttributeId"), dt), []).append(
+                    (a.get("Issuer"), T.parse_value(dt, v.text or "")))
+    return lambda category, attribute_id, datatype: table.get((category, attribute_id, datatype), [])
+
+
 def run_case(case: Case) -> str | None:
     """None when the PDP behaves as the case expects, else a one-line reason."""
     try:
@@ -144,7 +159,8 @@ def run_case(case: Case) -> str | None:
                 return None
             return "request accepted, expected a syntax error"
         try:
-            pdp = PDP.from_files([*case.policies, *case.refs], roots=len(case.policies))
+            pdp = PDP.from_files([*case.policies, *case.refs], roots=len(case.policies),
+                                 attribute_provider=_provider(case))
         except PolicyError as exc:
             return None if case.kind == "policy-load-error" else f"load failed: {exc}"
         if case.kind == "policy-load-error":
