@@ -289,13 +289,12 @@ class RecordLayer:
 
     def send_control(self, channel: int, message: dict[str, Any]) -> bytes:
         """A JSON object on ``channel`` (manifests, receipts, application messages)."""
-        ch = self._sent_channel(channel)
+        self._sent_channel(channel)  # opens it, refuses an ended one
         if not isinstance(message, dict):
             raise ProtocolError("CONTROL message must be a JSON object")
         body = canonical_json(message)
         if len(body) > MAX_CONTROL:
             raise ProtocolError(f"CONTROL message of {len(body)} bytes exceeds {MAX_CONTROL}")
-        del ch
         return self._seal(CONTROL, channel, 0, len(body), body)
 
     def send_end(self, channel: int, total_length: int, sha256: bytes) -> bytes:
@@ -421,9 +420,13 @@ class RecordLayer:
             return Hole(channel, offset, length)
         if rtype == CONTROL:
             self._received_channel(channel, "CONTROL")
+            if length > MAX_CONTROL:
+                raise MalformedMessageError(f"CONTROL record of {length} bytes exceeds {MAX_CONTROL}")
             return Control(channel, parse_json_object(plain, f"CONTROL record on channel {channel}"))
         if rtype == END:
             ch = self._received_channel(channel, "END")
+            if len(plain) != 32:
+                raise MalformedMessageError(f"END record on channel {channel} must carry a 32-byte SHA-256")
             if offset < ch.position or offset > MAX_OFFSET:
                 raise RecordSequenceError(
                     f"channel {channel}: END total {offset} is below the bytes received ({ch.position})")
