@@ -1,0 +1,281 @@
+"""``migsec doctor``: check a host's migsec setup, one line per check, each with what to fix.
+
+``run_checks(config_path, ...) -> [Check]``. A check is OK, WARN (works, but will bite:
+a certificate expiring within 30 days, an unreachable peer, migsecd not running) or FAIL
+(migsecd or a migration will not work until it is fixed).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from migsec.errors import MigsecError
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f" -- fix: {self.fix}" if self.fix and self.status != OK else ""
+        return f"{self.status:<4} {self.name}: {self.message}{fix}"
+
+
+def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"),
+               unit: Path = Path("/etc/systemd/system/migsecd.service"),
+               now: dt.datetime | None = None, peer_timeout: float = 2.0,
+               libvirt: bool = True) -> list[Check]:
+    """Every check, in the order an operator fixes things."""
+    from migsec.daemon.config import load_config
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        config = load_config(config_path, check_files=False)
+    except MigsecError as exc:
+        return [Check("config", FAIL, str(exc), f"edit {config_path} (see docs/config.md)")]
+    checks = [Check("config", OK, f"{config.path} parses")]
+    try:
+        load_config(config_path, check_files=True)
+    except MigsecError as exc:
+        checks.append(Check("config files", FAIL, str(exc), "create or fix the file it names"))
+    else:
+        checks.append(Check("config files", OK, "every key, certificate and directory it names is usable"))
+    checks += list(_key_permissions(config))
+    checks += list(_certificate(config, now))
+    checks.append(_policies(config))
+    checks += list(_state(config))
+    if libvirt:
+        checks.append(_libvirt(config))
+    checks += list(_hook(config, hooks_dir))
+    checks.append(_unit(unit))
+    checks.append(_daemon(config))
+    checks += list(_peers(config, peer_timeout))
+    return checks
+
+
+def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
+    try:
+        return body()
+    except MigsecError as exc:
+        return Check(name, FAIL, str(exc), fix)
+    except OSError as exc:
+        return Check(name, FAIL, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), fix)
+
+
+# --- the checks ------------------------------------------------------------------------------
+def _key_permissions(config: Any) -> Iterator[Check]:
+    secrets = [("domain key", config.domain.key, True), ("sk3", config.paths.sk3, False),
+               ("user database", config.paths.users, False)]
+    for what, path, required in secrets:
+        name = f"permissions {what}"
+        try:
+            st = Path(path).stat()
+        except FileNotFoundError:
+            if required:
+                yield Check(name, FAIL, f"{path} does not exist",
+                            "issue the domain certificate: migsec ca issue --did DID --out DIR")
+            else:
+                yield Check(name, OK, f"{path} not created yet (made 0600 when first needed)")
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            yield Check(name, FAIL, f"{path} is mode {mode:04o}; secrets must be 0600",
+                        f"chmod 600 {path}")
+        elif st.st_uid != os.geteuid():
+            yield Check(name, WARN, f"{path} is 0600 but owned by uid {st.st_uid}, not the user "
+                        "running this check", f"chown it to the user migsecd runs as")
+        else:
+            yield Check(name, OK, f"{path} is {mode:04o}")
+
+
+def _certificate(config: Any, now: dt.datetime) -> Iterator[Check]:
+    from migsec.pki import DomainIdentity, TrustStore
+
+    fix = "issue a new one: migsec ca issue --did {did} --out DIR --force (then restart migsecd)"
+    fix = fix.format(did=config.domain.id)
+    try:
+        identity = DomainIdentity.load(config.domain.key, config.domain.certificate)
+        if identity.did != config.domain.id:
+            yield Check("certificate", FAIL, f"{config.domain.certificate} is for domain "
+                        f"{identity.did!r} but [domain].id is {config.domain.id!r}",
+                        "use the certificate of this domain or correct [domain].id")
+            return
+        trust = TrustStore.from_files(config.domain.trust, config.domain.crls)
+        verified = trust.verify(identity.cert_pem, expected_did=config.domain.id, at=now)
+    except MigsecError as exc:
+        yield Check("certificate", FAIL, str(exc), fix)
+        return
+    left = verified.not_after - now
+    until = verified.not_after.strftime("%Y-%m-%d")
+    if left < EXPIRY_WARNING:
+        yield Check("certificate", WARN, f"{config.domain.id}: expires {until}, in {left.days} days",
+                    fix)
+    else:
+        yield Check("certificate", OK, f"{config.domain.id}: valid until {until}, chains to "
+                    "the trust store")
+
+
+def _policies(config: Any) -> Check:
+    def body() -> Check:
+        from migsec.policy import PDP, load_policies
+
+        paths = config.paths
+        if paths.source_policies.is_dir() and paths.destination_policies.is_dir():
+            dirs = [paths.source_policies, paths.destination_policies]
+        else:
+            dirs = [paths.policy_dir]
+        count = 0
+        for d in dirs:
+            files = sorted(Path(d).glob("*.xml"), key=lambda p: (p.name != "root.xml", p.name))
+            if not files:
+                return Check("policies", FAIL, f"{d} holds no *.xml policy",
+                             f"write policies: migsec policy init-defaults {paths.policy_dir} "
+                             "--trusted PEER-DID")
+            PDP(load_policies([str(p) for p in files]))
+            count += len(files)
+        return Check("policies", OK, f"{count} policy file(s) load from {paths.policy_dir}")
+
+    return _guard("policies", f"fix the policy file named (migsec policy check FILE)", body)
+
+
+def _state(config: Any) -> Iterator[Check]:
+    state = Path(config.paths.state_dir)
+    if not state.is_dir():
+        yield Check("state directory", FAIL, f"{state} does not exist",
+                    "run `migsec install` or `systemd-tmpfiles --create migsec.conf`")
+        return
+    mode = stat.S_IMODE(state.stat().st_mode)
+    if mode & 0o077:
+        yield Check("state directory", WARN, f"{state} is mode {mode:04o}: journal and staged VM "
+                    "images are readable by others", f"chmod 700 {state}")
+    elif not os.access(state, os.W_OK):
+        yield Check("state directory", FAIL, f"{state} is not writable", "run migsecd as its owner")
+    else:
+        yield Check("state directory", OK, f"{state} ({mode:04o})")
+    image_dir = Path(config.storage.image_dir)
+    if not image_dir.is_dir():
+        yield Check("image directory", FAIL, f"[storage].image_dir {image_dir} does not exist",
+                    f"mkdir -p {image_dir}")
+    else:
+        yield Check("image directory", OK, str(image_dir))
+
+
+def _libvirt(config: Any) -> Check:
+    def body() -> Check:
+        from migsec.virt import connect
+
+        with connect(config.libvirt.uri) as conn:
+            count = len(conn.list_domains())
+        return Check("libvirt", OK, f"{config.libvirt.uri} answers ({count} domain(s))")
+
+    return _guard("libvirt", "start libvirtd (systemctl start libvirtd) or correct [libvirt].uri",
+                  body)
+
+
+def _hook(config: Any, hooks_dir: Path) -> Iterator[Check]:
+    from migsec.ops.install import HOOK_NAME
+
+    hook = hooks_dir / "qemu.d" / HOOK_NAME
+    fix = "run `migsec install`, then restart libvirtd"
+    if not hook.is_file():
+        yield Check("libvirt hook", FAIL, f"{hook} is not installed: native migrations are not "
+                    "refused and restores are not mapped", fix)
+        return
+    if not os.access(hook, os.X_OK):
+        yield Check("libvirt hook", FAIL, f"{hook} is not executable (libvirt skips it)",
+                    f"chmod 755 {hook}")
+        return
+    first = hook.read_bytes().split(b"\n", 1)[0].decode(errors="replace")
+    interpreter = first[2:].strip().split()[0] if first.startswith("#!") and first[2:].strip() else ""
+    if not interpreter or not os.access(interpreter, os.X_OK):
+        yield Check("libvirt hook", FAIL, f"{hook} runs {interpreter or '(no #! line)'}, which is not "
+                    "an executable", fix)
+        return
+    configured = _hook_config(hook)
+    if Path(configured) != Path(config.path).absolute():
+        yield Check("libvirt hook", WARN, f"{hook} reads {configured}, not {config.path}",
+                    f"run `migsec install --config-dir {Path(config.path).parent}`")
+        return
+    started = _libvirtd_started()
+    if started is not None and started < hook.stat().st_mtime:
+        yield Check("libvirt hook", WARN, f"{hook} is newer than the running libvirtd, which "
+                    "looks for hooks only when it starts", "systemctl restart libvirtd")
+        return
+    yield Check("libvirt hook", OK, f"{hook} installed and executable ({interpreter})")
+
+
+def _hook_config(hook: Path) -> str:
+    for line in hook.read_text(errors="replace").splitlines():
+        if line.startswith("CONFIG = ") and line != "CONFIG = None":
+            return line.split("=", 1)[1].strip().strip("'\"")
+    return os.environ.get("MIGSEC_CONFIG") or "/etc/migsec/migsecd.toml"
+
+
+def _libvirtd_started() -> float | None:
+    """When the host's libvirtd started (epoch seconds), or None if it is not found."""
+    try:
+        pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, in clock ticks after boot
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _unit(unit: Path) -> Check:
+    if unit.is_file():
+        return Check("systemd unit", OK, f"{unit} installed")
+    return Check("systemd unit", WARN, f"{unit} not installed: migsecd will not start at boot",
+                 "run `migsec install`, then systemctl enable --now migsecd")
+
+
+def _daemon(config: Any) -> Check:
+    path = str(config.listen.control_socket)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(path)
+    except OSError as exc:
+        return Check("migsecd", WARN, f"control socket {path}: {exc.strerror or exc}",
+                     "systemctl start migsecd; journalctl -u migsecd says why it stopped")
+    return Check("migsecd", OK, f"answers on {path}")
+
+
+def _peers(config: Any, timeout: float) -> Iterator[Check]:
+    from migsec.pki import PeerDirectory
+
+    try:
+        peers = PeerDirectory(config.paths.peers).list()
+    except MigsecError as exc:
+        yield Check("peers", FAIL, str(exc), f"repair or remove {config.paths.peers}")
+        return
+    if not peers:
+        yield Check("peers", WARN, f"no peer domains in {config.paths.peers}: nothing to migrate to",
+                    "migsec peer add DID --address HOST:7443 --cert CERT (or --fingerprint SHA256:...)")
+        return
+    for peer in peers:
+        host, _, port = peer.address.removeprefix("migsec://").rpartition(":")
+        host = host.strip("[]")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError) as exc:
+            yield Check(f"peer {peer.did}", WARN, f"{peer.address} unreachable "
+                        f"({getattr(exc, 'strerror', None) or exc}): migrations there will fail",
+                        "check the peer's migsecd, routing and firewall (TCP port "
+                        f"{port or 7443})")
+        else:
+            yield Check(f"peer {peer.did}", OK, f"{peer.address} accepts TCP connections")
