@@ -43,4 +43,6 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# The lab's test guest (Debian kernel + busybox initramfs), built once into /var/cache/migsec/guest.
+.venv/bin/migsec lab build-guest >/dev/null
 echo "setup.sh: ready ($(.venv/bin/python --version), migsec at .venv/bin/migsec)"

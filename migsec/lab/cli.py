@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from migsec.lab.guest import DEFAULT_CACHE_DIR, build_guest
 from migsec.lab.lab import DEFAULT_DIR, Lab
 
 
@@ -97,6 +98,17 @@ def console(ctx: LabContext, host: str, domain: str, show_log: bool) -> None:
         return
     argv = ["virsh", "-c", h.libvirt_uri, "console", domain]
     os.execvp(argv[0], argv)
+
+
+@lab.command("build-guest")
+@click.option("--cache", default=str(DEFAULT_CACHE_DIR), show_default=True,
+              help="Cache directory (env MIGSEC_GUEST_CACHE).")
+@click.option("--force", is_flag=True, help="Rebuild even if the cache holds this guest.")
+def build_guest_cmd(cache: str, force: bool) -> None:
+    """Build the test guest (kernel + busybox initramfs) into the cache and print its files."""
+    image = build_guest(cache, force=force)
+    click.echo(f"kernel {image.kernel}\ninitrd {image.initrd}\n"
+               f"(kernel {image.kernel_version}, cache key {image.key})")
 
 
 def _print_status(st: dict) -> None:

@@ -126,9 +126,15 @@ def build_guest(cache_dir: Path | str = DEFAULT_CACHE_DIR, kernel_version: str |
         (work / "meta.json").write_text(json.dumps(
             {"kernel_version": kernel_version, "key": key, "modules": list(VIRTIO_MODULES)}))
         shutil.rmtree(root)
-        if out.exists():
+        os.chmod(work, 0o755)  # readable by QEMU even when it does not run as root
+        if force and out.exists():
             shutil.rmtree(out)
-        os.rename(work, out)
+        try:
+            os.rename(work, out)
+        except OSError:
+            if not (out / "meta.json").is_file():
+                raise
+            shutil.rmtree(work)  # a concurrent build finished first; its files are the same
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

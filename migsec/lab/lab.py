@@ -223,15 +223,15 @@ class Lab:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        # A lock beside (not inside) the lab dir, so that down can remove the dir.
-        lock = self.dir.parent / f".{self.dir.name}.lock"
+        # flock on the parent directory itself: no lock file is left behind, and
+        # down can remove the lab dir while holding it.
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = os.open(self.dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # --- up ----------------------------------------------------------------------------
     def up(self, hosts: int = 2, *, domain_type: str = "qemu", guest: str | None = "vm1",
@@ -315,13 +315,15 @@ class Lab:
                              ("libvirtd", ["-d", "-p", "/run/libvirtd.pid"])):
             if _alive(pids.get(daemon)):
                 continue
+            pid_file = h.dir / "run" / f"{daemon}.pid"
+            pid_file.unlink(missing_ok=True)  # left by a crash; must not be mistaken for the new one
             with open(h.dir / "log" / f"{daemon}.out", "ab") as out:
                 proc = subprocess.run(h.nsenter() + [daemon, *args], stdin=subprocess.DEVNULL,
                                       stdout=out, stderr=out, check=False, timeout=timeout)
             if proc.returncode != 0:
                 raise LabError(f"host {h.name}: {daemon} failed to start (exit {proc.returncode}); "
                                f"see {h.dir / 'log'}")
-            pid = _wait_for(lambda: _read_pid(h.dir / "run" / f"{daemon}.pid"), 10,
+            pid = _wait_for(lambda: _read_pid(pid_file), 10,
                             f"host {h.name}: {daemon} wrote no pid file")
             pids[daemon] = [pid, _start_time(pid)]
             self._write_state()
