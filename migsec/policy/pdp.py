@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from migsec.policy import datatypes as T
 from migsec.policy import model as M
 from migsec.policy.combining import only_one_applicable
 from migsec.policy.parser import NS, PolicyStore, load_policies
-from migsec.policy.request import Attribute, Category, Request
+from migsec.policy.request import Category, Request
 
 ENV = "urn:oasis:names:tc:xacml:3.0:attribute-category:environment"
 CURRENT = "urn:oasis:names:tc:xacml:1.0:environment:current-"
@@ -123,20 +124,23 @@ def _combine_results(results: list[ResultOut]) -> ResultOut:
 
 
 # --- serialisation ------------------------------------------------------------------------------------
+_XML_BAD = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _text(dt: str, value: Any) -> str:
-    return T.format_value(dt, value)
+    # a JSON request may carry characters XML cannot hold; the XML response shows U+FFFD instead
+    return _XML_BAD.sub("\ufffd", T.format_value(dt, value))
 
 
 def response_xml(resp: Response) -> bytes:
-    E = lambda tag, **a: etree.Element("{%s}%s" % (NS, tag), {k: v for k, v in a.items() if v is not None}, nsmap={None: NS})
-    root = E("Response")
+    root = etree.Element("{%s}Response" % NS, nsmap={None: NS})
     for r in resp.results:
         res = etree.SubElement(root, "{%s}Result" % NS)
         etree.SubElement(res, "{%s}Decision" % NS).text = r.decision
         st = etree.SubElement(res, "{%s}Status" % NS)
         etree.SubElement(st, "{%s}StatusCode" % NS, Value=r.status.code)
         if r.status.message:
-            etree.SubElement(st, "{%s}StatusMessage" % NS).text = r.status.message
+            etree.SubElement(st, "{%s}StatusMessage" % NS).text = _XML_BAD.sub("\ufffd", r.status.message)
         if r.status.missing:
             detail = etree.SubElement(st, "{%s}StatusDetail" % NS)
             for m in r.status.missing:
@@ -157,11 +161,11 @@ def response_xml(resp: Response) -> bytes:
                         attrs["Issuer"] = a.issuer
                     etree.SubElement(oel, "{%s}AttributeAssignment" % NS, attrs).text = _text(a.datatype, a.value)
         for c in r.attributes:
-            cel = etree.SubElement(res, "{%s}Attributes" % NS, Category=c.category)
+            cel = etree.SubElement(res, "{%s}Attributes" % NS, Category=_XML_BAD.sub("\ufffd", c.category))
             for a in c.attributes:
-                attrs = {"AttributeId": a.attribute_id, "IncludeInResult": "true"}
+                attrs = {"AttributeId": _XML_BAD.sub("\ufffd", a.attribute_id), "IncludeInResult": "true"}
                 if a.issuer:
-                    attrs["Issuer"] = a.issuer
+                    attrs["Issuer"] = _XML_BAD.sub("\ufffd", a.issuer)
                 ael = etree.SubElement(cel, "{%s}Attribute" % NS, attrs)
                 for dt, v in a.values:
                     vel = etree.SubElement(ael, "{%s}AttributeValue" % NS, DataType=dt)

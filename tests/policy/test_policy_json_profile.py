@@ -123,3 +123,13 @@ def test_attribute_provider_is_asked_only_for_missing_attributes(tmp_path):
     r = PDP.from_directory(tmp_path, attribute_provider=pip).evaluate(parse_request(b'{"Request": {}}')).results[0]
     assert (r.decision, r.status.code) == ("Indeterminate", "urn:oasis:names:tc:xacml:1.0:status:processing-error")
     assert "libvirt unreachable" in r.status.message
+
+
+def test_json_values_xml_cannot_hold_still_give_an_xml_response(tmp_path):
+    pdp = PDP.from_directory(DEFAULT_DIR)
+    js = json.dumps({"Request": {"AccessSubject": {"Attribute": [
+        {"AttributeId": "urn:oasis:names:tc:xacml:1.0:subject:subject-id", "Value": "bad\u0001name",
+         "IncludeInResult": True},
+        {"AttributeId": "urn:x:\u0002", "Issuer": "\u0003", "Value": 1, "IncludeInResult": True}]}}}).encode()
+    xml = pdp.evaluate(parse_request(js)).to_xml()
+    assert "bad\ufffdname".encode() in xml
