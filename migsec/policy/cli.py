@@ -34,12 +34,17 @@ def eval_(policies: tuple[Path, ...], request_file: Path) -> None:
 
 
 @policy.command("check")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def check(directory: Path) -> None:
-    """Load every *.xml policy in DIRECTORY and report the first error."""
-    pdp = PDP.from_directory(directory)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def check(paths: tuple[Path, ...]) -> None:
+    """Load a policy DIRECTORY (every *.xml) or FILES (root first) and report the first error."""
+    if len(paths) == 1 and paths[0].is_dir():
+        pdp = PDP.from_directory(paths[0])
+    elif all(p.is_file() for p in paths):
+        pdp = PDP.from_files(list(paths))
+    else:
+        raise click.UsageError("give one directory, or policy files (the root first)")
     root = pdp.store.root
-    click.echo(f"ok: {len(pdp.store.by_id)} policies loaded from {directory}; root "
+    click.echo(f"ok: {len(pdp.store.by_id)} policies loaded from {', '.join(map(str, paths))}; root "
                f"{'PolicySet' if root.is_set else 'Policy'} {root.id} ({Path(root.source).name})")
 
 

@@ -54,6 +54,10 @@ def test_check_reports_ok_and_errors(tmp_path):
     r = run("check", str(tmp_path))
     assert r.exit_code != 0
     assert "p.xml:" in r.output and "<Apply>" in r.output and "integer-add argument 2" in r.output
+    r = run("check", str(tmp_path / "p.xml"))
+    assert r.exit_code != 0 and "integer-add argument 2" in r.output
+    r = run("check", str(DEFAULT_DIR / "root.xml"), str(DEFAULT_DIR / "source.xml"), str(DEFAULT_DIR / "destination.xml"))
+    assert r.exit_code == 0 and "ok: 3 policies" in r.output
 
 
 def test_init_defaults_writes_loadable_policies_and_refuses_overwrite(tmp_path):
