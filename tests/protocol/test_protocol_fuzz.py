@@ -13,7 +13,16 @@ from migsec.protocol.codec import parse_json_object
 from migsec.protocol.commit import Decision, Receipt, Resumed
 from migsec.protocol.framing import HEADER_SIZE, MIG_REQ, MIG_RESP, NEED_DATA, FrameDecoder, encode_frame
 from migsec.protocol.handshake import DestinationHandshake, SourceHandshake
-from migsec.protocol.local import AuthReply, AuthRequest, ClientLogin, LocalMigrationRequest, make_auth_reply
+from migsec.crypto import scrypt_key
+from migsec.protocol.local import (
+    AuthorizationServer,
+    AuthReply,
+    AuthRequest,
+    ClientLogin,
+    LocalMigrationRequest,
+    make_auth_reply,
+    make_migration_request,
+)
 from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
 from migsec.protocol.records import RecordLayer
 from migsec.protocol.replay import ReplayCache
@@ -62,6 +71,15 @@ def _seeds():
 
 
 AUTH_REQ, AUTH_REPLY, REQ = _seeds()
+
+
+class PASSWORD_KEY:  # a real scrypt verifier at a tiny cost, so the MC can open its reply
+    salt, n, r, p = bytes(range(16)), 2**4, 1, 1
+    key = scrypt_key("pw", bytes(range(16)), n=2**4, r=1, p=1)
+
+
+SK3 = os.urandom(32)
+LOGIN = ClientLogin("alice")
 DECODERS = {
     "AuthRequest": AuthRequest.decode,
     "AuthReply": AuthReply.decode,
@@ -159,3 +177,16 @@ def test_frame_decoder(data):
         while dec.next_frame() is not NEED_DATA and dec.buffered:
             pass
     only_migsec_errors(run, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_sealed_local_messages_through_mc_and_az(pki, data):
+    """Mutations that survive the outer decoders reach the MC's and the AZ's sealed-part checks."""
+    reply = make_auth_reply(LOGIN.request, sk3=SK3, password_key=PASSWORD_KEY)
+    bad_reply = data.draw(mutated(reply.encode()))
+    only_migsec_errors(lambda d: LOGIN.finish(AuthReply.decode(d), password="pw"), bad_reply)
+    creds = LOGIN.finish(reply, password="pw")
+    az = AuthorizationServer(did=pki.a.did, key=pki.a.key, sk3=SK3, replay_cache=ReplayCache())
+    bad = data.draw(mutated(make_migration_request(creds, REQ).encode()))
+    only_migsec_errors(lambda d: az.open_request(LocalMigrationRequest.decode(d)), bad)
