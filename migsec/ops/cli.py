@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from migsec.ops.install import DEFAULT_CONFIG_DIR, Layout, apply, plan
+from migsec.ops.layout import DEFAULT_CONFIG_DIR, Layout, apply, plan
 
 _abs = click.Path(path_type=Path, file_okay=False)
 
@@ -62,10 +62,12 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
 def doctor(config: Path | None, hooks_dir: Path, unit: Path, peer_timeout: float) -> None:
     """Check this host's migsec setup; one line per check, exit 1 on any FAIL."""
     from migsec.daemon.config import config_path
-    from migsec.ops.doctor import FAIL, run_checks
+    from migsec.ops.checks import FAIL, run_checks
 
+    # the host's own libvirtd, when the hooks checked are the host's own
+    pid_file = Path("/run/libvirtd.pid") if hooks_dir == Path("/etc/libvirt/hooks") else None
     checks = run_checks(config_path(config), hooks_dir=hooks_dir, unit=unit,
-                        peer_timeout=peer_timeout)
+                        peer_timeout=peer_timeout, libvirtd_pid_file=pid_file)
     for check in checks:
         click.echo(check.line())
     failed = [c for c in checks if c.status == FAIL]

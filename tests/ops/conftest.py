@@ -55,8 +55,9 @@ def make_site(root: Path, did: str = "cloud-b.example", *, days: int = 365,
               now: dt.datetime | None = None) -> Site:
     ca = CertificateAuthority.create(root / "ca", "Ops Test CA", now=now)
     ca.issue_domain(did, root / "pki", days=days, now=now)
-    for sub in ("state", "images", "run", "policies"):
+    for sub in ("images", "run", "policies"):
         (root / sub).mkdir(exist_ok=True)
+    (root / "state").mkdir(mode=0o700, exist_ok=True)
     site = Site(root=root, config=root / "migsecd.toml", ca=ca, did=did)
     site.write_config()
     return site

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from migsec.ops.install import Layout, apply, plan
+from migsec.ops.layout import Layout, apply, plan
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze missing (apt package systemd; scripts/setup.sh)")

@@ -36,7 +36,11 @@ def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"
                unit: Path = Path("/etc/systemd/system/migsecd.service"),
                now: dt.datetime | None = None, peer_timeout: float = 2.0,
                libvirt: bool = True) -> list[Check]:
-    """Every check, in the order an operator fixes things."""
+    """Every check, in the order an operator fixes things.
+
+    ``libvirtd_pid_file``: the libvirtd that uses ``hooks_dir``; when given, a hook newer than
+    that libvirtd's start warns (libvirtd looks for hooks only when it starts).
+    """
     from migsec.daemon.config import load_config
 
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -57,7 +61,7 @@ def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"
     checks += list(_state(config))
     if libvirt:
         checks.append(_libvirt(config))
-    checks += list(_hook(config, hooks_dir))
+    checks += list(_hook(config, hooks_dir, libvirtd_pid_file))
     checks.append(_unit(unit))
     checks.append(_daemon(config))
     checks += list(_peers(config, peer_timeout))
@@ -183,8 +187,8 @@ def _libvirt(config: Any) -> Check:
                   body)
 
 
-def _hook(config: Any, hooks_dir: Path) -> Iterator[Check]:
-    from migsec.ops.install import HOOK_NAME
+def _hook(config: Any, hooks_dir: Path, pid_file: Path | None) -> Iterator[Check]:
+    from migsec.ops.layout import HOOK_NAME
 
     hook = hooks_dir / "qemu.d" / HOOK_NAME
     fix = "run `migsec install`, then restart libvirtd"
@@ -207,7 +211,7 @@ def _hook(config: Any, hooks_dir: Path) -> Iterator[Check]:
         yield Check("libvirt hook", WARN, f"{hook} reads {configured}, not {config.path}",
                     f"run `migsec install --config-dir {Path(config.path).parent}`")
         return
-    started = _libvirtd_started()
+    started = _libvirtd_started(pid_file) if pid_file else None
     if started is not None and started < hook.stat().st_mtime:
         yield Check("libvirt hook", WARN, f"{hook} is newer than the running libvirtd, which "
                     "looks for hooks only when it starts", "systemctl restart libvirtd")
@@ -216,16 +220,25 @@ def _hook(config: Any, hooks_dir: Path) -> Iterator[Check]:
 
 
 def _hook_config(hook: Path) -> str:
-    for line in hook.read_text(errors="replace").splitlines():
-        if line.startswith("CONFIG = ") and line != "CONFIG = None":
-            return line.split("=", 1)[1].strip().strip("'\"")
-    return os.environ.get("MIGSEC_CONFIG") or "/etc/migsec/migsecd.toml"
+    """The configuration the installed hook reads: its ``CONFIG = ...`` line, else the default."""
+    import ast
 
-
-def _libvirtd_started() -> float | None:
-    """When the host's libvirtd started (epoch seconds), or None if it is not found."""
     try:
-        pid = int(Path("/run/libvirtd.pid").read_text().split()[0])
+        tree = ast.parse(hook.read_text(errors="replace"))
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", None) == "CONFIG"
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    return "/etc/migsec/migsecd.toml"
+
+
+def _libvirtd_started(pid_file: Path) -> float | None:
+    """When the libvirtd of ``pid_file`` started (epoch seconds), or None if it is not running."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22, starttime, in clock ticks after boot
         btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
