@@ -2,7 +2,7 @@
 
 Every object here turns bytes into events and events into bytes; the daemon and
 the transfer driver own the sockets. Errors are migsec.errors classes (plus the
-finer ones in ``migsec.protocol.errors``); an object that raised is in a terminal
+finer ones in ``migsec.protocol.errors``); a state machine (handshake, record layer) that raised is in a terminal
 ERROR state and refuses further use.
 
 Framing (``migsec.protocol.framing``)
@@ -60,7 +60,7 @@ Messages (``migsec.protocol.messages``; strict decoders raise MalformedMessageEr
     (SHA-256 of canonical JSON), ``MigrationRequest.from_claims(obj)``.
     ``Obligation(id, attributes)``. ``AuthorizationTicket(src_did, dest_did, user_id, vm,
     request_digest, nonce4, issued_at, expires_at, obligations)``: ``.sign(key) -> JWS``,
-    ``AuthorizationTicket.verify(token, verifying_key, now=) `` (TicketTamperedError,
+    ``AuthorizationTicket.verify(token, verifying_key, now=)`` (TicketTamperedError,
     TicketExpiredError), ``.peek(token)`` (unverified). All times are aware UTC datetimes.
 
 Local exchange (``migsec.protocol.local``; each message has ``encode() -> bytes``,
