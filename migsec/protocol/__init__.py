@@ -2,8 +2,8 @@
 
 Every object here turns bytes into events and events into bytes; the daemon and
 the transfer driver own the sockets. Errors are migsec.errors classes (plus the
-finer ones in ``migsec.protocol.errors``); a state machine (handshake, record layer) that raised is in a terminal
-ERROR state and refuses further use.
+finer ones in ``migsec.protocol.errors``); a state machine (handshake, record
+layer) that raised is in a terminal ERROR state and refuses further use.
 
 Framing (``migsec.protocol.framing``)
     Frame = type u8 | length u32 BE | payload. ``HEADER_SIZE = 5``.
