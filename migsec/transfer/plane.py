@@ -49,7 +49,7 @@ MANIFEST_CHANNEL = 0xFFFF
 ACK_INTERVAL = 16 * 1024 * 1024
 MAX_MANIFEST = 16 * 1024 * 1024
 MiB = 1024 * 1024
-RING = 4  # decrypted records in flight between the reader and the writer thread
+RING = 6  # decrypted records in flight between the reader and the writer thread
 POLL_EVERY = 8 * MiB  # the sender looks for ACKs and errors this often
 
 
@@ -362,6 +362,8 @@ class _Receiver:
         self.manifest: Manifest | None = None
         self.manifest_json = b""
         self.told = False  # an error message went to the source
+        self.acked: dict[int, int] = {}
+        self.sync_q: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
 
     def next_event(self, out: bytearray) -> object:
         self.wire.recv_exact(memoryview(self.header))
@@ -442,8 +444,10 @@ class _Receiver:
             raise ResumeError(f"stream {name!r}: source starts at {start}, destination has {resume_at}")
 
     def ack(self, ch: int, offset: int) -> None:
-        with self.lock:
-            self.wire.send(self.records.send_ack(ch, offset))
+        with self.lock:  # the syncer and the writer both ACK; never send one that goes back
+            if offset > self.acked.get(ch, 0):
+                self.wire.send(self.records.send_ack(ch, offset))
+                self.acked[ch] = offset
 
     def on_data(self, ch: int, offset: int, data: memoryview) -> None:
         if ch == MANIFEST_CHANNEL:
@@ -465,12 +469,24 @@ class _Receiver:
     def _maybe_ack(self, ch: int, n: int) -> None:
         pending = self.unacked.get(ch, 0) + n
         if pending >= self.ack_interval:
-            sink = self.staging.sink(ch)
-            sink.sync()
-            self.staging.save_state()
-            self.ack(ch, sink.acked)
+            # fdatasync in the syncer thread, so writing goes on while the disk catches up
+            self.sync_q.put((ch, self.staging.sink(ch).frontier))
             pending = 0
         self.unacked[ch] = pending
+
+    def sync_loop(self) -> None:
+        """The syncer thread: make a prefix durable, record it in state.json, then ACK it."""
+        while (item := self.sync_q.get()) is not None:
+            if self.error is not None:
+                continue
+            ch, offset = item
+            try:
+                acked = self.staging.sink(ch).sync(offset)
+                self.staging.save_state()
+                self.ack(ch, acked)
+            except BaseException as exc:
+                self.error = exc
+                _tell_source(self, exc)
 
     def on_end(self, ev: End) -> Manifest | None:
         if ev.channel == MANIFEST_CHANNEL:
@@ -520,15 +536,20 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
     r = _Receiver(sock, records, staging, expected, ack_interval, timeout)
     resumed = staging.resume_offsets()
     writer = threading.Thread(target=r.write_loop, name="transfer-writer", daemon=True)
+    syncer = threading.Thread(target=r.sync_loop, name="transfer-syncer", daemon=True)
     try:
         r.send_control({"type": "resume", "offsets": resumed})
         writer.start()
+        syncer.start()
         try:
             r.read_loop()
         finally:
             r.work.put(None)
             if writer.is_alive():
                 writer.join()
+            r.sync_q.put(None)
+            if syncer.is_alive():
+                syncer.join()
         if r.error is not None:
             raise r.error
         if r.manifest is None:

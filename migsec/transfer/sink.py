@@ -55,6 +55,7 @@ class StreamSink:
         self.done = done
         self.digest = digest
         self._fd = -1
+        self._lock = threading.Lock()  # the fd is shared with the data plane's syncer thread
         self._verifier: threading.Thread | None = None
         self._targets: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._hash = StreamDigest()
@@ -120,19 +121,24 @@ class StreamSink:
         self._check_range(offset, length)
         self.frontier += length
 
-    def sync(self) -> int:
-        """Make everything written durable; returns the new acknowledged offset."""
-        if self.done or self.frontier == self.acked:
-            return self.acked
-        if self.frontier % BLOCK and self.frontier != self.spec.size:
-            raise TransferError(f"stream {self.name!r}: checkpoint at unaligned offset {self.frontier}")
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise TransferError(f"stream {self.name!r}: fdatasync failed: {exc.strerror}") from exc
-        self.acked = self.frontier
-        self._targets.put(self.acked)
-        return self.acked
+    def sync(self, upto: int | None = None) -> int:
+        """Make what was written durable and acknowledge it up to ``upto`` (default: all).
+
+        May run in a syncer thread while the writer goes on writing; returns the acked offset.
+        """
+        with self._lock:
+            target = self.frontier if upto is None else min(upto, self.frontier)
+            if self.done or self._fd < 0 or target <= self.acked:
+                return self.acked
+            if target % BLOCK and target != self.spec.size:
+                raise TransferError(f"stream {self.name!r}: checkpoint at unaligned offset {target}")
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise TransferError(f"stream {self.name!r}: fdatasync failed: {exc.strerror}") from exc
+            self.acked = target
+            self._targets.put(target)  # under the lock, so the verifier sees increasing targets
+            return target
 
     def end(self, size: int, digest: str) -> None:
         """Check the stream is complete and that what was written hashes to ``digest``."""
@@ -141,8 +147,9 @@ class StreamSink:
         if self.frontier != size:
             raise TruncatedStreamError(f"stream {self.name!r}: END at {self.frontier} of {size} bytes")
         self.sync()
-        self._targets.put(self.spec.size)
-        self._targets.put(None)
+        with self._lock:
+            self._targets.put(self.spec.size)
+            self._targets.put(None)
         assert self._verifier is not None
         self._verifier.join()
         if self._hash_error is not None:
@@ -152,12 +159,13 @@ class StreamSink:
         if written != digest:
             raise IntegrityError(f"stream {self.name!r}: SHA-256 of the written data ({written[:16]}...) "
                                  f"does not match the source's ({digest[:16]}...)")
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise TransferError(f"stream {self.name!r}: fsync failed: {exc.strerror}") from exc
-        self.digest = written
-        self.done = True
+        with self._lock:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise TransferError(f"stream {self.name!r}: fsync failed: {exc.strerror}") from exc
+            self.digest = written
+            self.done = True
         self.close()
 
     def close(self) -> None:
@@ -165,15 +173,17 @@ class StreamSink:
         if self._verifier is not None and self._verifier.is_alive():
             self._targets.put(None)
             self._verifier.join()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class Staging:
     """A staging directory for one migration's incoming streams."""
 
     def __init__(self, directory: str, sinks: dict[int, StreamSink], installed: bool) -> None:
+        self._state_lock = threading.Lock()
         self.directory = directory
         self.sinks = sinks
         self.installed = installed
@@ -240,6 +250,10 @@ class Staging:
 
     def save_state(self) -> None:
         """Write state.json atomically (temp file, fsync, rename, fsync directory)."""
+        with self._state_lock:
+            self._write_state()
+
+    def _write_state(self) -> None:
         state = {
             "version": STATE_VERSION,
             "installed": self.installed,
