@@ -44,15 +44,28 @@ def enrich_options(options: dict, info: Any) -> dict:
 
 # ---- A ------------------------------------------------------------------------------------------
 def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
-    """The streams in sending order; the memory image joins once the save finished."""
-    from migsec import virt
+    """The streams in sending order; the memory image joins once the save finished.
+
+    Each stream's digest is ready before it is handed to the plane, so that its END
+    follows its last byte at once. (The plane sends END only once the digest is ready;
+    a stream fully received but not yet ended when a connection breaks is reported
+    by the destination as complete, and the resumed session would never end it.)
+    """
     from migsec.transfer.source import StreamSource
 
-    yield StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
-    for i, path in enumerate(files):
-        yield StreamSource(2 + i, f"disk{i}", "disk", path=path)
+    disks = [StreamSource(2 + i, f"disk{i}", "disk", path=path) for i, path in enumerate(files)]
+    for src in disks:
+        src.start_digest()  # hashing overlaps the memory save
+    xml = StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
+    xml.digest()
+    yield xml
+    for src in disks:
+        src.digest()
+        yield src
     saver.join()
-    yield StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
+    memory = StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
+    memory.digest()
+    yield memory
 
 
 def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,

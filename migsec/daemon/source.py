@@ -134,7 +134,7 @@ class OutgoingMigration:
                 self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
                 message = session.control.recv_control(REPLY_TIMEOUT_S)
                 return session, self._check_receipt(session, message, result)
-            except (ConnectionError, _connection_errors()) as exc:
+            except _connection_errors() as exc:
                 session.close()
                 if saver.failed:
                     saver.join()  # raises the save error: nothing to resume
@@ -295,11 +295,11 @@ def restart_at_source(conn: Any, domain: str, saved_image: Path | None) -> str:
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    from migsec.errors import ProtocolError, TruncatedStreamError
+    from migsec.errors import TruncatedStreamError
     from migsec.transfer.plane import PeerConnectionError
 
     # a cut connection shows up as one of these; anything else (integrity, refusal) is final
-    return (PeerConnectionError, TruncatedStreamError, OSError)
+    return (PeerConnectionError, TruncatedStreamError, ConnectionError, OSError)
 
 
 class _Background:
