@@ -353,3 +353,19 @@ def test_replay_cache_bounds(clock):
     clock.advance(seconds=11)  # b"1" expired and is forgotten
     cache.add("n", b"3", clock() + timedelta(seconds=10))
     assert len(cache) == 2 and not cache.seen("n", b"1") and cache.seen("n", b"2")
+
+
+def test_revoked_certificate(pki, clock, replay_cache, tmp_path):
+    from migsec.errors import CertificateRevokedError
+    from migsec.pki import DomainIdentity, TrustStore
+
+    pki.ca.issue_domain(A_DID, tmp_path / "revoked-a")
+    revoked = DomainIdentity.load(tmp_path / "revoked-a" / "domain-key.pem", tmp_path / "revoked-a" / "domain-cert.pem")
+    pki.ca.revoke(revoked.cert_pem)
+    crl = pki.ca.write_crl(tmp_path / "crl.pem")
+    trust_with_crl = TrustStore.from_files([pki.ca.directory / "ca-cert.pem"], [crl])
+    src, dst = pair(pki, clock, replay_cache, a=revoked, trust_b=trust_with_crl)
+    expect_refusal(dst, src.initiate(REQUEST, authr_tkt(revoked, clock)), CertificateRevokedError)
+    # the same B accepts A's unrevoked certificate
+    src, dst = pair(pki, clock, replay_cache, trust_b=trust_with_crl)
+    assert isinstance(deliver(src.initiate(REQUEST, authr_tkt(pki.a, clock)), dst), MigrationProposed)
