@@ -35,7 +35,7 @@ class Check:
 def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"),
                unit: Path = Path("/etc/systemd/system/migsecd.service"),
                now: dt.datetime | None = None, peer_timeout: float = 2.0,
-               libvirt: bool = True) -> list[Check]:
+               libvirt: bool = True, libvirtd_pid_file: Path | None = None) -> list[Check]:
     """Every check, in the order an operator fixes things.
 
     ``libvirtd_pid_file``: the libvirtd that uses ``hooks_dir``; when given, a hook newer than
