@@ -126,7 +126,7 @@ def test_expired_certificate(pki, clock, replay_cache):
     expect_refusal(dst, src.initiate(REQUEST, authr_tkt(pki.expired_a, clock)), CertificateExpiredError)
 
 
-def test_source_refuses_expired_or_unknown_destination(pki, clock, replay_cache):
+def test_source_refuses_an_expired_destination_certificate(pki, clock, replay_cache):
     src, dst = pair(pki, clock, replay_cache)
     deliver(src.initiate(REQUEST, authr_tkt(pki.a, clock)), dst)
     resp = dst.accept()
@@ -134,6 +134,18 @@ def test_source_refuses_expired_or_unknown_destination(pki, clock, replay_cache)
     src.receive_data(resp)
     with pytest.raises(CertificateExpiredError):
         src.next_event()
+    assert src.state == ERROR and src.keys is None
+
+
+def test_source_refuses_a_destination_from_an_unknown_ca(pki, clock, tmp_path):
+    from migsec.pki import CertificateAuthority, DomainIdentity
+
+    rogue = CertificateAuthority.create(tmp_path / "rogue", "rogue CA")
+    rogue.issue_domain(B_DID, tmp_path / "rogue-b")
+    fake_b = DomainIdentity.load(tmp_path / "rogue-b" / "domain-key.pem", tmp_path / "rogue-b" / "domain-cert.pem")
+    src = SourceHandshake(pki.a, pki.trust, peer_did=B_DID, peer_cert_pem=fake_b.cert_pem, clock=clock)
+    with pytest.raises(UnknownIssuerError):
+        src.initiate(REQUEST, authr_tkt(pki.a, clock))
     assert src.state == ERROR and src.keys is None
 
 
