@@ -21,15 +21,15 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import time
 import tty
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from migsec.errors import LabError
 from migsec.lab import guest as guestmod
+from migsec.lab import ns
 
 DEFAULT_DIR = "/var/lib/migsec/lab"
 DEFAULT_PREFIX = "migsec"
@@ -259,7 +259,7 @@ class Lab:
                     raise LabError(f"lab dir {self.dir} is too long: {h.libvirt_socket} exceeds "
                                    f"the {SOCKET_PATH_MAX}-byte unix socket path limit")
             self._network()
-            _private_mount(self.dir / "ns")
+            ns.private_mount(self.dir / "ns")
             for h in self.hosts():
                 self._host_dirs(h)
                 self._mount_namespace(h)
@@ -272,22 +272,22 @@ class Lab:
 
     def _network(self) -> None:
         sw = f"{self.prefix}-sw"
-        _ensure_netns(sw)
-        if not _link_exists(sw, BRIDGE):
-            _run(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
-        _run(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
+        ns.ensure_netns(sw)
+        if not ns.link_exists(sw, BRIDGE):
+            ns.run(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
+        ns.run(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
         for h in self.hosts():
-            _ensure_netns(h.netns)
-            _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
+            ns.ensure_netns(h.netns)
+            ns.run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
             port = f"p{h.name}"
-            if not _link_exists(h.netns, LINK):
-                if _link_exists(sw, port):  # half of a pair left by a crash
-                    _run(["ip", "-n", sw, "link", "del", port])
-                _run(["ip", "link", "add", LINK, "netns", h.netns, "type", "veth",
+            if not ns.link_exists(h.netns, LINK):
+                if ns.link_exists(sw, port):  # half of a pair left by a crash
+                    ns.run(["ip", "-n", sw, "link", "del", port])
+                ns.run(["ip", "link", "add", LINK, "netns", h.netns, "type", "veth",
                       "peer", "name", port, "netns", sw])
-            _run(["ip", "-n", sw, "link", "set", port, "master", BRIDGE, "up"])
-            _run(["ip", "-n", h.netns, "addr", "replace", f"{h.address}/15", "dev", LINK])
-            _run(["ip", "-n", h.netns, "link", "set", LINK, "up"])
+            ns.run(["ip", "-n", sw, "link", "set", port, "master", BRIDGE, "up"])
+            ns.run(["ip", "-n", h.netns, "addr", "replace", f"{h.address}/15", "dev", LINK])
+            ns.run(["ip", "-n", h.netns, "link", "set", LINK, "up"])
         self._state["netns"] = [sw] + [h.netns for h in self.hosts()]
 
     def _host_dirs(self, h: LabHost) -> None:
@@ -298,7 +298,7 @@ class Lab:
         (h.dir / "etc" / "qemu.conf").write_text(QEMU_CONF)
 
     def _mount_namespace(self, h: LabHost) -> None:
-        if _is_mountpoint(h.mount_ns):
+        if ns.is_mountpoint(h.mount_ns):
             return
         h.mount_ns.touch()
         binds = " && ".join(
@@ -306,14 +306,14 @@ class Lab:
             for sub, target in BIND_MOUNTS.items())
         # sysfs is remounted so that /sys/class/net shows this host's interfaces.
         script = f"set -e; {binds} && mount -t sysfs sysfs /sys"
-        _run(["nsenter", f"--net=/run/netns/{h.netns}", "unshare", f"--mount={h.mount_ns}",
+        ns.run(["nsenter", f"--net=/run/netns/{h.netns}", "unshare", f"--mount={h.mount_ns}",
               "--propagation", "private", "sh", "-c", script])
 
     def _daemons(self, h: LabHost, timeout: float) -> None:
         pids = self._state["pids"].setdefault(h.name, {})
         for daemon, args in (("virtlogd", ["-d", "-p", "/run/virtlogd.pid"]),
                              ("libvirtd", ["-d", "-p", "/run/libvirtd.pid"])):
-            if _alive(pids.get(daemon)):
+            if ns.alive(pids.get(daemon)):
                 continue
             pid_file = h.dir / "run" / f"{daemon}.pid"
             pid_file.unlink(missing_ok=True)  # left by a crash; must not be mistaken for the new one
@@ -323,11 +323,11 @@ class Lab:
             if proc.returncode != 0:
                 raise LabError(f"host {h.name}: {daemon} failed to start (exit {proc.returncode}); "
                                f"see {h.dir / 'log'}")
-            pid = _wait_for(lambda: _read_pid(pid_file), 10,
+            pid = ns.wait_for(lambda: ns.read_pid(pid_file), 10,
                             f"host {h.name}: {daemon} wrote no pid file")
-            pids[daemon] = [pid, _start_time(pid)]
+            pids[daemon] = [pid, ns.start_time(pid)]
             self._write_state()
-        _wait_for(lambda: h.virsh("uri", check=False, timeout=10) or None, timeout,
+        ns.wait_for(lambda: h.virsh("uri", check=False, timeout=10) or None, timeout,
                   f"host {h.name}: libvirtd did not answer on {h.libvirt_socket}")
 
     # --- guests ------------------------------------------------------------------------
@@ -364,7 +364,7 @@ class Lab:
                 if c.errors:
                     raise LabError(f"guest {name} on {host}: {c.errors[0]}")
                 return len(c.boots) > before and any(m.seq == 0 and m.boot == c.boots[-1] for m in c.memory)
-            _wait_for(booted, timeout, f"guest {name} on host {host} did not boot within {timeout:.0f} s "
+            ns.wait_for(booted, timeout, f"guest {name} on host {host} did not boot within {timeout:.0f} s "
                                        f"(console: {log})")
 
     def ensure_guest(self, host: str, name: str, *, memory: str | int = "256M",
@@ -406,7 +406,7 @@ class Lab:
         hosts = {}
         for h in self.hosts():
             pids = self._state.get("pids", {}).get(h.name, {})
-            alive = {d: _alive(pids.get(d)) for d in ("virtlogd", "libvirtd")}
+            alive = {d: ns.alive(pids.get(d)) for d in ("virtlogd", "libvirtd")}
             domains: dict[str, str] = {}
             if alive["libvirtd"]:
                 out = h.virsh("list", "--all", check=False, timeout=10)
@@ -424,24 +424,24 @@ class Lab:
         """Remove everything the lab made; works on a half-made or crashed lab too."""
         with self._locked():
             state = self._read_state() or {}
-            names = set(state.get("netns", [])) | set(_lab_netns(self.prefix))
+            names = set(state.get("netns", [])) | set(ns.lab_netns(self.prefix))
             ns_files = sorted((self.dir / "ns").glob("*.mnt")) if (self.dir / "ns").is_dir() else []
             # Everything that runs inside a lab host: daemons, QEMU, whatever was started there.
-            namespaces = {_ns_inode(Path("/run/netns", n)) for n in names}
-            namespaces |= {_ns_inode(f) for f in ns_files if _is_mountpoint(f)}
+            namespaces = {ns.ns_inode(Path("/run/netns", n)) for n in names}
+            namespaces |= {ns.ns_inode(f) for f in ns_files if ns.is_mountpoint(f)}
             namespaces.discard(None)
-            victims = {pid for pid in _all_pids() if _proc_namespaces(pid) & namespaces}
+            victims = {pid for pid in ns.all_pids() if ns.proc_namespaces(pid) & namespaces}
             for host_pids in state.get("pids", {}).values():
                 for rec in host_pids.values():
-                    if _alive(rec):
+                    if ns.alive(rec):
                         victims.add(rec[0])
-            _terminate(victims)
+            ns.terminate(victims)
             for f in ns_files:
-                _umount(f)
-            _umount(self.dir / "ns")
+                ns.umount(f)
+            ns.umount(self.dir / "ns")
             for n in sorted(names):
                 if Path("/run/netns", n).exists():
-                    _run(["ip", "netns", "del", n])
+                    ns.run(["ip", "netns", "del", n])
             if self.dir.exists():
                 if not (self.dir / MARKER).exists() and state == {}:
                     raise LabError(f"{self.dir} is not a migsec lab dir (no {MARKER}); not removing it")
@@ -460,129 +460,3 @@ def _preflight(domain_type: str) -> None:
         raise LabError(f"domain type must be qemu or kvm, not {domain_type!r}")
     if domain_type == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise LabError("domain type kvm needs a usable /dev/kvm")
-
-
-def _run(argv: list[str], timeout: float = 30) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{' '.join(argv)} timed out") from exc
-    if proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-    return proc.stdout
-
-
-def _wait_for(check: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise LabError(message)
-        time.sleep(0.2)
-
-
-def _ensure_netns(name: str) -> None:
-    if not Path("/run/netns", name).exists():
-        _run(["ip", "netns", "add", name])
-
-
-def _link_exists(netns: str, link: str) -> bool:
-    return subprocess.run(["ip", "-n", netns, "link", "show", link], capture_output=True,
-                          check=False).returncode == 0
-
-
-def _lab_netns(prefix: str) -> list[str]:
-    pattern = re.compile(rf"{re.escape(prefix)}-([a-j]|sw)")
-    try:
-        return [n for n in os.listdir("/run/netns") if pattern.fullmatch(n)]
-    except FileNotFoundError:
-        return []
-
-
-def _mountpoints() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        # Field 5 is the mount point; spaces etc. are octal-escaped.
-        return {line.split()[4].encode().decode("unicode_escape") for line in f}
-
-
-def _is_mountpoint(path: Path) -> bool:
-    return str(path) in _mountpoints()
-
-
-def _private_mount(path: Path) -> None:
-    # nsfs files can only be bind-mounted under a private mount (no propagation loops).
-    path.mkdir(parents=True, exist_ok=True)
-    if not _is_mountpoint(path):
-        _run(["mount", "--bind", str(path), str(path)])
-    _run(["mount", "--make-private", str(path)])
-
-
-def _umount(path: Path) -> None:
-    while _is_mountpoint(path):
-        _run(["umount", str(path)])
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def _alive(record: list | None) -> bool:
-    """True if the recorded (pid, start time) still names the same, living process."""
-    if not record:
-        return False
-    pid, started = record
-    return started is not None and _start_time(pid) == started
-
-
-def _ns_inode(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _proc_namespaces(pid: int) -> set[int]:
-    found = set()
-    for kind in ("net", "mnt"):
-        ino = _ns_inode(Path(f"/proc/{pid}/ns/{kind}"))
-        if ino is not None:
-            found.add(ino)
-    return found
-
-
-def _terminate(pids: set[int], grace: float = 5.0) -> None:
-    pids.discard(os.getpid())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            for pid in list(pids):
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)  # reap our own children (tests' popen)
-                if _start_time(pid) is None:
-                    pids.discard(pid)
-            if not pids:
-                return
-            time.sleep(0.1)
-    if pids:
-        raise LabError(f"processes {sorted(pids)} survived SIGKILL")

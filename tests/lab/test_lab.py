@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from migsec import virt
 from migsec.errors import DomainNotFoundError, LabError, MappingError, SaveImageError
 from migsec.lab import guest as g
-from migsec.lab.lab import _all_pids, _ns_inode, _proc_namespaces
+from migsec.lab.ns import all_pids, ns_inode, proc_namespaces
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
@@ -193,7 +192,7 @@ def test_restored_on_b_the_guest_continues(lab, saved):
 
 # --- down ---------------------------------------------------------------------------------------
 def _leftovers(lab, netns_inodes):
-    procs = [p for p in _all_pids() if _proc_namespaces(p) & netns_inodes]
+    procs = [p for p in all_pids() if proc_namespaces(p) & netns_inodes]
     netns = [n for n in os.listdir("/run/netns") if n.startswith(lab.prefix + "-")] \
         if os.path.isdir("/run/netns") else []
     with open("/proc/self/mountinfo") as f:
@@ -207,10 +206,10 @@ def test_down_after_a_crash_leaves_nothing(new_lab):
         lab.up(2, guest=None)
         lab.define_guest("a", "small", memory="128M", disk_size="64M", region_mib=8)
         lab.start_guest("a", "small")
-        inodes = {_ns_inode(Path("/run/netns", h.netns)) for h in lab.hosts()}
-        inodes |= {_ns_inode(h.mount_ns) for h in lab.hosts()}
+        inodes = {ns_inode(Path("/run/netns", h.netns)) for h in lab.hosts()}
+        inodes |= {ns_inode(h.mount_ns) for h in lab.hosts()}
         qemu = int((lab.host("a").dir / "run/libvirt/qemu/small.pid").read_text())
-        assert _proc_namespaces(qemu) & inodes
+        assert proc_namespaces(qemu) & inodes
         # A crash: libvirtd of A killed, the state file lost.
         os.kill(lab._state["pids"]["a"]["libvirtd"][0], signal.SIGKILL)
         (lab.dir / "state.json").unlink()
