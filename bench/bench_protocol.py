@@ -175,7 +175,7 @@ class TlsPair:
         self.listener.close()
 
 
-def throughput(total_mib: int, repeats: int = 5):
+def throughput(total_mib: int, repeats: int = 7):
     """Each path runs ``repeats`` times, interleaved, on the same buffers; best run counts
     (the machine is shared, so the best run is the least disturbed one)."""
     keys = SessionKeys("bench", os.urandom(32), os.urandom(32), os.urandom(32), A_DID, B_DID)
@@ -246,6 +246,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved throughput runs (best counts)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -277,10 +278,10 @@ def main() -> None:
         print("  (TLS: new loopback TCP connection each round, mutual auth, ECDSA P-256 certificates from the")
         print("   same CA, no session tickets; migsec: both sides in one thread, frames handed over in memory)")
 
-        res = throughput(args.mib)
+        res = throughput(args.mib, args.repeats)
         raw_seal, raw_open = res["raw AES-256-GCM seal_into"], res["raw AES-256-GCM open_into"]
         raw_both = 1 / (1 / raw_seal + 1 / raw_open)
-        print(f"\nThroughput, {RECORD_SIZE // 1024} KiB records, best of 5 interleaved runs over {args.mib} MiB "
+        print(f"\nThroughput, {RECORD_SIZE // 1024} KiB records, best of {args.repeats} interleaved runs over {args.mib} MiB "
               "(GB/s, one core)")
         for name, rate in res.items():
             ref = raw_seal if "seal" in name else raw_open if "open" in name else raw_both
