@@ -115,7 +115,7 @@ def iter_extents(path: str | os.PathLike[str]) -> Iterator[Extent]:
     except OSError as exc:
         raise TransferError(f"cannot open {os.fspath(path)!r}: {exc.strerror}") from exc
     try:
-        size = os.fstat(fd).st_size
+        size = os.lseek(fd, 0, os.SEEK_END)  # also right for block devices
         current: Extent | None = None
         for kind, off, length, _ in scan_blocks(fd, 0, size):
             if current is not None and current.kind == kind:
@@ -195,7 +195,7 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     fd = os.open(path, os.O_RDONLY)
     try:
         digest = StreamDigest()
-        digest.feed_file(fd, os.fstat(fd).st_size)
+        digest.feed_file(fd, os.lseek(fd, 0, os.SEEK_END))
         return digest.hexdigest()
     finally:
         os.close(fd)

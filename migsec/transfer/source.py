@@ -1,8 +1,10 @@
 """What the source sends: stream descriptions and sparse-aware readers."""
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +15,16 @@ from migsec.transfer.extents import BLOCK, READ_SIZE, StreamDigest, is_zero, sca
 KINDS = ("xml", "disk", "memory", "manifest")
 MAX_CHANNEL = 0xFFFF
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+
+
+def _size(fd: int) -> int:
+    """Size of a regular file or of a block device (an LVM or iSCSI disk has st_size 0)."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file or block device")
+    return st.st_size
 
 
 @dataclass(frozen=True)
@@ -56,9 +68,13 @@ class StreamSource:
         self.data = bytes(data) if data is not None else None
         if self.path is not None:
             try:
-                size = os.stat(self.path).st_size
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    size = _size(fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:
-                raise TransferError(f"stream {name!r}: cannot stat {self.path!r}: {exc.strerror}") from exc
+                raise TransferError(f"stream {name!r}: cannot open {self.path!r}: {exc.strerror}") from exc
         else:
             size = len(self.data)  # type: ignore[arg-type]
         self.spec = StreamSpec(channel, name, kind, size, target)
@@ -159,7 +175,7 @@ class StreamSource:
             return
         fd = self._open()
         try:
-            if os.fstat(fd).st_size != self.size:
+            if _size(fd) != self.size:
                 raise TransferError(f"stream {self.name!r}: {self.path!r} changed size since it was described")
             yield from scan_blocks(fd, start, self.size, buf if buf is not None else bytearray(READ_SIZE))
         finally:

@@ -189,3 +189,8 @@ def test_source_refuses_unaligned_resume(sparse_image):
     src = StreamSource(1, "disk0", "disk", path=sparse_image)
     with pytest.raises(TransferError, match="cannot resume at offset 100"):
         list(src.pieces(100))
+
+
+def test_source_refuses_a_directory_with_a_clear_error(tmp_path):
+    with pytest.raises(TransferError, match="not a regular file or block device"):
+        StreamSource(1, "disk0", "disk", path=str(tmp_path))
