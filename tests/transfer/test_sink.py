@@ -9,7 +9,7 @@ import pytest
 
 from migsec.errors import IntegrityError, ResumeError, TransferError, TruncatedStreamError
 from migsec.transfer import BLOCK, Staging, StreamSource, StreamSpec, file_digest
-from transfer_helpers import MiB, make_sparse
+from transfer_helpers import MiB
 
 
 def feed(sink, source: StreamSource, start: int = 0, stop: int | None = None) -> None:
