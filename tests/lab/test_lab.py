@@ -218,3 +218,24 @@ def test_down_after_a_crash_leaves_nothing(new_lab):
     finally:
         if lab.dir.exists():
             lab.down()
+
+
+def test_up_repairs_a_dead_daemon_and_down_leaves_nothing(new_lab):
+    lab = new_lab("repair")
+    try:
+        lab.up(2, guest=None)
+        inodes = {ns_inode(Path("/run/netns", h.netns)) for h in lab.hosts()}
+        inodes |= {ns_inode(h.mount_ns) for h in lab.hosts()}
+        dead = lab._state["pids"]["b"]["libvirtd"]
+        os.kill(dead[0], signal.SIGKILL)
+        wait_for(lambda: not lab.status()["hosts"]["b"]["daemons"]["libvirtd"], 10, "libvirtd of b to die")
+        lab.up(2, guest=None)
+        assert lab._state["pids"]["b"]["libvirtd"] != dead
+        assert lab.status()["hosts"]["b"]["daemons"] == {"virtlogd": True, "libvirtd": True}
+        assert lab.host("b").virsh("uri").strip() == lab.host("b").libvirt_uri
+        lab.down()
+        assert _leftovers(lab, inodes) == ([], [], [], False)
+        lab.down()  # again: nothing to do, no error
+    finally:
+        if lab.dir.exists():
+            lab.down()
