@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -172,11 +173,14 @@ class StreamDigest:
         self._zero_blocks += -(-length // BLOCK)
         self._pos += length
 
-    def feed_file(self, fd: int, end: int, buf: bytearray | None = None) -> None:
-        """Read ``fd`` from the current position up to ``end`` and feed it."""
+    def feed_file(self, fd: int, end: int, buf: bytearray | None = None, *,
+                  stop: threading.Event | None = None) -> None:
+        """Read ``fd`` from the current position up to ``end`` and feed it (until ``stop`` is set)."""
         if end <= self._pos:
             return
         for kind, off, length, view in scan_blocks(fd, self._pos, end, buf):
+            if stop is not None and stop.is_set():
+                return
             if kind == "data":
                 self.data(off, view)
             else:

@@ -56,6 +56,8 @@ class StreamSink:
         self.digest = digest
         self._fd = -1
         self._lock = threading.Lock()  # the fd is shared with the data plane's syncer thread
+        self._vlock = threading.Lock()
+        self._stopping = threading.Event()
         self._verifier: threading.Thread | None = None
         self._targets: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._hash = StreamDigest()
@@ -75,10 +77,17 @@ class StreamSink:
             os.ftruncate(self._fd, self.spec.size)
         except OSError as exc:
             raise TransferError(f"stream {self.name!r}: cannot prepare {self.path!r}: {exc.strerror}") from exc
-        self._verifier = threading.Thread(target=self._verify_loop, name=f"verify-{self.name}", daemon=True)
-        self._verifier.start()
-        if self.acked:
-            self._targets.put(self.acked)  # recompute the digest state of the kept prefix
+
+    def _start_verifier(self) -> None:
+        # Started on first use, so that reopening a staging directory only to discard it
+        # does not read back a large prefix first.
+        with self._vlock:
+            if self._verifier is None:
+                self._verifier = threading.Thread(target=self._verify_loop, name=f"verify-{self.name}",
+                                                  daemon=True)
+                self._verifier.start()
+                if self.acked:
+                    self._targets.put(self.acked)  # recompute the digest state of the kept prefix
 
     def _verify_loop(self) -> None:
         buf = bytearray(READ_SIZE)
@@ -89,8 +98,8 @@ class StreamSink:
             return
         try:
             while (target := self._targets.get()) is not None:
-                if self._hash_error is None:
-                    self._hash.feed_file(fd, target, buf)
+                if self._hash_error is None and not self._stopping.is_set():
+                    self._hash.feed_file(fd, target, buf, stop=self._stopping)
         except BaseException as exc:  # reported at end()
             self._hash_error = exc
         finally:
@@ -107,6 +116,7 @@ class StreamSink:
     def write(self, offset: int, data: memoryview | bytes) -> None:
         """Write a data extent at ``offset`` (must be the current end of what arrived)."""
         self._check_range(offset, len(data))
+        self._start_verifier()
         view = memoryview(data)
         pos = 0
         try:
@@ -119,6 +129,7 @@ class StreamSink:
     def hole(self, offset: int, length: int) -> None:
         """Record a hole extent: nothing is written, the region past the frontier is a hole."""
         self._check_range(offset, length)
+        self._start_verifier()
         self.frontier += length
 
     def sync(self, upto: int | None = None) -> int:
@@ -126,6 +137,7 @@ class StreamSink:
 
         May run in a syncer thread while the writer goes on writing; returns the acked offset.
         """
+        self._start_verifier()
         with self._lock:
             target = self.frontier if upto is None else min(upto, self.frontier)
             if self.done or self._fd < 0 or target <= self.acked:
@@ -146,6 +158,7 @@ class StreamSink:
             raise TransferError(f"stream {self.name!r}: END announces size {size}, expected {self.spec.size}")
         if self.frontier != size:
             raise TruncatedStreamError(f"stream {self.name!r}: END at {self.frontier} of {size} bytes")
+        self._start_verifier()
         self.sync()
         with self._lock:
             self._targets.put(self.spec.size)
@@ -171,6 +184,7 @@ class StreamSink:
     def close(self) -> None:
         """Stop the verifier and close the file (idempotent)."""
         if self._verifier is not None and self._verifier.is_alive():
+            self._stopping.set()
             self._targets.put(None)
             self._verifier.join()
         with self._lock:
