@@ -188,7 +188,8 @@ def test_destination_daemon_killed_mid_transfer(dep, guest):
         wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
                  60, "data arriving at B")
         b.kill(signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         b.start()
     assert proc.returncode == 4, (out, err)
@@ -217,7 +218,7 @@ def test_source_daemon_killed_after_restore_then_recover(dep, guest):
     try:
         wait_for(lambda: guest.state("b") in ("paused", "running"), 120, "the guest restored on B")
         a.kill(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         a.start()
     rec = a.migsec("recover", "--json", "--config", str(a.config))
