@@ -76,6 +76,25 @@ def test_up_again_changes_nothing(lab):
         lab.up(3)
 
 
+def cli(lab, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "migsec.cli", "lab", "--dir", str(lab.dir), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert not check or proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_status_exec_and_console_log(lab):
+    import json
+    st = json.loads(cli(lab, "status", "--json").stdout)
+    assert st["prefix"] == lab.prefix and st["hosts"]["b"]["uri"] == lab.host("b").libvirt_uri
+    assert st["hosts"]["a"]["domains"]["vm1"] in ("running", "shut off")
+    assert "198.18.0.2/15" in cli(lab, "exec", "b", "--", "ip", "-o", "addr").stdout
+    assert cli(lab, "exec", "a", "--", "sh", "-c", "exit 3", check=False).returncode == 3
+    assert "MIGSEC-BOOT" in cli(lab, "console", "a", "vm1", "--log").stdout
+    bad = cli(lab, "exec", "q", "--", "true", check=False)
+    assert bad.returncode == 1 and "no lab host 'q'" in bad.stderr
+
+
 def test_unknown_host_is_named(lab):
     with pytest.raises(LabError, match="no lab host 'q'"):
         lab.host("q")
