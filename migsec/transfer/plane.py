@@ -2,7 +2,8 @@
 
 Session on the wire (channel 0 carries control, ``MANIFEST_CHANNEL`` the manifest)::
 
-    B -> A  CONTROL(0, {"type": "resume", "offsets": {name: offset}})   B's staging is authoritative
+    B -> A  CONTROL(0, {"type": "resume", "offsets": {name: offset}, "done": [name]})
+            (B's staging is authoritative; verified streams are not sent again)
     A -> B  per stream: CONTROL(ch, {"type": "open", name, kind, size, start}),
             DATA/HOLE extents from ``start``, END(ch, size, stream digest)
     B -> A  ACK(ch, offset) every ``ack_interval`` bytes (after fdatasync) and after END
@@ -194,6 +195,7 @@ class _Sender:
         self.out = bytearray(READ_SIZE + OVERHEAD)
         self.buf = bytearray(READ_SIZE)
         self.resume: dict[str, int] | None = None
+        self.done: set[str] = set()  # streams the destination already verified
         self.all_done = 0
         self.all_total = 0
         self.data_bytes = 0
@@ -209,11 +211,12 @@ class _Sender:
         if isinstance(event, Control):
             kind = event.message.get("type")
             if kind == "resume" and self.resume is None:
-                offsets = event.message.get("offsets")
+                offsets, done = event.message.get("offsets"), event.message.get("done")
                 if not isinstance(offsets, dict) or not all(
-                        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in offsets.items()):
+                        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in offsets.items()) \
+                        or not isinstance(done, list) or not all(isinstance(n, str) for n in done):
                     raise ProtocolError("resume offsets from the destination are malformed")
-                self.resume = offsets
+                self.resume, self.done = offsets, set(done)
             elif kind == "error":
                 raise _peer_error(event.message)
             else:
@@ -292,19 +295,18 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     entries: list[ManifestEntry] = []
     waiting: list[StreamSource] = []  # sent, END pending until its digest thread finishes
     targets: dict[int, int] = {}
-    seen: set[str] = set()
+    seen: set[str | int] = {CONTROL_CHANNEL, MANIFEST_CHANNEL}
     for src in sources:
-        if src.channel in (CONTROL_CHANNEL, MANIFEST_CHANNEL) or src.channel in targets \
-                or src.name in seen:
+        if src.channel in seen or src.name in seen:
             raise TransferError(f"stream {src.name!r}: channel {src.channel} or name already in use")
-        seen.add(src.name)
+        seen.update((src.name, src.channel))
         src.start_digest()
         start = s.resume.get(src.name, 0)
         if not 0 <= start <= src.size:
             raise ResumeError(f"stream {src.name!r}: destination resumes at {start}, beyond size {src.size}")
         s.all_total += src.size
         s.all_done += start
-        if start < src.size:
+        if src.name not in s.done:  # even with nothing left to send, END must still be verified
             s.send_stream(src, start)
             targets[src.channel] = src.size
             waiting.append(src)
@@ -538,7 +540,8 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
     writer = threading.Thread(target=r.write_loop, name="transfer-writer", daemon=True)
     syncer = threading.Thread(target=r.sync_loop, name="transfer-syncer", daemon=True)
     try:
-        r.send_control({"type": "resume", "offsets": resumed})
+        r.send_control({"type": "resume", "offsets": resumed,
+                        "done": sorted(x.spec.name for x in staging.sinks.values() if x.done)})
         writer.start()
         syncer.start()
         try:

@@ -9,7 +9,15 @@ import pytest
 
 from migsec.errors import IntegrityError, RecordAuthError, TransferError
 from migsec.protocol import RecordLayer
-from migsec.transfer import Expected, StreamSource, TokenBucket, receive_streams, send_streams
+from migsec.transfer import (
+    Expected,
+    Staging,
+    StreamSource,
+    StreamSpec,
+    TokenBucket,
+    receive_streams,
+    send_streams,
+)
 from migsec.transfer.plane import PeerConnectionError
 from transfer_helpers import MiB, Relay, Run, handshake, layers, make_sparse
 
@@ -212,3 +220,32 @@ def test_token_bucket_paces_to_the_rate():
     assert sum(slept) == pytest.approx(4.0)
     with pytest.raises(TransferError):
         TokenBucket(0)
+
+
+def test_empty_stream_and_stream_fully_acked_before_a_crash(tmp_path, keys):
+    """A 0-byte stream travels as OPEN+END; a stream whose data was all acknowledged but whose
+    END never arrived (B crashed) is finished on resume by an END alone, and still verified."""
+    image = make_sparse(str(tmp_path / "src.img"), 4 * MiB, [(0, os.urandom(4 * MiB))])
+    empty = str(tmp_path / "empty.img")
+    open(empty, "wb").close()
+    stage = str(tmp_path / "stage")
+    exp = expected(tmp_path) | {"empty": Expected("disk", str(tmp_path / "empty-out.img"))}
+    srcs = sources(image) + [StreamSource(3, "empty", "disk", path=empty)]
+    # B's state before the crash: all of disk0 written and acknowledged, no END yet
+    disk = srcs[1]
+    staging = Staging.open(stage, [StreamSpec(2, "disk0", "disk", disk.size, exp["disk0"].target)])
+    for kind, off, length, view in disk.pieces(0):
+        staging.sink(2).write(off, view) if kind == "data" else staging.sink(2).hole(off, length)
+    assert staging.checkpoint()["disk0"] == disk.size
+    staging.sink(2).close()
+
+    relay = Relay()
+    sent, error, receiver = run_pair(keys, relay, srcs, stage, exp)
+    assert error is None, error
+    got = receiver.value()
+    assert got.resumed_from == {"disk0": 4 * MiB}
+    assert relay.a_to_b < 64 * 1024  # no data travelled again
+    got.staging.commit()
+    assert sha(tmp_path / "disk0.img") == sha(image)
+    assert os.path.getsize(tmp_path / "empty-out.img") == 0
+    got.staging.close()
