@@ -47,7 +47,9 @@ Data plane -- ``plane.py``
     wire_bytes))`` is called at most every 0.1 s and at the end of every stream.
     ``Manifest`` / ``ManifestEntry(channel, name, kind, size, allocated, digest, target)``:
     ``.to_json()`` is the canonical form to sign, ``Manifest.from_json`` the strict decoder.
-    The record layer is not closed: the commit messages can follow on channel 0.
+    The record layer is not closed: the commit messages can follow on channel 0. Records B
+    sent after its last ACK (e.g. the Receipt) stay buffered in A's record layer: drain
+    ``records.next_event()`` before reading the socket again.
 
 Commit exchange -- ``commit.py`` (DESIGN §3.4)
     ``SourceCommit(migration_id, src_did, dest_did, key, peer_key, journal, resume_vm,

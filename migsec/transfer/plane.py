@@ -226,8 +226,9 @@ class _Sender:
         elif not isinstance(event, Ack):
             raise UnexpectedMessageError(f"unexpected {type(event).__name__} from the destination")
 
-    def pump(self, wait: float = 0.0) -> None:
-        """Process what the peer sent; wait up to ``wait`` seconds for something."""
+    def pump(self, wait: float = 0.0, until: Callable[[], bool] | None = None) -> None:
+        """Process what the peer sent; wait up to ``wait`` seconds for something. Once
+        ``until()`` holds, later events stay in the record layer for the caller (commit)."""
         if not self.wire.readable(wait):
             if wait:
                 raise PeerConnectionError(f"destination silent for {wait:.0f} s")
@@ -236,7 +237,7 @@ class _Sender:
         if not data:  # every complete record before it was handled already
             raise PeerConnectionError("destination closed the connection")
         self.records.receive_data(data)
-        while (event := self.records.next_event()) is not NEED_DATA:
+        while not (until is not None and until()) and (event := self.records.next_event()) is not NEED_DATA:
             self.handle(event)
 
     def report(self, name: str, done: int, total: int, force: bool = False) -> None:
@@ -272,11 +273,15 @@ class _Sender:
 
     def wait_acked(self, targets: Mapping[int, int]) -> None:
         deadline = time.monotonic() + (self.timeout or 3600.0)
-        while any(self.records.acked(ch) < size for ch, size in targets.items()):
+
+        def all_acked() -> bool:
+            return all(self.records.acked(ch) >= size for ch, size in targets.items())
+
+        while not all_acked():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransferError("destination did not acknowledge the streams in time")
-            self.pump(wait=left)
+            self.pump(wait=left, until=all_acked)
 
 
 def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[StreamSource], *,

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import pytest
 
 from migsec.errors import IntegrityError, JournalError, TicketError, UnexpectedMessageError, VirtError
-from migsec.protocol import Decision, Resumed, token_hash
-from migsec.transfer import Manifest, ManifestEntry
+from migsec.protocol import NEED_DATA, Ack, Control, Decision, Resumed, token_hash
+from migsec.transfer import Expected, Manifest, ManifestEntry, StreamSource, receive_streams, send_streams
 from migsec.transfer.commit import (
     AWAIT_RESUMED,
     DISCARDED,
@@ -24,7 +24,7 @@ from migsec.transfer.commit import (
     SourceCommit,
     as_control,
 )
-from transfer_helpers import A_DID, B_DID
+from transfer_helpers import A_DID, B_DID, MiB, Relay, Run, layers, make_sparse
 
 MID = "mig-commit-1"
 
@@ -213,3 +213,61 @@ def test_resumed_for_another_decision_does_not_release(domains):
     with pytest.raises(TicketError):
         a.resumed_received(wrong)
     assert ha.count("release") == 0 and a.state == AWAIT_RESUMED
+
+
+# --- the whole exchange on one keyed session, after the data plane -------------------------------
+def recv_control(sock, records):
+    """Next CONTROL message on the record layer's sans-IO path (ACKs are skipped)."""
+    while True:
+        event = records.next_event()
+        if event is NEED_DATA:
+            data = sock.recv(65536)
+            records.receive_data(data)
+            continue
+        if isinstance(event, Ack):
+            continue
+        assert isinstance(event, Control), event
+        return event.message
+
+
+def test_data_plane_then_commit_on_the_same_session(tmp_path, domains, keys):
+    image = make_sparse(str(tmp_path / "disk.img"), 8 * MiB, [(MiB, os.urandom(2 * MiB))])
+    ha, hb = Host(), Host()
+    la, lb = layers(keys)
+    src_sock, dst_sock = Relay().connect()
+    mid = keys.migration_id
+
+    def source():
+        a = SourceCommit(migration_id=mid, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
+                         peer_key=domains.b.public_key, journal=ha.journal,
+                         resume_vm=ha.action("resume"), release_vm=ha.action("release"))
+        sent = send_streams(src_sock, la, [StreamSource(1, "disk0", "disk", path=image)], timeout=30)
+        a.streams_sent(sent.manifest, sent.manifest_json)
+        msg = recv_control(src_sock, la)
+        decision = a.receipt_received(msg["jws"])
+        src_sock.sendall(la.send_control(0, as_control("decision", decision)))
+        a.resumed_received(recv_control(src_sock, la)["jws"])
+        return a.state
+
+    def destination():
+        got = receive_streams(dst_sock, lb, str(tmp_path / "stage"),
+                              {"disk0": Expected("disk", str(tmp_path / "out.img"))}, timeout=30)
+        got.staging.commit()
+        b = DestinationCommit(migration_id=mid, src_did=A_DID, dest_did=B_DID,
+                              transcript_hash=keys.transcript_hash, key=domains.b.key,
+                              peer_key=domains.a.public_key, journal=hb.journal,
+                              restore_paused=hb.action("restore"), resume_vm=hb.action("resume"),
+                              discard=hb.action("discard"))
+        b.streams_verified(got.manifest, got.manifest_json)
+        dst_sock.sendall(lb.send_control(0, as_control("receipt", b.restore())))
+        resumed = b.decision_received(recv_control(dst_sock, lb)["jws"])
+        dst_sock.sendall(lb.send_control(0, as_control("resumed", resumed)))
+        got.staging.close()
+        return b.state
+
+    side_b = Run(destination)
+    side_b.start()
+    assert source() == DONE
+    assert side_b.value() == RUNNING
+    assert (ha.count("resume"), ha.count("release"), hb.count("resume")) == (0, 1, 1)
+    assert open(tmp_path / "out.img", "rb").read() == open(image, "rb").read()
