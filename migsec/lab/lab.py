@@ -243,6 +243,7 @@ class Lab:
             raise LabError(f"--hosts must be between 2 and {len(HOST_NAMES)}, not {hosts}")
         names = list(HOST_NAMES[:hosts])
         with self._locked():
+            self._state = self._read_state() or {}  # another process may have changed it
             if self._state and (self._state.get("hosts") != names
                                 or self._state.get("domain_type") != domain_type):
                 raise LabError(
@@ -284,7 +285,7 @@ class Lab:
                 if ns.link_exists(sw, port):  # half of a pair left by a crash
                     ns.run(["ip", "-n", sw, "link", "del", port])
                 ns.run(["ip", "link", "add", LINK, "netns", h.netns, "type", "veth",
-                      "peer", "name", port, "netns", sw])
+                        "peer", "name", port, "netns", sw])
             ns.run(["ip", "-n", sw, "link", "set", port, "master", BRIDGE, "up"])
             ns.run(["ip", "-n", h.netns, "addr", "replace", f"{h.address}/15", "dev", LINK])
             ns.run(["ip", "-n", h.netns, "link", "set", LINK, "up"])
@@ -307,7 +308,7 @@ class Lab:
         # sysfs is remounted so that /sys/class/net shows this host's interfaces.
         script = f"set -e; {binds} && mount -t sysfs sysfs /sys"
         ns.run(["nsenter", f"--net=/run/netns/{h.netns}", "unshare", f"--mount={h.mount_ns}",
-              "--propagation", "private", "sh", "-c", script])
+                "--propagation", "private", "sh", "-c", script])
 
     def _daemons(self, h: LabHost, timeout: float) -> None:
         pids = self._state["pids"].setdefault(h.name, {})
@@ -324,11 +325,11 @@ class Lab:
                 raise LabError(f"host {h.name}: {daemon} failed to start (exit {proc.returncode}); "
                                f"see {h.dir / 'log'}")
             pid = ns.wait_for(lambda: ns.read_pid(pid_file), 10,
-                            f"host {h.name}: {daemon} wrote no pid file")
+                              f"host {h.name}: {daemon} wrote no pid file")
             pids[daemon] = [pid, ns.start_time(pid)]
             self._write_state()
         ns.wait_for(lambda: h.virsh("uri", check=False, timeout=10) or None, timeout,
-                  f"host {h.name}: libvirtd did not answer on {h.libvirt_socket}")
+                    f"host {h.name}: libvirtd did not answer on {h.libvirt_socket}")
 
     # --- guests ------------------------------------------------------------------------
     def define_guest(self, host: str, name: str, *, memory: str | int = "256M",
@@ -364,8 +365,8 @@ class Lab:
                 if c.errors:
                     raise LabError(f"guest {name} on {host}: {c.errors[0]}")
                 return len(c.boots) > before and any(m.seq == 0 and m.boot == c.boots[-1] for m in c.memory)
-            ns.wait_for(booted, timeout, f"guest {name} on host {host} did not boot within {timeout:.0f} s "
-                                       f"(console: {log})")
+            ns.wait_for(booted, timeout,
+                        f"guest {name} on host {host} did not boot within {timeout:.0f} s (console: {log})")
 
     def ensure_guest(self, host: str, name: str, *, memory: str | int = "256M",
                      disk_size: str | int = "1G", region_mib: int = 64, timeout: float = 90) -> Guest:
@@ -424,6 +425,9 @@ class Lab:
         """Remove everything the lab made; works on a half-made or crashed lab too."""
         with self._locked():
             state = self._read_state() or {}
+            # Refuse before touching anything when dir is not a lab (e.g. a mistyped --dir).
+            if self.dir.exists() and not state and not (self.dir / MARKER).exists():
+                raise LabError(f"{self.dir} is not a migsec lab dir (no {MARKER}); not touching it")
             names = set(state.get("netns", [])) | set(ns.lab_netns(self.prefix))
             ns_files = sorted((self.dir / "ns").glob("*.mnt")) if (self.dir / "ns").is_dir() else []
             # Everything that runs inside a lab host: daemons, QEMU, whatever was started there.
@@ -443,8 +447,6 @@ class Lab:
                 if Path("/run/netns", n).exists():
                     ns.run(["ip", "netns", "del", n])
             if self.dir.exists():
-                if not (self.dir / MARKER).exists() and state == {}:
-                    raise LabError(f"{self.dir} is not a migsec lab dir (no {MARKER}); not removing it")
                 shutil.rmtree(self.dir)
             self._state = {}
 

@@ -14,6 +14,7 @@ from migsec.errors import LabError
 
 
 def run(argv: list[str], timeout: float = 30) -> str:
+    """Run a tool; a failure becomes LabError with its stderr."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -24,6 +25,7 @@ def run(argv: list[str], timeout: float = 30) -> str:
 
 
 def wait_for(check: Callable[[], Any], timeout: float, message: str) -> Any:
+    """Poll ``check`` until it returns something true; LabError(message) after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -35,16 +37,19 @@ def wait_for(check: Callable[[], Any], timeout: float, message: str) -> Any:
 
 
 def ensure_netns(name: str) -> None:
+    """Create the named network namespace unless it exists."""
     if not Path("/run/netns", name).exists():
         run(["ip", "netns", "add", name])
 
 
 def link_exists(netns: str, link: str) -> bool:
+    """Whether ``link`` exists in network namespace ``netns``."""
     return subprocess.run(["ip", "-n", netns, "link", "show", link], capture_output=True,
                           check=False).returncode == 0
 
 
 def lab_netns(prefix: str) -> list[str]:
+    """Network namespaces a lab with ``prefix`` may have made (found by name)."""
     pattern = re.compile(rf"{re.escape(prefix)}-([a-j]|sw)")
     try:
         return [n for n in os.listdir("/run/netns") if pattern.fullmatch(n)]
@@ -53,6 +58,7 @@ def lab_netns(prefix: str) -> list[str]:
 
 
 def mountpoints() -> set[str]:
+    """Mount points of this process's mount namespace."""
     with open("/proc/self/mountinfo") as f:
         # Field 5 is the mount point; spaces etc. are octal-escaped.
         return {line.split()[4].encode().decode("unicode_escape") for line in f}
@@ -71,11 +77,13 @@ def private_mount(path: Path) -> None:
 
 
 def umount(path: Path) -> None:
+    """Unmount ``path`` until nothing is mounted there."""
     while is_mountpoint(path):
         run(["umount", str(path)])
 
 
 def read_pid(path: Path) -> int | None:
+    """The pid in a pid file, or None if it is missing or not written yet."""
     try:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
@@ -83,6 +91,7 @@ def read_pid(path: Path) -> int | None:
 
 
 def start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks (None when gone or a zombie): pid + start time name a process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -100,6 +109,7 @@ def alive(record: list | None) -> bool:
 
 
 def ns_inode(path: Path) -> int | None:
+    """Inode of a namespace file (/run/netns/X, /proc/PID/ns/net, a bind-mounted nsfs file)."""
     try:
         return os.stat(path).st_ino
     except OSError:
@@ -111,6 +121,7 @@ def all_pids() -> list[int]:
 
 
 def proc_namespaces(pid: int) -> set[int]:
+    """Inodes of the network and mount namespaces ``pid`` lives in."""
     found = set()
     for kind in ("net", "mnt"):
         ino = ns_inode(Path(f"/proc/{pid}/ns/{kind}"))
@@ -120,6 +131,7 @@ def proc_namespaces(pid: int) -> set[int]:
 
 
 def terminate(pids: set[int], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s; LabError if any survives."""
     pids.discard(os.getpid())
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
