@@ -197,7 +197,7 @@ class Staging:
     """A staging directory for one migration's incoming streams."""
 
     def __init__(self, directory: str, sinks: dict[int, StreamSink], installed: bool) -> None:
-        self._state_lock = threading.Lock()
+        self._state_lock = threading.RLock()
         self.directory = directory
         self.sinks = sinks
         self.installed = installed
@@ -212,9 +212,14 @@ class Staging:
         staging = cls(directory, {}, installed)
         try:
             for key, old in (state or {}).get("streams", {}).items():
-                spec = StreamSpec(int(key), old["name"], old["kind"], old["size"], old["target"])
+                try:
+                    spec = StreamSpec(int(key), old["name"], old["kind"], old["size"], old["target"])
+                    acked, done = int(old["acked"]), bool(old.get("done"))
+                    if not 0 <= acked <= spec.size:
+                        raise ValueError(f"acked offset {acked} outside the stream")
+                except (KeyError, TypeError, ValueError, TransferError) as exc:
+                    raise ResumeError(f"staging state in {directory!r} is inconsistent: {exc}") from exc
                 part = os.path.join(directory, f"ch{spec.channel}.part")
-                acked, done = int(old["acked"]), bool(old.get("done"))
                 if not installed and (acked or done) and not os.path.exists(part):
                     log.warning("stream %s: staged part file is gone; restarting it from 0", spec.name)
                     acked, done = 0, False
@@ -230,6 +235,10 @@ class Staging:
 
     def add(self, spec: StreamSpec, *, save: bool = True) -> StreamSink:
         """Stage a stream, or find the staged one when resuming (it must be identical)."""
+        with self._state_lock:  # the syncer thread may be writing state.json from self.sinks
+            return self._add(spec, save)
+
+    def _add(self, spec: StreamSpec, save: bool) -> StreamSink:
         old = self.sinks.get(spec.channel)
         if old is not None:
             if old.spec != spec:

@@ -194,3 +194,16 @@ def test_source_refuses_unaligned_resume(sparse_image):
 def test_source_refuses_a_directory_with_a_clear_error(tmp_path):
     with pytest.raises(TransferError, match="not a regular file or block device"):
         StreamSource(1, "disk0", "disk", path=str(tmp_path))
+
+
+def test_inconsistent_state_file_is_a_resume_error(tmp_path):
+    staging = Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", MiB)])
+    staging.sink(1).close()
+    state = json.loads((tmp_path / "stage" / "state.json").read_text())
+    state["streams"]["1"]["acked"] = 2 * MiB
+    (tmp_path / "stage" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ResumeError, match="inconsistent"):
+        Staging.open(tmp_path / "stage")
+    (tmp_path / "stage" / "state.json").write_text("{not json")
+    with pytest.raises(ResumeError, match="unreadable"):
+        Staging.open(tmp_path / "stage")
