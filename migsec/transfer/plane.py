@@ -24,7 +24,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from migsec.errors import (
@@ -52,6 +52,7 @@ MAX_MANIFEST = 16 * 1024 * 1024
 MiB = 1024 * 1024
 RING = 6  # decrypted records in flight between the reader and the writer thread
 POLL_EVERY = 8 * MiB  # the sender looks for ACKs and errors this often
+KEEPALIVE = 5.0  # at most this many seconds between keepalives while a source is not ready
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,8 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     waiting: list[StreamSource] = []  # sent, END pending until its digest thread finishes
     targets: dict[int, int] = {}
     seen: set[str | int] = {CONTROL_CHANNEL, MANIFEST_CHANNEL}
-    for src in sources:
+    keepalive = min(KEEPALIVE, (timeout or KEEPALIVE * 4) / 4)
+    for src in _with_keepalive(sources, s, keepalive):
         if src.channel in seen or src.name in seen:
             raise TransferError(f"stream {src.name!r}: channel {src.channel} or name already in use")
         seen.update((src.name, src.channel))
@@ -329,6 +331,35 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     targets[MANIFEST_CHANNEL] = len(body)
     s.wait_acked(targets)
     return SendResult(manifest, body, s.wire.sent, s.all_total, s.data_bytes)
+
+
+def _with_keepalive(sources: Iterable[StreamSource], s: _Sender, interval: float) -> Iterator[StreamSource]:
+    """Iterate ``sources`` in a helper thread; while the next one is not ready (the memory image
+    is still being saved) keep the session alive so B's idle timeout does not fire."""
+    it = iter(sources)
+    while True:
+        box: dict[str, object] = {}
+        ready = threading.Event()
+
+        def advance() -> None:
+            try:
+                box["value"] = next(it)
+            except StopIteration:
+                box["stop"] = True
+            except BaseException as exc:  # re-raised in the sending thread
+                box["error"] = exc
+            finally:
+                ready.set()
+
+        threading.Thread(target=advance, name="transfer-sources", daemon=True).start()
+        while not ready.wait(interval):
+            s.send(s.records.send_control(CONTROL_CHANNEL, {"type": "keepalive"}))
+            s.pump()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        if "stop" in box:
+            return
+        yield box["value"]  # type: ignore[misc]
 
 
 def _entry(src: StreamSource) -> ManifestEntry:
@@ -408,6 +439,8 @@ class _Receiver:
         elif isinstance(ev, Control):
             if ev.message.get("type") == "error":
                 raise _peer_error(ev.message)
+            if ev.channel == CONTROL_CHANNEL and ev.message.get("type") == "keepalive":
+                return
             self.open_stream(ev.channel, ev.message)
         elif isinstance(ev, End):
             self.manifest = self.on_end(ev)
