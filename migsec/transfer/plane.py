@@ -52,6 +52,7 @@ MAX_MANIFEST = 16 * 1024 * 1024
 MiB = 1024 * 1024
 RING = 6  # decrypted records in flight between the reader and the writer thread
 POLL_EVERY = 8 * MiB  # the sender looks for ACKs and errors this often
+MAX_HASH_LAG = 256 * MiB  # how far sending/writing may run ahead of SHA-256 on either side
 KEEPALIVE = 5.0  # at most this many seconds between keepalives while a source is not ready
 
 
@@ -201,6 +202,7 @@ class _Sender:
         self.all_total = 0
         self.data_bytes = 0
         self.since_poll = 0
+        self.keepalive = min(KEEPALIVE, (timeout or KEEPALIVE * 4) / 4)
         self._last_progress = 0.0
 
     def send(self, frame: bytes | memoryview) -> None:
@@ -266,8 +268,21 @@ class _Sender:
                 self.since_poll = 0
                 self.pump()
                 self.report(src.name, off + length, src.size)
+                self.hold_for_hash(src, off + length)
+
+    def hold_for_hash(self, src: StreamSource, sent: int) -> None:
+        """Keep the background hash within MAX_HASH_LAG of what was sent: SHA-256 may be slower
+        than the link, and a long wait for the digest at END would look like a dead peer."""
+        last = time.monotonic()
+        while sent - src.hashed > MAX_HASH_LAG and not src.digest_ready:
+            time.sleep(0.005)
+            if time.monotonic() - last > self.keepalive:
+                last = time.monotonic()
+                self.send(self.records.send_control(CONTROL_CHANNEL, {"type": "keepalive"}))
+                self.pump()
 
     def end_stream(self, src: StreamSource) -> ManifestEntry:
+        self.hold_for_hash(src, src.size + MAX_HASH_LAG)  # i.e. until the digest is ready
         entry = _entry(src)
         self.send(self.records.send_end(src.channel, src.size, bytes.fromhex(entry.digest)))
         return entry
@@ -302,8 +317,7 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     waiting: list[StreamSource] = []  # sent, END pending until its digest thread finishes
     targets: dict[int, int] = {}
     seen: set[str | int] = {CONTROL_CHANNEL, MANIFEST_CHANNEL}
-    keepalive = min(KEEPALIVE, (timeout or KEEPALIVE * 4) / 4)
-    for src in _with_keepalive(sources, s, keepalive):
+    for src in _with_keepalive(sources, s, s.keepalive):
         if src.channel in seen or src.name in seen:
             raise TransferError(f"stream {src.name!r}: channel {src.channel} or name already in use")
         seen.update((src.name, src.channel))
@@ -510,7 +524,9 @@ class _Receiver:
         pending = self.unacked.get(ch, 0) + n
         if pending >= self.ack_interval:
             # fdatasync in the syncer thread, so writing goes on while the disk catches up
-            self.sync_q.put((ch, self.staging.sink(ch).frontier))
+            sink = self.staging.sink(ch)
+            self.sync_q.put((ch, sink.frontier))
+            sink.wait_verifier(MAX_HASH_LAG)
             pending = 0
         self.unacked[ch] = pending
 

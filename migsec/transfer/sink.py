@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 
 from migsec.errors import (
@@ -68,6 +69,18 @@ class StreamSink:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def verified(self) -> int:
+        """How far the read-back hash has got."""
+        return self._hash.position
+
+    def wait_verifier(self, lag: int) -> None:
+        """Block while the read-back hash is more than ``lag`` bytes behind what is durable,
+        so it cannot pile up into a long stall at END (SHA-256 may be slower than the link)."""
+        while (self.acked - self._hash.position > lag and self._hash_error is None
+               and self._verifier is not None and self._verifier.is_alive()):
+            time.sleep(0.005)
 
     def _open(self) -> None:
         try:

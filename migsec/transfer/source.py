@@ -79,6 +79,7 @@ class StreamSource:
             size = len(self.data)  # type: ignore[arg-type]
         self.spec = StreamSpec(channel, name, kind, size, target)
         self._digest: str | None = None
+        self._digest_state: StreamDigest | None = None
         self._allocated = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -103,7 +104,7 @@ class StreamSource:
 
     def _hash(self) -> None:
         try:
-            digest = StreamDigest()
+            digest = self._digest_state = StreamDigest()
             if self.data is not None:
                 for kind, off, length, view in self._bytes_pieces(0):
                     if kind == "data":
@@ -125,6 +126,11 @@ class StreamSource:
             self._digest = digest.hexdigest()
         except BaseException as exc:  # reported by digest()
             self._error = exc
+
+    @property
+    def hashed(self) -> int:
+        """How far the background hash has got (bytes of the stream)."""
+        return self._digest_state.position if self._digest_state is not None else 0
 
     @property
     def digest_ready(self) -> bool:
