@@ -266,7 +266,9 @@ class Lab:
                 self._mount_namespace(h)
                 self._daemons(h, timeout)
             self._write_state()
-        if guest is not None:
+        # A guest that was moved to another host is left there, not booted again on a.
+        if guest is not None and not any(guest in h.virsh("list", "--all", "--name").split()
+                                         for h in self.hosts() if h.name != "a"):
             self.ensure_guest("a", guest, memory=guest_memory, disk_size=disk, region_mib=region_mib,
                               timeout=timeout)
         return self.status()

@@ -198,6 +198,9 @@ def test_restored_on_b_the_guest_continues(lab, saved):
     check = wait_for(lambda: g.parse_console(log_b).disk_checks, 60, "the disk check on B")[0]
     assert check.boot == boot and check.bad == 0
     assert check.blocks >= len(before.disk_writes)
+    # Bringing the lab "up" again does not boot a second copy on A.
+    lab.up(2, guest="vm1")
+    assert virt.domain_state(saved["conn_a"], "vm1") != virt.DomainState.RUNNING
     # And from outside once it stops: every block either side reported verifies.
     with virt.connect(b.libvirt_uri) as conn_b:
         virt.destroy_domain(conn_b, "vm1")
