@@ -44,7 +44,10 @@ Data plane -- ``plane.py``
     (resume point), tells A why (A raises IntegrityError / ResumeError / TransferError with
     B's reason), and raises; ``PeerConnectionError`` (a TransferError) means the link broke
     and a resume can follow. ``progress(Progress(stream, done, total, all_done, all_total,
-    wire_bytes))`` is called at most every 0.1 s and at the end of every stream.
+    wire_bytes))`` is called at most every 0.1 s and at the end of every stream. While the
+    next source is not ready (memory still being saved) or a digest is catching up, A sends
+    keepalives, so ``timeout`` only has to cover real silence. Neither side runs more than
+    256 MiB ahead of its SHA-256 thread (no long stall at END where SHA-256 is slow).
     ``Manifest`` / ``ManifestEntry(channel, name, kind, size, allocated, digest, target)``:
     ``.to_json()`` is the canonical form to sign, ``Manifest.from_json`` the strict decoder.
     The record layer is not closed: the commit messages can follow on channel 0. Records B
