@@ -97,14 +97,15 @@ class ReceiveResult:
 
 
 class TokenBucket:
-    """Bandwidth limit in bytes/s with a burst of one second's worth (at least 1 MiB)."""
+    """Bandwidth limit in bytes/s with a burst of a tenth of a second (at least one record),
+    so that even a short transfer keeps close to the limit an operator asked for."""
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if rate <= 0:
             raise TransferError(f"bandwidth limit must be positive, got {rate}")
         self.rate = rate
-        self.burst = max(rate, float(MiB))
+        self.burst = max(rate / 10, float(MiB + OVERHEAD))
         self._clock, self._sleep = clock, sleep
         self._tokens = self.burst
         self._last = clock()
