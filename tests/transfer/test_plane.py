@@ -191,20 +191,20 @@ def test_memory_stream_can_join_later(tmp_path, keys, sparse_image):
 
 
 def test_slow_memory_save_does_not_trip_the_idle_timeout(tmp_path, keys, sparse_image):
-    """Both sides time out after 1 s of silence; the save takes 2 s; keepalives bridge it."""
+    """Both sides time out after 1.5 s of silence; the save takes 3 s; keepalives bridge it."""
     memory = make_sparse(str(tmp_path / "mem.save"), MiB, [(0, os.urandom(MiB))])
 
     def lazy():
         yield from sources(sparse_image)
-        time.sleep(2.0)  # stands for virDomainSave of a large guest
+        time.sleep(3.0)  # stands for virDomainSave of a large guest
         yield StreamSource(3, "memory", "memory", path=memory)
 
     a, b = layers(keys)
     src_sock, dst_sock = Relay().connect()
     receiver = Run(receive_streams, dst_sock, b, str(tmp_path / "stage"), expected(tmp_path, memory=True),
-                   timeout=1.0)
+                   timeout=1.5)
     receiver.start()
-    send_streams(src_sock, a, lazy(), timeout=1.0)
+    send_streams(src_sock, a, lazy(), timeout=1.5)
     got = receiver.value()
     assert sha(got.staging.by_name("memory").path) == sha(memory)
     got.staging.discard()
