@@ -95,7 +95,7 @@ def _claims_bytes(claims: dict[str, Any]) -> bytes:
         raise CryptoError(f"JWS claims are not JSON-serializable: {exc}") from exc
 
 
-def _private_jwk(key: SigningKey):
+def _import_jwk(key: SigningKey | VerifyingKey):
     if key.kind == "ec-p256":
         return ECKey.import_key(key._key)  # type: ignore[arg-type]
     if key.kind == "ed25519":
@@ -103,12 +103,14 @@ def _private_jwk(key: SigningKey):
     return RSAKey.import_key(key._key)  # type: ignore[arg-type]
 
 
-def _public_jwk(key: VerifyingKey):
-    if key.kind == "ec-p256":
-        return ECKey.import_key(key._key)  # type: ignore[arg-type]
-    if key.kind == "ed25519":
-        return OKPKey.import_key(key._key)  # type: ignore[arg-type]
-    return RSAKey.import_key(key._key)  # type: ignore[arg-type]
+def _jwk(key: SigningKey | VerifyingKey):
+    # Built once per key object and kept on it: importing a key (and joserfc's JWK dict,
+    # derived lazily and cached on its key object) cost more than the signature itself.
+    # The object holds only the same key material; nothing about a token is cached.
+    jwk = key._jose
+    if jwk is None:
+        jwk = key._jose = _import_jwk(key)
+    return jwk
 
 
 # --- JWS ------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def jws_sign(claims: dict[str, Any], key: SigningKey, *, kid: str | None = None,
     if typ is not None:
         header["typ"] = typ
     try:
-        return jws.serialize_compact(header, _claims_bytes(claims), _private_jwk(key), algorithms=[key.jose_alg])
+        return jws.serialize_compact(header, _claims_bytes(claims), _jwk(key), algorithms=[key.jose_alg])
     except JoseError as exc:
         raise CryptoError(f"JWS signing failed: {exc}") from exc
 
@@ -146,7 +148,7 @@ def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
     if header.get("alg") != key.jose_alg:
         raise SignatureError(f"JWS algorithm {header.get('alg')!r} does not match the key ({key.jose_alg})")
     try:
-        jws.deserialize_compact(token, _public_jwk(key), algorithms=[key.jose_alg])
+        jws.deserialize_compact(token, _jwk(key), algorithms=[key.jose_alg])
     except JoseError as exc:
         log.debug("JWS rejected: %s", type(exc).__name__)
         raise SignatureError("JWS signature did not verify") from exc
@@ -177,7 +179,7 @@ def jwe_encrypt(plaintext: bytes, recipient: VerifyingKey, *, kid: str | None = 
     if kid is not None:
         header["kid"] = kid
     try:
-        return jwe.encrypt_compact(header, bytes(plaintext), _public_jwk(recipient), algorithms=[alg, ENC])
+        return jwe.encrypt_compact(header, bytes(plaintext), _jwk(recipient), algorithms=[alg, ENC])
     except JoseError as exc:
         raise CryptoError(f"JWE encryption failed: {exc}") from exc
 
@@ -202,7 +204,7 @@ def _decrypt(token: str | bytes, jwk: Any, alg: str) -> bytes:
 
 def jwe_decrypt(token: str | bytes, key: SigningKey) -> bytes:
     """Decrypt a JWE addressed to ``key``; any failure raises the opaque DecryptionError."""
-    return _decrypt(token, _private_jwk(key), _jwe_alg(key.kind))
+    return _decrypt(token, _jwk(key), _jwe_alg(key.kind))
 
 
 # --- JWE under a shared key (dir + A256GCM) ---------------------------------------------------

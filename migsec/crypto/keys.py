@@ -61,11 +61,15 @@ def _jose_alg(kind: str) -> str:
 class VerifyingKey:
     """A public key that checks signatures and receives JWEs."""
 
-    __slots__ = ("kind", "_key")
+    # _der and _jose are derived once per key object: a handshake uses the same key several
+    # times (hash, fingerprint, JWS verify, JWE encrypt) and rebuilding them dominated its cost.
+    __slots__ = ("kind", "_key", "_der", "_jose")
 
     def __init__(self, key: PublicKey) -> None:
         self.kind = _kind_of(key)
         self._key = key
+        self._der: bytes | None = None
+        self._jose = None  # the joserfc key object, filled by migsec.crypto.envelope
 
     def __repr__(self) -> str:
         return f"VerifyingKey({self.kind!r}, {self.fingerprint})"
@@ -94,7 +98,9 @@ class VerifyingKey:
         return self._key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def to_der(self) -> bytes:
-        return self._key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if self._der is None:
+            self._der = self._key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self._der
 
     @property
     def fingerprint(self) -> str:
@@ -124,11 +130,13 @@ class VerifyingKey:
 class SigningKey:
     """A private key that signs and decrypts JWEs addressed to it."""
 
-    __slots__ = ("kind", "_key")
+    __slots__ = ("kind", "_key", "_public", "_jose")
 
     def __init__(self, key: PrivateKey) -> None:
         self.kind = _kind_of(key)
         self._key = key
+        self._public: VerifyingKey | None = None
+        self._jose = None  # the joserfc key object, filled by migsec.crypto.envelope
 
     def __repr__(self) -> str:  # never print key material
         return f"SigningKey({self.kind!r}, {self.public_key.fingerprint})"
@@ -151,7 +159,9 @@ class SigningKey:
 
     @property
     def public_key(self) -> VerifyingKey:
-        return VerifyingKey(self._key.public_key())
+        if self._public is None:
+            self._public = VerifyingKey(self._key.public_key())
+        return self._public
 
     @classmethod
     def from_pem(cls, data: bytes) -> "SigningKey":
