@@ -6,10 +6,12 @@ import json
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from migsec.errors import IntegrityError, ResumeError, TransferError, TruncatedStreamError
-from migsec.transfer import BLOCK, Staging, StreamSource, StreamSpec, file_digest
-from transfer_helpers import MiB
+from migsec.transfer import BLOCK, Staging, StreamSource, StreamSpec, file_digest, iter_extents
+from transfer_helpers import MiB, make_sparse
 
 
 def feed(sink, source: StreamSource, start: int = 0, stop: int | None = None) -> None:
@@ -207,3 +209,25 @@ def test_inconsistent_state_file_is_a_resume_error(tmp_path):
     (tmp_path / "stage" / "state.json").write_text("{not json")
     with pytest.raises(ResumeError, match="unreadable"):
         Staging.open(tmp_path / "stage")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(1, 3 * MiB),
+       writes=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 200_000), st.booleans()), max_size=6))
+def test_any_sparse_layout_arrives_identical(tmp_path_factory, size, writes):
+    """Random layouts (unaligned runs, written zeros, data at the end) survive source -> sink."""
+    d = tmp_path_factory.mktemp("layout")
+    layout = [(int(pos * (size - 1)), bytes(n) if zero else os.urandom(n)) for pos, n, zero in writes]
+    layout = [(off, data[:size - off]) for off, data in layout]
+    path = make_sparse(str(d / "src"), size, layout)
+    src = StreamSource(1, "disk0", "disk", path=path, target=str(d / "out"))
+    staging = Staging.open(d / "stage", [src.spec])
+    feed(staging.sink(1), src)
+    digest, allocated = src.digest()
+    staging.sink(1).end(src.size, digest)
+    staging.commit()
+    staging.close()
+    assert sha(d / "out") == sha(path)
+    assert file_digest(d / "out") == digest == file_digest(path)
+    nonzero_blocks = sum(1 for e in iter_extents(path) if e.kind == "data")
+    assert allocated <= size and (allocated == 0) == (nonzero_blocks == 0)
