@@ -114,6 +114,10 @@ def saved(lab):
     virt.suspend_domain(conn_a, "vm1")
     virt.save_domain(conn_a, "vm1", str(save_a))
     save_seconds = time.monotonic() - t0
+    # virtlogd writes the console log asynchronously: read it once it stopped growing.
+    sizes = []
+    wait_for(lambda: sizes.append(log_a.stat().st_size) or sizes[-3:] == [sizes[-1]] * 3, 10,
+             "A's console log to settle")
     console_a = g.parse_console(log_a)
     for f in (save_a, a.image_dir / "vm1.qcow2"):
         subprocess.run(["cp", "--sparse=always", str(f), str(b.image_dir / f.name)], check=True)
