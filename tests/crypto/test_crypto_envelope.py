@@ -221,3 +221,38 @@ def test_fuzz_jwe_hostile_epk(keys, epk, keep_body):
     head = b64(json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "epk": epk}).encode())
     with pytest.raises(MigsecError):
         jwe_decrypt(".".join([head, *body]), k)
+
+
+# --- interoperability: the tokens are ordinary JOSE (checked with joserfc both ways) ----------
+def _joserfc_key(key):
+    from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+    cls = {"ec-p256": ECKey, "ed25519": OKPKey}.get(key.kind, RSAKey)
+    return cls.import_key(key.to_pem())
+
+
+@pytest.mark.parametrize("kind", ["ec-p256", "ed25519", "rsa-3072"])
+def test_jws_interoperates_with_joserfc(keys, kind):
+    from joserfc import jws
+    from joserfc.errors import JoseError
+
+    k = keys[kind]
+    token = jws_sign(CLAIMS, k, kid="a1", typ="migsec-authr+jwt")
+    obj = jws.deserialize_compact(token, _joserfc_key(k.public_key), algorithms=[k.jose_alg])
+    assert json.loads(obj.payload) == CLAIMS and obj.headers()["typ"] == "migsec-authr+jwt"
+    h, p, s = token.split(".")
+    with pytest.raises(JoseError):  # joserfc also sees a changed payload as a bad signature
+        jws.deserialize_compact(f"{h}.{b64(b'{}')}.{s}", _joserfc_key(k.public_key), algorithms=[k.jose_alg])
+    theirs = jws.serialize_compact({"alg": k.jose_alg, "kid": "x"}, json.dumps(CLAIMS).encode(),
+                                   _joserfc_key(k), algorithms=[k.jose_alg])
+    assert jws_verify(theirs, k.public_key) == CLAIMS
+
+
+def test_jws_verify_refuses_non_ascii_and_bad_header_types(keys):
+    k = keys["ec-p256"]
+    h, p, s = jws_sign(CLAIMS, k).split(".")
+    with pytest.raises(MalformedMessageError):
+        jws_verify(f"{h}.{p}\u00e9.{s}", k.public_key)
+    head = b64(json.dumps({"alg": "ES256", "typ": 7}).encode())
+    with pytest.raises(MalformedMessageError, match="strings"):
+        jws_verify(f"{head}.{p}.{s}", k.public_key)
