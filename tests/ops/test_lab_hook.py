@@ -31,8 +31,9 @@ GUEST = dict(memory="128M", disk_size="64M", region_mib=16, timeout=180)
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from tests.e2e.conftest import lab_unavailable
     from tests.e2e.deploy import deploy
+
+    from .conftest import lab_unavailable
 
     reason = lab_unavailable()
     if reason:
