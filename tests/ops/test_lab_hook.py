@@ -158,3 +158,16 @@ def test_virsh_restore_on_b_maps_a_foreign_save_image(env):
     assert state(lab, "b", name) == "running"
     wait_counter(lab, "b", name, before)
     b.virsh("destroy", name, check=False)
+
+
+def test_doctor_inside_lab_host_b(env):
+    lab, dep = env
+    b = dep["b"]
+    unit = b.base / "migsecd.service"  # no systemd in the lab: point at a file that is absent
+    r = b.migsec("doctor", "--config", str(b.config), "--unit", str(unit))
+    lines = dict(line.split(":", 1)[0].split(None, 1)[::-1] for line in r.stdout.splitlines())
+    # inside b: its own libvirtd (via /run), its hook dir (/etc/libvirt), its libvirtd.pid
+    assert lines["libvirt"] == "OK" and lines["libvirt hook"] == "OK", r.stdout
+    assert lines["migsecd"] == "OK" and lines["peer cloud-a.example"] == "OK", r.stdout
+    assert lines["systemd unit"] == "WARN"
+    assert r.returncode == 0, r.stdout + r.stderr
