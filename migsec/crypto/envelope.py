@@ -1,7 +1,7 @@
 """JOSE envelopes (compact serialization) for tickets and control messages.
 
 Signed claims are JWS; confidential bodies are JWE, either to a certificate's
-public key (EC P-256: ECDH-ES+A256KW, RSA: RSA-OAEP-256; content A256GCM) or
+public key (EC P-256: ECDH-ES, RSA: RSA-OAEP-256; content A256GCM) or
 under a shared symmetric key (``dir`` + A256GCM, for E_SK1 / E_SK2 / E_SK3).
 Each call accepts exactly one algorithm, fixed by the key, so a token cannot
 choose a weaker one (no ``none``, no HMAC-with-public-key confusion, no ``zip``).
@@ -12,14 +12,21 @@ import base64
 import binascii
 import json
 import logging
+import struct
 from typing import Any
 
 from joserfc import jwe, jws
 from joserfc.errors import JoseError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from joserfc.jwk import ECKey, OctKey, RSAKey, OKPKey
 
+from migsec.crypto.aead import Aead
+from migsec.crypto.kdf import random_bytes
 from migsec.crypto.keys import SigningKey, VerifyingKey
-from migsec.errors import CryptoError, DecryptionError, MalformedMessageError, SignatureError
+from migsec.errors import CryptoError, DecryptionError, MalformedMessageError, MigsecError, SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +172,26 @@ def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
 
 
 # --- JWE to a public key ----------------------------------------------------------------------
+EC_JWE_ALG = "ECDH-ES"
+_P256 = ec.SECP256R1()
+_P256_COORD = 32
+_GCM_IV, _GCM_TAG = 12, 16
+# RFC 7518 §4.6.2 Concat KDF OtherInfo for ECDH-ES in direct mode: AlgorithmID is the "enc"
+# value, PartyUInfo and PartyVInfo are empty, SuppPubInfo is the key length in bits.
+_CONCAT_OTHERINFO = (struct.pack(">I", len(ENC)) + ENC.encode("ascii") + struct.pack(">II", 0, 0)
+                     + struct.pack(">I", 256))
+
+
 def _jwe_alg(kind: str) -> str:
     if kind == "ec-p256":
-        return "ECDH-ES+A256KW"
+        return EC_JWE_ALG
     if kind.startswith("rsa-"):
         return "RSA-OAEP-256"
     raise CryptoError(f"a {kind} key cannot receive encrypted messages; use an ec-p256 or RSA key")
+
+
+def _ecdh_es_cek(shared: bytes) -> bytes:
+    return ConcatKDFHash(hashes.SHA256(), 32, _CONCAT_OTHERINFO).derive(shared)
 
 
 def jwe_header(token: str | bytes) -> dict[str, Any]:
@@ -179,9 +200,61 @@ def jwe_header(token: str | bytes) -> dict[str, Any]:
     return _json_object(_b64url_decode(header_b64, "JWE header"), "JWE header")
 
 
+# EC recipients use ECDH-ES in direct key agreement mode (RFC 7518 §4.6): the Concat KDF output
+# is the A256GCM key, so there is no wrapped key. Built here from cryptography primitives, as the
+# JWS above, because joserfc's generic path cost more than the ECDH itself; the tests check that
+# joserfc decrypts these tokens and that its tokens decrypt here.
+def _ecdh_es_encrypt(plaintext: bytes, recipient: VerifyingKey, kid: str | None) -> str:
+    ephemeral = ec.generate_private_key(_P256)
+    point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    header: dict[str, Any] = {"alg": EC_JWE_ALG, "enc": ENC}
+    if kid is not None:
+        header["kid"] = kid
+    header["epk"] = {"kty": "EC", "crv": "P-256", "x": _b64url(point[1:33]), "y": _b64url(point[33:])}
+    header_b64 = _b64url(_claims_bytes(header))
+    cek = _ecdh_es_cek(ephemeral.exchange(ec.ECDH(), recipient._key))  # type: ignore[arg-type]
+    iv = random_bytes(_GCM_IV)
+    sealed = Aead("aes-256-gcm", cek).seal(iv, bytes(plaintext), header_b64.encode("ascii"))
+    return ".".join((header_b64, "", _b64url(iv), _b64url(sealed[:-_GCM_TAG]), _b64url(sealed[-_GCM_TAG:])))
+
+
+def _coordinate(epk: dict[str, Any], name: str) -> bytes:
+    value = epk.get(name)
+    if not isinstance(value, str):
+        raise MalformedMessageError(f"JWE epk {name} missing")
+    raw = _b64url_decode(value, f"JWE epk {name}")
+    if len(raw) != _P256_COORD:
+        raise MalformedMessageError(f"JWE epk {name} must be {_P256_COORD} bytes")
+    return raw
+
+
+def _ecdh_es_decrypt(token: str | bytes, key: SigningKey) -> bytes:
+    header_b64, encrypted_key, iv_b64, ct_b64, tag_b64 = _split(token, 5, "JWE")
+    header = _json_object(_b64url_decode(header_b64, "JWE header"), "JWE header")
+    if header.get("alg") != EC_JWE_ALG or header.get("enc") != ENC or set(header) - JWE_HEADER_MEMBERS:
+        raise MalformedMessageError("JWE header is not ECDH-ES/A256GCM with known members")
+    if encrypted_key:
+        raise MalformedMessageError("ECDH-ES (direct) carries no encrypted key")
+    epk = header.get("epk")
+    if not isinstance(epk, dict) or set(epk) != {"kty", "crv", "x", "y"} or (epk["kty"], epk["crv"]) != ("EC", "P-256"):
+        raise MalformedMessageError("JWE epk must be an EC P-256 public key (kty, crv, x, y)")
+    # from_encoded_point refuses a point that is not on P-256 (invalid-curve attacks).
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(_P256, b"\x04" + _coordinate(epk, "x") + _coordinate(epk, "y"))
+    iv, tag = _b64url_decode(iv_b64, "JWE iv"), _b64url_decode(tag_b64, "JWE tag")
+    ciphertext = _b64url_decode(ct_b64, "JWE ciphertext") if ct_b64 else b""
+    if len(iv) != _GCM_IV or len(tag) != _GCM_TAG:
+        raise MalformedMessageError("JWE iv or tag has the wrong size")
+    cek = _ecdh_es_cek(key._key.exchange(ec.ECDH(), peer))  # type: ignore[union-attr]
+    return Aead("aes-256-gcm", cek).open(iv, ciphertext + tag, header_b64.encode("ascii"))
+
+
 def jwe_encrypt(plaintext: bytes, recipient: VerifyingKey, *, kid: str | None = None) -> str:
-    """Encrypt ``plaintext`` to ``recipient`` (EC: ECDH-ES+A256KW, RSA: RSA-OAEP-256; A256GCM)."""
+    """Encrypt ``plaintext`` to ``recipient`` (EC: ECDH-ES, RSA: RSA-OAEP-256; A256GCM)."""
     alg = _jwe_alg(recipient.kind)
+    if not isinstance(plaintext, (bytes, bytearray)):
+        raise CryptoError("JWE plaintext must be bytes")
+    if alg == EC_JWE_ALG:
+        return _ecdh_es_encrypt(plaintext, recipient, kid)
     header: dict[str, Any] = {"alg": alg, "enc": ENC}
     if kid is not None:
         header["kid"] = kid
@@ -211,7 +284,16 @@ def _decrypt(token: str | bytes, jwk: Any, alg: str) -> bytes:
 
 def jwe_decrypt(token: str | bytes, key: SigningKey) -> bytes:
     """Decrypt a JWE addressed to ``key``; any failure raises the opaque DecryptionError."""
-    return _decrypt(token, _jwk(key), _jwe_alg(key.kind))
+    alg = _jwe_alg(key.kind)
+    if alg != EC_JWE_ALG:
+        return _decrypt(token, _jwk(key), alg)
+    try:
+        return _ecdh_es_decrypt(token, key)
+    except DecryptionError:
+        raise
+    except (MigsecError, ValueError, TypeError) as exc:
+        log.debug("JWE rejected: %s", type(exc).__name__)
+        raise DecryptionError("decryption failed") from exc
 
 
 # --- JWE under a shared key (dir + A256GCM) ---------------------------------------------------

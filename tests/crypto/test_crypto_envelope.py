@@ -80,7 +80,7 @@ def test_jwe_to_public_key(keys, kind):
     k = keys[kind]
     msg = b"Mig_Rqst || Src_DID || Dest_DID || eA || NonceA"
     token = jwe_encrypt(msg, k.public_key, kid="b1")
-    assert jwe_header(token)["alg"] == {"ec-p256": "ECDH-ES+A256KW", "rsa-3072": "RSA-OAEP-256"}[kind]
+    assert jwe_header(token)["alg"] == {"ec-p256": "ECDH-ES", "rsa-3072": "RSA-OAEP-256"}[kind]
     assert jwe_header(token)["enc"] == "A256GCM" and msg not in token.encode()
     assert jwe_decrypt(token, k) == msg
     parts = token.split(".")
@@ -135,7 +135,7 @@ def _segments() -> st.SearchStrategy[str]:
         st.binary(max_size=40).map(b64),
         st.dictionaries(st.sampled_from(["alg", "enc", "kid", "epk", "zip", "crit", "typ"]),
                         st.one_of(st.text(max_size=10), st.integers(), st.none(),
-                                  st.sampled_from(["ES256", "dir", "A256GCM", "ECDH-ES+A256KW", "none", "HS256"])),
+                                  st.sampled_from(["ES256", "dir", "A256GCM", "ECDH-ES", "ECDH-ES+A256KW", "none", "HS256"])),
                         max_size=4).map(lambda d: b64(json.dumps(d).encode())),
     )
     return st.lists(part, min_size=1, max_size=6).map(".".join)
@@ -217,8 +217,8 @@ _VALUES = st.one_of(st.text(max_size=40), st.integers(), st.none(), st.binary(ma
 def test_fuzz_jwe_hostile_epk(keys, epk, keep_body):
     """A well-formed ECDH-ES header with a hostile ephemeral key reaches the key import path."""
     k = keys["ec-p256"]
-    body = jwe_encrypt(b"x", k.public_key).split(".")[1:] if keep_body else ["AA", "A" * 16, "AA", "A" * 22]
-    head = b64(json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "epk": epk}).encode())
+    body = jwe_encrypt(b"x", k.public_key).split(".")[1:] if keep_body else ["", "A" * 16, "AA", "A" * 22]
+    head = b64(json.dumps({"alg": "ECDH-ES", "enc": "A256GCM", "epk": epk}).encode())
     with pytest.raises(MigsecError):
         jwe_decrypt(".".join([head, *body]), k)
 
@@ -256,3 +256,37 @@ def test_jws_verify_refuses_non_ascii_and_bad_header_types(keys):
     head = b64(json.dumps({"alg": "ES256", "typ": 7}).encode())
     with pytest.raises(MalformedMessageError, match="strings"):
         jws_verify(f"{head}.{p}.{s}", k.public_key)
+
+
+def test_ec_jwe_interoperates_with_joserfc(keys):
+    from joserfc import jwe
+
+    k = keys["ec-p256"]
+    token = jwe_encrypt(b"MigReq body", k.public_key, kid="b1")
+    assert token.split(".")[1] == ""  # direct key agreement: no wrapped key
+    obj = jwe.decrypt_compact(token, _joserfc_key(k), algorithms=["ECDH-ES", "A256GCM"])
+    assert obj.plaintext == b"MigReq body" and obj.headers()["kid"] == "b1"
+    theirs = jwe.encrypt_compact({"alg": "ECDH-ES", "enc": "A256GCM"}, b"from joserfc",
+                                 _joserfc_key(k.public_key), algorithms=["ECDH-ES", "A256GCM"])
+    assert jwe_decrypt(theirs, k) == b"from joserfc"
+    # the algorithm is pinned: a key-wrapped token to the same key is refused
+    wrapped = jwe.encrypt_compact({"alg": "ECDH-ES+A256KW", "enc": "A256GCM"}, b"x",
+                                  _joserfc_key(k.public_key), algorithms=["ECDH-ES+A256KW", "A256GCM"])
+    with pytest.raises(DecryptionError):
+        jwe_decrypt(wrapped, k)
+
+
+def test_ec_jwe_refuses_off_curve_and_wrong_sized_parts(keys):
+    k = keys["ec-p256"]
+    parts = jwe_encrypt(b"x", k.public_key).split(".")
+    header = jwe_header(".".join(parts))
+    x = base64.urlsafe_b64decode(header["epk"]["x"] + "=")
+    off_curve = {**header["epk"], "x": b64(bytes([x[0] ^ 1]) + x[1:])}
+    for bad in ({**header, "epk": off_curve}, {**header, "epk": {**header["epk"], "crv": "P-384"}},
+                {**header, "epk": {**header["epk"], "d": header["epk"]["x"]}}):
+        with pytest.raises(DecryptionError):
+            jwe_decrypt(".".join([b64(json.dumps(bad).encode()), *parts[1:]]), k)
+    for i, value in ((1, "AAAA"), (2, "AAAA"), (4, "AAAA")):  # wrapped key, short iv, short tag
+        with pytest.raises(DecryptionError):
+            jwe_decrypt(".".join(parts[:i] + [value] + parts[i + 1:]), k)
+    assert jwe_decrypt(".".join(parts), k) == b"x"
