@@ -203,3 +203,29 @@ def test_concurrent_hooks_keep_the_ledger_chain(site):
     started = sorted(b["domain"] for k, b in entries(site) if k == "vm-started")
     assert started == ["vm0", "vm1", "vm2", "vm3"]
     assert json.loads(site.ledger.read_text().splitlines()[-1])["kind"] == "vm-started"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(_names, min_size=1, max_size=3), here=st.booleans())
+def test_mapping_moves_only_missing_paths_under_a_source(parts, here):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:  # fresh per example: no file left by another
+        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        rel = "/".join(parts)
+        disk = src / rel
+        if here:  # the file exists on this host: a local restore, never rewritten
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            disk.touch()
+        out = map_restore_xml(domain_xml(str(disk)), storage_map={str(src): str(dst)})
+        if here:
+            assert out is None
+        else:
+            assert etree.fromstring(out.encode()).find("devices/disk/source").get("file") == str(dst / rel)
