@@ -4,7 +4,7 @@
 # certificates; hv-b fetches its bundle from hv-a over ssh (a forced command, see Vagrantfile).
 set -euo pipefail
 : "${MIGSEC_DID:?}" "${MIGSEC_ADDRESS:?}" "${MIGSEC_PEER_DID:?}" "${MIGSEC_PEER_ADDRESS:?}" "${MIGSEC_CA_HOST:?}"
-KEY=/migsec/vagrant/.bootstrap/id_ed25519
+KEY=${MIGSEC_BOOTSTRAP_KEY:-/migsec/vagrant/.bootstrap/id_ed25519}
 PASSWORD=${MIGSEC_LAB_PASSWORD:-migsec-lab-password}
 install -d -m 0700 /etc/migsec/pki
 
