@@ -25,7 +25,11 @@ PLANE_TIMEOUT_S = 120
 
 # ---- the shared naming ---------------------------------------------------------------------
 def request_files(request: Any) -> list[str]:
-    files = str(request.options.get("files", ""))
+    return request_files_of(request.options)
+
+
+def request_files_of(options: Any, key: str = "files") -> list[str]:
+    files = str(options.get(key, ""))
     return [f for f in files.split("|") if f]
 
 
@@ -39,6 +43,8 @@ def enrich_options(options: dict, info: Any) -> dict:
         "disk_bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
         "tags": ",".join(info.tags),
         "files": "|".join(info.files),
+        # top images only: backing files may be shared with other VMs, never removed
+        "top_files": "|".join(d.source for d in info.disks if d.type == "file" and d.source),
     }
 
 

@@ -39,6 +39,8 @@ class Progress:
         eta = (total - done) / rate if rate > 0 and total > done else 0.0
         pct = int(100 * done / total) if total else 100
         if self.tty:
+            if self._phase and phase != self._phase:
+                self.stream.write("\n")  # keep the finished phase's bar on screen
             filled = int(self.width * pct / 100)
             bar = "#" * filled + "-" * (self.width - filled)
             line = (f"\r{phase:<10} [{bar}] {pct:3d}% {human_bytes(done)}/{human_bytes(total)}"

@@ -94,6 +94,10 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
         options = entry.data.get("options") or {}
         if options.get("undefine_source") and domain_state(conn, domain) != "absent":
             virt.undefine_domain(conn, domain)
+    if options.get("undefine_source"):
+        from migsec.daemon.source import remove_moved_disks
+
+        remove_moved_disks(options)
     if entry.data.get("work_dir"):
         shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
     if entry.phase == "committed":

@@ -227,6 +227,8 @@ class OutgoingMigration:
                 virt.undefine_domain(conn, self.domain)
         except MigsecError as exc:
             log.error("releasing %s after commit: %s", self.domain, exc)
+        if self.options.get("undefine_source"):
+            remove_moved_disks(self.options)
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.journal("released")
 
@@ -276,6 +278,19 @@ def domain_state(conn: Any, domain: str) -> str:
         return virt.domain_state(conn, domain).value
     except DomainNotFoundError:
         return "absent"
+
+
+def remove_moved_disks(options: dict) -> None:
+    """With --undefinesource the VM moved: its disk files (verified by B's receipt) go too."""
+    from migsec.daemon.dataplane import request_files_of
+
+    for path in request_files_of(options, "top_files"):
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("removing the moved disk %s: %s", path, exc)
 
 
 def restart_at_source(conn: Any, domain: str, saved_image: Path | None) -> str:
