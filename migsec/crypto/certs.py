@@ -5,7 +5,6 @@ and hands them here to be signed, encoded and fingerprinted.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from cryptography import x509
@@ -64,7 +63,7 @@ def certificate_pem(cert: x509.Certificate) -> bytes:
 
 def certificate_fingerprint(cert: x509.Certificate) -> str:
     """``SHA256:<hex>`` of the certificate's DER encoding (what peers pin)."""
-    return "SHA256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return "SHA256:" + cert.fingerprint(hashes.SHA256()).hex()  # the DER digest, computed in Rust
 
 
 def crl_pem(crl: x509.CertificateRevocationList) -> bytes:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import struct
 from typing import Any
 
@@ -55,9 +56,13 @@ def _reject_constant(name: str) -> Any:
     raise MalformedMessageError(f"JSON constant {name} is not allowed")
 
 
+# One decoder for every call: json.loads with hooks builds a new JSONDecoder each time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        value = _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedMessageError(f"{what} is not valid JSON") from exc
     if not isinstance(value, dict):
@@ -65,16 +70,16 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _b64url_decode(part: str, what: str) -> bytes:
-    if not part or not _B64URL.issuperset(part) or len(part) % 4 == 1:
+    if not isinstance(part, str) or _B64URL.fullmatch(part) is None or len(part) % 4 == 1:
         raise MalformedMessageError(f"{what} is not base64url")
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError) as exc:
         raise MalformedMessageError(f"{what} is not base64url") from exc
-
-
-_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _split(token: str | bytes, parts: int, kind: str) -> list[str]:

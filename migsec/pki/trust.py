@@ -50,8 +50,7 @@ def _load_pems(data: bytes, what: str) -> list[x509.Certificate]:
         raise ConfigError(f"{what} holds no readable PEM certificate") from exc
 
 
-def _check_key_usage(cert: x509.Certificate, ku: x509.KeyUsage) -> None:
-    kind = certificate_public_key(cert).kind
+def _check_key_usage(kind: str, ku: x509.KeyUsage) -> None:
     if not ku.digital_signature:
         raise KeyUsageError("certificate key usage lacks digitalSignature")
     if kind == "ec-p256" and not ku.key_agreement:
@@ -86,6 +85,9 @@ class TrustStore:
             if not any(crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key()) for ca in self.cas):
                 raise ConfigError(f"CRL from {crl.issuer.rfc4514_string()} is not signed by a trusted CA")
         self._store = xv.Store(self.cas)
+        # Fixed per store; only the end-entity policy (its validators see the expected DID and
+        # report into per-call state) and the verification time are built per verify().
+        self._ca_policy = xv.ExtensionPolicy.webpki_defaults_ca()
 
     @classmethod
     def from_pem(cls, ca_pems: Iterable[bytes], crl_pems: Iterable[bytes] = ()) -> "TrustStore":
@@ -132,6 +134,7 @@ class TrustStore:
         # The verifier reports validator failures only as text, so keep the migsec error here.
         failures: list[MigsecError] = []
         found: dict[str, str] = {}
+        keys: list[VerifyingKey] = []  # the end entity's key, read once for KU and the result
 
         def guarded(check):
             def validator(_policy, cert, ext):
@@ -159,7 +162,8 @@ class TrustStore:
         def check_ku(cert, ku):
             if ku is None:
                 raise KeyUsageError("certificate has no key usage extension")
-            _check_key_usage(cert, ku)
+            keys.append(certificate_public_key(cert))
+            _check_key_usage(keys[-1].kind, ku)
 
         def check_eku(_cert, eku):
             if eku is None:
@@ -178,7 +182,7 @@ class TrustStore:
             .store(self._store)
             .time(at)
             .max_chain_depth(2)
-            .extension_policies(ca_policy=xv.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=ee_policy)
             .build_client_verifier()
         )
         # Expiry first, so an out-of-date certificate is reported as such and not as "untrusted".
@@ -198,7 +202,8 @@ class TrustStore:
             raise DidMismatchError("certificate domain id was not checked")
         self._check_revocation(chain, at)
         try:
-            public_key = certificate_public_key(leaf)
+            # the key the KU validator read from the verified leaf (the same certificate)
+            public_key = keys[0] if len(keys) == 1 else certificate_public_key(leaf)
         except CryptoError as exc:
             raise KeyUsageError(f"certificate key is not usable by migsec: {exc}") from exc
         return VerifiedPeer(found["did"], public_key, certificate_fingerprint(leaf), leaf.not_valid_after_utc)
