@@ -9,7 +9,6 @@ and B restores from it). The manifest follows as the plane's last stream.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -132,7 +131,8 @@ def expected_streams(services: Any, request: Any) -> dict[str, Any]:
 class Received:
     memory_path: str
     restore_xml: str
-    manifest_digest: str
+    manifest: Any
+    manifest_json: bytes
     wire_bytes: int
 
 
@@ -143,7 +143,6 @@ def staging_dir(services: Any, migration_id: str) -> Path:
 def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str) -> Received:
     """Receive into staging, install the disks, and prepare the restore XML (B's mappings)."""
     from migsec import virt
-    from migsec.crypto import sha256
     from migsec.transfer.plane import receive_streams
 
     expected = expected_streams(services, request)
@@ -161,7 +160,7 @@ def receive(services: Any, sock: socket.socket, records: Any, request: Any, migr
             conn, memory.path, uuid=str(request.options.get("vm_uuid")),
             disk_map=disk_map(services, files),
             network_map=dict(network.map) or None, bridge_map=dict(network.bridge_map) or None)
-    return Received(memory.path, xml, sha256(result.manifest_json).hex(), result.wire_bytes)
+    return Received(memory.path, xml, result.manifest, result.manifest_json, result.wire_bytes)
 
 
 def discard(services: Any, migration_id: str) -> None:

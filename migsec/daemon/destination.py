@@ -81,7 +81,11 @@ def run_accepted(services: Any, conn: socket.socket, accepted: Any) -> None:
 
 
 class IncomingMigration:
-    """B's side of one migration: receive, verify, restore paused, receipt, decision."""
+    """B's side of one migration: receive, verify, restore paused, receipt, decision.
+
+    The commit exchange itself is ``migsec.transfer.commit.DestinationCommit``; this class
+    gives it the hypervisor actions and the journal, and moves its messages.
+    """
 
     def __init__(self, services: Any, migration_id: str) -> None:
         self.services = services
@@ -91,108 +95,88 @@ class IncomingMigration:
         from migsec.daemon import dataplane
         from migsec.daemon.channel import ControlLink
         from migsec.protocol import RecordLayer
+        from migsec.transfer.commit import DestinationCommit, as_control
 
-        request = accepted.request
+        services, request = self.services, accepted.request
         if accepted.purpose == "migrate":
             self.journal("accepted", domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
-                         options=dict(request.options), staging=str(dataplane.staging_dir(self.services, self.mid)))
-        records = RecordLayer(accepted.keys, "destination")
+                         options=dict(request.options), staging=str(dataplane.staging_dir(services, self.mid)))
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
+        records = RecordLayer(accepted.keys, "destination")
         control = ControlLink(conn, records, accepted.src_did)
+        prepared: dict[str, str] = {}
+        commit = DestinationCommit(
+            migration_id=self.mid, src_did=accepted.src_did, dest_did=services.did,
+            transcript_hash=accepted.keys.transcript_hash, key=services.identity.key,
+            peer_key=accepted.peer.public_key, journal=self.journal,
+            restore_paused=lambda: self.restore(prepared["memory"], prepared["xml"]),
+            resume_vm=self.resume_here, discard=self.discard_here, clock=services.clock)
         try:
-            self.journal("receiving", attempt_from=accepted.purpose)
-            received = dataplane.receive(self.services, conn, records, request, self.mid)
-            self.journal("received", manifest_sha256=received.manifest_digest)
-            name = self.restore(received.memory_path, received.restore_xml)
-            receipt = self.sign_receipt(received.manifest_digest, name)
-            control.send_control({"type": "receipt", "token": receipt})
-            message = control.recv_control(DECISION_TIMEOUT_S)
-        except (ConnectionError, OSError) as exc:
-            log.warning("migration %s: connection lost (%s); keeping state for a resume or recovery", self.mid, exc)
-            return
+            self.journal("receiving", attempt=accepted.purpose)
+            received = dataplane.receive(services, conn, records, request, self.mid)
+            prepared.update(memory=received.memory_path, xml=received.restore_xml)
+            commit.streams_verified(received.manifest, received.manifest_json)
+            receipt = commit.restore()  # restores paused, signs, journals restored-paused
         except MigsecError as exc:
             if _connection_lost(exc):
-                log.warning("migration %s: connection lost (%s); keeping state for a resume or recovery",
+                log.warning("migration %s: connection lost (%s); staged data kept for a resume",
                             self.mid, exc)
                 return
             log.error("migration %s failed at the destination: %s", self.mid, exc)
-            self.discard(f"failed at the destination: {exc}")
-            try:
-                control.send_control({"type": "abort", "reason": str(exc)[:500]})
-            except (MigsecError, ConnectionError):
-                pass
+            if commit.state not in ("DISCARDED", "IN_DOUBT"):
+                commit.fail(str(exc))  # before the receipt: remove everything
+            _send_quietly(control, {"t": "abort", "reason": str(exc)[:500]})
             return
+        except (ConnectionError, OSError) as exc:
+            log.warning("migration %s: connection lost (%s); staged data kept for a resume", self.mid, exc)
+            return
+        services.audit("receipt", self.mid, role="destination", token=receipt)
         try:
-            reply = self.apply_decision(message, accepted.peer)
-            control.send_control(reply)
-        except (MigsecError, ConnectionError) as exc:
-            log.error("migration %s: decision handling: %s", self.mid, exc)
+            control.send_control(as_control("receipt", receipt))
+            message = control.recv_control(DECISION_TIMEOUT_S)
+            token = message.get("jws")
+            if message.get("t") != "decision" or not isinstance(token, str):
+                raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
+            services.audit("decision", self.mid, role="destination", peer_token=token,
+                           peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
+            resumed = commit.decision_received(token)
+        except (MigsecError, ConnectionError, OSError) as exc:
+            commit.fail(str(exc))  # after the receipt: in doubt, the guest stays paused
+            log.warning("migration %s: no decision from %s (%s); the guest stays paused until "
+                        "`migsec recover` learns it", self.mid, accepted.src_did, exc)
+            return
+        if resumed is None:
+            log.info("migration %s: %s decided abort; discarded", self.mid, accepted.src_did)
+            return
+        services.audit("resumed", self.mid, role="destination", token=resumed)
+        _send_quietly(control, as_control("resumed", resumed))
+        self.finish()
 
-    # ---- phases (each idempotent: recovery calls them again) -------------------------------
-    def restore(self, memory_path: str, xml: str) -> str:
+    # ---- the hypervisor actions the commit machine calls ---------------------------------
+    def restore(self, memory_path: str, xml: str) -> None:
         from migsec import virt
 
         with virt.connect(self.services.config.libvirt.uri) as conn:
             name = virt.restore_domain(conn, memory_path, xml=xml, paused=True)
-        self.journal("restored-paused", restored=name)
+        self.journal("received", restored=name)
         log.info("migration %s: %s restored paused", self.mid, name)
-        return name
 
-    def sign_receipt(self, manifest_digest: str, name: str) -> str:
-        from migsec.daemon.link import sign_message
-
-        receipt = sign_message(self.services, "receipt", migration_id=self.mid, outcome="restored-paused",
-                               domain=name, manifest_sha256=manifest_digest)
-        self.services.audit("receipt", self.mid, role="destination", token=receipt)
-        return receipt
-
-    def apply_decision(self, message: dict, peer: Any) -> dict:
-        """Act on A's signed decision; returns the reply for A."""
-        from migsec.daemon.link import sign_message, verify_peer_message
-        from migsec.errors import ProtocolError
-
-        if message.get("type") != "decision":
-            raise ProtocolError(f"expected the source's decision, got {message.get('type')!r}")
-        claims = verify_peer_message(message.get("token"), peer.public_key, issuer=peer.did, kind="decision",
-                                     migration_id=self.mid)
-        self.services.audit("decision", self.mid, role="destination", outcome=claims.get("outcome"),
-                            peer_token=message["token"], peer_cert_pem=peer.cert_pem, peer_did=peer.did)
-        if claims.get("outcome") != "commit":
-            self.discard(f"the source decided {claims.get('outcome')!r}")
-            return {"type": "discarded"}
-        entry = self.services.journal.get(self.mid)
-        if entry.phase == "discarded":
-            raise ProtocolError(f"migration {self.mid} was discarded here; cannot commit")
-        name = self.finish_commit()
-        resumed = sign_message(self.services, "resumed", migration_id=self.mid, domain=name)
-        self.services.audit("resumed", self.mid, role="destination", token=resumed)
-        return {"type": "resumed", "token": resumed}
-
-    def finish_commit(self) -> str:
-        """After the commit decision: the guest must run here."""
+    def resume_here(self) -> None:
+        """After the commit decision: the guest must run here (idempotent)."""
         from migsec import virt
-        from migsec.daemon import dataplane
 
         entry = self.services.journal.get(self.mid)
-        if entry.phase != "done":
-            self.journal("commit-received")
         name = str(entry.data.get("restored") or entry.data.get("domain"))
         options = dict(entry.data.get("options") or {})
         with virt.connect(self.services.config.libvirt.uri) as conn:
-            state = virt.domain_state(conn, name).value
-            if state == "paused":
+            if virt.domain_state(conn, name).value == "paused":
                 virt.resume_domain(conn, name)
             if options.get("persistent"):
                 virt.define_domain(conn, virt.domain_xml(conn, name))
-        if entry.phase != "done":
-            self.journal("resumed")
-            shutil.rmtree(dataplane.staging_dir(self.services, self.mid), ignore_errors=True)
-            self.journal("done")
         log.info("migration %s: %s resumed here", self.mid, name)
-        return name
 
-    def discard(self, reason: str) -> None:
+    def discard_here(self) -> None:
         """Before the commit decision: remove any paused copy and every partial file."""
         from migsec import virt
         from migsec.daemon import dataplane
@@ -209,14 +193,61 @@ class IncomingMigration:
                 except DomainNotFoundError:
                     pass
         dataplane.discard(self.services, self.mid)
-        if entry.phase != "discarded":
-            self.journal("discarded", reason=reason)
-        log.info("migration %s: discarded (%s)", self.mid, reason)
+
+    def finish(self) -> None:
+        from migsec.daemon import dataplane
+
+        shutil.rmtree(dataplane.staging_dir(self.services, self.mid), ignore_errors=True)
+        if self.services.journal.get(self.mid).phase != "done":
+            self.journal("done")
+
+    # ---- recovery (the commit machine's state is rebuilt from the journal) ------------------
+    def apply_decision(self, message: dict, peer: Any) -> dict:
+        """Act on A's signed decision outside a live session; returns the reply for A."""
+        from migsec.protocol import Decision, Resumed, token_hash
+
+        token = message.get("jws")
+        if message.get("t") != "decision" or not isinstance(token, str):
+            raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
+        decision = Decision.verify(token, peer.public_key, migration_id=self.mid)
+        if (decision.src_did, decision.dest_did) != (peer.did, self.services.did):
+            raise MigsecError(f"decision is between {decision.src_did} and {decision.dest_did}")
+        self.services.audit("decision", self.mid, role="destination", peer_token=token,
+                            peer_cert_pem=peer.cert_pem, peer_did=peer.did)
+        entry = self.services.journal.get(self.mid)
+        if decision.decision == "abort":
+            if entry.phase != "discarded":
+                self.discard_here()
+                self.journal("discarded", decision=token)
+            return {"t": "discarded"}
+        if entry.phase == "discarded":
+            raise MigsecError(f"migration {self.mid} was discarded here; cannot commit")
+        receipt = entry.data.get("receipt")
+        if not receipt or decision.receipt_hash != token_hash(receipt):
+            raise MigsecError("commit decision names a receipt this domain did not issue")
+        if not entry.decided:
+            self.journal("commit-received", decision=token)
+        self.resume_here()
+        resumed = entry.data.get("resumed") or Resumed(
+            migration_id=self.mid, src_did=peer.did, dest_did=self.services.did,
+            decision_hash=token_hash(token), issued_at=self.services.clock()).sign(self.services.identity.key)
+        if self.services.journal.get(self.mid).phase == "commit-received":
+            self.journal("resumed", resumed=resumed)
+            self.services.audit("resumed", self.mid, role="destination", token=resumed)
+        self.finish()
+        return {"t": "resumed", "jws": resumed}
 
     def journal(self, phase: str, **fields: Any) -> None:
         from migsec.daemon.jobs import record
 
         record(self.services, self.mid, "destination", phase, **fields)
+
+
+def _send_quietly(control: Any, message: dict) -> None:
+    try:
+        control.send_control(message)
+    except (MigsecError, ConnectionError, OSError):
+        pass
 
 
 def _connection_lost(exc: BaseException) -> bool:

@@ -11,18 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from migsec.errors import (
     AuthorizationDenied,
     CertificateError,
     HandshakeError,
-    MalformedMessageError,
     MigsecError,
-    ProtocolError,
-    TicketTamperedError,
 )
 from migsec.protocol.framing import HEADER_SIZE, parse_header
 
@@ -47,34 +43,6 @@ def _frame_cert(payload: bytes) -> bytes:
     import json
 
     return str(json.loads(payload)["cert"]).encode("ascii")
-
-
-# ---- signed commit messages (receipt, decision, resumed) ------------------------------------
-def sign_message(services: Any, kind: str, **claims: Any) -> str:
-    """A compact JWS by this domain's key: the non-repudiable record of ``kind``."""
-    from migsec.crypto.envelope import jws_sign
-
-    body = {"v": 1, "t": kind, "iss": services.did, "iat": int(time.time()), **claims}
-    return jws_sign(body, services.identity.key, typ=f"migsec-{kind}+jwt")
-
-
-def verify_peer_message(token: Any, public_key: Any, *, issuer: str, kind: str, migration_id: str) -> dict:
-    """Check a peer's signed message: signature, typ, issuer, kind and migration id."""
-    from migsec.crypto.envelope import jws_peek, jws_verify
-    from migsec.errors import SignatureError
-
-    if not isinstance(token, str):
-        raise MalformedMessageError(f"{kind}: no signed token")
-    header, _ = jws_peek(token)
-    if header.get("typ") != f"migsec-{kind}+jwt":
-        raise MalformedMessageError(f"{kind}: JWS typ {header.get('typ')!r}")
-    try:
-        claims = jws_verify(token, public_key)
-    except SignatureError as exc:
-        raise TicketTamperedError(f"{kind} from {issuer} does not verify under its certificate key") from exc
-    if claims.get("t") != kind or claims.get("iss") != issuer or claims.get("migration_id") != migration_id:
-        raise TicketTamperedError(f"{kind} names another issuer, kind or migration")
-    return claims
 
 
 # ---- A: the source side -----------------------------------------------------------------------

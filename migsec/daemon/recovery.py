@@ -62,20 +62,26 @@ def recover_one(services: Any, entry: Any) -> str:
 
 
 # ---- A -----------------------------------------------------------------------------------------
+def _abort_decision(services: Any, entry: Any, reason: str) -> str:
+    from migsec.protocol import Decision
+
+    return Decision(migration_id=entry.migration_id, src_did=services.did, dest_did=str(entry.data.get("peer")),
+                    decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
+
+
 def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.link import sign_message
-    from migsec.daemon.source import restart_at_source
+    from migsec.daemon.source import domain_state, remove_moved_disks, restart_at_source
 
     mid, domain = entry.migration_id, entry.data.get("domain")
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
     if not entry.decided:
+        # presumed abort: no commit is durable, so the source copy wins
         if entry.phase != "aborted":
             record(services, mid, "source", "aborted", reason="recovered after a crash (no decision)")
-        abort = sign_message(services, "decision", migration_id=mid, outcome="abort")
-        services.audit("decision", mid, role="source", token=abort, outcome="abort",
-                       reason="recovery")
+        abort = _abort_decision(services, entry, "recovered after a crash before the decision")
+        services.audit("decision", mid, role="source", token=abort, outcome="abort", reason="recovery")
         with virt.connect(services.config.libvirt.uri) as conn:
             how = restart_at_source(conn, domain, save_image)
         if entry.data.get("work_dir"):
@@ -83,31 +89,26 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
         record(services, mid, "source", "rolled-back", how=how)
         if not tell_peer:
             return f"rolled back: {domain} {how} here"
-        peer_note = _tell_peer(services, entry, {"type": "decision", "token": abort})
-        return f"rolled back: {domain} {how} here; {peer_note}"
-    # committed: the destination copy wins
+        return f"rolled back: {domain} {how} here; " + _tell_peer(services, entry, {"t": "decision", "jws": abort})
+    # committed: the destination copy wins; make sure ours is released, then tell B
+    options = entry.data.get("options") or {}
     with virt.connect(services.config.libvirt.uri) as conn:
-        from migsec.daemon.source import domain_state
-
         if domain_state(conn, domain) not in ("shutoff", "absent"):
             virt.destroy_domain(conn, domain)
-        options = entry.data.get("options") or {}
         if options.get("undefine_source") and domain_state(conn, domain) != "absent":
             virt.undefine_domain(conn, domain)
     if options.get("undefine_source"):
-        from migsec.daemon.source import remove_moved_disks
-
         remove_moved_disks(options)
     if entry.data.get("work_dir"):
         shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
     if entry.phase == "committed":
         record(services, mid, "source", "released")
-    decision = entry.data.get("decision")
-    answer = _ask_peer(services, entry, {"type": "decision", "token": decision})
-    if answer is not None and answer.get("type") == "resumed":
-        record(services, mid, "source", "done")
+    answer = _ask_peer(services, entry, {"t": "decision", "jws": entry.data.get("decision")})
+    if answer is not None and answer.get("t") == "resumed":
+        record(services, mid, "source", "done", resumed=answer.get("jws"))
         return f"committed: {domain} runs at {entry.data.get('peer')}"
-    return f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet (run recover again)"
+    return (f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet "
+            "(run recover again)")
 
 
 # ---- B -----------------------------------------------------------------------------------------
@@ -117,16 +118,19 @@ def _recover_destination(services: Any, entry: Any) -> str:
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
     if entry.decided:
-        name = job.finish_commit()
-        return f"committed: {name} runs here"
-    answer = _ask_peer(services, entry, {"type": "query"}, want_key=True)
+        job.resume_here()
+        if services.journal.get(mid).phase == "commit-received":
+            job.journal("resumed")
+        job.finish()
+        return f"committed: {entry.data.get('domain')} runs here"
+    answer = _ask_peer(services, entry, {"t": "query"}, want_key=True)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable: left as is (a paused copy never runs without its commit)"
     message, peer = answer
-    if message.get("type") == "pending":
+    if message.get("t") == "pending":
         return f"{entry.data.get('peer')} says the migration is still in progress"
     reply = job.apply_decision(message, peer)
-    if reply.get("type") == "resumed":
+    if reply.get("t") == "resumed":
         return f"committed by {entry.data.get('peer')}: {entry.data.get('domain')} runs here"
     return f"aborted by {entry.data.get('peer')}: partial files and any paused copy removed here"
 
@@ -150,7 +154,7 @@ def _session(services: Any, entry: Any) -> Any:
 
 
 def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = False) -> Any:
-    from migsec.daemon.link import verify_peer_message
+    from migsec.protocol import Resumed, token_hash
 
     try:
         session = _session(services, entry)
@@ -160,10 +164,11 @@ def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = Fals
     try:
         session.control.send_control(message)
         answer = session.control.recv_control(ANSWER_TIMEOUT_S)
-        if answer.get("type") == "resumed":
-            verify_peer_message(answer.get("token"), session.peer.public_key, issuer=session.peer.did,
-                                kind="resumed", migration_id=entry.migration_id)
-            services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["token"],
+        if answer.get("t") == "resumed":
+            resumed = Resumed.verify(answer.get("jws"), session.peer.public_key, migration_id=entry.migration_id)
+            if resumed.decision_hash != token_hash(str(message.get("jws"))):
+                raise MigsecError(f"{session.peer.did}'s Resumed answers another decision")
+            services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["jws"],
                            peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
         return (answer, session.peer) if want_key else answer
     except (MigsecError, ConnectionError, OSError) as exc:
@@ -177,15 +182,13 @@ def _tell_peer(services: Any, entry: Any, message: dict) -> str:
     answer = _ask_peer(services, entry, message)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable (it will ask when it recovers)"
-    return f"{entry.data.get('peer')} answered {answer.get('type')}"
+    return f"{entry.data.get('peer')} answered {answer.get('t')}"
 
 
 def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
     from migsec.daemon.channel import ControlLink
     from migsec.daemon.destination import IncomingMigration
-    from migsec.daemon.jobs import record
-    from migsec.daemon.link import sign_message
     from migsec.protocol import RecordLayer
 
     mid = accepted.keys.migration_id
@@ -199,17 +202,17 @@ def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
         else:
             # B asks what A decided
             if mid in services.running:
-                reply = {"type": "pending"}
+                reply = {"t": "pending"}
             elif entry.decided:
-                reply = {"type": "decision", "token": entry.data.get("decision")}
+                reply = {"t": "decision", "jws": entry.data.get("decision")}
             else:
                 # presumed abort: A finishes its own side first, then answers
                 outcome = (_recover_source(services, entry, tell_peer=False)
                            if not entry.terminal else entry.phase)
                 log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
-                token = sign_message(services, "decision", migration_id=mid, outcome="abort")
+                token = _abort_decision(services, entry, "no commit decision at the source")
                 services.audit("decision", mid, role="source", token=token, outcome="abort")
-                reply = {"type": "decision", "token": token}
+                reply = {"t": "decision", "jws": token}
         control.send_control(reply)
     except (MigsecError, ConnectionError, OSError, JournalError) as exc:
         log.warning("recovery conversation for %s with %s failed: %s", mid, accepted.src_did, exc)

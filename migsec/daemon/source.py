@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from migsec.errors import (
-    AuthorizationDenied,
     DomainNotFoundError,
     MigrationFailed,
     MigsecError,
@@ -50,7 +49,6 @@ class OutgoingMigration:
         self.deadline = self.started + timeout if timeout else None
         self.work_dir = Path(services.config.paths.staging_dir) / f"out-{self.mid}"
         self.saved_image = self.work_dir / "memory.save"
-        self.suspended = False
         self.bytes_on_wire = 0
         self.data_bytes = 0
         self.logical_bytes = 0
@@ -91,33 +89,59 @@ class OutgoingMigration:
             conn.close()
 
     def _move(self, conn: Any, session: Any) -> dict:
+        """Suspend, save while the disks stream, then the commit exchange (transfer.SourceCommit)."""
         from migsec import virt
+        from migsec.transfer.commit import SourceCommit
 
+        self.saver: _Background | None = None
+        commit = SourceCommit(
+            migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
+            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self.journal,
+            resume_vm=lambda: self._resume_here(conn), release_vm=lambda: self._release(conn),
+            clock=self.services.clock)
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             info = virt.describe_domain(conn, self.domain)
             virt.suspend_domain(conn, self.domain)
-            self.suspended = True
             self.downtime_started = time.monotonic()
             self.journal("suspended")
             self.step(f"suspended {self.domain}; saving its memory while the disks stream")
-            saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image), paused=True))
-            session, receipt = self._transfer(session, info, saver)
-            self.journal("receipt-received", receipt=receipt["token"])
+            self.saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image),
+                                                              paused=True))
+            session, result = self._transfer(session, info, self.saver)
+            commit.streams_sent(result.manifest, result.manifest_json)
+            self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
+            receipt = self._expect(session, "receipt")
+            self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
+                                peer_token=receipt, peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)
+            # verifies the receipt against the manifest, then journals "committed": no way back
+            decision = commit.receipt_received(receipt)
         except BaseException as exc:
+            self._abort(commit, session, exc)
             session.close()
-            self.rollback(conn, exc)
             if isinstance(exc, MigsecError) and not isinstance(exc, MigrationFailed):
                 raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: {exc}",
                                       rolled_back=True) from exc
             raise
+        self.services.audit("decision", self.mid, role="source", token=decision, outcome="commit")
+        self.step(f"{self.dest_did} restored {self.domain} paused and signed a receipt; decided: commit")
         try:
-            return self._commit(conn, session, receipt)
+            session.control.send_control(_control("decision", decision))
+            resumed = self._expect(session, "resumed")
+            commit.resumed_received(resumed)  # releases A's copy, journals released + done
+            self.services.audit("resumed", self.mid, role="source", peer_token=resumed,
+                                peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)
+        except (MigsecError, ConnectionError, OSError) as exc:
+            commit.fail(str(exc))  # after the commit: A stays stopped, the decision stands
+            raise MigrationFailed(f"{self.domain} was committed to {self.dest_did} but it did not confirm "
+                                  f"resuming it ({exc}); run `migsec recover`") from exc
         finally:
             session.close()
+        self.step(f"{self.domain} is running at {self.dest_did}")
+        return self.result()
 
-    def _transfer(self, session: Any, info: Any, saver: "_Background") -> tuple[Any, dict]:
-        """Stream everything, resuming on a new connection after a break; returns B's receipt."""
+    def _transfer(self, session: Any, info: Any, saver: "_Background") -> tuple[Any, Any]:
+        """Stream everything, resuming on a new connection after a break; returns the SendResult."""
         from migsec.daemon import dataplane, link
 
         files = dataplane.request_files(self.request)
@@ -130,10 +154,7 @@ class OutgoingMigration:
                                         bandwidth=self.bandwidth(), progress=self.progress)
                 self.bytes_on_wire = session.bytes_on_wire
                 self.data_bytes, self.logical_bytes = result.data_bytes, result.logical_bytes
-                self.journal("streamed", bytes_on_wire=self.bytes_on_wire)
-                self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
-                message = session.control.recv_control(REPLY_TIMEOUT_S)
-                return session, self._check_receipt(session, message, result)
+                return session, result
             except _connection_errors() as exc:
                 session.close()
                 if saver.failed:
@@ -157,67 +178,47 @@ class OutgoingMigration:
                             raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
                         time.sleep(RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)])
 
-    def _check_receipt(self, session: Any, message: dict, result: Any) -> dict:
-        from migsec.crypto import sha256
-        from migsec.daemon.link import verify_peer_message
-
-        if message.get("type") == "abort":
+    def _expect(self, session: Any, kind: str) -> str:
+        """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
+        message = session.control.recv_control(REPLY_TIMEOUT_S)
+        if message.get("t") == "abort":
             raise TransferError(f"{self.dest_did} aborted: {message.get('reason', 'no reason given')}")
-        if message.get("type") != "receipt":
-            raise TransferError(f"expected a receipt from {self.dest_did}, got {message.get('type')!r}")
-        claims = verify_peer_message(message.get("token"), session.peer.public_key, issuer=self.dest_did,
-                                     kind="receipt", migration_id=self.mid)
-        if claims.get("manifest_sha256") != sha256(result.manifest_json).hex():
-            raise TransferError(f"{self.dest_did}'s receipt covers another manifest")
-        self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
-                            peer_token=message["token"], peer_cert_pem=session.peer.cert_pem,
-                            peer_did=self.dest_did)
-        self.step(f"{self.dest_did} restored {self.domain} paused and signed a receipt")
-        return {"token": message["token"], "claims": claims}
+        token = message.get("jws")
+        if message.get("t") != kind or not isinstance(token, str):
+            raise TransferError(f"expected a {kind} from {self.dest_did}, got {message.get('t')!r}")
+        return token
 
-    def _commit(self, conn: Any, session: Any, receipt: dict) -> dict:
-        from migsec.crypto import sha256
-        from migsec.daemon.link import sign_message
+    def _abort(self, commit: Any, session: Any, cause: BaseException) -> None:
+        """Before the decision: SourceCommit journals the abort and runs the guest here again."""
+        from migsec.transfer.commit import ROLLED_BACK
 
-        decision = sign_message(self.services, "decision", migration_id=self.mid, outcome="commit",
-                                receipt_sha256=sha256(receipt["token"].encode()).hex())
-        # the point of no return: durable before anything is released or sent
-        self.journal("committed", decision=decision)
-        self.services.audit("decision", self.mid, role="source", token=decision, outcome="commit")
-        self.release(conn)
+        reason = str(cause) or type(cause).__name__
+        log.warning("migration %s of %s failed, rolling back: %s", self.mid, self.domain, reason)
+        if commit.state == ROLLED_BACK:
+            # the commit machine already aborted (a receipt it refused); only B needs telling
+            from migsec.protocol import Decision
+
+            decision = Decision(migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
+                                decision="abort", issued_at=self.services.clock(),
+                                reason=reason[:1024]).sign(self.services.identity.key)
+        else:
+            decision = commit.fail(reason)
+        if decision is None:
+            return
+        self.services.audit("decision", self.mid, role="source", token=decision, outcome="abort", reason=reason)
         try:
-            session.control.send_control({"type": "decision", "token": decision})
-            message = session.control.recv_control(REPLY_TIMEOUT_S)
-            self._check_resumed(session.peer, message)
-        except (MigsecError, ConnectionError, OSError) as exc:
-            raise MigrationFailed(f"{self.domain} was committed to {self.dest_did} but it did not confirm "
-                                  f"resuming it ({exc}); run `migsec recover`") from exc
-        self.journal("done")
-        self.step(f"{self.domain} is running at {self.dest_did}")
-        return self.result()
+            session.control.send_control(_control("decision", decision))  # B discards at once
+        except (MigsecError, ConnectionError, OSError):
+            pass  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def _check_resumed(self, peer: Any, message: dict) -> None:
-        from migsec.daemon.link import verify_peer_message
-
-        if message.get("type") != "resumed":
-            raise TransferError(f"expected 'resumed' from {self.dest_did}, got {message.get('type')!r}")
-        verify_peer_message(message.get("token"), peer.public_key, issuer=self.dest_did, kind="resumed",
-                            migration_id=self.mid)
-        self.services.audit("resumed", self.mid, role="source", peer_token=message["token"],
-                            peer_cert_pem=peer.cert_pem, peer_did=peer.did)
-
-    def rollback(self, conn: Any, cause: BaseException) -> None:
-        """Before the decision: the guest runs at A again; B never got a commit and discards."""
-        log.warning("migration %s of %s failed, rolling back: %s", self.mid, self.domain, cause)
-        self.journal("aborted", reason=str(cause) or type(cause).__name__)
-        self.services.audit("decision", self.mid, role="source", outcome="abort",
-                            reason=str(cause) or type(cause).__name__)
+    def _resume_here(self, conn: Any) -> None:
+        if self.saver is not None:
+            self.saver.wait()  # a save in progress must end before the guest can run again
         how = restart_at_source(conn, self.domain, self.saved_image)
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        self.journal("rolled-back", how=how)
 
-    def release(self, conn: Any) -> None:
+    def _release(self, conn: Any) -> None:
         from migsec import virt
 
         try:
@@ -230,7 +231,6 @@ class OutgoingMigration:
         if self.options.get("undefine_source"):
             remove_moved_disks(self.options)
         shutil.rmtree(self.work_dir, ignore_errors=True)
-        self.journal("released")
 
     # ---- helpers ------------------------------------------------------------------------
     def bandwidth(self) -> int | None:
@@ -268,6 +268,12 @@ class OutgoingMigration:
             "data_bytes": self.data_bytes,
             "logical_bytes": self.logical_bytes,
         }
+
+
+def _control(kind: str, token: str) -> dict:
+    from migsec.transfer.commit import as_control
+
+    return as_control(kind, token)
 
 
 def domain_state(conn: Any, domain: str) -> str:
@@ -337,6 +343,10 @@ class _Background:
     @property
     def failed(self) -> bool:
         return self._done.is_set() and self._error is not None
+
+    def wait(self) -> None:
+        """Wait for the end, ignoring its outcome."""
+        self._done.wait()
 
     def join(self, timeout: float | None = 600) -> None:
         if not self._done.wait(timeout):
