@@ -1,0 +1,192 @@
+"""migsecd as a process, outside the lab: start-up checks, sd_notify, SIGHUP, the local
+exchange (AS + AZ + PDP) and a dry run through two daemons (handshake, both PDPs, capacity),
+with libvirt's test driver standing in for the hypervisor (no guest moves here; the lab
+tests in tests/e2e move real ones)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migsec.auth.users import UserDatabase
+from migsec.pki import CertificateAuthority, PeerDirectory
+
+BIN = Path(sys.executable).parent
+PASSWORD = "daemon test password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, root: Path, did: str, ca: CertificateAuthority) -> None:
+        self.root, self.did = root, did
+        self.port = free_port()
+        root.mkdir()
+        ca.issue_domain(did, root / "pki")
+        subprocess.run([BIN / "migsec", "policy", "init-defaults", str(root / "policies"),
+                        "--trusted", "cloud-b.example", "--accept-from", "cloud-a.example"],
+                       check=True, capture_output=True)
+        UserDatabase(root / "users.json", scrypt_n=2**10).add("admin", PASSWORD, roles=["migration-admin"])
+        UserDatabase(root / "users.json", scrypt_n=2**10).add("visitor", PASSWORD)
+        self.config = root / "migsecd.toml"
+        self.socket = root / "d.sock"
+        self.write_config()
+        self.proc: subprocess.Popen | None = None
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(f"""
+[domain]
+id = "{self.did}"
+key = "pki/domain-key.pem"
+certificate = "pki/domain-cert.pem"
+trust = ["pki/ca-cert.pem"]
+[paths]
+state_dir = "state"
+users = "users.json"
+peers = "peers.json"
+policy_dir = "policies"
+sk3 = "sk3.key"
+[listen]
+peer = "127.0.0.1:{self.port}"
+control_socket = "{self.socket}"
+[libvirt]
+uri = "test:///default"
+{extra}""")
+
+    def start(self, notify: str | None = None, **env: str) -> subprocess.Popen:
+        environ = {**os.environ, **env}
+        if notify:
+            environ["NOTIFY_SOCKET"] = notify
+        self.proc = subprocess.Popen([BIN / "migsecd", "--config", str(self.config)], env=environ,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return self.proc
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.proc.stdout.read()
+            if self.socket.exists():
+                return
+            time.sleep(0.05)
+        raise AssertionError("migsecd did not create its socket")
+
+    def migsec(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([BIN / "migsec", *args, "--config", str(self.config)], input=input,
+                              capture_output=True, text=True, timeout=60)
+
+    def wait_exit(self) -> str:
+        assert self.proc is not None
+        out, _ = self.proc.communicate(timeout=30)
+        return out
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=20)
+        return out
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    ca = CertificateAuthority.create(tmp_path / "ca", "test CA")
+    a = Node(tmp_path / "a", "cloud-a.example", ca)
+    b = Node(tmp_path / "b", "cloud-b.example", ca)
+    PeerDirectory(a.root / "peers.json").add(b.did, f"127.0.0.1:{b.port}",
+                                              cert_pem=(b.root / "pki" / "domain-cert.pem").read_bytes())
+    PeerDirectory(b.root / "peers.json").add(a.did, f"127.0.0.1:{a.port}",
+                                              cert_pem=(a.root / "pki" / "domain-cert.pem").read_bytes())
+    yield a, b
+    for n in (a, b):
+        n.stop()
+
+
+def test_ready_reload_and_stop_notifications(nodes, tmp_path):
+    a, _ = nodes
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(20)
+        a.start(notify=notify_path, JOURNAL_STREAM="8:1234")
+        assert notify.recv(100) == b"READY=1"
+        assert stat.S_IMODE(a.socket.stat().st_mode) == 0o660
+        jobs = a.migsec("jobs")
+        assert jobs.returncode == 0 and "no migrations" in jobs.stdout
+        # a broken policy on SIGHUP: logged, the old policies stay, the daemon keeps serving
+        (a.root / "policies" / "source.xml").write_text("<Policy")
+        a.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert a.proc.poll() is None and a.migsec("jobs").returncode == 0
+        a.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(100) == b"STOPPING=1"
+    out = a.stop()
+    assert a.proc.returncode == 0
+    assert "<3>" in out and "reload failed" in out  # journald priority prefix, no timestamps
+    assert not a.socket.exists()
+
+
+def test_refuses_to_start_naming_the_setting(nodes):
+    a, _ = nodes
+    key = a.root / "pki" / "domain-key.pem"
+    key.chmod(0o644)
+    a.start()
+    out = a.wait_exit()
+    assert a.proc.returncode == 2
+    assert "refusing to start" in out and "[domain].key" in out and "BEGIN" not in out
+    key.chmod(0o600)
+    a.write_config(extra="[limits]\nmax_incoming = 0\n")
+    a.start()
+    out = a.wait_exit()
+    assert a.proc.returncode == 2 and "[limits].max_incoming" in out
+
+
+def test_local_exchange_wrong_password_and_policy_denial(nodes):
+    a, _ = nodes
+    a.start()
+    a.wait_ready()
+    wrong = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
+                     "--password-stdin", "--json", input="nope\n")
+    assert wrong.returncode == 3 and "wrong password" in json.loads(wrong.stdout)["message"]
+    unknown = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "mallory",
+                       "--password-stdin", "--json", input="nope\n")
+    assert unknown.returncode == 3  # the same answer as a wrong password: names are not probed
+    denied = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "visitor",
+                      "--password-stdin", "--json", input=PASSWORD + "\n")
+    reply = json.loads(denied.stdout)
+    assert denied.returncode == 3 and reply["where"] == "source" and "policy" in reply["message"]
+
+
+def test_dry_run_reaches_the_destinations_capacity_check(nodes):
+    """Local exchange, Authr_Tkt, handshake, B's certificate checks and PDP all pass; the test
+    driver's 8 GiB domain does not fit the test driver's free memory, and B says so."""
+    a, b = nodes
+    for n in (a, b):
+        n.start()
+    for n in (a, b):
+        n.wait_ready()
+    run = a.migsec("migrate", "test", f"migsec://127.0.0.1:{b.port}", "--user", "admin", "--password-stdin",
+                   "--dry-run", "--json", input=PASSWORD + "\n")
+    result = json.loads(run.stdout)
+    assert run.returncode == 3, result
+    assert result["where"] == "destination" and "cloud-b.example refused" in result["message"]
+    assert "not enough free memory" in result["message"]
+    # both ledgers hold the exchange (B's signed refusal at A, A's signed request at B) and verify
+    for n in (a, b):
+        check = subprocess.run([BIN / "migsec", "audit", "--config", str(n.config), "verify"],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "peer-signed" in check.stdout
+    assert "no migrations" in a.migsec("jobs").stdout
