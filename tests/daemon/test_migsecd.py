@@ -190,3 +190,42 @@ def test_dry_run_reaches_the_destinations_capacity_check(nodes):
         assert check.returncode == 0, check.stdout + check.stderr
         assert "peer-signed" in check.stdout
     assert "no migrations" in a.migsec("jobs").stdout
+
+
+@pytest.fixture
+def ssh_agent(tmp_path):
+    """A real ssh-agent holding a fresh ed25519 key; yields (environment, public key line)."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, capture_output=True)
+        yield env, (tmp_path / "id_ed25519.pub").read_text()
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+def test_ssh_agent_login(nodes, ssh_agent):
+    """An ssh-agent user authenticates without a password; the AS checks the agent's signature."""
+    a, _ = nodes
+    env, public = ssh_agent
+    UserDatabase(a.root / "users.json", scrypt_n=2**10).add("keyuser", None, ssh_public_key=public)
+    a.start()
+    a.wait_ready()
+    cmd = [BIN / "migsec", "migrate", "test", "migsec://cloud-b.example:7443", "--user", "keyuser",
+           "--ssh-agent", "--json", "--config", str(a.config)]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    reply = json.loads(ok.stdout)
+    # authenticated: the request reached the AZ, whose policy denies a user without the role
+    assert ok.returncode == 3 and reply["error"] == "AuthorizationDenied" and reply["where"] == "source"
+    other = UserDatabase(a.root / "users.json", scrypt_n=2**10)
+    other.delete("keyuser")
+    other.add("keyuser", PASSWORD)  # same name, no ssh key: the agent's proof must be refused
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and json.loads(bad.stdout)["error"] == "AuthenticationError"
