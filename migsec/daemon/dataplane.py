@@ -74,8 +74,8 @@ def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -
 
 
 def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
-         progress: Callable[[str, int, int], None]) -> Any:
-    """Run the plane on A's session; returns the SendResult."""
+         progress: Callable[[str, int, int], None], timeout: float = PLANE_TIMEOUT_S) -> Any:
+    """Run the plane on A's session; returns the SendResult. ``timeout``: longest silence of B."""
     from migsec.transfer.plane import send_streams
 
     def report(p: Any) -> None:
@@ -83,7 +83,7 @@ def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
 
     result = send_streams(session.sock, session.records, streams,
                           bandwidth_limit=(bandwidth / MIB) if bandwidth else None,
-                          progress=report, timeout=PLANE_TIMEOUT_S)
+                          progress=report, timeout=max(1.0, min(timeout, PLANE_TIMEOUT_S)))
     session.bytes_on_wire += result.wire_bytes
     return result
 

@@ -60,6 +60,12 @@ async def serve_peer(daemon: Any, conn: socket.socket, address: Any) -> None:
             pass
 
 
+def active_incoming() -> int:
+    """Migrations this daemon is receiving right now."""
+    with _busy_lock:
+        return len(_busy)
+
+
 def run_accepted(services: Any, conn: socket.socket, accepted: Any) -> None:
     """Thread body for an accepted connection: a new or resumed migration, or a recovery exchange."""
     mid = accepted.keys.migration_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from migsec.errors import MalformedMessageError
+from migsec.errors import MalformedMessageError, MigrationFailed
 
 log = logging.getLogger("migsecd")
 Emit = Callable[[dict], None]
@@ -52,9 +52,12 @@ def migrate(daemon, message: dict, emit: Emit) -> dict:
     emit({"event": "step", "message": f"authorized by {daemon.services.did}: "
           f"{grant.request.vm} -> {grant.destination_did}"})
     services = daemon.services
-    with daemon.active:
+    with services.lock:
+        if any(j.domain == grant.request.vm for j in services.running.values()):
+            raise MigrationFailed(f"{grant.request.vm} is already being migrated")
         job = OutgoingMigration(services, grant, emit)
         services.running[grant.migration_id] = job
+    with daemon.active:
         try:
             return {"result": job.run()}
         finally:

@@ -250,6 +250,13 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
         pass
     else:
         raise AuthorizationDenied(f"migration id {mid} was used before")
+    from migsec.daemon.destination import active_incoming
+
+    busy, limit = active_incoming(), services.config.limits.max_incoming
+    if busy >= limit and not options.get("dry_run"):
+        raise AuthorizationDenied(f"{services.did} is receiving {busy} migrations already "
+                                  f"([limits].max_incoming = {limit}); try again later",
+                                  where="destination", decision="Capacity")
     bandwidth, _ = admit_incoming(services, src_did=proposal.src_did, user_id=proposal.user_id,
                                   request=proposal.request, vm=vm_facts(proposal.request))
     if options.get("dry_run"):

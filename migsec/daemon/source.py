@@ -151,7 +151,8 @@ class OutgoingMigration:
                 self.check_deadline()
                 self.journal("streaming", attempt=attempt)
                 result = dataplane.send(session, dataplane.source_streams(info, files, saver, self.saved_image),
-                                        bandwidth=self.bandwidth(), progress=self.progress)
+                                        bandwidth=self.bandwidth(), progress=self.progress,
+                                        timeout=self.remaining())
                 self.bytes_on_wire = session.bytes_on_wire
                 self.data_bytes, self.logical_bytes = result.data_bytes, result.logical_bytes
                 return session, result
@@ -237,6 +238,12 @@ class OutgoingMigration:
         limits = [b for b in (self.options.get("bandwidth"), self.grant.max_bandwidth,
                               self.services.config.limits.bandwidth_mib_s * 1024 * 1024) if b]
         return min(limits) if limits else None
+
+    def remaining(self) -> float:
+        """Seconds left before --timeout (the plane's own limit when there is none)."""
+        from migsec.daemon.dataplane import PLANE_TIMEOUT_S
+
+        return PLANE_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:

@@ -68,12 +68,14 @@ def assert_state_intact(guest, host: str, counter_before: int) -> None:
 def test_success_guest_continues_on_b(dep, guest):
     a, b = dep["a"], dep["b"]
     boot = guest.console("a").boots[-1]
-    code, result, err = migrate(dep, guest.name, "--undefinesource")
+    code, result, err = migrate(dep, guest.name, "--undefinesource", "--persistent")
     assert code == 0, err
     assert result["ok"] and result["destination_did"] == b.did and result["bytes_on_wire"] > 0
-    # gone from A (undefined), running on B as the same boot whose counter continues
+    # gone from A (undefined, its disk removed), running on B as the same boot whose counter continues
     assert guest.state("a") == "absent"
+    assert not list(dep.lab.host("a").image_dir.glob(f"{guest.name}.qcow2"))
     assert guest.state("b") == "running"
+    assert "yes" in dep.lab.host("b").virsh("dominfo", guest.name).split("Persistent:")[1].splitlines()[0]
     last_on_a = guest.console("a").counters[-1]
     on_b = guest.console("b")
     assert not on_b.boots, "the guest rebooted on B"
@@ -114,11 +116,17 @@ def test_denied_at_destination_by_policy(dep, guest):
     assert not leftovers(b, guest.name)
 
 
-def test_wrong_password(dep, guest):
+def test_wrong_password_then_dry_run(dep, guest):
     code, result, err = migrate(dep, guest.name, password="not the password")
     assert code == 3, (result, err)
     assert "wrong password" in (result.get("message", "") + err)
     guest.assert_runs_only_on("a")
+    # --dry-run: authenticated, authorized by both domains, capacity checked, nothing moved
+    code, result, err = migrate(dep, guest.name, "--dry-run")
+    assert code == 0, (result, err)
+    assert result["dry_run"] is True and result["destination_did"] == dep["b"].did
+    guest.assert_runs_only_on("a")
+    assert not leftovers(dep["b"], guest.name)
 
 
 def test_unknown_peer_certificate(dep, guest, tmp_path):
