@@ -31,7 +31,10 @@ SYSTEM_USER = "migsecd"
 def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
     from migsec.daemon.jobs import describe
 
-    entries = services.journal.list()
+    import time
+
+    day_ago = time.time() - 86400
+    entries = [e for e in services.journal.list() if show_all or not e.terminal or e.updated >= day_ago]
     rows = [describe(e) for e in entries]
     running = set(services.running)
     for row in rows:
