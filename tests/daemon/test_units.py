@@ -1,0 +1,93 @@
+"""Pure pieces of the daemon: storage mapping, obligations, VM facts, peer lookup."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from migsec.auth.servers import apply_obligations, check_capacity
+from migsec.daemon.dataplane import disk_map, request_files_of
+from migsec.daemon.link import vm_facts
+from migsec.daemon.peers import find_peer, split_address
+from migsec.errors import AuthorizationDenied, ConfigError, MappingError
+from migsec.policy import attributes as A
+from migsec.policy.api import Decision, Obligation
+from migsec.protocol.messages import MigrationRequest
+
+MIB = 1024 * 1024
+
+
+def services(**limits):
+    cfg = SimpleNamespace(
+        storage=SimpleNamespace(image_dir="/srv/images", map={"/a/images": "/b/images", "/a/images/gold": "/b/gold"}),
+        limits=SimpleNamespace(max_vcpus=limits.get("max_vcpus", 0), max_memory_mib=limits.get("max_memory_mib", 0)),
+        libvirt=SimpleNamespace(uri="test:///default"))
+    return SimpleNamespace(config=cfg, did="cloud-b.example")
+
+
+def test_disk_map_longest_prefix_then_image_dir():
+    m = disk_map(services(), ["/a/images/vm.qcow2", "/a/images/gold/base.qcow2", "/elsewhere/x.raw"])
+    assert m == {"/a/images/vm.qcow2": "/b/images/vm.qcow2", "/a/images/gold/base.qcow2": "/b/gold/base.qcow2",
+                 "/elsewhere/x.raw": "/srv/images/x.raw"}
+
+
+@pytest.mark.parametrize("bad", ["relative/x.qcow2", "/a/images/../../etc/passwd"])
+def test_disk_map_refuses_unclean_paths_from_the_source(bad):
+    with pytest.raises(MappingError):
+        disk_map(services(), [bad])
+
+
+def test_disk_map_refuses_two_disks_on_one_target():
+    with pytest.raises(MappingError):
+        disk_map(services(), ["/x/vm.qcow2", "/y/vm.qcow2"])
+
+
+def test_request_files_round_trip():
+    assert request_files_of({"files": "/a|/b", "top_files": "/a"}, "top_files") == ["/a"]
+    assert request_files_of({}) == []
+
+
+def _request(mode="cold"):
+    return MigrationRequest(vm="vm1", mode=mode, dest_did="cloud-b.example")
+
+
+def test_bandwidth_obligation_is_applied_and_the_lowest_wins():
+    d = Decision("Permit", [Obligation(A.OBLIGATION_MAX_BANDWIDTH, {A.ASSIGN_BANDWIDTH_MIB_S: 50}),
+                            Obligation(A.OBLIGATION_MAX_BANDWIDTH, {A.ASSIGN_BANDWIDTH_MIB_S: 20})])
+    bandwidth, obligations = apply_obligations(d, _request(), where="source")
+    assert bandwidth == 20 * MIB and len(obligations) == 2
+
+
+def test_require_live_denies_a_cold_move_and_unknown_obligations_deny():
+    with pytest.raises(AuthorizationDenied, match="live"):
+        apply_obligations(Decision("Permit", [Obligation(A.OBLIGATION_REQUIRE_LIVE, {})]), _request(), where="source")
+    assert apply_obligations(Decision("Permit", [Obligation(A.OBLIGATION_REQUIRE_LIVE, {})]),
+                             _request("live"), where="source")[0] is None
+    with pytest.raises(AuthorizationDenied, match="cannot fulfil"):
+        apply_obligations(Decision("Permit", [Obligation("urn:x:encrypt-at-rest", {})]), _request(),
+                          where="destination")
+
+
+def test_capacity_limits_name_the_setting():
+    with pytest.raises(AuthorizationDenied, match=r"\[limits\].max_vcpus"):
+        check_capacity(services(max_vcpus=2), {"vcpus": 4, "memory-bytes": MIB})
+    with pytest.raises(AuthorizationDenied, match=r"\[limits\].max_memory_mib"):
+        check_capacity(services(max_memory_mib=64), {"vcpus": 1, "memory-bytes": 128 * MIB})
+    check_capacity(services(), {"vcpus": 1, "memory-bytes": MIB})  # the test driver has room for 1 MiB
+
+
+def test_vm_facts_from_the_signed_options():
+    req = MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-b.example",
+                           options={"vm_uuid": "u", "vcpus": 2, "memory_bytes": 5, "disk_bytes": 7, "tags": "x,y"})
+    assert vm_facts(req) == {"vm-name": "vm1", "vm-uuid": "u", "vcpus": 2, "memory-bytes": 5, "disk-bytes": 7,
+                             "tags": ["x", "y"]}
+
+
+def test_find_peer_by_did_or_address():
+    peers = [SimpleNamespace(did="cloud-b.example", address="migsec://198.18.0.2:7443")]
+    svc = SimpleNamespace(peers=SimpleNamespace(list=lambda: peers))
+    assert find_peer(svc, "cloud-b.example", 1).did == "cloud-b.example"
+    assert find_peer(svc, "198.18.0.2", 7443).did == "cloud-b.example"
+    with pytest.raises(ConfigError, match="peer add"):
+        find_peer(svc, "198.18.0.2", 7444)
+    assert split_address("migsec://[::1]:9") == ("::1", 9)
