@@ -8,7 +8,7 @@
    (``migsec.crypto.Aead.seal_into/open_into``) on the same 1 MiB buffers.
 3. The size in bytes of every control message.
 
-Usage: .venv/bin/python bench/bench_protocol.py [--rounds 40] [--mib 512]
+Usage: .venv/bin/python bench/bench_protocol.py [--rounds 40] [--mib 512] [--handshake-only]
 """
 from __future__ import annotations
 
@@ -247,6 +247,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved throughput runs (best counts)")
+    ap.add_argument("--handshake-only", action="store_true", help="stop after the handshake comparison")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -275,8 +276,12 @@ def main() -> None:
         print(f"  migsec MigReq/MigResp (in-memory, 1 process)      {med([t['a'] for t, _, _ in ours]):10.2f}"
               f"  {med([t['b'] for t, _, _ in ours]):15.2f}  {med([t['wall'] for t, _, _ in ours]):8.2f}")
         print(f"  Python ssl {tls.version:<37}  {med(c_cpu):10.2f}  {med(s_cpu):15.2f}  {med(t_wall):8.2f}")
+        ours_a, ours_b = med([t["a"] for t, _, _ in ours]), med([t["b"] for t, _, _ in ours])
+        print(f"  ratio migsec / TLS (CPU)                          {ours_a / med(c_cpu):10.2f}  {ours_b / med(s_cpu):15.2f}")
         print("  (TLS: new loopback TCP connection each round, mutual auth, ECDSA P-256 certificates from the")
         print("   same CA, no session tickets; migsec: both sides in one thread, frames handed over in memory)")
+        if args.handshake_only:
+            return
 
         res = throughput(args.mib, args.repeats)
         raw_seal, raw_open = res["raw AES-256-GCM seal_into"], res["raw AES-256-GCM open_into"]

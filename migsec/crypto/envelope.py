@@ -179,6 +179,7 @@ def jws_verify(token: str | bytes, key: VerifyingKey) -> dict[str, Any]:
 # --- JWE to a public key ----------------------------------------------------------------------
 EC_JWE_ALG = "ECDH-ES"
 _P256 = ec.SECP256R1()
+_ECDH = ec.ECDH()
 _P256_COORD = 32
 _GCM_IV, _GCM_TAG = 12, 16
 # RFC 7518 §4.6.2 Concat KDF OtherInfo for ECDH-ES in direct mode: AlgorithmID is the "enc"
@@ -212,12 +213,15 @@ def jwe_header(token: str | bytes) -> dict[str, Any]:
 def _ecdh_es_encrypt(plaintext: bytes, recipient: VerifyingKey, kid: str | None) -> str:
     ephemeral = ec.generate_private_key(_P256)
     point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-    header: dict[str, Any] = {"alg": EC_JWE_ALG, "enc": ENC}
-    if kid is not None:
-        header["kid"] = kid
-    header["epk"] = {"kty": "EC", "crv": "P-256", "x": _b64url(point[1:33]), "y": _b64url(point[33:])}
-    header_b64 = _b64url(_claims_bytes(header))
-    cek = _ecdh_es_cek(ephemeral.exchange(ec.ECDH(), recipient._key))  # type: ignore[arg-type]
+    # The same bytes _claims_bytes would give (sorted members, no spaces), without json.dumps:
+    # x and y are base64url, so nothing needs escaping; a kid still goes through json.
+    if kid is not None and not isinstance(kid, str):
+        raise CryptoError("JWE kid must be a string")
+    kid_member = "" if kid is None else ',"kid":' + json.dumps(kid)
+    header_b64 = _b64url(
+        f'{{"alg":"{EC_JWE_ALG}","enc":"{ENC}","epk":{{"crv":"P-256","kty":"EC","x":"{_b64url(point[1:33])}",'
+        f'"y":"{_b64url(point[33:])}"}}{kid_member}}}'.encode("ascii"))
+    cek = _ecdh_es_cek(ephemeral.exchange(_ECDH, recipient._key))  # type: ignore[arg-type]
     iv = random_bytes(_GCM_IV)
     sealed = Aead("aes-256-gcm", cek).seal(iv, bytes(plaintext), header_b64.encode("ascii"))
     return ".".join((header_b64, "", _b64url(iv), _b64url(sealed[:-_GCM_TAG]), _b64url(sealed[-_GCM_TAG:])))
@@ -249,7 +253,7 @@ def _ecdh_es_decrypt(token: str | bytes, key: SigningKey) -> bytes:
     ciphertext = _b64url_decode(ct_b64, "JWE ciphertext") if ct_b64 else b""
     if len(iv) != _GCM_IV or len(tag) != _GCM_TAG:
         raise MalformedMessageError("JWE iv or tag has the wrong size")
-    cek = _ecdh_es_cek(key._key.exchange(ec.ECDH(), peer))  # type: ignore[union-attr]
+    cek = _ecdh_es_cek(key._key.exchange(_ECDH, peer))  # type: ignore[union-attr]
     return Aead("aes-256-gcm", cek).open(iv, ciphertext + tag, header_b64.encode("ascii"))
 
 

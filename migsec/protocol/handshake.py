@@ -169,11 +169,11 @@ def _cert(f: Fields) -> bytes:
     return text.encode("ascii")
 
 
-def _open_signed(token_bytes: bytes, own_key: SigningKey, peer: Peer, want_typ: str, other_typ: str,
+def _open_signed(sealed: str, own_key: SigningKey, peer: Peer, want_typ: str, other_typ: str,
                  what: str) -> tuple[str, dict[str, Any]]:
     """Decrypt the JWE addressed to us, check typ (reflection) and the peer's signature."""
     try:
-        inner = jwe_decrypt(token_bytes.decode("ascii"), own_key)
+        inner = jwe_decrypt(sealed, own_key)
         token = inner.decode("ascii")
     except (DecryptionError, UnicodeDecodeError):
         raise HandshakeError(f"{what} body is not encrypted to this domain's key") from None
@@ -319,7 +319,7 @@ class SourceHandshake(_Machine):
             peer = known  # the certificate we verified moments ago in initiate(); no second chain walk
         else:
             peer = self._trust.verify(cert, expected_did=self.peer_did, at=now)
-        token, claims = _open_signed(sealed.encode("ascii"), self._identity.key, peer, RESP_TYP, REQ_TYP,
+        token, claims = _open_signed(sealed, self._identity.key, peer, RESP_TYP, REQ_TYP,
                                      "MigResp")
         b = Fields(claims, "MigResp body")
         b.header("mig-resp-body")
@@ -396,7 +396,7 @@ class DestinationHandshake(_Machine):
         peer = self._trust.verify(cert, at=now)
         if peer.did == me.did:
             raise ReflectionError("MigReq comes from this domain's own certificate (reflected)")
-        signed, claims = _open_signed(sealed.encode("ascii"), me.key, peer, REQ_TYP, RESP_TYP, "MigReq")
+        signed, claims = _open_signed(sealed, me.key, peer, REQ_TYP, RESP_TYP, "MigReq")
         b = Fields(claims, "MigReq body")
         b.header("mig-req-body")
         request = MigrationRequest.from_claims(b.raw("rqst"))
