@@ -8,12 +8,17 @@ import shutil
 import time
 from pathlib import Path
 
+import sys
+
 import pytest
 
-from migsec.lab import Lab
-from migsec.lab.guest import kernel_versions
-from migsec.lab.lab import REQUIRED_TOOLS
-from tests.e2e.deploy import ADMIN, ADMIN_PASSWORD, Deployment, deploy
+# `tests.e2e.*` must import however pytest was started (plain `pytest` puts only this dir on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from migsec.lab import Lab  # noqa: E402
+from migsec.lab.guest import kernel_versions  # noqa: E402
+from migsec.lab.lab import REQUIRED_TOOLS  # noqa: E402
+from tests.e2e.deploy import ADMIN, ADMIN_PASSWORD, Deployment, deploy  # noqa: E402
 
 GUEST_MEMORY = "128M"
 GUEST_REGION_MIB = 16

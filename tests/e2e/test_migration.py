@@ -51,6 +51,12 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def assert_counter_continues(first_at_b: int, last_at_a: int) -> None:
+    """B's first counter follows A's last one (virtlogd may not have flushed A's last lines yet:
+    allow a few seconds' worth); a rebooted guest would start again from 1."""
+    assert last_at_a - 1 <= first_at_b <= last_at_a + 25, (first_at_b, last_at_a)
+
+
 def assert_state_intact(guest, host: str, counter_before: int) -> None:
     """The guest on ``host`` is the same boot, its counter went on, memory and disk check out."""
     counter = guest.wait_counter_beyond(host, counter_before, timeout=30)
@@ -80,7 +86,7 @@ def test_success_guest_continues_on_b(dep, guest):
     on_b = guest.console("b")
     assert not on_b.boots, "the guest rebooted on B"
     assert_state_intact(guest, "b", last_on_a)
-    assert guest.console("b").counters[0] in range(last_on_a - 1, last_on_a + 3)
+    assert_counter_continues(guest.console("b").counters[0], last_on_a)
     assert boot == guest.console("a").boots[-1]
     # both sides journalled the end, and both ledgers verify, each holding the peer's signatures
     mid = result["migration_id"]
@@ -178,7 +184,7 @@ def test_connection_cut_mid_transfer_resumes(dep, guest):
     assert code == 0, err
     guest.assert_runs_only_on("b")
     assert_state_intact(guest, "b", guest.console("a").counters[-1])
-    assert guest.console("b").counters[0] in range(last_on_a - 1, guest.console("a").counters[-1] + 3)
+    assert_counter_continues(guest.console("b").counters[0], guest.console("a").counters[-1])
     for d in (a, b):
         audit_ok(d)
 
