@@ -5,6 +5,11 @@ public key (EC P-256: ECDH-ES, RSA: RSA-OAEP-256; content A256GCM) or
 under a shared symmetric key (``dir`` + A256GCM, for E_SK1 / E_SK2 / E_SK3).
 Each call accepts exactly one algorithm, fixed by the key, so a token cannot
 choose a weaker one (no ``none``, no HMAC-with-public-key confusion, no ``zip``).
+
+JWS and the EC JWE are assembled here from ``cryptography`` primitives (they are on the
+handshake's hot path, where joserfc's generic machinery cost more than the public-key
+operations); RSA and ``dir`` JWEs go through joserfc. Tests check both directions of
+interoperability with joserfc, so the tokens stay ordinary JOSE.
 """
 from __future__ import annotations
 
@@ -137,6 +142,8 @@ def _b64url(data: bytes) -> str:
 
 def jws_sign(claims: dict[str, Any], key: SigningKey, *, kid: str | None = None, typ: str | None = None) -> str:
     """Sign ``claims`` (a JSON object) as a compact JWS with the key's algorithm."""
+    if any(v is not None and not isinstance(v, str) for v in (kid, typ)):
+        raise CryptoError("JWS kid and typ must be strings")
     header: dict[str, Any] = {"alg": key.jose_alg}
     if kid is not None:
         header["kid"] = kid

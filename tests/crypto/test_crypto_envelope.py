@@ -290,3 +290,13 @@ def test_ec_jwe_refuses_off_curve_and_wrong_sized_parts(keys):
         with pytest.raises(DecryptionError):
             jwe_decrypt(".".join(parts[:i] + [value] + parts[i + 1:]), k)
     assert jwe_decrypt(".".join(parts), k) == b"x"
+
+
+def test_header_kid_and_typ_must_be_strings(keys):
+    k = keys["ec-p256"]
+    with pytest.raises(CryptoError, match="strings"):
+        jws_sign(CLAIMS, k, kid=5)
+    with pytest.raises(CryptoError, match="string"):
+        jwe_encrypt(b"x", k.public_key, kid=b"b1")
+    token = jwe_encrypt(b"x", k.public_key, kid='b"1\u00e9')  # escaped like any JSON string
+    assert jwe_header(token)["kid"] == 'b"1\u00e9' and jwe_decrypt(token, k) == b"x"
