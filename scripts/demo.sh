@@ -20,7 +20,11 @@ PORT=7443
 declare -A DID=([a]=cloud-a.example [b]=cloud-b.example)
 declare -A ADDR=([a]=198.18.0.1 [b]=198.18.0.2)
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then
+  step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+  step() { printf '\n== %s\n' "$*"; }
+fi
 die() { echo "demo.sh: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (the lab uses network namespaces, mounts and libvirtd)"

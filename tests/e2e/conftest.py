@@ -56,9 +56,11 @@ def dep(tmp_path_factory):
         deployment.start()
         yield deployment
     finally:
-        if deployment is not None:
-            deployment.stop()
-        lab.down()
+        try:
+            if deployment is not None:
+                deployment.stop()
+        finally:
+            lab.down()
 
 
 class GuestHandle:
