@@ -77,7 +77,9 @@ class LocalConnection:
             while True:
                 reply = wire.recv_message(self.sock)
                 if reply is None:
-                    raise ProtocolError("migsecd closed the connection without answering")
+                    raise ProtocolError("migsecd closed the connection without answering (did it stop? "
+                                        "`migsec jobs` shows where a migration got to, `migsec recover` "
+                                        "finishes it)")
                 if "event" in reply:
                     yield reply
                     continue
