@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from migsec.daemon import wire
 from migsec.daemon.notify import sd_notify
@@ -222,10 +222,3 @@ def _unix_socket_alive(path: str) -> bool:
         except OSError:
             return False
     return True
-
-
-def run_in_thread(fn: Callable, *args):
-    """Helper for handlers that need a fresh thread (long-running migrations)."""
-    thread = threading.Thread(target=fn, args=args, daemon=True)
-    thread.start()
-    return thread

@@ -169,7 +169,6 @@ def test_connection_cut_mid_transfer_resumes(dep, guest):
         run([MIGSEC, "peer", "del", b.did, "--config", cfg])
         run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}",
              "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
-        last_on_a = guest.console("a").counters[-1]
         code, result, err = migrate(dep, guest.name, "--undefinesource",
                                     destination=f"migsec://{b.did}:{PORT}")
     finally:
