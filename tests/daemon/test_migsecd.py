@@ -132,7 +132,7 @@ def test_ready_reload_and_stop_notifications(nodes, tmp_path):
         assert a.proc.poll() is None and a.migsec("jobs").returncode == 0
         a.proc.send_signal(signal.SIGTERM)
         assert notify.recv(100) == b"STOPPING=1"
-    out = a.stop()
+    out = a.wait_exit()
     assert a.proc.returncode == 0
     assert "<3>" in out and "reload failed" in out  # journald priority prefix, no timestamps
     assert not a.socket.exists()
