@@ -181,7 +181,7 @@ class OutgoingMigration:
 
     def _expect(self, session: Any, kind: str) -> str:
         """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
-        message = session.control.recv_control(REPLY_TIMEOUT_S)
+        message = session.control.recv_control(max(1.0, min(REPLY_TIMEOUT_S, self.remaining())))
         if message.get("t") == "abort":
             raise TransferError(f"{self.dest_did} aborted: {message.get('reason', 'no reason given')}")
         token = message.get("jws")
@@ -250,6 +250,8 @@ class OutgoingMigration:
             raise TransferError(f"--timeout of {self.options.get('timeout')} s exceeded")
 
     def progress(self, phase: str, done: int, total: int) -> None:
+        # called by the plane between records: raising here stops the transfer (then rollback)
+        self.check_deadline()
         self.emit({"event": "progress", "phase": phase, "done": done, "total": total})
 
     def step(self, message: str) -> None:

@@ -97,7 +97,7 @@ def test_success_guest_continues_on_b(dep, guest):
     assert not list(b.staging.glob("in-*"))
 
 
-def test_denied_at_source_by_policy(dep, guest):
+def test_denied_at_source_by_policy_then_timeout(dep, guest):
     before = guest.console("a").counters[-1]
     code, result, err = migrate(dep, guest.name, user=GUEST, password=GUEST_PASSWORD)
     assert code == 3, (result, err)
@@ -105,6 +105,11 @@ def test_denied_at_source_by_policy(dep, guest):
     guest.assert_runs_only_on("a")
     assert guest.console("a").counters[-1] > before
     assert not leftovers(dep["b"], guest.name)
+    # --timeout: a transfer slowed to 4 MiB/s cannot finish in 4 s; it is stopped and rolled back
+    code, result, err = migrate(dep, guest.name, "--bandwidth", "4", "--timeout", "4")
+    assert code == 4 and result["rolled_back"] is True and "--timeout" in result["message"], (result, err)
+    guest.assert_runs_only_on("a")
+    wait_for(lambda: not leftovers(dep["b"], guest.name), 30, "B to discard the partial files")
 
 
 def test_denied_at_destination_by_policy(dep, guest):
