@@ -92,11 +92,13 @@ class Services:
         trust = _setting("[domain].trust", lambda: TrustStore.from_files(
             [str(p) for p in config.domain.trust], [str(p) for p in config.domain.crls]))
         state_dir = Path(config.paths.state_dir)
-        for d in (state_dir, config.paths.journal_dir, config.paths.staging_dir, Path(config.storage.image_dir)):
+        for setting, d in (("[paths].state_dir", state_dir), ("[paths].state_dir", config.paths.journal_dir),
+                           ("[paths].state_dir", config.paths.staging_dir),
+                           ("[storage].image_dir", Path(config.storage.image_dir))):
             try:
                 Path(d).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ConfigError(f"[paths].state_dir: cannot create {d}: {exc.strerror}") from exc
+                raise ConfigError(f"{setting}: cannot create {d}: {exc.strerror}") from exc
         os.chmod(state_dir, 0o700)
         journal = _setting("[paths].state_dir (journal)", lambda: Journal(config.paths.state_dir))
         ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity, clock=clock))
