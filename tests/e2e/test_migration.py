@@ -251,3 +251,50 @@ def test_source_daemon_killed_after_restore_then_recover(dep, guest):
     assert_state_intact(guest, host, last)
     for d in (a, b):
         audit_ok(d)
+
+
+def test_source_daemon_killed_after_commit_then_recover(dep, guest):
+    """A decides commit and dies before B confirms (B is held at commit-received): after
+    `migsec recover` at A the guest runs on B only, both journals are done, both ledgers verify."""
+    a, b = dep["a"], dep["b"]
+    last = guest.console("a").counters[-1]
+    journal_dir = b.base / "state" / "journal"
+    known = set(journal_dir.glob("*.json"))
+    proc = a.lab.host("a").popen(
+        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
+         "--password-stdin", "--config", str(a.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("correct horse battery staple\n")
+    proc.stdin.close()
+
+    def b_decided():
+        for path in set(journal_dir.glob("*.json")) - known:
+            try:
+                entry = json.loads(path.read_text())
+            except ValueError:
+                return None  # being replaced
+            if entry["phase"] in ("commit-received", "resumed", "done"):
+                return entry
+        return None
+
+    stopped = False
+    try:
+        entry = wait_for(b_decided, 120, "B to receive the commit decision")
+        b.process.send_signal(signal.SIGSTOP)  # B holds: A waits for B's Resumed
+        stopped = True
+        a.kill(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if stopped:
+            b.process.send_signal(signal.SIGCONT)
+        a.start()
+    mid = entry["migration_id"]
+    rec = a.migsec("recover", "--json", "--config", str(a.config))
+    assert rec.returncode == 0, rec.stderr
+    wait_for(lambda: journal(a, mid).get("phase") == "done" or
+             a.migsec("recover", "--config", str(a.config)).returncode != 0, 60, "A's journal to finish")
+    assert journal(a, mid)["phase"] == "done" and journal(b, mid)["phase"] == "done"
+    guest.assert_runs_only_on("b")
+    assert_state_intact(guest, "b", last)
+    for d in (a, b):
+        audit_ok(d)
