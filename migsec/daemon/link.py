@@ -51,7 +51,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise HandshakeError("the peer closed the connection during the handshake")
+            # a MigReq that fails B's checks gets no answer (nothing can be signed for an
+            # unauthenticated peer): say what the usual causes are; B's log has the detail
+            raise HandshakeError("the peer closed the connection during the handshake without answering "
+                                 "(it did not accept the request: untrusted or revoked certificate, "
+                                 "clock skew or a replay; its migsecd log says which)")
         buf += chunk
     return bytes(buf)
 
@@ -118,6 +122,9 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
         payload = _recv_exact(sock, length)
         hs.receive_data(header + payload)
         event = hs.next_event()
+    except HandshakeError as exc:
+        sock.close()
+        raise HandshakeError(f"{peer.did}: {exc}") from exc
     except socket.timeout as exc:
         sock.close()
         raise HandshakeError(f"{peer.did} did not answer the handshake within {HANDSHAKE_TIMEOUT_S} s") from exc
@@ -216,7 +223,11 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
     while len(buf) < n:
         chunk = await loop.sock_recv(conn, n - len(buf))
         if not chunk:
-            raise HandshakeError("the peer closed the connection during the handshake")
+            # a MigReq that fails B's checks gets no answer (nothing can be signed for an
+            # unauthenticated peer): say what the usual causes are; B's log has the detail
+            raise HandshakeError("the peer closed the connection during the handshake without answering "
+                                 "(it did not accept the request: untrusted or revoked certificate, "
+                                 "clock skew or a replay; its migsecd log says which)")
         buf += chunk
     return bytes(buf)
 
