@@ -229,3 +229,32 @@ def test_ssh_agent_login(nodes, ssh_agent):
     other.add("keyuser", PASSWORD)  # same name, no ssh key: the agent's proof must be refused
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 3 and json.loads(bad.stdout)["error"] == "AuthenticationError"
+
+
+def test_destination_that_does_not_trust_the_source(tmp_path):
+    """B only trusts its own CA: it drops A's MigReq unanswered, and A says why that happens."""
+    ca_a = CertificateAuthority.create(tmp_path / "ca-a", "CA of A")
+    ca_b = CertificateAuthority.create(tmp_path / "ca-b", "CA of B")
+    a = Node(tmp_path / "a", "cloud-a.example", ca_a)
+    b = Node(tmp_path / "b", "cloud-b.example", ca_b)
+    # A trusts both CAs (so it accepts B's certificate); B trusts only its own
+    a.write_config()
+    text = a.config.read_text().replace('trust = ["pki/ca-cert.pem"]',
+                                        f'trust = ["pki/ca-cert.pem", "{tmp_path / "ca-b" / "ca-cert.pem"}"]')
+    a.config.write_text(text)
+    PeerDirectory(a.root / "peers.json").add(b.did, f"127.0.0.1:{b.port}",
+                                              cert_pem=(b.root / "pki" / "domain-cert.pem").read_bytes())
+    try:
+        for n in (a, b):
+            n.start()
+        for n in (a, b):
+            n.wait_ready()
+        run = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
+                       "--password-stdin", "--dry-run", "--json", input=PASSWORD + "\n")
+        reply = json.loads(run.stdout)
+        assert run.returncode == 1 and reply["error"] == "HandshakeError", reply
+        assert "cloud-b.example" in reply["message"] and "untrusted" in reply["message"]
+    finally:
+        logs = b.stop()
+        a.stop()
+    assert "handshake failed" in logs  # B's log has the detail
