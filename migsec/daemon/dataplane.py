@@ -51,26 +51,18 @@ def enrich_options(options: dict, info: Any) -> dict:
 def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
     """The streams in sending order; the memory image joins once the save finished.
 
-    Each stream's digest is ready before it is handed to the plane, so that its END
-    follows its last byte at once. (The plane sends END only once the digest is ready;
-    a stream fully received but not yet ended when a connection breaks is reported
-    by the destination as complete, and the resumed session would never end it.)
+    The disks' digests start at once, so hashing overlaps the memory save; the plane
+    sends each stream's END when its digest is ready.
     """
     from migsec.transfer.source import StreamSource
 
     disks = [StreamSource(2 + i, f"disk{i}", "disk", path=path) for i, path in enumerate(files)]
     for src in disks:
-        src.start_digest()  # hashing overlaps the memory save
-    xml = StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
-    xml.digest()
-    yield xml
-    for src in disks:
-        src.digest()
-        yield src
+        src.start_digest()
+    yield StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
+    yield from disks
     saver.join()
-    memory = StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
-    memory.digest()
-    yield memory
+    yield StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
 
 
 def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
