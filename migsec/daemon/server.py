@@ -59,6 +59,19 @@ class Daemon:
             self.services.socket_path,
         )
         sd_notify("READY=1")
+        self._report_unfinished()
+
+    def _report_unfinished(self) -> None:
+        """A restart after a crash: say which migrations wait for `migsec recover`."""
+        try:
+            unfinished = self.services.journal.list(active_only=True)
+        except MigsecError as exc:
+            log.error("cannot read the migration journal: %s", exc)
+            return
+        for entry in unfinished:
+            log.warning("migration %s (%s of %s with %s) stopped in phase %s: run `migsec recover`",
+                        entry.migration_id, entry.role, entry.data.get("domain"), entry.data.get("peer"),
+                        entry.phase)
 
     async def run(self) -> None:
         await self.start()
