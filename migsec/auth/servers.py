@@ -119,6 +119,9 @@ class AuthorizationServer:
             raise AuthorizationDenied(f"{mig.dest_did!r} is not in the peer directory", where="source") from exc
         with virt.connect(services.config.libvirt.uri) as conn:
             info = virt.describe_domain(conn, mig.vm)
+        if info.state.value not in ("running", "paused", "blocked"):
+            raise virt.DomainStateError(f"{mig.vm} is {info.state.value}: migsec moves a running or paused "
+                                        f"guest (start it, or copy a stopped one's disks)")
         decision = authorize(
             services.pdp_source,
             subject={"user-id": checked.user_id, "roles": list(roles), "source-domain": services.did},

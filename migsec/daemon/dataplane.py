@@ -41,6 +41,7 @@ def enrich_options(options: dict, info: Any) -> dict:
         "memory_bytes": int(info.memory_bytes),
         "disk_bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
         "tags": ",".join(info.tags),
+        "paused": info.state.value == "paused",  # a guest paused at A stays paused at B
         "files": "|".join(info.files),
         # top images only: backing files may be shared with other VMs, never removed
         "top_files": "|".join(d.source for d in info.disks if d.type == "file" and d.source),

@@ -176,7 +176,7 @@ class IncomingMigration:
         name = str(entry.data.get("restored") or entry.data.get("domain"))
         options = dict(entry.data.get("options") or {})
         with virt.connect(self.services.config.libvirt.uri) as conn:
-            if virt.domain_state(conn, name).value == "paused":
+            if virt.domain_state(conn, name).value == "paused" and not options.get("paused"):
                 virt.resume_domain(conn, name)
             if options.get("persistent"):
                 virt.define_domain(conn, virt.domain_xml(conn, name))

@@ -86,7 +86,7 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
         abort = _abort_decision(services, entry, "recovered after a crash before the decision")
         services.audit("decision", mid, role="source", token=abort, outcome="abort", reason="recovery")
         with virt.connect(services.config.libvirt.uri) as conn:
-            how = restart_at_source(conn, domain, save_image)
+            how = restart_at_source(conn, domain, save_image, paused=bool(entry.data.get("was_paused")))
         if entry.data.get("work_dir"):
             shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
         record(services, mid, "source", "rolled-back", how=how)

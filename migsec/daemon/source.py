@@ -53,6 +53,7 @@ class OutgoingMigration:
         self.data_bytes = 0
         self.logical_bytes = 0
         self.downtime_started: float | None = None
+        self.was_paused = False
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -102,9 +103,11 @@ class OutgoingMigration:
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             info = virt.describe_domain(conn, self.domain)
-            virt.suspend_domain(conn, self.domain)
+            self.was_paused = info.state.value == "paused"
+            if not self.was_paused:
+                virt.suspend_domain(conn, self.domain)
             self.downtime_started = time.monotonic()
-            self.journal("suspended")
+            self.journal("suspended", was_paused=self.was_paused)
             self.step(f"suspended {self.domain}; saving its memory while the disks stream")
             self.saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image),
                                                               paused=True))
@@ -216,7 +219,7 @@ class OutgoingMigration:
     def _resume_here(self, conn: Any) -> None:
         if self.saver is not None:
             self.saver.wait()  # a save in progress must end before the guest can run again
-        how = restart_at_source(conn, self.domain, self.saved_image)
+        how = restart_at_source(conn, self.domain, self.saved_image, paused=self.was_paused)
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
 
     def _release(self, conn: Any) -> None:
@@ -308,19 +311,22 @@ def remove_moved_disks(options: dict) -> None:
             log.error("removing the moved disk %s: %s", path, exc)
 
 
-def restart_at_source(conn: Any, domain: str, saved_image: Path | None) -> str:
-    """Make the guest run at A again, whatever point the source side reached."""
+def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, paused: bool = False) -> str:
+    """Put the guest back in its state at A (running, or paused if it was), whatever point the
+    source side reached."""
     from migsec import virt
 
     state = domain_state(conn, domain)
     if state == "running":
         return "kept running"
     if state == "paused":
+        if paused:
+            return "kept paused (as it was)"
         virt.resume_domain(conn, domain)
         return "resumed"
     if saved_image is not None and Path(saved_image).exists():
-        virt.restore_domain(conn, str(saved_image), paused=False)
-        return "restored from its save image"
+        virt.restore_domain(conn, str(saved_image), paused=paused)
+        return "restored from its save image" + (" (paused, as it was)" if paused else "")
     raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
 
 
