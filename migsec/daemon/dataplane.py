@@ -133,13 +133,44 @@ def staging_dir(services: Any, migration_id: str) -> Path:
     return Path(services.config.paths.staging_dir) / f"in-{migration_id}"
 
 
-def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str) -> Received:
-    """Receive into staging, install the disks, and prepare the restore XML (B's mappings)."""
+class _ThrottledSocket:
+    """A socket whose reads are paced by a token bucket: B enforces its own policy's bandwidth
+    obligation by reading no faster (TCP flow control then slows A)."""
+
+    def __init__(self, sock: socket.socket, rate: float) -> None:
+        from migsec.transfer.plane import TokenBucket
+
+        self._sock = sock
+        self._bucket = TokenBucket(rate)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, *args: Any) -> int:
+        n = self._sock.recv_into(buffer, nbytes, *args)
+        if n:
+            self._bucket.take(n)
+        return n
+
+    def recv(self, bufsize: int, *args: Any) -> bytes:
+        data = self._sock.recv(bufsize, *args)
+        if data:
+            self._bucket.take(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str,
+            *, bandwidth: int | None = None) -> Received:
+    """Receive into staging, install the disks, and prepare the restore XML (B's mappings).
+
+    ``bandwidth`` (bytes/s): the limit B's own policy set (an obligation), applied to reading.
+    """
     from migsec import virt
     from migsec.transfer.plane import receive_streams
 
     expected = expected_streams(services, request)
-    result = receive_streams(sock, records, str(staging_dir(services, migration_id)), expected,
+    wire: Any = _ThrottledSocket(sock, bandwidth) if bandwidth else sock
+    result = receive_streams(wire, records, str(staging_dir(services, migration_id)), expected,
                              timeout=PLANE_TIMEOUT_S)
     staging = result.staging
     staging.commit()

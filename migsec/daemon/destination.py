@@ -106,7 +106,9 @@ class IncomingMigration:
         services, request = self.services, accepted.request
         if accepted.purpose == "migrate":
             self.journal("accepted", domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
-                         options=dict(request.options), staging=str(dataplane.staging_dir(services, self.mid)))
+                         options=dict(request.options), staging=str(dataplane.staging_dir(services, self.mid)),
+                         bandwidth=accepted.bandwidth)
+        bandwidth = accepted.bandwidth or services.journal.get(self.mid).data.get("bandwidth")
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
         records = RecordLayer(accepted.keys, "destination")
@@ -120,7 +122,7 @@ class IncomingMigration:
             resume_vm=self.resume_here, discard=self.discard_here, clock=services.clock)
         try:
             self.journal("receiving", attempt=accepted.purpose)
-            received = dataplane.receive(services, conn, records, request, self.mid)
+            received = dataplane.receive(services, conn, records, request, self.mid, bandwidth=bandwidth)
             prepared.update(memory=received.memory_path, xml=received.restore_xml)
             commit.streams_verified(received.manifest, received.manifest_json)
             receipt = commit.restore()  # restores paused, signs, journals restored-paused

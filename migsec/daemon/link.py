@@ -1,4 +1,4 @@
-"""The inter-domain link: the handshake on both sides and the signed commit messages.
+"""The inter-domain link: the handshake on both sides, and B's decision on a MigReq.
 
 A (blocking, in the VMM agent's thread): ``connect()`` -> SourceSession.
 B (asyncio): ``accept_async()`` -> Accepted, then the socket goes to a thread.
@@ -25,8 +25,6 @@ from migsec.protocol.framing import HEADER_SIZE, parse_header
 log = logging.getLogger("migsecd.link")
 CONNECT_TIMEOUT_S = 15
 HANDSHAKE_TIMEOUT_S = 30
-REPLY_TIMEOUT_S = 120
-PURPOSES = ("migrate", "recover")
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,6 @@ class Accepted:
     @property
     def user_id(self) -> str:
         return self.proposal.user_id
-
 
 
 async def accept_async(services: Any, conn: socket.socket, loop: asyncio.AbstractEventLoop,
