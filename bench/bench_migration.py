@@ -12,7 +12,9 @@ from the host, before boot), then either
 * migsec: ``migsec migrate NAME migsec://B --persistent --undefinesource`` run inside A, or
 * baseline: ``virsh save`` on A, ``scp -c aes128-gcm@openssh.com`` of the save image and the
   disk from inside A to B (SFTP mode, the default, and the legacy ``-O`` protocol), ``virsh
-  restore`` on B (through migsec.virt, as migsecd does).
+  restore`` on B (through migsec.virt, as migsecd does). The same two files also go A -> B
+  through migsec's data plane alone (``migsec.transfer`` over one TCP connection), so the pure
+  transfer is compared on identical bytes.
 
 Measured: wall time; downtime = first poll that sees the guest not running on A until the
 first poll that sees it running on B (20 ms polls through libvirt on both hosts), next to
@@ -20,6 +22,7 @@ the daemon's own figure; phases from both daemons' journals; bytes the record la
 the TCP connection (``bytes_on_wire``) and what host A's veth counted in both directions
 (Ethernet/IP/TCP headers included, GSO packets counted once); allocated bytes of what moved.
 The machine is shared: the load average is printed with each run; tables give medians.
+Method and results: docs/benchmarks.md. ``--logs DIR`` keeps both daemons' logs and journals.
 """
 from __future__ import annotations
 
@@ -149,6 +152,7 @@ class LabSshd:
         self.lab = lab
         self.dir = workdir / "ssh"
         self.proc: subprocess.Popen | None = None
+        self.log = None
 
     def start(self) -> None:
         d = self.dir
@@ -162,8 +166,8 @@ class LabSshd:
             f"Port {SSH_PORT}\nListenAddress {b.address}\nHostKey {d}/host\n"
             f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nStrictModes no\n"
             f"PidFile {d}/sshd.pid\nUsePAM no\nPermitRootLogin yes\nSubsystem sftp internal-sftp\n")
-        self.proc = b.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                            stderr=open(d / "sshd.log", "wb"))
+        self.log = open(d / "sshd.log", "wb")
+        self.proc = b.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=self.log)
         time.sleep(0.5)
         if self.proc.poll() is not None:
             raise RuntimeError(f"sshd in host b did not start: {(d / 'sshd.log').read_text()[:300]}")
@@ -186,6 +190,8 @@ class LabSshd:
                     pass
             self.proc.terminate()
             self.proc.wait(10)
+        if self.log is not None:
+            self.log.close()
 
 
 def _children(pid: int) -> list[int]:
