@@ -91,3 +91,26 @@ def test_find_peer_by_did_or_address():
     with pytest.raises(ConfigError, match="peer add"):
         find_peer(svc, "198.18.0.2", 7444)
     assert split_address("migsec://[::1]:9") == ("::1", 9)
+
+
+def test_throttled_socket_passes_data_through_and_polls():
+    import select
+    import socket
+
+    from migsec.daemon.dataplane import _ThrottledSocket
+
+    a, b = socket.socketpair()
+    with a, b:
+        wrapped = _ThrottledSocket(b, 64 * MIB)
+        poll = select.poll()
+        poll.register(wrapped, select.POLLIN)  # the plane polls the socket it is given
+        a.sendall(b"x" * 5000 + b"y" * 5000)
+        assert poll.poll(1000)
+        buf = bytearray(10000)
+        got = 0
+        while got < len(buf):
+            got += wrapped.recv_into(memoryview(buf)[got:], len(buf) - got)
+        assert bytes(buf) == b"x" * 5000 + b"y" * 5000
+        wrapped.settimeout(1)
+        a.sendall(b"z")
+        assert wrapped.recv(10) == b"z"
