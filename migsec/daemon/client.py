@@ -26,7 +26,7 @@ from migsec.errors import (
     ProtocolError,
 )
 
-DEFAULT_SOCKET = "/run/migsec/migsecd.sock"
+DEFAULT_SOCKET = "/run/migsec/migsecd.sock"  # [listen].control_socket's default
 
 _ERRORS: dict[str, type[MigsecError]] = {
     "AuthenticationError": AuthenticationError,
@@ -97,12 +97,16 @@ class LocalConnection:
 
 
 def socket_path(config_path: str | None) -> str:
-    """The daemon socket from --config, $MIGSEC_SOCKET or the default."""
-    if config_path:
-        from migsec.daemon.config import load_config
+    """The daemon socket: $MIGSEC_SOCKET, else ``[listen].control_socket`` of --config,
+    $MIGSEC_CONFIG or /etc/migsec/migsecd.toml (when it exists), else the default."""
+    from migsec.daemon.config import config_path as resolve, load_config
 
-        return str(load_config(config_path, check_files=False).listen.control_socket)
-    return os.environ.get("MIGSEC_SOCKET", DEFAULT_SOCKET)
+    if os.environ.get("MIGSEC_SOCKET") and not config_path:
+        return os.environ["MIGSEC_SOCKET"]
+    path = resolve(config_path)
+    if config_path or os.environ.get("MIGSEC_CONFIG") or path.exists():
+        return str(load_config(path, check_files=False).listen.control_socket)
+    return DEFAULT_SOCKET
 
 
 def parse_destination(uri: str) -> tuple[str, int]:
