@@ -6,8 +6,10 @@ Journal phases (``migsec.daemon.journal``), each written before it takes effect:
       -> receipt-received -> committed (point of no return) -> released -> done
     any failure before ``committed`` -> aborted -> rolled-back (the guest runs at A again)
 
-A is the coordinator: after B's signed receipt A writes its decision durably,
-releases its copy, then tells B to resume. ``migsec recover`` finishes whatever a
+A is the coordinator: after B's signed receipt A writes its decision durably and
+tells B to resume; once B's signed Resumed arrives A releases its copy (the guest
+is already stopped at A: saved). The exchange itself is
+``migsec.transfer.commit.SourceCommit``; ``migsec recover`` finishes whatever a
 crash interrupted, from the same journal.
 """
 from __future__ import annotations
