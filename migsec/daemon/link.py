@@ -115,6 +115,8 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         sock.sendall(frame)
+        # ledgered once sent: from here B may hold it, whatever B answers (DESIGN §3.4)
+        services.audit("mig-req", migration_id, role="source", token=hs.signed_request)
         header = _recv_exact(sock, HEADER_SIZE)
         _, length = parse_header(header)
         payload = _recv_exact(sock, length)

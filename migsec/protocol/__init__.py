@@ -87,8 +87,9 @@ trust = pki.TrustStore
         ``frame = hs.initiate(request, authr_tkt_token, migration_id=None, resume_of=None)``;
         then ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationAccepted(keys,
         peer, signed_response) | MigrationRefused(migration_id, reason, ...) | NEED_DATA.
-        ``hs.migration_id`` and ``hs.signed_request`` (A's JWS, for the ledger) are set by
-        initiate. A re-verifies Cert_B only if it differs from ``peer_cert_pem``.
+        ``hs.migration_id`` and ``hs.signed_request`` (A's JWS of the MigReq body, read-only,
+        for A's ledger) are set by initiate. A re-verifies Cert_B only if it differs from
+        ``peer_cert_pem``.
     B: ``hs = DestinationHandshake(identity, trust, replay_cache=, clock=)``;
         ``hs.receive_data(bytes)``; ``hs.next_event()`` -> MigrationProposed(migration_id,
         resume_of, src_did, user_id, request, authorization, authorization_token, peer,

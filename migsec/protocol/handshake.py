@@ -255,7 +255,13 @@ class SourceHandshake(_Machine):
         self.migration_id = ""
         self.resume_of: str | None = None
         self.keys: SessionKeys | None = None
-        self.signed_request: str | None = None  # our JWS body of MigReq, for the audit ledger
+        self._signed_request: str | None = None
+
+    @property
+    def signed_request(self) -> str | None:
+        """Our JWS of the MigReq body (before encryption to B), for A's audit ledger; None
+        until ``initiate``."""
+        return self._signed_request
 
     def initiate(self, request: MigrationRequest, authorization_token: str, *,
                  migration_id: str | None = None, resume_of: str | None = None) -> bytes:
@@ -289,7 +295,7 @@ class SourceHandshake(_Machine):
         if self.resume_of is not None:
             body["resume_of"] = self.resume_of
         signed = jws_sign(body, me.key, typ=REQ_TYP)
-        self.signed_request = signed
+        self._signed_request = signed
         sealed = jwe_encrypt(signed.encode("ascii"), peer.public_key)
         self._mig_req = canonical_json({"v": VERSION, "t": "mig-req", "body": sealed, "authr_tkt": token,
                                         "cert": me.cert_pem.decode("ascii")})

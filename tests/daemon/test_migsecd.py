@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from migsec.audit import Ledger
 from migsec.auth.users import UserDatabase
 from migsec.pki import CertificateAuthority, PeerDirectory
 
@@ -189,6 +190,11 @@ def test_dry_run_reaches_the_destinations_capacity_check(nodes):
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         assert "peer-signed" in check.stdout
+    # A ledgered its own signed MigReq body: the very JWS that B ledgered as A's
+    [mine] = [e for e in Ledger(a.root / "state" / "ledger.jsonl").entries() if e.kind == "mig-req"]
+    [theirs] = [e for e in Ledger(b.root / "state" / "ledger.jsonl").entries() if e.kind == "mig-req"]
+    assert mine.peer is None and mine.body["role"] == "source"
+    assert mine.migration_id == theirs.migration_id and mine.body["token"] == theirs.peer["token"]
     assert "no migrations" in a.migsec("jobs").stdout
 
 

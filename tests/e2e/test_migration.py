@@ -28,6 +28,12 @@ def audit_ok(domain) -> str:
     return proc.stdout
 
 
+def ledger_entries(domain, migration_id: str, kind: str) -> list[dict]:
+    proc = domain.migsec("audit", "--config", str(domain.config), "show", "--migration", migration_id,
+                         "--json", check=True)
+    return [e for e in map(json.loads, proc.stdout.splitlines()) if e["kind"] == kind]
+
+
 def journal(domain, migration_id: str) -> dict:
     proc = domain.migsec("jobs", "--json", "--config", str(domain.config), check=True)
     rows = {r["migration_id"]: r for r in json.loads(proc.stdout)}
@@ -94,6 +100,10 @@ def test_success_guest_continues_on_b(dep, guest):
     for d in (a, b):
         out = audit_ok(d)
         assert "peer-signed" in out
+    # A's ledger holds its own signed MigReq body, the same JWS B ledgered as A's
+    req_a, req_b = (ledger_entries(d, mid, "mig-req") for d in (a, b))
+    assert len(req_a) == len(req_b) == 1 and req_a[0]["peer"] is None
+    assert req_a[0]["body"]["role"] == "source" and req_a[0]["body"]["token"] == req_b[0]["peer"]["token"]
     assert not list(b.staging.glob("in-*"))
 
 

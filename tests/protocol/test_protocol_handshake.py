@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from migsec.crypto.envelope import jwe_decrypt, jwe_encrypt, jws_sign
+from migsec.crypto.envelope import jwe_decrypt, jwe_encrypt, jws_sign, jws_verify
 from migsec.errors import (
     CertificateExpiredError,
     DidMismatchError,
@@ -61,6 +61,7 @@ def deliver(frame: bytes, to):
 def test_handshake_then_records(pki, clock, replay_cache):
     src, dst = pair(pki, clock, replay_cache)
     token = authr_tkt(pki.a, clock)
+    assert src.signed_request is None
     proposed = deliver(src.initiate(REQUEST, token), dst)
     assert isinstance(proposed, MigrationProposed)
     assert (proposed.src_did, proposed.user_id, proposed.request) == (A_DID, "alice", REQUEST)
@@ -75,6 +76,11 @@ def test_handshake_then_records(pki, clock, replay_cache):
     assert accepted.keys == dst.keys and accepted.keys.migration_id == proposed.migration_id
     assert accepted.keys.a_to_b != accepted.keys.b_to_a
 
+    # the JWS A keeps for its ledger is exactly the body B received, and verifies with A's key
+    assert proposed.signed_request == src.signed_request
+    assert jws_verify(src.signed_request, pki.a.public_key)["mid"] == proposed.migration_id
+    with pytest.raises(AttributeError):
+        src.signed_request = "forged"  # read-only
     assert src.next_event() is NEED_DATA  # the record that followed is left for the record layer
     a_records = RecordLayer(accepted.keys, "source")
     a_records.receive_data(src.trailing_data())
