@@ -14,7 +14,10 @@ every signer and peer certificate is chained to the trust store at the time of t
 entry that used it.
 
 Appends are one ``write`` on an ``O_APPEND`` descriptor followed by ``fsync``,
-under a thread lock and an ``flock`` (several processes may share the file).
+under a thread lock and an ``flock`` (several processes may share the file). A
+writer finds the chain tip from the file's last line and the current signer by
+searching back for it, so a fresh process (the libvirt hook) does not parse the
+whole ledger to add one entry.
 """
 from __future__ import annotations
 
@@ -165,29 +168,27 @@ class Ledger:
         return _Locked(self)
 
     def _catch_up(self, fd: int) -> None:
-        """Read what other writers appended since we last looked (chain tip, signer)."""
+        """Learn what other writers appended since we last looked (chain tip, signer).
+
+        Only the tail is read: the last line gives the tip, and a backward search finds the
+        last ``ledger-signer`` entry, so an append costs the same on a long ledger (checking
+        every line is ``verify``'s job).
+        """
         size = os.fstat(fd).st_size
         if size == self._offset:
             return
         if size < self._offset:
             raise LedgerCorruptError(f"{self.path}: the ledger shrank from {self._offset} to "
                                      f"{size} bytes while open")
-        os.lseek(fd, self._offset, os.SEEK_SET)
-        chunk = b""
-        while len(chunk) < size - self._offset:
-            part = os.read(fd, size - self._offset - len(chunk))
-            if not part:
-                break
-            chunk += part
-        if not chunk.endswith(b"\n"):
+        if _pread(fd, 1, size - 1) != b"\n":
             raise LedgerCorruptError(f"{self.path}: the last line is incomplete (a crash during "
                                      "an append, or damage); refusing to extend it — run "
                                      "`migsec audit verify` and move the file aside")
-        for raw in chunk.splitlines():
-            entry = _decode_line(raw, self.path, 0)
-            self._seq, self._hash = entry.seq, entry.hash
-            if entry.kind == SIGNER_KIND:
-                self._signer_pem = entry.body.get("certificate")
+        tip = _decode_line(_line_at(fd, size - 1, self._offset, size), self.path, 0)
+        signer = _last_signer(fd, self._offset, size, self.path)
+        if signer is not None:
+            self._signer_pem = signer.body.get("certificate")
+        self._seq, self._hash = tip.seq, tip.hash
         self._offset = size
 
     # --- reading
@@ -326,6 +327,62 @@ def _peer_record(token: str | None, cert_pem: bytes | str | None, did: str | Non
     if "-----BEGIN CERTIFICATE-----" not in pem:
         raise AuditError("peer_cert_pem is not a PEM certificate")
     return {"did": did, "token": token, "cert_pem": pem}
+
+
+_LINE_CHUNK = 8 * 1024  # most lines are shorter: finding a line's ends reads one or two
+_SCAN_CHUNK = 1 << 20
+_SIGNER_MARK = f'"{SIGNER_KIND}"'.encode("ascii")
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    out = os.pread(fd, n, offset)
+    while len(out) < n:  # short reads are rare on a regular file, but allowed
+        part = os.pread(fd, n - len(out), offset + len(out))
+        if not part:
+            break
+        out += part
+    return out
+
+
+def _line_at(fd: int, pos: int, lo: int, hi: int) -> bytes:
+    """The whole line (with its newline) holding byte ``pos``; lines start at or after ``lo``."""
+    start = pos
+    while start > lo:  # back to the newline before pos
+        begin = max(lo, start - _LINE_CHUNK)
+        cut = _pread(fd, start - begin, begin).rfind(b"\n")
+        if cut >= 0:
+            start = begin + cut + 1
+            break
+        start = begin
+    end = pos
+    while end < hi:  # forward to the newline ending the line
+        block = _pread(fd, min(_LINE_CHUNK, hi - end), end)
+        cut = block.find(b"\n")
+        if cut >= 0:
+            end += cut + 1
+            break
+        end += len(block)
+    return _pread(fd, end - start, start)
+
+
+def _last_signer(fd: int, lo: int, hi: int, path: Path) -> LedgerEntry | None:
+    """The last ``ledger-signer`` entry in the byte range [lo, hi) of complete lines."""
+    overlap = len(_SIGNER_MARK) - 1
+    top = hi
+    while top > lo:
+        begin = max(lo, top - _SCAN_CHUNK)
+        block = _pread(fd, min(hi, top + overlap) - begin, begin)
+        found = block.rfind(_SIGNER_MARK)
+        if found < 0:
+            top = begin
+            continue
+        # a body may hold the string too: only the entry's own kind counts
+        line = _line_at(fd, begin + found, lo, hi)
+        entry = _decode_line(line, path, 0)
+        if entry.kind == SIGNER_KIND:
+            return entry
+        top = begin + found  # search before this hit (its line may hold another)
+    return None
 
 
 def _decode_line(raw: bytes, path: Path, number: int) -> LedgerEntry:

@@ -195,6 +195,30 @@ def test_key_rotation_records_a_new_signer(tmp_path, cloud_a, pki, clock):
         Ledger(path).verify(pki.trust)
 
 
+@pytest.mark.parametrize("chunk", [7, 100, 1 << 20])
+def test_a_fresh_writer_finds_tip_and_signer_from_the_tail(tmp_path, cloud_a, pki, clock,
+                                                         monkeypatch, chunk):
+    """Appends read only the tail: the tip from the last line, the signer by searching back
+    (chunk sizes smaller than a line and than the search string cross every boundary)."""
+    import migsec.audit.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_LINE_CHUNK", chunk)
+    monkeypatch.setattr(ledger_module, "_SCAN_CHUNK", chunk)
+    path = tmp_path / "l.jsonl"
+    rotated = pki.identity("cloud-a.example", f"cloud-a-rotated-tail-{chunk}")
+    Ledger(path, cloud_a, clock=clock).append("decision", "m1", note="x" * 300)
+    # bodies that mention the signer kind do not count as signer entries
+    Ledger(path, cloud_a, clock=clock).append("decision", "m2", {"kind": SIGNER_KIND,
+                                              "certificate": rotated.cert_pem.decode()})
+    assert Ledger(path, rotated, clock=clock).append("decision", "m3").seq == 5  # new signer at 4
+    Ledger(path, rotated, clock=clock).append("decision", "m4", text=f'"{SIGNER_KIND}"')
+    assert Ledger(path, cloud_a, clock=clock).append("decision", "m5").seq == 8  # back: signer at 7
+    assert Ledger(path, cloud_a, clock=clock).append("decision", "m6").seq == 9
+    report = Ledger(path).verify(pki.trust)
+    assert report.entries == 9 and len(report.signers) == 3
+    assert [e.kind for e in Ledger(path).entries()].count(SIGNER_KIND) == 3
+
+
 def test_failed_append_does_not_move_the_chain_tip(tmp_path, cloud_a, pki, monkeypatch):
     import os as os_module
 
