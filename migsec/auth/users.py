@@ -23,7 +23,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import paramiko
 
 from migsec.crypto.kdf import random_bytes, scrypt_key
 from migsec.errors import AuthenticationError, ConfigError, MigsecError
+from migsec.fsutil import atomic_write
 
 FORMAT_VERSION = 1
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
@@ -245,25 +245,9 @@ class UserDatabase:
     def _write(self, users: dict[str, Any]) -> None:
         data = json.dumps({"version": FORMAT_VERSION, "users": users}, indent=2,
                           sort_keys=True).encode() + b"\n"
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, data, mode=0o600, umask=False)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise ConfigError(f"{self.path}: cannot write the user database: {exc.strerror}") from exc
 
     def _decode(self, name: str, entry: Any) -> User:

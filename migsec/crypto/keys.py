@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from migsec.errors import CryptoError, KeyLoadError, SignatureError
+from migsec.fsutil import atomic_write
 
 KINDS = ("ec-p256", "ed25519", "rsa-3072", "rsa-4096")
 MIN_RSA_BITS = 3072
@@ -217,23 +218,13 @@ class SigningKey:
         path = Path(path)
         if path.exists() and not overwrite:
             raise KeyExistsError(f"key file {path} already exists; not overwriting it")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.to_pem())
-                fh.flush()
-                os.fsync(fh.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails if another writer created the key meanwhile
-                tmp.unlink()
+            # overwrite=False links instead of renaming: fails if another writer created the
+            # key meanwhile
+            atomic_write(path, self.to_pem(), mode=0o600, overwrite=overwrite)
         except FileExistsError as exc:
-            tmp.unlink(missing_ok=True)
             raise KeyExistsError(f"key file {path} already exists; not overwriting it") from exc
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise CryptoError(f"cannot write key file {path}: {exc.strerror}") from exc
 
     def sign(self, data: bytes) -> bytes:

@@ -48,6 +48,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from migsec.errors import JournalError
+from migsec.fsutil import atomic_write, fsync_dir
 
 SOURCE_PHASES = ("requested", "authorized", "handshaken", "suspended", "saved", "streaming",
                  "streamed", "receipt-received", "committed", "released", "done")
@@ -183,7 +184,7 @@ class Journal:
                 raise JournalError(f"migration {migration_id} is still {entry.phase!r}; "
                                    "only finished migrations can be removed")
             self._file(migration_id).unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     # --- files
     def _file(self, migration_id: str) -> Path:
@@ -213,24 +214,10 @@ class Journal:
 
     def _write(self, migration_id: str, doc: dict[str, Any]) -> None:
         final = self._file(migration_id)
-        tmp = self.dir / f".{migration_id}.json.tmp"
         data = json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            atomic_write(final, data, mode=0o600)
         except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise JournalError(f"{final}: cannot write the journal entry: {exc.strerror or exc}"
                                ) from exc
 
@@ -238,7 +225,7 @@ class Journal:
         # a temp file is a write that crashed before its rename: the state it held never
         # became durable, the previous file is the truth
         with self._locked():
-            for tmp in self.dir.glob(".*.json.tmp"):
+            for tmp in self.dir.glob(".*.json*.tmp"):  # .<id>.json.<pid>.tmp (older: .<id>.json.tmp)
                 tmp.unlink(missing_ok=True)
 
 
@@ -260,14 +247,6 @@ class _Locked:
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)
         self._lock.release()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_id(migration_id: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from migsec.errors import LabError
+from migsec.fsutil import atomic_write
 from migsec.lab import guest as guestmod
 from migsec.lab import ns
 
@@ -217,9 +218,8 @@ class Lab:
             raise LabError(f"lab state {self.dir / 'state.json'} is unreadable: {exc}") from exc
 
     def _write_state(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state, indent=2, sort_keys=True))
-        os.replace(tmp, self.state_file)
+        atomic_write(self.state_file, json.dumps(self._state, indent=2, sort_keys=True).encode(),
+                     mode=0o666)  # 0o666 less umask, as write_text gave
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migsec.errors import ConfigError
+from migsec.fsutil import atomic_write
 
 DEFAULT_CONFIG_DIR = Path("/etc/migsec")
 HOOK_NAME = "50-migsec"
@@ -84,15 +85,7 @@ class Item:
             os.chmod(self.target, self.mode)
             return
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.target.with_name(f".{self.target.name}.migsec-tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, self.content)
-            os.fchmod(fd, self.mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.target)
+        atomic_write(self.target, self.content, mode=self.mode, umask=False)
 
 
 @dataclass

@@ -5,7 +5,6 @@ editing XACML by hand. The files written are ordinary XACML 3.0 and can be edite
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -13,6 +12,7 @@ from typing import Iterable
 from lxml import etree
 
 from migsec.errors import ConfigError
+from migsec.fsutil import atomic_write
 from migsec.policy import attributes as A
 from migsec.policy import datatypes as T
 from migsec.policy.parser import NS
@@ -153,8 +153,7 @@ def render_default_policies(trusted_domains: Iterable[str], max_vcpus: int, max_
     for name, el in docs.items():
         path = out / name
         data = etree.tostring(el, xml_declaration=True, encoding="UTF-8", pretty_print=True)
-        tmp = path.with_suffix(".xml.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # a half-written policy must never be loaded
+        # a half-written policy must never be loaded; 0o666 less umask, as write_bytes gave
+        atomic_write(path, data, mode=0o666)
         paths.append(path)
     return paths

@@ -28,6 +28,7 @@ from migsec.errors import (
     TransferError,
     TruncatedStreamError,
 )
+from migsec.fsutil import atomic_write, fsync_dir
 from migsec.transfer.extents import BLOCK, READ_SIZE, StreamDigest
 from migsec.transfer.source import StreamSpec
 
@@ -35,14 +36,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StreamSink:
@@ -299,16 +292,8 @@ class Staging:
                 for ch, s in self.sinks.items()
             },
         }
-        path = os.path.join(self.directory, STATE_FILE)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(state, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        atomic_write(os.path.join(self.directory, STATE_FILE),
+                     json.dumps(state, sort_keys=True).encode(), mode=0o600)
 
     def sink(self, channel: int) -> StreamSink:
         try:
@@ -362,7 +347,7 @@ class Staging:
             self.installed = True
             self.save_state()
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
         self.installed = True
         self.save_state()
 

@@ -125,13 +125,15 @@ def test_crash_leaves_truncated_temp_file_previous_state_wins(tmp_path):
     good = j.get("m1")
     # a crash in the middle of writing the next state: half a temp file, no rename
     full = json.dumps({"migration_id": "m1", "role": "source", "phase": "saved"}).encode()
-    tmp = tmp_path / "journal/.m1.json.tmp"
+    tmp = tmp_path / "journal/.m1.json.4242.tmp"
     tmp.write_bytes(full[: len(full) // 2])
+    older = tmp_path / "journal/.m1.json.tmp"  # the temp name before fsutil
+    older.write_bytes(full[: len(full) // 2])
     assert j.get("m1") == good
     assert [e.migration_id for e in j.list()] == ["m1"]
     # the restarted daemon drops the leftover and carries on from the durable state
     j2 = Journal(tmp_path)
-    assert not tmp.exists()
+    assert not tmp.exists() and not older.exists()
     assert j2.get("m1") == good
     assert j2.advance("m1", "saved").phase == "saved"
 
