@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from migsec.canonical import canonical_json as _canonical_json
 from migsec.crypto.envelope import jws_peek, jws_sign, jws_verify
 from migsec.errors import AuditError, LedgerCorruptError, MigsecError
 
@@ -44,8 +45,7 @@ _CORE_FIELDS = ("seq", "time", "kind", "migration_id", "prev", "body", "peer")
 
 def canonical_json(value: Any) -> bytes:
     """The byte form that is hashed: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return _canonical_json(value, ascii=True)
 
 
 def entry_hash(core: Mapping[str, Any]) -> str:

@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any, Iterable, Mapping
 
+from migsec.canonical import canonical_json as _canonical_json
 from migsec.errors import MalformedMessageError
 
 VERSION = 1
@@ -24,9 +25,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,254}$")
 def canonical_json(obj: Any) -> bytes:
     """The one byte form of a JSON object that digests and signatures are taken over."""
     try:
-        return json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        return _canonical_json(obj)
     except (TypeError, ValueError) as exc:
         raise MalformedMessageError(f"value cannot be encoded as canonical JSON: {exc}") from exc
 
