@@ -423,16 +423,18 @@ class Policy:
             target_error = None
         except Indeterminate as exc:
             target_error = exc.status
-        result = self.algorithm.combine(self.rules, ctx)
+        result = self.algorithm.combine(self._members(), ctx)
         if target_error is not None:
             result = _after_indeterminate_target(result, target_error)
-            if result.decision != NA:
-                ctx.applicable.append(("PolicySet" if self.is_set else "Policy", self.id, self.version))
-            return result
-        result = add_obligations(result, self.obligations, self.advice, ctx)
+        else:
+            result = add_obligations(result, self.obligations, self.advice, ctx)
         if result.decision != NA:
-            ctx.applicable.append(("Policy", self.id, self.version))
+            ctx.applicable.append(("PolicySet" if self.is_set else "Policy", self.id, self.version))
         return result
+
+    def _members(self) -> list[Any]:
+        """What the combining algorithm combines: rules here, policies in a PolicySet."""
+        return self.rules
 
 
 @dataclass
@@ -440,20 +442,5 @@ class PolicySet(Policy):
     is_set: bool = True
     children: list[Any] = field(default_factory=list)
 
-    def evaluate(self, ctx: Context) -> Result:
-        try:
-            if not self.target.evaluate(ctx):
-                return Result(NA)
-            target_error = None
-        except Indeterminate as exc:
-            target_error = exc.status
-        result = self.algorithm.combine(self.children, ctx)
-        if target_error is not None:
-            result = _after_indeterminate_target(result, target_error)
-            if result.decision != NA:
-                ctx.applicable.append(("PolicySet" if self.is_set else "Policy", self.id, self.version))
-            return result
-        result = add_obligations(result, self.obligations, self.advice, ctx)
-        if result.decision != NA:
-            ctx.applicable.append(("PolicySet", self.id, self.version))
-        return result
+    def _members(self) -> list[Any]:
+        return self.children
