@@ -10,7 +10,7 @@ from migsec.policy import attributes as A
 from migsec.policy import datatypes as T
 from migsec.policy.model import Obligation as _Obl
 from migsec.policy.pdp import PDP
-from migsec.policy.request import Attribute, Category, Request
+from migsec.policy.request import Attribute, Category, Request, infer_datatype
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,9 @@ class Decision:
 
 
 def _infer(value: Any) -> tuple[str, Any]:
-    if isinstance(value, bool):
-        return T.BOOLEAN, value
-    if isinstance(value, int):
-        return T.INTEGER, value
-    if isinstance(value, float):
-        return T.DOUBLE, value
-    if isinstance(value, str):
-        return T.STRING, value
+    inferred = infer_datatype(value)
+    if inferred is not None:
+        return inferred
     if isinstance(value, _dt.datetime):
         return T.DATETIME, _datetime(value)
     raise RequestSyntaxError(f"cannot map a {type(value).__name__} to an XACML data type")

@@ -147,16 +147,25 @@ def parse_request_xml(data: bytes, source: str = "<request>") -> Request:
     return request
 
 
+def infer_datatype(value: Any) -> tuple[str, Any] | None:
+    """The JSON profile's data type for a JSON value (boolean, integer, double, string), or
+    None when it has none."""
+    if isinstance(value, bool):  # before int: a bool is an int to Python
+        return T.BOOLEAN, value
+    if isinstance(value, int):
+        return T.INTEGER, value
+    if isinstance(value, float):
+        return T.DOUBLE, value
+    if isinstance(value, str):
+        return T.STRING, value
+    return None
+
+
 def _json_value(dt: str | None, value: Any, where: str) -> tuple[str, Any]:
     if dt is None:  # the JSON profile infers the type from the JSON value
-        if isinstance(value, bool):
-            return T.BOOLEAN, value
-        if isinstance(value, int):
-            return T.INTEGER, value
-        if isinstance(value, float):
-            return T.DOUBLE, value
-        if isinstance(value, str):
-            return T.STRING, value
+        inferred = infer_datatype(value)
+        if inferred is not None:
+            return inferred
         raise RequestSyntaxError(f"{where}: cannot infer a data type for {value!r}")
     dt = T.canonical(T.SHORT_NAMES.get(dt, dt))
     try:
