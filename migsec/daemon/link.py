@@ -222,11 +222,8 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
     while len(buf) < n:
         chunk = await loop.sock_recv(conn, n - len(buf))
         if not chunk:
-            # a MigReq that fails B's checks gets no answer (nothing can be signed for an
-            # unauthenticated peer): say what the usual causes are; B's log has the detail
-            raise HandshakeError("the peer closed the connection during the handshake without answering "
-                                 "(it did not accept the request: untrusted or revoked certificate, "
-                                 "clock skew or a replay; its migsecd log says which)")
+            # B is the one waiting for a MigReq here: the causes _recv_exact lists are B's own
+            raise HandshakeError("the peer closed the connection before its MigReq was complete")
         buf += chunk
     return bytes(buf)
 

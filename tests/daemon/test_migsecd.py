@@ -198,6 +198,18 @@ def test_dry_run_reaches_the_destinations_capacity_check(nodes):
     assert "no migrations" in a.migsec("jobs").stdout
 
 
+def test_destination_names_a_truncated_mig_req(nodes):
+    """A peer that hangs up mid-MigReq is logged at B as what it is (not as a refusal by B)."""
+    _, b = nodes
+    b.start()
+    b.wait_ready()
+    with socket.create_connection(("127.0.0.1", b.port)) as s:
+        s.sendall(b"\x01\x00")  # half a frame header
+    time.sleep(1)  # B logs it as soon as the connection closes; then stop B and read its log
+    out = b.stop()
+    assert "before its MigReq was complete" in out, out
+
+
 @pytest.fixture
 def ssh_agent(tmp_path):
     """A real ssh-agent holding a fresh ed25519 key; yields (environment, public key line)."""
