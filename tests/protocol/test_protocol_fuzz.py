@@ -33,12 +33,6 @@ B_DID = "cloud-b.example"
 NOW = datetime.now(timezone.utc)
 
 
-def _at_now() -> datetime:
-    # tokens below are minted at import time: the handshakes must see that same instant,
-    # however long the rest of the suite ran before this module's tests
-    return NOW
-
-
 @st.composite
 def mutated(draw, seed: bytes):
     """A valid message with a few bytes flipped, cut, or inserted."""
@@ -132,15 +126,19 @@ def _drain(machine):
 @FUZZ
 @given(data=st.data())
 def test_mutated_mig_req_and_mig_resp(pki, data):
-    src = SourceHandshake(pki.a, pki.trust, peer_did=B_DID, peer_cert_pem=pki.b.cert_pem, clock=_at_now)
-    dst = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache(), clock=_at_now)
+    # one instant for the ticket and both handshakes, taken after the certificates were issued
+    # (a module-level time would be older than them, or too old for the ticket, in a long run)
+    now = datetime.now(timezone.utc)
+    clock = lambda: now  # noqa: E731
+    src = SourceHandshake(pki.a, pki.trust, peer_did=B_DID, peer_cert_pem=pki.b.cert_pem, clock=clock)
+    dst = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache(), clock=clock)
     token = AuthorizationTicket(src_did=pki.a.did, dest_did=B_DID, user_id="u", vm="vm",
-                                request_digest=REQ.digest(), nonce4=bytes(16), issued_at=NOW,
-                                expires_at=NOW + timedelta(minutes=5)).sign(pki.a.key)
+                                request_digest=REQ.digest(), nonce4=bytes(16), issued_at=now,
+                                expires_at=now + timedelta(minutes=5)).sign(pki.a.key)
     req = src.initiate(REQ, token)
     bad_req = data.draw(st.one_of(mutated(req[HEADER_SIZE:]).map(lambda p: encode_frame(MIG_REQ, p)),
                                   mutated(req)))
-    dst2 = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache(), clock=_at_now)
+    dst2 = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache(), clock=clock)
     only_migsec_errors(lambda d: (dst2.receive_data(d), _drain(dst2)), bad_req)
     dst.receive_data(req)
     dst.next_event()
@@ -152,7 +150,7 @@ def test_mutated_mig_req_and_mig_resp(pki, data):
 @FUZZ
 @given(data=st.binary(max_size=300))
 def test_random_bytes_to_handshakes(pki, data):
-    dst = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache(), clock=_at_now)
+    dst = DestinationHandshake(pki.b, pki.trust, replay_cache=ReplayCache())
     only_migsec_errors(lambda d: (dst.receive_data(d), _drain(dst)), data)
     only_migsec_errors(lambda d: (dst.receive_data(d), _drain(dst)), encode_frame(MIG_REQ, data))
 
@@ -193,6 +191,6 @@ def test_mutated_sealed_local_messages_through_mc_and_az(pki, data):
     bad_reply = data.draw(mutated(reply.encode()))
     only_migsec_errors(lambda d: LOGIN.finish(AuthReply.decode(d), password="pw"), bad_reply)
     creds = LOGIN.finish(reply, password="pw")
-    az = AuthorizationServer(did=pki.a.did, key=pki.a.key, sk3=SK3, replay_cache=ReplayCache(), clock=_at_now)
+    az = AuthorizationServer(did=pki.a.did, key=pki.a.key, sk3=SK3, replay_cache=ReplayCache())
     bad = data.draw(mutated(make_migration_request(creds, REQ).encode()))
     only_migsec_errors(lambda d: az.open_request(LocalMigrationRequest.decode(d)), bad)
