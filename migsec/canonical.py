@@ -3,11 +3,16 @@
 Sorted keys, no whitespace, no NaN or infinities. Protocol messages keep non-ASCII
 characters as UTF-8; the audit ledger escapes them (``ascii=True``) so that each
 line is plain ASCII. Both forms are fixed: digests already signed depend on them.
+
+Reading the other way, ``no_duplicates`` and ``no_constant`` are the ``json`` hooks
+with which the JOSE envelope and the protocol codec refuse ambiguous input.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from migsec.errors import MalformedMessageError
 
 
 def canonical_json(value: Any, *, ascii: bool = False) -> bytes:
@@ -15,3 +20,18 @@ def canonical_json(value: Any, *, ascii: bool = False) -> bytes:
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii,
                       allow_nan=False)
     return text.encode("ascii" if ascii else "utf-8")
+
+
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a member named twice could be read two ways; refuse it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MalformedMessageError(f"duplicate JSON member {key!r}")
+        out[key] = value
+    return out
+
+
+def no_constant(name: str) -> Any:
+    """``parse_constant``: NaN and the infinities are not JSON."""
+    raise MalformedMessageError(f"JSON constant {name} is not allowed")

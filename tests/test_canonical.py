@@ -29,3 +29,18 @@ def test_not_plain_json_is_refused(bad):
         ledger_form(bad)
     with pytest.raises(MalformedMessageError):
         protocol_form(bad)
+
+
+def test_strict_decoding_hooks():
+    import json
+
+    from migsec.canonical import no_constant, no_duplicates
+
+    def strict(text):
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+
+    assert strict('{"a":{"b":1},"c":2}') == {"a": {"b": 1}, "c": 2}
+    with pytest.raises(MalformedMessageError, match="duplicate JSON member 'b'"):
+        strict('{"a":{"b":1,"b":2}}')
+    with pytest.raises(MalformedMessageError, match="NaN"):
+        strict('{"a":NaN}')

@@ -32,6 +32,7 @@ from joserfc.jwk import ECKey, OctKey, RSAKey, OKPKey
 from migsec.crypto.aead import Aead
 from migsec.crypto.kdf import random_bytes
 from migsec.crypto.keys import SigningKey, VerifyingKey
+from migsec.canonical import no_constant, no_duplicates
 from migsec.errors import CryptoError, DecryptionError, MalformedMessageError, MigsecError, SignatureError
 
 log = logging.getLogger(__name__)
@@ -48,21 +49,8 @@ _LIBRARY_ERRORS = (JoseError, ValueError, TypeError, KeyError, AttributeError, I
 
 
 # --- strict JSON and base64url (used for JWS claims and unverified peeking) ---------------
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise MalformedMessageError(f"duplicate JSON member {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise MalformedMessageError(f"JSON constant {name} is not allowed")
-
-
 # One decoder for every call: json.loads with hooks builds a new JSONDecoder each time.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(object_pairs_hook=no_duplicates, parse_constant=no_constant)
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:

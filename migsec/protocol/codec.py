@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from migsec.canonical import canonical_json as _canonical_json
+from migsec.canonical import no_constant, no_duplicates
 from migsec.errors import MalformedMessageError
 
 VERSION = 1
@@ -30,19 +31,6 @@ def canonical_json(obj: Any) -> bytes:
         raise MalformedMessageError(f"value cannot be encoded as canonical JSON: {exc}") from exc
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MalformedMessageError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise MalformedMessageError(f"JSON constant {name} is not allowed")
-
-
 def _no_float(text: str) -> Any:
     raise MalformedMessageError(f"JSON number {text[:20]!r} is not an integer")
 
@@ -58,8 +46,8 @@ def parse_json_object(data: bytes | bytearray | memoryview | str, what: str) -> 
         text = data.decode("utf-8")
         obj = json.loads(
             text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constant,
             parse_float=_no_float,
         )
     except MalformedMessageError as exc:
