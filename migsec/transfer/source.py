@@ -6,8 +6,9 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from migsec.errors import TransferError
 from migsec.transfer.extents import BLOCK, READ_SIZE, StreamDigest, is_zero, scan_blocks
@@ -106,26 +107,24 @@ class StreamSource:
         try:
             digest = self._digest_state = StreamDigest()
             if self.data is not None:
-                for kind, off, length, view in self._bytes_pieces(0):
-                    if kind == "data":
-                        digest.data(off, view)
-                        self._allocated += length
-                    else:
-                        digest.hole(off, length)
+                self._digest_pieces(digest, self._bytes_pieces(0))
             else:
                 fd = self._open()
                 try:
-                    for kind, off, length, view in scan_blocks(fd, 0, self.size):
-                        if kind == "data":
-                            digest.data(off, view)
-                            self._allocated += length
-                        else:
-                            digest.hole(off, length)
+                    self._digest_pieces(digest, scan_blocks(fd, 0, self.size))
                 finally:
                     os.close(fd)
             self._digest = digest.hexdigest()
         except BaseException as exc:  # reported by digest()
             self._error = exc
+
+    def _digest_pieces(self, digest: StreamDigest, pieces: Iterable[tuple[str, int, int, Any]]) -> None:
+        for kind, off, length, view in pieces:
+            if kind == "data":
+                digest.data(off, view)
+                self._allocated += length
+            else:
+                digest.hole(off, length)
 
     @property
     def hashed(self) -> int:
