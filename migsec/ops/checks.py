@@ -213,9 +213,13 @@ def _hook(config: Any, hooks_dir: Path, pid_file: Path | None) -> Iterator[Check
                     f"run `migsec install --config-dir {Path(config.path).parent}`")
         return
     started = _libvirtd_started(pid_file) if pid_file else None
-    if started is not None and started < hook.stat().st_mtime:
-        yield Check("libvirt hook", WARN, f"{hook} is newer than the running libvirtd, which "
-                    "looks for hooks only when it starts", "systemctl restart libvirtd")
+    written = hook.stat().st_mtime
+    # a process's start time is estimated from two clocks and file times are the file system's:
+    # only a hook written clearly after libvirtd started is one it cannot have seen
+    if started is not None and written - started > START_TIME_SLACK:
+        yield Check("libvirt hook", WARN, f"{hook} is newer than the running libvirtd (written "
+                    f"{written - started:.1f} s after it started), which looks for hooks only when "
+                    "it starts", "systemctl restart libvirtd")
         return
     yield Check("libvirt hook", OK, f"{hook} installed and executable ({interpreter})")
 
@@ -234,6 +238,9 @@ def _hook_config(hook: Path) -> str:
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
             return node.value.value
     return "/etc/migsec/migsecd.toml"
+
+
+START_TIME_SLACK = 2.0  # seconds
 
 
 def _libvirtd_started(pid_file: Path) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,8 @@ def test_hook_newer_than_the_running_libvirtd_warns(host, tmp_path):
 
     pid_file = tmp_path / "libvirtd.pid"
     pid_file.write_text(f"{os.getpid()}\n")  # a process that started before the hook was written
+    written_later = time.time() + 60  # well after this process started, past any clock slack
+    os.utime(host.hooks_dir / "qemu.d" / "50-migsec", (written_later, written_later))
     hook = {c.name: c for c in run_checks(host.config, hooks_dir=host.hooks_dir, unit=host.unit,
                                           libvirt=False, libvirtd_pid_file=pid_file)}["libvirt hook"]
     assert hook.status == WARN and hook.fix == "systemctl restart libvirtd"
