@@ -454,6 +454,20 @@ class Lab:
 
 
 # --- helpers ---------------------------------------------------------------------------
+def unavailable_reason() -> str | None:
+    """Why the lab cannot boot its test guests on this machine (for skipping tests), or None."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, mounts, libvirtd)"
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing tools for the lab: {', '.join(missing)} (run scripts/setup.sh)"
+    if not guestmod.kernel_versions():
+        return "no linux-image-*-cloud-amd64 kernel for the test guest (run scripts/setup.sh)"
+    if not Path("/bin/busybox").is_file():
+        return "busybox-static is not installed (run scripts/setup.sh)"
+    return None
+
+
 def _preflight(domain_type: str) -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, libvirtd)")

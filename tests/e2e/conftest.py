@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import time
 from pathlib import Path
 
@@ -16,33 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from migsec.lab import Lab  # noqa: E402
-from migsec.lab.guest import kernel_versions  # noqa: E402
-from migsec.lab.lab import REQUIRED_TOOLS  # noqa: E402
 from tests.e2e.deploy import ADMIN, ADMIN_PASSWORD, Deployment, deploy  # noqa: E402
 
 GUEST_MEMORY = "128M"
 GUEST_REGION_MIB = 16
 GUEST_DISK = "64M"
-
-
-def lab_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the e2e lab needs root (network namespaces, mounts, libvirtd)"
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    if missing:
-        return f"missing tools for the lab: {', '.join(missing)} (run scripts/setup.sh)"
-    if not kernel_versions():
-        return "no linux-image-*-cloud-amd64 kernel for the test guest (run scripts/setup.sh)"
-    return None
-
-
-def pytest_collection_modifyitems(config, items):
-    reason = lab_unavailable()
-    if reason is None:
-        return
-    for item in items:
-        if "lab" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

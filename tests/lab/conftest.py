@@ -1,39 +1,11 @@
 """Fixtures for the lab tests: one lab per session, always torn down."""
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-from pathlib import Path
 
 import pytest
 
 from migsec.lab import Lab
-from migsec.lab.guest import kernel_versions
-from migsec.lab.lab import REQUIRED_TOOLS
-
-
-def lab_unavailable() -> str | None:
-    """Why the real lab cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces, mounts, libvirtd)"
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    if missing:
-        return f"missing tools for the lab: {', '.join(missing)} (run scripts/setup.sh)"
-    if not kernel_versions():
-        return "no linux-image-*-cloud-amd64 kernel for the test guest (run scripts/setup.sh)"
-    if not Path("/bin/busybox").is_file():
-        return "busybox-static is not installed (run scripts/setup.sh)"
-    return None
-
-
-def pytest_collection_modifyitems(config, items):
-    reason = lab_unavailable()
-    if reason is None:
-        return
-    for item in items:
-        if "lab" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def _new_lab(tmp_path_factory, name: str) -> Lab:

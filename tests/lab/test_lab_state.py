@@ -50,3 +50,16 @@ def test_paths_inside_a_host_map_to_its_directory(tmp_path):
     assert b.outside(str(b.image_dir / "d.qcow2")) == b.image_dir / "d.qcow2"
     assert b.nsenter("/x")[:4] == ["nsenter", "--net=/run/netns/dev1-b", f"--mount={tmp_path}/ns/b.mnt", "--wd=/x"]
     assert b.outside("/etc/libvirtx/y") == Path("/etc/libvirtx/y")  # not under a bind mount
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch):
+    import migsec.lab.lab as labmod
+
+    monkeypatch.setattr(labmod.os, "geteuid", lambda: 1000)
+    assert "needs root" in labmod.unavailable_reason()
+    monkeypatch.setattr(labmod.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(labmod.shutil, "which", lambda tool: None if tool == "virtlogd" else "/bin/" + tool)
+    assert labmod.unavailable_reason() == "missing tools for the lab: virtlogd (run scripts/setup.sh)"
+    monkeypatch.setattr(labmod.shutil, "which", lambda tool: "/bin/" + tool)
+    monkeypatch.setattr(labmod.guestmod, "kernel_versions", lambda: [])
+    assert "cloud-amd64 kernel" in labmod.unavailable_reason()

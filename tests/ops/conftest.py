@@ -79,22 +79,5 @@ def run_hook(site_config: Path | None, *args: str, stdin: bytes = b"",
                           env=environ, cwd="/", timeout=60, check=False)
 
 
-def lab_unavailable() -> str | None:
-    """Why the namespace lab (real libvirtd + QEMU) cannot run here, or None."""
-    import shutil
-
-    from migsec.lab.guest import kernel_versions
-    from migsec.lab.lab import REQUIRED_TOOLS
-
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces, mounts, libvirtd)"
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    if missing:
-        return f"missing tools for the lab: {', '.join(missing)} (run scripts/setup.sh)"
-    if not kernel_versions():
-        return "no linux-image-*-cloud-amd64 kernel for the test guest (run scripts/setup.sh)"
-    return None
-
-
 def mode(path: Path) -> int:
     return os.stat(path).st_mode & 0o7777

@@ -33,9 +33,9 @@ GUEST = dict(memory="128M", disk_size="64M", region_mib=16, timeout=180)
 def env(tmp_path_factory):
     from tests.e2e.deploy import deploy
 
-    from .conftest import lab_unavailable
+    from migsec.lab.lab import unavailable_reason
 
-    reason = lab_unavailable()
+    reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     lab = Lab(tmp_path_factory.mktemp("hooklab"), "h" + secrets.token_hex(3))
