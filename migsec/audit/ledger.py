@@ -16,8 +16,9 @@ entry that used it.
 Appends are one ``write`` on an ``O_APPEND`` descriptor followed by ``fsync``,
 under a thread lock and an ``flock`` (several processes may share the file). A
 writer finds the chain tip from the file's last line and the current signer by
-searching back for it, so a fresh process (the libvirt hook) does not parse the
-whole ledger to add one entry.
+searching back for it, at most ``SIGNER_WINDOW`` bytes: when the last signer entry
+is further back, the writer repeats its own ``ledger-signer`` entry. So a fresh
+process (the libvirt hook) adds an entry at the same cost however long the ledger.
 """
 from __future__ import annotations
 
@@ -185,9 +186,15 @@ class Ledger:
                                      "an append, or damage); refusing to extend it — run "
                                      "`migsec audit verify` and move the file aside")
         tip = _decode_line(_line_at(fd, size - 1, self._offset, size), self.path, 0)
-        signer = _last_signer(fd, self._offset, size, self.path)
+        window = max(self._offset, size - SIGNER_WINDOW)
+        signer = _last_signer(fd, self._offset, window, size, self.path)
         if signer is not None:
             self._signer_pem = signer.body.get("certificate")
+        elif window > self._offset:
+            # no signer in the last SIGNER_WINDOW bytes: rather than read further back,
+            # declare ours again (a repeated ledger-signer entry is valid, and it keeps
+            # the cost of an append bounded however long the ledger grows)
+            self._signer_pem = None
         self._seq, self._hash = tip.seq, tip.hash
         self._offset = size
 
@@ -330,6 +337,7 @@ def _peer_record(token: str | None, cert_pem: bytes | str | None, did: str | Non
 
 
 _LINE_CHUNK = 8 * 1024  # most lines are shorter: finding a line's ends reads one or two
+SIGNER_WINDOW = 4 << 20  # how far back a fresh writer looks for the current ledger-signer
 _SCAN_CHUNK = 1 << 20
 _SIGNER_MARK = f'"{SIGNER_KIND}"'.encode("ascii")
 
@@ -365,8 +373,9 @@ def _line_at(fd: int, pos: int, lo: int, hi: int) -> bytes:
     return _pread(fd, end - start, start)
 
 
-def _last_signer(fd: int, lo: int, hi: int, path: Path) -> LedgerEntry | None:
-    """The last ``ledger-signer`` entry in the byte range [lo, hi) of complete lines."""
+def _last_signer(fd: int, floor: int, lo: int, hi: int, path: Path) -> LedgerEntry | None:
+    """The last ``ledger-signer`` entry found in bytes [lo, hi); lines start at or after
+    ``floor`` (<= lo), so a line that begins before ``lo`` is still read whole."""
     overlap = len(_SIGNER_MARK) - 1
     top = hi
     while top > lo:
@@ -377,7 +386,7 @@ def _last_signer(fd: int, lo: int, hi: int, path: Path) -> LedgerEntry | None:
             top = begin
             continue
         # a body may hold the string too: only the entry's own kind counts
-        line = _line_at(fd, begin + found, lo, hi)
+        line = _line_at(fd, begin + found, floor, hi)
         entry = _decode_line(line, path, 0)
         if entry.kind == SIGNER_KIND:
             return entry

@@ -219,6 +219,26 @@ def test_a_fresh_writer_finds_tip_and_signer_from_the_tail(tmp_path, cloud_a, pk
     assert [e.kind for e in Ledger(path).entries()].count(SIGNER_KIND) == 3
 
 
+def test_a_signer_beyond_the_window_is_declared_again(tmp_path, cloud_a, pki, clock, monkeypatch):
+    """A fresh writer looks back SIGNER_WINDOW bytes at most; further back, it repeats its
+    ledger-signer entry, and the ledger still verifies. A writer that saw the signer itself
+    does not repeat it."""
+    import migsec.audit.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "SIGNER_WINDOW", 4000)
+    path = tmp_path / "l.jsonl"
+    steady = Ledger(path, cloud_a, clock=clock)
+    for i in range(12):
+        steady.append("progress", "m1", i=i, pad="p" * 400)
+    assert path.stat().st_size > 4000
+    kinds = [e.kind for e in Ledger(path).entries()]
+    assert kinds.count(SIGNER_KIND) == 1  # the same object knew its signer all along
+    assert Ledger(path, cloud_a, clock=clock).append("decision", "m1").seq == 15  # re-declared at 14
+    assert Ledger(path, cloud_a, clock=clock).append("decision", "m2").seq == 16  # within the window now
+    report = Ledger(path).verify(pki.trust)
+    assert report.entries == 16 and report.signers == ("cloud-a.example", "cloud-a.example")
+
+
 def test_failed_append_does_not_move_the_chain_tip(tmp_path, cloud_a, pki, monkeypatch):
     import os as os_module
 
