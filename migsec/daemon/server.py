@@ -60,6 +60,21 @@ class Daemon:
         )
         sd_notify("READY=1")
         self._report_unfinished()
+        threading.Thread(target=self._warm_libvirt, name="migsecd-warm", daemon=True).start()
+
+    def _warm_libvirt(self) -> None:
+        """Let libvirtd probe QEMU's capabilities now, in the background: on a fresh host that
+        probe (3-4 s) would otherwise fall inside the first incoming migration's downtime."""
+        from migsec import virt
+
+        uri = self.config.libvirt.uri
+        try:
+            took = virt.warm_capabilities(uri)
+        except MigsecError as exc:
+            log.warning("warming libvirt's capabilities at %s failed (the first restore will probe them): %s",
+                        uri, exc)
+            return
+        log.info("libvirt capabilities at %s ready (%.1f s)", uri, took)
 
     def _report_unfinished(self) -> None:
         """A restart after a crash: say which migrations wait for `migsec recover`."""

@@ -5,6 +5,7 @@ Connections::
     conn = connect("qemu:///system")          # any URI: test:///default,
     with connect(uri) as conn: ...             #   qemu+unix:///system?socket=/path/libvirt-sock
     conn.uri, conn.hostname, conn.driver, conn.capacity() -> HostCapacity, conn.list_domains()
+    warm_capabilities(uri) -> seconds   make libvirtd probe QEMU now (daemon start), not at a restore
     conn.local_files   may qemu-img read this libvirt's disk paths? (False for remote and
                        socket= URIs, whose paths may name other files; connect(local_files=))
 
@@ -53,7 +54,7 @@ DomainExistsError, DomainXmlError, OperationUnsupportedError, DiskImageError.
 """
 from __future__ import annotations
 
-from migsec.virt.connection import DEFAULT_URI, Connection, HostCapacity, connect
+from migsec.virt.connection import DEFAULT_URI, Connection, HostCapacity, connect, warm_capabilities
 from migsec.virt.describe import DomainInfo, DomainState, check_migratable, describe_domain
 from migsec.virt.domxml import TAGS_NS, BackingFile, BootFiles, DiskInfo, InterfaceInfo, parse_domain_xml
 from migsec.virt.errors import (
@@ -121,4 +122,5 @@ __all__ = [
     "start_domain",
     "suspend_domain",
     "undefine_domain",
+    "warm_capabilities",
 ]

@@ -147,6 +147,29 @@ def connect(uri: str = DEFAULT_URI, *, readonly: bool = False, local_files: bool
     return Connection(raw, uri, local_files=local_files)
 
 
+def warm_capabilities(uri: str = DEFAULT_URI) -> float:
+    """Ask libvirt for the host's and the default domain capabilities; returns the seconds taken.
+
+    libvirtd probes each QEMU binary (seconds) the first time anything needs its
+    capabilities and caches the result; asking early keeps that probe off the
+    critical path of the first incoming restore.
+    """
+    import time
+
+    started = time.monotonic()
+    with connect(uri) as conn:
+        with libvirt_call("get capabilities", uri=uri):
+            conn.raw.getCapabilities()
+        with libvirt_call("get domain capabilities", uri=uri):
+            try:
+                conn.raw.getDomainCapabilities(None, None, None, None, 0)
+            except libvirt.libvirtError as exc:
+                # drivers without domain capabilities (test:///) have nothing more to warm
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+    return time.monotonic() - started
+
+
 def lookup(conn: Connection, name_or_uuid: str) -> libvirt.virDomain:
     """The libvirt domain with that name or uuid; DomainNotFoundError names it otherwise."""
     if not isinstance(name_or_uuid, str) or not name_or_uuid:

@@ -68,3 +68,11 @@ def test_remote_style_connection_does_not_inspect_local_files(tmp_path) -> None:
         vda = describe_domain(conn, define_domain(conn, xml)).disks[0]
     assert vda.chain_source == "unavailable"
     assert vda.virtual_size != 5 * 1024 * 1024  # the test driver's own figure, not qemu-img's
+
+
+def test_warm_capabilities_asks_the_driver_and_names_an_unreachable_libvirt(tmp_path) -> None:
+    from migsec.virt import warm_capabilities
+
+    assert warm_capabilities(TEST_URI) >= 0.0  # the test driver has host but no domain capabilities
+    with pytest.raises(HypervisorUnavailableError, match="libvirt-sock"):
+        warm_capabilities(f"qemu+unix:///system?socket={tmp_path}/libvirt-sock")
