@@ -5,6 +5,10 @@ from what A sends): ``domain.xml`` (kind xml), ``disk<i>`` for the i-th file of
 ``options["files"]`` (kind disk; B picks the target path from its own storage
 mapping), ``memory`` (the libvirt save image, kind memory; it stays in staging
 and B restores from it). The manifest follows as the plane's last stream.
+
+The memory image is streamed while libvirt is still saving it (a growing stream,
+``migsec.transfer.GrowingFileSource``): the save is most of the downtime, and the
+image no longer waits for it to end. See ``source_streams``.
 """
 from __future__ import annotations
 
@@ -49,21 +53,38 @@ def enrich_options(options: dict, info: Any) -> dict:
 
 
 # ---- A ------------------------------------------------------------------------------------------
-def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
-    """The streams in sending order; the memory image joins once the save finished.
+def memory_image_bound(memory_bytes: int) -> int:
+    """The largest save image B accepts for a guest of ``memory_bytes`` (A streams within it)."""
+    return int(memory_bytes) * 2 + 256 * MIB
 
-    The disks' digests start at once, so hashing overlaps the memory save; the plane
-    sends each stream's END when its digest is ready.
+
+# libvirt writes its save image front to back under this magic and rewrites the magic at
+# offset 0 only once the save succeeded (libvirt's qemu_saveimage.c; checked in the lab).
+SAVE_MAGIC_PARTIAL = b"LibvirtQemudPart"
+SAVE_MAGIC = b"LibvirtQemudSave"
+
+
+def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
+    """The streams in sending order: the XML, the disks, then the memory image while it is saved.
+
+    The disks' digests start at once, so hashing overlaps the memory save. The memory
+    image is followed as libvirt writes it (``GrowingFileSource``): its body leaves while
+    the save runs, and its END (digest of the final file, magic included) only after the
+    save succeeded, so B can never restore a partial image. ``saver`` has
+    ``finished()`` and ``error()``; a failed save fails the stream.
     """
-    from migsec.transfer.source import StreamSource
+    from migsec.transfer.source import GrowingFileSource, StreamSource
 
     disks = [StreamSource(2 + i, f"disk{i}", "disk", path=path) for i, path in enumerate(files)]
     for src in disks:
         src.start_digest()
+    memory = GrowingFileSource(2 + len(files), "memory", "memory", memory_path, writer=saver,
+                               max_size=memory_image_bound(info.memory_bytes),
+                               head=(SAVE_MAGIC_PARTIAL, SAVE_MAGIC))
+    memory.start_digest()  # hashes as the save writes, instead of after it
     yield StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
     yield from disks
-    saver.join()
-    yield StreamSource(2 + len(files), "memory", "memory", path=str(memory_path))
+    yield memory
 
 
 def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
@@ -113,7 +134,7 @@ def expected_streams(services: Any, request: Any) -> dict[str, Any]:
     targets = disk_map(services, files)
     memory = int(request.options.get("memory_bytes", 0))
     expected = {"domain.xml": Expected("xml", max_size=XML_MAX),
-                "memory": Expected("memory", max_size=memory * 2 + 256 * MIB)}
+                "memory": Expected("memory", max_size=memory_image_bound(memory))}
     for i, f in enumerate(files):
         Path(targets[f]).parent.mkdir(parents=True, exist_ok=True)
         expected[f"disk{i}"] = Expected("disk", target=targets[f])

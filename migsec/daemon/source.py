@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from migsec.errors import (
     DomainNotFoundError,
+    IntegrityError,
     MigrationFailed,
     MigsecError,
     TransferError,
@@ -114,9 +115,13 @@ class OutgoingMigration:
             self.saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image),
                                                               paused=True))
             session, result = self._transfer(session, info, self.saver)
+            # The memory image was hashed as libvirt wrote it; re-hash the final file while
+            # B restores, so that a rewrite libvirt did not announce can never be committed.
+            recheck = _Background(lambda: self._recheck_saved_image(result.manifest), name="migsec-recheck")
             commit.streams_sent(result.manifest, result.manifest_json)
             self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
             receipt = self._expect(session, "receipt")
+            recheck.join()
             self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
                                 peer_token=receipt, peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)
             # verifies the receipt against the manifest, then journals "committed": no way back
@@ -183,6 +188,18 @@ class OutgoingMigration:
                         if attempt > MAX_RESUMES:
                             raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
                         time.sleep(RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)])
+
+    def _recheck_saved_image(self, manifest: Any) -> None:
+        from migsec.transfer.extents import file_digest
+
+        sent = next((e.digest for e in manifest.streams if e.name == "memory"), None)
+        try:
+            now = file_digest(self.saved_image)
+        except OSError as exc:
+            raise IntegrityError(f"cannot re-read the save image {self.saved_image}: {exc.strerror}") from exc
+        if now != sent:
+            raise IntegrityError(f"the save image {self.saved_image} changed after it was streamed "
+                                 f"(stream digest {now[:16]}..., sent {str(sent)[:16]}...)")
 
     def _expect(self, session: Any, kind: str) -> str:
         """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
@@ -343,10 +360,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 class _Background:
     """Run a callable in a thread; ``join()`` re-raises its error."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str = "migsec-save") -> None:
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="migsec-save")
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=name)
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
@@ -360,6 +377,13 @@ class _Background:
     @property
     def failed(self) -> bool:
         return self._done.is_set() and self._error is not None
+
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def error(self) -> BaseException | None:
+        """The callable's error once it finished (None while running or after success)."""
+        return self._error if self._done.is_set() else None
 
     def wait(self) -> None:
         """Wait for the end, ignoring its outcome."""

@@ -204,6 +204,7 @@ class _Sender:
         self.data_bytes = 0
         self.since_poll = 0
         self.keepalive = min(KEEPALIVE, (timeout or KEEPALIVE * 4) / 4)
+        self.last_keepalive = time.monotonic()
         self._last_progress = 0.0
 
     def send(self, frame: bytes | memoryview) -> None:
@@ -254,9 +255,15 @@ class _Sender:
 
     def send_stream(self, src: StreamSource, start: int) -> None:
         ch, records, out = src.channel, self.records, self.out
-        self.send(records.send_control(ch, {"type": "open", "name": src.name, "kind": src.spec.kind,
-                                            "size": src.size, "start": start}))
+        opening = {"type": "open", "name": src.name, "kind": src.spec.kind, "size": src.spec.size,
+                   "start": start}
+        if src.spec.growing:
+            opening["growing"] = True  # size is a bound; END gives the real one
+        self.send(records.send_control(ch, opening))
         for kind, off, length, view in src.pieces(start, self.buf):
+            if kind == "wait":  # the file's writer is behind: keep the session alive meanwhile
+                self.idle()
+                continue
             if kind == "data":
                 n = records.seal_data_into(ch, off, view, out)
                 self.send(memoryview(out)[:n])
@@ -270,6 +277,14 @@ class _Sender:
                 self.pump()
                 self.report(src.name, off + length, src.size)
                 self.hold_for_hash(src, off + length)
+
+    def idle(self) -> None:
+        """Between records while a source waits for data: keepalives, ACKs and peer errors."""
+        now = time.monotonic()
+        if now - self.last_keepalive >= self.keepalive:
+            self.last_keepalive = now
+            self.send(self.records.send_control(CONTROL_CHANNEL, {"type": "keepalive"}))
+        self.pump()
 
     def hold_for_hash(self, src: StreamSource, sent: int) -> None:
         """Keep the background hash within MAX_HASH_LAG of what was sent: SHA-256 may be slower
@@ -326,10 +341,12 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
         start = s.resume.get(src.name, 0)
         if not 0 <= start <= src.size:
             raise ResumeError(f"stream {src.name!r}: destination resumes at {start}, beyond size {src.size}")
-        s.all_total += src.size
+        s.all_total += src.size if not src.spec.growing else start
         s.all_done += start
         if src.name not in s.done:  # even with nothing left to send, END must still be verified
             s.send_stream(src, start)
+            if src.growing:  # its size is known now that its writer finished
+                s.all_total += src.size - start
             targets[src.channel] = src.size
             waiting.append(src)
         else:
@@ -477,7 +494,9 @@ class _Receiver:
 
     def open_stream(self, ch: int, msg: dict) -> None:
         name, kind, size, start = (msg.get(k) for k in ("name", "kind", "size", "start"))
-        if msg.get("type") != "open" or not isinstance(size, int) or not isinstance(start, int):
+        growing = msg.get("growing", False)
+        if msg.get("type") != "open" or not isinstance(size, int) or not isinstance(start, int) \
+                or not isinstance(growing, bool):
             raise ProtocolError(f"channel {ch}: malformed open message")
         if ch == MANIFEST_CHANNEL:
             if kind != "manifest" or not 0 < size <= MAX_MANIFEST or start != 0:
@@ -489,11 +508,13 @@ class _Receiver:
             raise TransferError(f"stream {name!r} was not expected")
         if kind != want.kind or kind not in KINDS or kind == "manifest":
             raise TransferError(f"stream {name!r}: kind {kind!r}, expected {want.kind!r}")
+        if growing and (want.size is not None or want.max_size is None):
+            raise TransferError(f"stream {name!r} may not grow while it is sent (no upper bound for it)")
         if (want.size is not None and size != want.size) or \
                 (want.max_size is not None and size > want.max_size):
             raise TransferError(f"stream {name!r}: size {size} not accepted "
                                 f"(expected {want.size}, at most {want.max_size})")
-        sink = self.staging.add(StreamSpec(ch, name, kind, size, want.target))
+        sink = self.staging.add(StreamSpec(ch, name, kind, size, want.target, growing))
         resume_at = sink.spec.size if sink.done else sink.acked
         if start != resume_at:
             raise ResumeError(f"stream {name!r}: source starts at {start}, destination has {resume_at}")

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from migsec.errors import (
     IntegrityError,
@@ -146,6 +147,8 @@ class StreamSink:
         self._start_verifier()
         with self._lock:
             target = self.frontier if upto is None else min(upto, self.frontier)
+            if self.spec.growing:  # its end is not known yet: acknowledge whole blocks only
+                target -= target % BLOCK
             if self.done or self._fd < 0 or target <= self.acked:
                 return self.acked
             if target % BLOCK and target != self.spec.size:
@@ -159,11 +162,21 @@ class StreamSink:
             return target
 
     def end(self, size: int, digest: str) -> None:
-        """Check the stream is complete and that what was written hashes to ``digest``."""
-        if size != self.spec.size:
+        """Check the stream is complete and that what was written hashes to ``digest``.
+
+        A growing stream learns its size here (at most its bound; the part file is cut to it).
+        """
+        if size != self.spec.size and not (self.spec.growing and size <= self.spec.size):
             raise TransferError(f"stream {self.name!r}: END announces size {size}, expected {self.spec.size}")
         if self.frontier != size:
             raise TruncatedStreamError(f"stream {self.name!r}: END at {self.frontier} of {size} bytes")
+        if self.spec.growing:
+            with self._lock:
+                try:
+                    os.ftruncate(self._fd, size)
+                except OSError as exc:
+                    raise TransferError(f"stream {self.name!r}: cannot cut to {size} bytes: {exc.strerror}") from exc
+                self.spec = replace(self.spec, size=size, growing=False)
         self._start_verifier()
         self.sync()
         with self._lock:
@@ -219,7 +232,8 @@ class Staging:
         try:
             for key, old in (state or {}).get("streams", {}).items():
                 try:
-                    spec = StreamSpec(int(key), old["name"], old["kind"], old["size"], old["target"])
+                    spec = StreamSpec(int(key), old["name"], old["kind"], old["size"], old["target"],
+                                      old.get("growing", False))
                     acked, done = int(old["acked"]), bool(old.get("done"))
                     if not 0 <= acked <= spec.size:
                         raise ValueError(f"acked offset {acked} outside the stream")
@@ -288,7 +302,8 @@ class Staging:
             "installed": self.installed,
             "streams": {
                 str(ch): {"name": s.spec.name, "kind": s.spec.kind, "size": s.spec.size,
-                          "target": s.spec.target, "acked": s.acked, "done": s.done, "digest": s.digest}
+                          "target": s.spec.target, "growing": s.spec.growing,
+                          "acked": s.acked, "done": s.done, "digest": s.digest}
                 for ch, s in self.sinks.items()
             },
         }
