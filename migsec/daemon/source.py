@@ -11,6 +11,13 @@ tells B to resume; once B's signed Resumed arrives A releases its copy (the gues
 is already stopped at A: saved). The exchange itself is
 ``migsec.transfer.commit.SourceCommit``; ``migsec recover`` finishes whatever a
 crash interrupted, from the same journal.
+
+Downtime: after the suspend, libvirt saves the memory in a background thread while
+the disks stream, and the save image itself streams while libvirt writes it
+(``dataplane.source_streams``): its END, and so B's restore, waits for the save to
+succeed; a failed save fails the transfer and rolls back like any other failure. The
+image was hashed as it was written, so A re-hashes the final file while B restores
+and aborts, before its commit, if the two differ.
 """
 from __future__ import annotations
 

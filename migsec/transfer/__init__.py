@@ -12,6 +12,16 @@ Sources (A) -- ``source.py``, ``extents.py``
     offset, ``.digest() -> (hex, allocated_bytes)`` (hashed in a background thread).
     ``iter_extents(path) -> Extent(kind, offset, length)``: SEEK_DATA/SEEK_HOLE plus all-zero
     64 KiB blocks (``BLOCK``).
+    ``GrowingFileSource(channel, name, kind, path, *, writer, max_size, head=None)``: a file
+    another process still writes front to back (libvirt's save image; ``writer.finished()``,
+    ``writer.error()``). Its spec is ``growing`` with ``size`` = ``max_size`` until the writer
+    finished; ``pieces`` yields whole BLOCKs as they appear, ("wait", pos, 0, None) while the
+    writer is behind (the plane sends keepalives), and the tail at the end. ``head=(while_writing,
+    final)`` is the one rewrite a writer may do at the end (libvirt: ``LibvirtQemudPart`` ->
+    ``LibvirtQemudSave`` at offset 0): block 0 is sent and hashed with ``final`` in place, and
+    once the writer finished the file's first block must equal what was sent, so the END digest
+    is that of the final file. A failed writer raises TransferError: the stream is never ENDed,
+    so B holds only a partial, unverified part file that it discards on abort.
 
 Stream digest ("migsec-stream-digest-v1", ``extents.py``)
     SHA-256 over the canonical block sequence: ``Z||count`` per run of all-zero 64 KiB blocks,
@@ -34,7 +44,7 @@ Sinks (B) -- ``sink.py``
 Data plane -- ``plane.py``
     ``send_streams(sock, records, sources, *, bandwidth_limit=None (MiB/s), progress=None,
     timeout=60) -> SendResult(manifest, manifest_json, wire_bytes, logical_bytes, data_bytes)``.
-    ``sources`` is iterated lazily (yield the memory source once the save finished). Resume
+    ``sources`` is iterated lazily; a growing source is sent while its file grows. Resume
     offsets come from B's staging in the first record B sends, so a resumed session just
     calls send_streams again with the same sources on the new session.
     ``receive_streams(sock, records, staging_dir, expected: {name: Expected(kind, target="",
@@ -45,7 +55,7 @@ Data plane -- ``plane.py``
     B's reason), and raises; ``PeerConnectionError`` (a TransferError) means the link broke
     and a resume can follow. ``progress(Progress(stream, done, total, all_done, all_total,
     wire_bytes))`` is called at most every 0.1 s and at the end of every stream. While the
-    next source is not ready (memory still being saved) or a digest is catching up, A sends
+    next source is not ready, a growing file's writer is behind or a digest is catching up, A sends
     keepalives, so ``timeout`` only has to cover real silence. Neither side runs more than
     256 MiB ahead of its SHA-256 thread (no long stall at END where SHA-256 is slow).
     ``Manifest`` / ``ManifestEntry(channel, name, kind, size, allocated, digest, target)``:
@@ -82,11 +92,11 @@ from migsec.transfer.plane import (
     send_streams,
 )
 from migsec.transfer.sink import Staging, StreamSink
-from migsec.transfer.source import KINDS, StreamSource, StreamSpec
+from migsec.transfer.source import KINDS, GrowingFileSource, StreamSource, StreamSpec
 
 __all__ = [
     "ACK_INTERVAL", "BLOCK", "KINDS", "MANIFEST_CHANNEL",
-    "DestinationCommit", "Expected", "Extent", "Manifest", "ManifestEntry", "PeerConnectionError",
+    "DestinationCommit", "Expected", "Extent", "GrowingFileSource", "Manifest", "ManifestEntry", "PeerConnectionError",
     "Progress", "ReceiveResult", "SendResult", "SourceCommit", "Staging", "StreamDigest",
     "StreamSink", "StreamSource", "StreamSpec", "TokenBucket",
     "as_control", "bytes_digest", "file_digest", "iter_extents", "receive_streams", "send_streams",
