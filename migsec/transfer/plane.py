@@ -255,10 +255,10 @@ class _Sender:
 
     def send_stream(self, src: StreamSource, start: int) -> None:
         ch, records, out = src.channel, self.records, self.out
-        opening = {"type": "open", "name": src.name, "kind": src.spec.kind, "size": src.spec.size,
+        opening = {"type": "open", "name": src.name, "kind": src.spec.kind, "size": src.size,
                    "start": start}
-        if src.spec.growing:
-            opening["growing"] = True  # size is a bound; END gives the real one
+        if src.growing:  # always opened so, even if its writer finished already: resume must match
+            opening.update(size=src.bound, growing=True)  # size is a bound; END gives the real one
         self.send(records.send_control(ch, opening))
         for kind, off, length, view in src.pieces(start, self.buf):
             if kind == "wait":  # the file's writer is behind: keep the session alive meanwhile
@@ -339,9 +339,9 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
         seen.update((src.name, src.channel))
         src.start_digest()
         start = s.resume.get(src.name, 0)
-        if not 0 <= start <= src.size:
+        if not 0 <= start <= (src.bound if src.growing else src.size):
             raise ResumeError(f"stream {src.name!r}: destination resumes at {start}, beyond size {src.size}")
-        s.all_total += src.size if not src.spec.growing else start
+        s.all_total += src.size if not src.growing else start
         s.all_done += start
         if src.name not in s.done:  # even with nothing left to send, END must still be verified
             s.send_stream(src, start)

@@ -261,6 +261,11 @@ class GrowingFileSource:
         return self.spec.size
 
     @property
+    def bound(self) -> int:
+        """The most the file may grow to (the size the stream is opened with)."""
+        return self._bound.size
+
+    @property
     def final(self) -> bool:
         return self._final_size is not None
 

@@ -243,3 +243,27 @@ def test_cut_while_growing_resumes_from_the_acknowledged_offset(tmp_path, domain
     with open(got.staging.by_name("memory").path, "rb") as fh:
         assert fh.read() == path.read_bytes()
     got.staging.close()
+
+
+def test_resume_after_the_writer_finished_still_matches_the_staged_growing_stream(tmp_path, domains):
+    path, stage = tmp_path / "mem.save", str(tmp_path / "stage")
+    release = threading.Event()
+    writer = Writer(path, [os.urandom(6 * MiB), os.urandom(2 * MiB)], gate=lambda n: n > 6 * MiB and release.wait(30))
+    writer.start()
+    keys1 = handshake(domains)
+    xml = StreamSource(1, "domain.xml", "xml", data=XML)
+    sent, error, receiver = plane(keys1, Relay(cut_after=3 * MiB), [xml, growing(path, writer)], stage, tmp_path)
+    assert isinstance(error, TransferError)
+    with pytest.raises(TransferError):
+        receiver.value()
+    release.set()
+    writer.join(30)
+    src = growing(path, writer)
+    src.digest()  # the whole final file is known before the resumed session opens the stream
+    sent, error, receiver = plane(handshake(domains, resume_of=keys1.migration_id), Relay(),
+                                  [xml, src], stage, tmp_path)
+    assert error is None, error
+    got = receiver.value()
+    with open(got.staging.by_name("memory").path, "rb") as fh:
+        assert fh.read() == path.read_bytes()
+    got.staging.close()
