@@ -55,7 +55,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="probe-save-"))
     lab = Lab(workdir / "lab", "ps" + secrets.token_hex(2))
     try:
-        lab.up(1, guest=None, timeout=300)
+        lab.up(2, guest=None, timeout=300)
         h = lab.host("a")
         for run in range(args.runs):
             name = f"probe{run}"
