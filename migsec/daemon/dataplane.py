@@ -59,7 +59,8 @@ def memory_image_bound(memory_bytes: int) -> int:
 
 
 # libvirt writes its save image front to back under this magic and rewrites the magic at
-# offset 0 only once the save succeeded (libvirt's qemu_saveimage.c; checked in the lab).
+# offset 0 as its last write, once QEMU's stream is complete (libvirt's qemu_saveimage.c);
+# stopping QEMU takes another 1-2 s before virDomainSaveFlags returns (bench/probe_save_image.py).
 SAVE_MAGIC_PARTIAL = b"LibvirtQemudPart"
 SAVE_MAGIC = b"LibvirtQemudSave"
 
@@ -69,9 +70,11 @@ def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -
 
     The disks' digests start at once, so hashing overlaps the memory save. The memory
     image is followed as libvirt writes it (``GrowingFileSource``): its body leaves while
-    the save runs, and its END (digest of the final file, magic included) only after the
-    save succeeded, so B can never restore a partial image. ``saver`` has
-    ``finished()`` and ``error()``; a failed save fails the stream.
+    the save runs, and its END (digest of the final file, magic included) only once
+    libvirt wrote the final magic (its last write to the file), so B can never restore a
+    partial image; B may restore (paused) while libvirt at A still stops QEMU, and A
+    waits for the save to succeed before its commit decision. ``saver`` has
+    ``finished()`` and ``error()``; a save that fails earlier fails the stream.
     """
     from migsec.transfer.source import GrowingFileSource, StreamSource
 
@@ -80,7 +83,7 @@ def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -
         src.start_digest()
     memory = GrowingFileSource(2 + len(files), "memory", "memory", memory_path, writer=saver,
                                max_size=memory_image_bound(info.memory_bytes),
-                               head=(SAVE_MAGIC_PARTIAL, SAVE_MAGIC))
+                               head=(SAVE_MAGIC_PARTIAL, SAVE_MAGIC), complete_on_final_head=True)
     memory.start_digest()  # hashes as the save writes, instead of after it
     yield StreamSource(1, "domain.xml", "xml", data=info.xml.encode())
     yield from disks

@@ -14,10 +14,12 @@ crash interrupted, from the same journal.
 
 Downtime: after the suspend, libvirt saves the memory in a background thread while
 the disks stream, and the save image itself streams while libvirt writes it
-(``dataplane.source_streams``): its END, and so B's restore, waits for the save to
-succeed; a failed save fails the transfer and rolls back like any other failure. The
-image was hashed as it was written, so A re-hashes the final file while B restores
-and aborts, before its commit, if the two differ.
+(``dataplane.source_streams``): its END, and so B's restore, waits until libvirt wrote
+the image's final magic (its last write; it then still stops QEMU for a second or
+more). A's decision waits for the save to succeed: a failed save rolls back like any
+other failure before the commit (B discards its paused copy). The image was hashed as
+it was written, so A re-hashes the final file while B restores and aborts, before its
+commit, if the two differ.
 """
 from __future__ import annotations
 
@@ -128,6 +130,9 @@ class OutgoingMigration:
             commit.streams_sent(result.manifest, result.manifest_json)
             self.step("every stream verified by the destination (SHA-256); waiting for its receipt")
             receipt = self._expect(session, "receipt")
+            # the image may have been complete (final magic) before libvirt's save returned:
+            # never commit before libvirt said the save succeeded
+            self.saver.join()
             recheck.join()
             self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
                                 peer_token=receipt, peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)

@@ -219,15 +219,24 @@ class GrowingFileSource:
     fails; so the END digest is that of the final file. A failed writer fails the
     stream, and nothing before it is ever ENDed. The digest is computed by a thread
     that follows the file too, so hashing overlaps the writer and the sending.
+
+    ``complete_on_final_head``: the head rewrite is the writer's last write to the
+    file, so the file is complete once the head reads ``final``, even before the
+    writer returns (libvirt rewrites the magic as soon as QEMU's stream is written,
+    then spends a second or more stopping QEMU). The caller must still see the
+    writer succeed before it commits to the copy (the daemon does, before its decision).
     """
 
     growing = True
 
     def __init__(self, channel: int, name: str, kind: str, path: str | os.PathLike[str], *,
                  writer: Writer, max_size: int, head: tuple[bytes, bytes] | None = None,
-                 target: str = "") -> None:
+                 complete_on_final_head: bool = False, target: str = "") -> None:
         if head is not None and (len(head[0]) != len(head[1]) or not 0 < len(head[1]) <= BLOCK):
             raise TransferError(f"stream {name!r}: head rewrite must keep the length (1..{BLOCK} bytes)")
+        if complete_on_final_head and head is None:
+            raise TransferError(f"stream {name!r}: complete_on_final_head needs a head rewrite")
+        self.complete_on_final_head = complete_on_final_head
         self.path = os.fspath(path)
         self.data = None
         self.writer = writer
@@ -293,6 +302,13 @@ class GrowingFileSource:
                 raise TransferError(f"stream {self.name!r}: cannot open {self.path!r}: {exc.strerror}") from exc
             time.sleep(FOLLOW_POLL_S)
 
+    def _head_is_final(self, fd: int) -> bool:
+        """With ``complete_on_final_head``: the writer's last write (the head rewrite) is done."""
+        if not self.complete_on_final_head:
+            return False
+        final = self.head[1]  # type: ignore[index]
+        return os.pread(fd, len(final), 0) == final
+
     def _patch_head(self, off: int, view: memoryview, sent_head: bytearray) -> None:
         if off != 0:
             return
@@ -316,7 +332,8 @@ class GrowingFileSource:
             # thread, which always starts at 0, checks it then
             sent_head: bytearray | None = bytearray() if start == 0 else None
             while True:
-                finished = self._writer_outcome()  # before the size: a size seen after it is final
+                # before the size: a size seen after it is final
+                finished = self._writer_outcome() or self._head_is_final(fd)
                 size = os.fstat(fd).st_size
                 if size > self._bound.size:
                     raise TransferError(f"stream {self.name!r}: {self.path!r} grew past "

@@ -24,10 +24,11 @@ class Writer(threading.Thread):
     destination has received part of the file); ``fail_after`` chunks it stops with an error.
     """
 
-    def __init__(self, path, chunks, *, gate=None, fail_after=None, final_head=FINAL) -> None:
+    def __init__(self, path, chunks, *, gate=None, fail_after=None, final_head=FINAL, linger=None) -> None:
         super().__init__(daemon=True)
         self.path, self.chunks, self.gate = path, chunks, gate
         self.fail_after, self.final_head = fail_after, final_head
+        self.linger = linger  # runs after the head rewrite (libvirt stops QEMU then)
         self._done = threading.Event()
         self._error: BaseException | None = None
 
@@ -45,6 +46,8 @@ class Writer(threading.Thread):
                         self.gate(fh.tell())
                 fh.seek(0)
                 fh.write(self.final_head)
+            if self.linger is not None:
+                self.linger()
         except BaseException as exc:
             self._error = exc
         finally:
@@ -267,3 +270,32 @@ def test_resume_after_the_writer_finished_still_matches_the_staged_growing_strea
     with open(got.staging.by_name("memory").path, "rb") as fh:
         assert fh.read() == path.read_bytes()
     got.staging.close()
+
+
+def test_complete_once_the_head_is_final_even_before_the_writer_returns(tmp_path):
+    path = tmp_path / "mem.save"
+    collected = threading.Event()
+    writer = Writer(path, chunks(), linger=lambda: collected.wait(30))
+    src = growing(path, writer, complete_on_final_head=True)
+    src.start_digest()
+    writer.start()
+    body = collect(src)
+    assert not writer.finished()  # still "stopping QEMU"
+    assert src.digest()[0] == file_digest(path)
+    collected.set()
+    writer.join(30)
+    assert body == path.read_bytes()
+
+
+def test_without_the_option_the_stream_waits_for_the_writer(tmp_path):
+    path = tmp_path / "mem.save"
+    release = threading.Event()
+    writer = Writer(path, chunks(), linger=lambda: release.wait(30))
+    src = growing(path, writer)
+    writer.start()
+    waits_after_head = 0
+    for kind, off, length, view in src.pieces(0):
+        if kind == "wait" and path.read_bytes()[:16] == FINAL:
+            waits_after_head += 1
+            release.set()
+    assert waits_after_head > 0 and writer.finished()
