@@ -114,3 +114,32 @@ def test_throttled_socket_passes_data_through_and_polls():
         wrapped.settimeout(1)
         a.sendall(b"z")
         assert wrapped.recv(10) == b"z"
+
+
+def test_memory_image_streams_during_the_save_within_the_bound_b_accepts(tmp_path):
+    import threading
+
+    from migsec.daemon.dataplane import SAVE_MAGIC, SAVE_MAGIC_PARTIAL, memory_image_bound, source_streams
+    from migsec.daemon.source import _Background
+    from migsec.transfer import file_digest
+
+    image = tmp_path / "memory.save"
+    release = threading.Event()
+
+    def save() -> None:  # libvirt's order: partial magic, body, final magic; then it stops QEMU
+        with open(image, "wb") as fh:
+            fh.write(SAVE_MAGIC_PARTIAL + bytes(range(256)) * 4096)
+            fh.flush()
+            release.wait(30)
+            fh.seek(0)
+            fh.write(SAVE_MAGIC)
+
+    saver = _Background(save)
+    info = SimpleNamespace(xml="<domain/>", memory_bytes=64 << 20)
+    streams = list(source_streams(info, [], saver, image))  # never waits for the save
+    assert [s.name for s in streams] == ["domain.xml", "memory"]
+    memory = streams[-1]
+    assert memory.growing and memory.bound == memory_image_bound(64 << 20) and not saver.finished()
+    release.set()
+    assert memory.digest()[0] == file_digest(image)
+    saver.join()
