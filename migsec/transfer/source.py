@@ -237,6 +237,7 @@ class GrowingFileSource:
         if complete_on_final_head and head is None:
             raise TransferError(f"stream {name!r}: complete_on_final_head needs a head rewrite")
         self.complete_on_final_head = complete_on_final_head
+        self._saw_partial_head = False
         self.path = os.fspath(path)
         self.data = None
         self.writer = writer
@@ -304,7 +305,9 @@ class GrowingFileSource:
 
     def _head_is_final(self, fd: int) -> bool:
         """With ``complete_on_final_head``: the writer's last write (the head rewrite) is done."""
-        if not self.complete_on_final_head:
+        # Only a flip that was seen counts: a file that carries the final head from the
+        # start (another writer version) is complete only when its writer says so.
+        if not self.complete_on_final_head or not self._saw_partial_head:
             return False
         final = self.head[1]  # type: ignore[index]
         return os.pread(fd, len(final), 0) == final
@@ -317,6 +320,8 @@ class GrowingFileSource:
             if len(view) < n:
                 raise TransferError(f"stream {self.name!r}: {self.path!r} is shorter than its header")
             now = bytes(view[:n])
+            if now == self.head[0]:
+                self._saw_partial_head = True
             if now not in self.head:
                 raise TransferError(f"stream {self.name!r}: {self.path!r} starts with {now[:16]!r}, "
                                     f"not the expected {self.head[0][:16]!r}")

@@ -13,6 +13,8 @@ from migsec.transfer import Expected, StreamSource, file_digest, receive_streams
 from migsec.transfer.source import GrowingFileSource
 from transfer_helpers import MiB, Relay, Run, handshake, layers
 
+BLOCK_SIZE = 64 * 1024
+
 PART, FINAL = b"LibvirtQemudPart", b"LibvirtQemudSave"
 XML = b"<domain type='qemu'><name>vm1</name></domain>"
 
@@ -275,7 +277,10 @@ def test_resume_after_the_writer_finished_still_matches_the_staged_growing_strea
 def test_complete_once_the_head_is_final_even_before_the_writer_returns(tmp_path):
     path = tmp_path / "mem.save"
     collected = threading.Event()
-    writer = Writer(path, chunks(), linger=lambda: collected.wait(30))
+    src = None
+    # mid-file the writer waits until the follower has read the block with the partial magic
+    writer = Writer(path, chunks(), linger=lambda: collected.wait(30),
+                    gate=lambda n: wait_for(lambda: src is not None and src.hashed > 0))
     src = growing(path, writer, complete_on_final_head=True)
     src.start_digest()
     writer.start()
@@ -299,3 +304,33 @@ def test_without_the_option_the_stream_waits_for_the_writer(tmp_path):
             waits_after_head += 1
             release.set()
     assert waits_after_head > 0 and writer.finished()
+
+
+def test_a_head_that_is_final_from_the_start_does_not_end_the_stream_early(tmp_path):
+    path = tmp_path / "mem.save"
+    release = threading.Event()
+    with open(path, "wb") as fh:  # a writer that puts the final magic first, then appends
+        fh.write(FINAL + os.urandom(BLOCK_SIZE - 16))
+    done = threading.Event()
+
+    class Appender:
+        def finished(self) -> bool:
+            return done.is_set()
+
+        def error(self):
+            return None
+
+    def append() -> None:
+        release.wait(30)
+        with open(path, "ab") as fh:
+            fh.write(os.urandom(MiB))
+        done.set()
+
+    threading.Thread(target=append, daemon=True).start()
+    src = growing(path, Appender(), complete_on_final_head=True)
+    size = 0
+    for kind, off, length, view in src.pieces(0):
+        size = max(size, off + length)
+        if kind == "wait":
+            release.set()
+    assert size == os.path.getsize(path) == BLOCK_SIZE + MiB
