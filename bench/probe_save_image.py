@@ -65,11 +65,15 @@ def main() -> None:
             heads: dict[bytes, int] = {}
             sizes: list[tuple[float, int]] = []
             src = GrowingFileSource(1, "memory", "memory", path, writer=saver, max_size=8 << 30,
-                                    head=(b"LibvirtQemudPart", b"LibvirtQemudSave"))
+                                    head=(b"LibvirtQemudPart", b"LibvirtQemudSave"),
+                                    complete_on_final_head=True)  # as migsecd follows it
             t0 = time.monotonic()
             saver.start()
             src.start_digest()
+            complete_at = None
             while not saver.finished():
+                if complete_at is None and src.digest_ready:
+                    complete_at = time.monotonic() - t0
                 try:
                     with open(path, "rb") as fh:
                         head = fh.read(16)
@@ -94,6 +98,8 @@ def main() -> None:
                   f"half of it on disk after {half if half is None else round(half, 2)} s")
             print(f"  magic seen while saving: {dict((k.decode(errors='replace'), v) for k, v in heads.items())}")
             print(f"  after the save: {final_head[:16]!r}; header fields {final_head[16:36].hex()}")
+            print(f"  followed stream complete (final magic seen) after "
+                  f"{'-' if complete_at is None else round(complete_at, 2)} s, save returned after {took:.2f} s")
             print(f"  followed digest == final file digest: {followed == final} "
                   f"({str(followed)[:16]}.. vs {final[:16]}..)")
             h.virsh("undefine", name, check=False)

@@ -221,8 +221,8 @@ class GrowingFileSource:
     that follows the file too, so hashing overlaps the writer and the sending.
 
     ``complete_on_final_head``: the head rewrite is the writer's last write to the
-    file, so the file is complete once the head reads ``final``, even before the
-    writer returns (libvirt rewrites the magic as soon as QEMU's stream is written,
+    file, so the file is complete once the head, seen as ``while_writing`` before,
+    reads ``final``, even before the writer returns (libvirt rewrites the magic as soon as QEMU's stream is written,
     then spends a second or more stopping QEMU). The caller must still see the
     writer succeed before it commits to the copy (the daemon does, before its decision).
     """
