@@ -87,6 +87,9 @@ def jose_header_typ(token: str, what: str) -> Any:
     return parse_json_object(b64d(head, f"{what} header"), f"{what} header").get("typ")
 
 
+_MISSING = object()
+
+
 class Fields:
     """A checked view of one decoded JSON object; ``done()`` rejects leftover keys."""
 
@@ -99,11 +102,12 @@ class Fields:
 
     def _get(self, key: str, optional: bool) -> Any:
         self._seen.add(key)
-        if key not in self._obj:
+        value = self._obj.get(key, _MISSING)
+        if value is _MISSING:
             if optional:
                 return None
             raise MalformedMessageError(f"{self.what}: missing field {key!r}")
-        return self._obj[key]
+        return value
 
     def header(self, typ: str) -> None:
         """Check the ``v`` and ``t`` fields every migsec message carries."""
@@ -209,7 +213,8 @@ def check_ident(value: Any, what: str) -> str:
 
 def check_scalar_map(value: Any, what: str, max_items: int = 64) -> Mapping[str, Any]:
     """An options object: string keys, values str / int / bool (no nesting, no floats)."""
-    if not isinstance(value, Mapping) or len(value) > max_items:
+    # a decoded JSON object is a plain dict: skip the (slower) abstract Mapping check for it
+    if (type(value) is not dict and not isinstance(value, Mapping)) or len(value) > max_items:
         raise MalformedMessageError(f"{what} must be an object of at most {max_items} entries")
     for k, v in value.items():
         if not isinstance(k, str) or len(k) > 255:
