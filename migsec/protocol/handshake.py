@@ -42,7 +42,6 @@ from migsec.protocol.codec import (
     b64e,
     canonical_json,
     check_ident,
-    jose_header_typ,
     parse_json_object,
 )
 from migsec.protocol.errors import KeyBindingError, ReflectionError
@@ -178,13 +177,15 @@ def _open_signed(sealed: str, own_key: SigningKey, peer: Peer, want_typ: str, ot
     except (DecryptionError, UnicodeDecodeError):
         raise HandshakeError(f"{what} body is not encrypted to this domain's key") from None
     check_token(token, f"{what} signed body", 3)
-    typ = jose_header_typ(token, f"{what} signed body")
-    if typ == other_typ:
-        raise ReflectionError(f"{what} body is a {other_typ}: our own kind of message came back")
-    if typ != want_typ:
-        raise MalformedMessageError(f"{what} body has typ {typ!r}, expected {want_typ!r}")
+
+    def check_typ(typ: str | None) -> None:  # before the signature: a reflection is named as one
+        if typ == other_typ:
+            raise ReflectionError(f"{what} body is a {other_typ}: our own kind of message came back")
+        if typ != want_typ:
+            raise MalformedMessageError(f"{what} body has typ {typ!r}, expected {want_typ!r}")
+
     try:
-        return token, jws_verify(token, peer.public_key)
+        return token, jws_verify(token, peer.public_key, typ_check=check_typ)
     except SignatureError:
         raise KeyBindingError(
             f"{what} body is not signed by the key of the certificate it came with "

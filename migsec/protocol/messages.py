@@ -27,7 +27,6 @@ from migsec.protocol.codec import (
     canonical_json,
     check_ident,
     check_scalar_map,
-    jose_header_typ,
 )
 
 MODES = ("cold", "live")
@@ -130,6 +129,11 @@ class Obligation:
 AUTHZ_TYP = "migsec-authr-tkt+jwt"
 
 
+def _authz_typ(typ: str | None) -> None:
+    if typ != AUTHZ_TYP:
+        raise MalformedMessageError(f"Authr_Tkt has JWS typ {typ!r}, expected {AUTHZ_TYP!r}")
+
+
 @dataclass(frozen=True)
 class AuthorizationTicket:
     """Authr_Tkt = Sign_prA(Src_DID, Dest_DID, UserID, VM, digest(Mig_Rqst), Nonce4, expiry, obligations)."""
@@ -195,11 +199,8 @@ class AuthorizationTicket:
     def verify(cls, token: str, key: VerifyingKey, *, now: datetime) -> "AuthorizationTicket":
         """Check the signature by the source domain's key and the validity window."""
         check_token(token, "Authr_Tkt", 3)
-        typ = jose_header_typ(token, "Authr_Tkt")
-        if typ != AUTHZ_TYP:
-            raise MalformedMessageError(f"Authr_Tkt has JWS typ {typ!r}, expected {AUTHZ_TYP!r}")
         try:
-            claims = jws_verify(token, key)
+            claims = jws_verify(token, key, typ_check=_authz_typ)
         except SignatureError as exc:
             raise TicketTamperedError("Authr_Tkt signature does not verify under the source domain's key") from exc
         ticket = cls.from_claims(claims)

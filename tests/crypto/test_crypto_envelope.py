@@ -300,3 +300,31 @@ def test_header_kid_and_typ_must_be_strings(keys):
         jwe_encrypt(b"x", k.public_key, kid=b"b1")
     token = jwe_encrypt(b"x", k.public_key, kid='b"1\u00e9')  # escaped like any JSON string
     assert jwe_header(token)["kid"] == 'b"1\u00e9' and jwe_decrypt(token, k) == b"x"
+
+
+class _WrongTyp(MigsecError):
+    pass
+
+
+def test_jws_typ_check_sees_typ_before_the_signature(keys):
+    k = keys["ec-p256"]
+    seen: list[str | None] = []
+
+    def want(expected):
+        def check(typ):
+            seen.append(typ)
+            if typ != expected:
+                raise _WrongTyp(typ)
+        return check
+
+    token = jws_sign(CLAIMS, k, typ="migsec-a+jwt")
+    assert jws_verify(token, k.public_key, typ_check=want("migsec-a+jwt")) == CLAIMS
+    # a token from another key: the typ refusal comes first, the signature is never reached
+    foreign = jws_sign(CLAIMS, SigningKey.generate("ec-p256"), typ="migsec-b+jwt")
+    with pytest.raises(_WrongTyp):
+        jws_verify(foreign, k.public_key, typ_check=want("migsec-a+jwt"))
+    # a passing typ check does not excuse a bad signature
+    with pytest.raises(SignatureError):
+        jws_verify(foreign, k.public_key, typ_check=want("migsec-b+jwt"))
+    assert jws_verify(jws_sign(CLAIMS, k), k.public_key, typ_check=lambda t: seen.append(t)) == CLAIMS
+    assert seen == ["migsec-a+jwt", "migsec-b+jwt", "migsec-b+jwt", None]
