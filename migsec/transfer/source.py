@@ -7,7 +7,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -59,12 +59,74 @@ class StreamSpec:
             raise TransferError(f"stream {self.name!r}: growing must be true or false")
 
 
-class StreamSource:
-    """A stream to send, from a file (sparse-aware) or from bytes.
+class _BackgroundDigest:
+    """The stream digest of a source, computed by a background thread.
 
-    The stream digest is computed by a background thread reading the file through its
-    own descriptor (hashlib releases the GIL, so it overlaps encryption and sending).
+    The thread walks the source's own pieces (``_digest_walk``) through its own
+    descriptor; hashlib releases the GIL, so hashing overlaps encryption and sending.
     """
+
+    name: str
+
+    def _init_digest(self) -> None:
+        self._digest: str | None = None
+        self._digest_state: StreamDigest | None = None
+        self._allocated = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _digest_walk(self) -> Generator[tuple[str, int, int, Any], None, None]:
+        """The pieces to hash, from offset 0 (runs in the digest thread)."""
+        raise NotImplementedError
+
+    def start_digest(self) -> None:
+        """Start hashing in the background (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hash, name=f"digest-{self.name}", daemon=True)
+            self._thread.start()
+
+    def _hash(self) -> None:
+        try:
+            digest = self._digest_state = StreamDigest()
+            pieces = self._digest_walk()
+            try:
+                for kind, off, length, view in pieces:
+                    if kind == "data":
+                        digest.data(off, view)
+                        self._allocated += length
+                    elif kind == "hole":
+                        digest.hole(off, length)
+                    # a growing source's "wait" adds nothing to the digest
+            finally:
+                pieces.close()  # on an error mid-walk, close the descriptor now, not at GC
+            self._digest = digest.hexdigest()
+        except BaseException as exc:  # reported by digest()
+            self._error = exc
+
+    @property
+    def hashed(self) -> int:
+        """How far the background hash has got (bytes of the stream)."""
+        return self._digest_state.position if self._digest_state is not None else 0
+
+    @property
+    def digest_ready(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def digest(self) -> tuple[str, int]:
+        """Wait for the background hash: (stream digest hex, allocated data bytes)."""
+        self.start_digest()
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            if isinstance(self._error, TransferError):
+                raise self._error
+            raise TransferError(f"stream {self.name!r}: hashing failed: {self._error}") from self._error
+        assert self._digest is not None
+        return self._digest, self._allocated
+
+
+class StreamSource(_BackgroundDigest):
+    """A stream to send, from a file (sparse-aware) or from bytes."""
 
     growing = False
 
@@ -87,11 +149,7 @@ class StreamSource:
         else:
             size = len(self.data)  # type: ignore[arg-type]
         self.spec = StreamSpec(channel, name, kind, size, target)
-        self._digest: str | None = None
-        self._digest_state: StreamDigest | None = None
-        self._allocated = 0
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._init_digest()
 
     @property
     def channel(self) -> int:
@@ -105,55 +163,15 @@ class StreamSource:
     def size(self) -> int:
         return self.spec.size
 
-    def start_digest(self) -> None:
-        """Start hashing in the background (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._hash, name=f"digest-{self.name}", daemon=True)
-            self._thread.start()
-
-    def _hash(self) -> None:
+    def _digest_walk(self) -> Generator[tuple[str, int, int, Any], None, None]:
+        if self.data is not None:
+            yield from self._bytes_pieces(0)
+            return
+        fd = self._open()
         try:
-            digest = self._digest_state = StreamDigest()
-            if self.data is not None:
-                self._digest_pieces(digest, self._bytes_pieces(0))
-            else:
-                fd = self._open()
-                try:
-                    self._digest_pieces(digest, scan_blocks(fd, 0, self.size))
-                finally:
-                    os.close(fd)
-            self._digest = digest.hexdigest()
-        except BaseException as exc:  # reported by digest()
-            self._error = exc
-
-    def _digest_pieces(self, digest: StreamDigest, pieces: Iterable[tuple[str, int, int, Any]]) -> None:
-        for kind, off, length, view in pieces:
-            if kind == "data":
-                digest.data(off, view)
-                self._allocated += length
-            else:
-                digest.hole(off, length)
-
-    @property
-    def hashed(self) -> int:
-        """How far the background hash has got (bytes of the stream)."""
-        return self._digest_state.position if self._digest_state is not None else 0
-
-    @property
-    def digest_ready(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
-
-    def digest(self) -> tuple[str, int]:
-        """Wait for the background hash: (stream digest hex, allocated data bytes)."""
-        self.start_digest()
-        assert self._thread is not None
-        self._thread.join()
-        if self._error is not None:
-            if isinstance(self._error, TransferError):
-                raise self._error
-            raise TransferError(f"stream {self.name!r}: hashing failed: {self._error}") from self._error
-        assert self._digest is not None
-        return self._digest, self._allocated
+            yield from scan_blocks(fd, 0, self.size)
+        finally:
+            os.close(fd)
 
     def _open(self) -> int:
         try:
@@ -207,7 +225,7 @@ FOLLOW_POLL_S = 0.005  # how often a follower looks for new data while the write
 STALL_S = 600.0  # a writer that adds nothing for this long is taken for hung
 
 
-class GrowingFileSource:
+class GrowingFileSource(_BackgroundDigest):
     """A file another process is still writing front to back (libvirt's save image).
 
     The body is sent as it appears, in whole ``BLOCK``s (so every resume point stays
@@ -244,11 +262,7 @@ class GrowingFileSource:
         self.head = head
         self._bound = StreamSpec(channel, name, kind, max_size, target, growing=True)
         self._final_size: int | None = None
-        self._digest: str | None = None
-        self._digest_state: StreamDigest | None = None
-        self._allocated = 0
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._init_digest()
 
     @property
     def spec(self) -> StreamSpec:
@@ -385,41 +399,6 @@ class GrowingFileSource:
         yield from self._follow(start, buf if buf is not None else bytearray(READ_SIZE))
 
     # ---- the digest ---------------------------------------------------------------------------
-    def start_digest(self) -> None:
-        """Start following and hashing the file in the background (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._hash, name=f"digest-{self.name}", daemon=True)
-            self._thread.start()
-
-    def _hash(self) -> None:
-        try:
-            digest = self._digest_state = StreamDigest()
-            for kind, off, length, view in self._follow(0, bytearray(READ_SIZE)):
-                if kind == "data":
-                    digest.data(off, view)  # type: ignore[arg-type]
-                    self._allocated += length
-                elif kind == "hole":
-                    digest.hole(off, length)
-            self._digest = digest.hexdigest()
-        except BaseException as exc:  # reported by digest()
-            self._error = exc
-
-    @property
-    def hashed(self) -> int:
-        return self._digest_state.position if self._digest_state is not None else 0
-
-    @property
-    def digest_ready(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
-
-    def digest(self) -> tuple[str, int]:
-        """Wait until the writer finished and the whole file was hashed: (hex, allocated bytes)."""
-        self.start_digest()
-        assert self._thread is not None
-        self._thread.join()
-        if self._error is not None:
-            if isinstance(self._error, TransferError):
-                raise self._error
-            raise TransferError(f"stream {self.name!r}: hashing failed: {self._error}") from self._error
-        assert self._digest is not None
-        return self._digest, self._allocated
+    def _digest_walk(self) -> Generator[tuple[str, int, int, Any], None, None]:
+        # the digest thread follows the file too, so hashing overlaps the writer
+        return self._follow(0, bytearray(READ_SIZE))
