@@ -72,12 +72,24 @@ def machines(domains, a_host: Host, b_host: Host, *, b_key=None):
     return a, b
 
 
-def test_commit_moves_the_vm_exactly_once(domains):
-    ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb)
+def streamed(domains, a_host: Host, b_host: Host, **kw):
+    """``machines`` after A sent and B verified the same streams (ready for B's restore)."""
+    a, b = machines(domains, a_host, b_host, **kw)
     m, raw = manifest()
     a.streams_sent(m, raw)
     b.streams_verified(m, raw)
+    return a, b
+
+
+def signed_decision(key, receipt_hash: bytes) -> str:
+    """A commit Decision for this migration over ``receipt_hash``, signed by ``key``."""
+    return Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
+                    issued_at=datetime.now(timezone.utc), receipt_hash=receipt_hash).sign(key)
+
+
+def test_commit_moves_the_vm_exactly_once(domains):
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb)
     receipt = b.restore()
     decision = a.receipt_received(receipt)
     assert a.committed and a.state == AWAIT_RESUMED
@@ -95,10 +107,7 @@ def test_commit_moves_the_vm_exactly_once(domains):
 
 def test_source_failure_before_decision_rolls_back_and_destination_discards(domains):
     ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb)
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb)
     b.restore()
     abort = a.fail("operator pressed ^C")
     assert a.state == ROLLED_BACK and ha.count("resume") == 1 and "journal:committed" not in ha.log
@@ -120,10 +129,7 @@ def test_receipt_for_other_digests_aborts(domains):
 
 def test_receipt_signed_by_another_key_aborts(domains):
     ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb, b_key=domains.a.key)  # B's receipt signed with the wrong key
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb, b_key=domains.a.key)  # B's receipt signed with the wrong key
     with pytest.raises(TicketError):
         a.receipt_received(b.restore())
     assert a.state == ROLLED_BACK and ha.count("resume") == 1
@@ -131,10 +137,7 @@ def test_receipt_signed_by_another_key_aborts(domains):
 
 def test_commit_not_durable_means_abort(domains):
     ha, hb = Host(fail_on="committed"), Host()
-    a, b = machines(domains, ha, hb)
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb)
     with pytest.raises(JournalError):
         a.receipt_received(b.restore())
     assert a.state == ROLLED_BACK and ha.count("resume") == 1 and a.decision_token is None
@@ -142,22 +145,17 @@ def test_commit_not_durable_means_abort(domains):
 
 def test_destination_never_resumes_without_a_signed_commit(domains):
     ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb)
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb)
     receipt = b.restore()
     # the link breaks after the receipt left: B is in doubt, neither runs nor discards
     b.fail("connection lost")
     assert b.state == IN_DOUBT and hb.count("resume") == 0 and hb.count("discard") == 0
     # a "decision" signed by B's own key (forged) is refused
-    forged = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
-                      issued_at=datetime.now(timezone.utc), receipt_hash=token_hash(receipt)).sign(domains.b.key)
+    forged = signed_decision(domains.b.key, token_hash(receipt))
     with pytest.raises(TicketError):
         b.decision_received(forged)
     # a genuine commit for a different receipt is refused too
-    stale = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
-                     issued_at=datetime.now(timezone.utc), receipt_hash=os.urandom(32)).sign(domains.a.key)
+    stale = signed_decision(domains.a.key, os.urandom(32))
     with pytest.raises(TicketError):
         b.decision_received(stale)
     assert b.state == IN_DOUBT and hb.count("resume") == 0
@@ -171,8 +169,7 @@ def test_commit_before_restore_is_illegal(domains):
     a, b = machines(domains, ha, hb)
     m, raw = manifest()
     b.streams_verified(m, raw)
-    early = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="commit",
-                     issued_at=datetime.now(timezone.utc), receipt_hash=os.urandom(32)).sign(domains.a.key)
+    early = signed_decision(domains.a.key, os.urandom(32))
     with pytest.raises(UnexpectedMessageError):
         b.decision_received(early)
     assert hb.count("resume") == 0
@@ -180,10 +177,7 @@ def test_commit_before_restore_is_illegal(domains):
 
 def test_source_failure_after_commit_never_resumes_the_source(domains):
     ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb)
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb)
     decision = a.receipt_received(b.restore())
     again = a.fail("link to B broke before Resumed")
     assert again == decision and a.state == AWAIT_RESUMED and ha.count("resume") == 0
@@ -203,10 +197,7 @@ def test_restore_failure_discards_before_any_receipt(domains):
 
 def test_resumed_for_another_decision_does_not_release(domains):
     ha, hb = Host(), Host()
-    a, b = machines(domains, ha, hb)
-    m, raw = manifest()
-    a.streams_sent(m, raw)
-    b.streams_verified(m, raw)
+    a, b = streamed(domains, ha, hb)
     a.receipt_received(b.restore())
     wrong = Resumed(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision_hash=os.urandom(32),
                     issued_at=datetime.now(timezone.utc)).sign(domains.b.key)
