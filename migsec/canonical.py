@@ -31,11 +31,13 @@ def canonical_json(value: Any, *, ascii: bool = False) -> bytes:
 
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook``: a member named twice could be read two ways; refuse it."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MalformedMessageError(f"duplicate JSON member {key!r}")
-        out[key] = value
+    out = dict(pairs)  # in C; a duplicate shows as a shorter dict, then find it to name it
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise MalformedMessageError(f"duplicate JSON member {key!r}")
+            seen.add(key)
     return out
 
 
