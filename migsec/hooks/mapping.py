@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 
+from migsec import safexml
 from migsec.errors import MappingError
 
 MAX_XML = 16 * 1024 * 1024
@@ -54,22 +55,7 @@ def _clean(path: object, what: str) -> PurePosixPath:
 
 def parse_domain(xml: bytes):
     """An lxml tree of a ``<domain>`` document, parsed as untrusted input."""
-    from lxml import etree  # lazily: only restore/migrate need the XML
-
-    if len(xml) > MAX_XML:
-        raise MappingError(f"domain XML is {len(xml)} bytes, above the {MAX_XML}-byte limit")
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             dtd_validation=False, huge_tree=False)
-    try:
-        root = etree.fromstring(xml, parser)
-    except etree.XMLSyntaxError as exc:
-        raise MappingError(f"domain XML on stdin is not well-formed: {exc}") from None
-    info = root.getroottree().docinfo
-    if info.doctype or info.internalDTD is not None:
-        raise MappingError("domain XML on stdin carries a DOCTYPE; refused")
-    if root.tag != "domain":
-        raise MappingError(f"expected a <domain> document on stdin, got <{root.tag}>")
-    return root
+    return safexml.parse_domain(xml, max_size=MAX_XML, error=MappingError, where=" on stdin")
 
 
 def _path_nodes(root) -> list[tuple[object, str | None, str]]:

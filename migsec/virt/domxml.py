@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from migsec import safexml
 from migsec.virt.errors import DomainXmlError
 
 TAGS_NS = "https://migsec.example/xmlns/1"
@@ -35,21 +36,7 @@ def parse_domain_xml(xml: str | bytes) -> etree._Element:
         data = xml
     else:
         raise DomainXmlError(f"domain XML must be str or bytes, not {type(xml).__name__}")
-    if len(data) > _MAX_XML:
-        raise DomainXmlError(f"domain XML is {len(data)} bytes, above the {_MAX_XML}-byte limit")
-    parser = etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False, huge_tree=False
-    )
-    try:
-        root = etree.fromstring(data, parser)
-    except etree.XMLSyntaxError as exc:
-        raise DomainXmlError(f"domain XML is not well-formed: {exc}") from exc
-    doctype = root.getroottree().docinfo
-    if doctype.doctype or doctype.internalDTD is not None:
-        raise DomainXmlError("domain XML carries a DOCTYPE/DTD; refused (entities are never expanded)")
-    if root.tag != "domain":
-        raise DomainXmlError(f"expected a <domain> document, got <{root.tag}>")
-    return root
+    return safexml.parse_domain(data, max_size=_MAX_XML, error=DomainXmlError)
 
 
 def to_string(root: etree._Element) -> str:
