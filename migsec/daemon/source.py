@@ -37,6 +37,7 @@ from migsec.errors import (
     MigsecError,
     TransferError,
 )
+from migsec.transfer.source import WriterOutcome
 
 log = logging.getLogger("migsecd.source")
 MAX_RESUMES = 3
@@ -369,33 +370,17 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (PeerConnectionError, TruncatedStreamError, ConnectionError, OSError)
 
 
-class _Background:
+class _Background(WriterOutcome):
     """Run a callable in a thread; ``join()`` re-raises its error."""
 
     def __init__(self, fn: Callable[[], Any], name: str = "migsec-save") -> None:
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=name)
+        super().__init__()
+        self._thread = threading.Thread(target=self.record, args=(fn,), daemon=True, name=name)
         self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to join()
-            self._error = exc
-        finally:
-            self._done.set()
 
     @property
     def failed(self) -> bool:
         return self._done.is_set() and self._error is not None
-
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def error(self) -> BaseException | None:
-        """The callable's error once it finished (None while running or after success)."""
-        return self._error if self._done.is_set() else None
 
     def wait(self) -> None:
         """Wait for the end, ignoring its outcome."""

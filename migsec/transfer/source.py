@@ -7,7 +7,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -219,6 +219,30 @@ class Writer(Protocol):
     def finished(self) -> bool: ...
 
     def error(self) -> BaseException | None: ...
+
+
+class WriterOutcome:
+    """A ``Writer`` whose work runs through ``record(fn)`` (in the writer's own thread)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def record(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` and keep how it ended; never raises."""
+        try:
+            fn()
+        except BaseException as exc:  # reported by error()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def error(self) -> BaseException | None:
+        """What ``fn`` raised, once it finished (None while running or after success)."""
+        return self._error if self._done.is_set() else None
 
 
 FOLLOW_POLL_S = 0.005  # how often a follower looks for new data while the writer writes

@@ -10,7 +10,7 @@ import pytest
 
 from migsec.errors import TransferError
 from migsec.transfer import Expected, StreamSource, file_digest, receive_streams, send_streams
-from migsec.transfer.source import GrowingFileSource
+from migsec.transfer.source import GrowingFileSource, WriterOutcome
 from transfer_helpers import MiB, Relay, Run, handshake, layers
 
 BLOCK_SIZE = 64 * 1024
@@ -19,7 +19,7 @@ PART, FINAL = b"LibvirtQemudPart", b"LibvirtQemudSave"
 XML = b"<domain type='qemu'><name>vm1</name></domain>"
 
 
-class Writer(threading.Thread):
+class Writer(threading.Thread, WriterOutcome):
     """Writes a save-image-like file front to back, then rewrites its magic (as libvirt does).
 
     ``gate(written)`` is called after each chunk and may block (to hold the writer until the
@@ -31,35 +31,26 @@ class Writer(threading.Thread):
         self.path, self.chunks, self.gate = path, chunks, gate
         self.fail_after, self.final_head = fail_after, final_head
         self.linger = linger  # runs after the head rewrite (libvirt stops QEMU then)
-        self._done = threading.Event()
-        self._error: BaseException | None = None
+        WriterOutcome.__init__(self)
 
     def run(self) -> None:
-        try:
-            with open(self.path, "wb") as fh:
-                fh.write(PART + os.urandom(4080))  # magic + the rest of the header and the XML
+        self.record(self._write)
+
+    def _write(self) -> None:
+        with open(self.path, "wb") as fh:
+            fh.write(PART + os.urandom(4080))  # magic + the rest of the header and the XML
+            fh.flush()
+            for i, chunk in enumerate(self.chunks):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise OSError("No space left on device")
+                fh.write(chunk)
                 fh.flush()
-                for i, chunk in enumerate(self.chunks):
-                    if self.fail_after is not None and i == self.fail_after:
-                        raise OSError("No space left on device")
-                    fh.write(chunk)
-                    fh.flush()
-                    if self.gate is not None:
-                        self.gate(fh.tell())
-                fh.seek(0)
-                fh.write(self.final_head)
-            if self.linger is not None:
-                self.linger()
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def error(self) -> BaseException | None:
-        return self._error if self._done.is_set() else None
+                if self.gate is not None:
+                    self.gate(fh.tell())
+            fh.seek(0)
+            fh.write(self.final_head)
+        if self.linger is not None:
+            self.linger()
 
 
 def chunks() -> list[bytes]:
