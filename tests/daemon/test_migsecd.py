@@ -19,6 +19,7 @@ import pytest
 from migsec.audit import Ledger
 from migsec.auth.users import UserDatabase
 from migsec.pki import CertificateAuthority, PeerDirectory
+from site_layout import domain_and_paths
 
 BIN = Path(sys.executable).parent
 PASSWORD = "daemon test password"
@@ -47,18 +48,7 @@ class Node:
         self.proc: subprocess.Popen | None = None
 
     def write_config(self, extra: str = "") -> None:
-        self.config.write_text(f"""
-[domain]
-id = "{self.did}"
-key = "pki/domain-key.pem"
-certificate = "pki/domain-cert.pem"
-trust = ["pki/ca-cert.pem"]
-[paths]
-state_dir = "state"
-users = "users.json"
-peers = "peers.json"
-policy_dir = "policies"
-sk3 = "sk3.key"
+        self.config.write_text(domain_and_paths(self.did) + f"""
 [listen]
 peer = "127.0.0.1:{self.port}"
 control_socket = "{self.socket}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migsec.lab import Lab
+from tests.site_layout import domain_and_paths
 
 VENV = Path(sys.executable).parent
 MIGSEC = str(VENV / "migsec")
@@ -88,19 +89,7 @@ class Domain:
         storage_map = ", ".join(f'"{lab_dir / p / "images"}" = "{image_dir}"' for p in self.peers)
         self.config.write_text(f"""\
 # migsecd of {self.did} (lab host {self.host}); written by tests/e2e/deploy.py
-[domain]
-id = "{self.did}"
-key = "pki/domain-key.pem"
-certificate = "pki/domain-cert.pem"
-trust = ["pki/ca-cert.pem"]
-
-[paths]
-state_dir = "state"
-users = "users.json"
-peers = "peers.json"
-policy_dir = "policies"
-sk3 = "sk3.key"
-
+{domain_and_paths(self.did)}
 [listen]
 peer = "{self.address}:{PORT}"
 control_socket = "{self.socket}"

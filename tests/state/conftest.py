@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from site_layout import domain_and_paths
+
 
 def write(path: Path, text: str, mode: int = 0o644) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,17 +38,4 @@ def minimal() -> str:
     return MINIMAL
 
 
-MINIMAL = """\
-[domain]
-id = "cloud-a.example"
-key = "pki/domain-key.pem"
-certificate = "pki/domain-cert.pem"
-trust = ["pki/ca-cert.pem"]
-
-[paths]
-state_dir = "state"
-users = "users.json"
-peers = "peers.json"
-policy_dir = "policies"
-sk3 = "sk3.key"
-"""
+MINIMAL = domain_and_paths("cloud-a.example")
