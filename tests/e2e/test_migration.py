@@ -17,7 +17,7 @@ import pytest
 
 from migsec.lab import expected_memory_sha256
 from tests.e2e.conftest import GUEST_REGION_MIB, migrate
-from tests.e2e.deploy import GUEST, GUEST_PASSWORD, MIGSEC, PORT, run
+from tests.e2e.deploy import ADMIN, ADMIN_PASSWORD, GUEST, GUEST_PASSWORD, MIGSEC, PORT, run
 
 pytestmark = pytest.mark.lab
 
@@ -75,6 +75,18 @@ def assert_state_intact(guest, host: str, counter_before: int) -> None:
     dep.lab.request_disk_check(host, guest.name)
     check = wait_for(lambda: guest.console(host).disk_checks, 30, "the guest's disk check")[-1]
     assert check.blocks > 0 and check.bad == 0
+
+
+def migrate_in_background(dep, name: str, *extra: str) -> subprocess.Popen:
+    """``migsec migrate NAME migsec://B --json`` started on host a as admin (password sent)."""
+    a, b = dep["a"], dep["b"]
+    proc = a.lab.host("a").popen(
+        [MIGSEC, "migrate", name, f"migsec://{b.address}:{PORT}", "--json", "--user", ADMIN,
+         "--password-stdin", *extra, "--config", str(a.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(ADMIN_PASSWORD + "\n")
+    proc.stdin.close()
+    return proc
 
 
 def test_success_guest_continues_on_b(dep, guest):
@@ -206,12 +218,7 @@ def test_connection_cut_mid_transfer_resumes(dep, guest):
 def test_destination_daemon_killed_mid_transfer(dep, guest):
     """B's migsecd dies mid-transfer: A rolls back (the guest runs on A), B keeps no partial files."""
     a, b = dep["a"], dep["b"]
-    proc = a.lab.host("a").popen(
-        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
-         "--password-stdin", "--bandwidth", "10", "--config", str(a.config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("correct horse battery staple\n")
-    proc.stdin.close()
+    proc = migrate_in_background(dep, guest.name, "--bandwidth", "10")
     try:
         wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
                  60, "data arriving at B")
@@ -237,12 +244,7 @@ def test_source_daemon_killed_after_restore_then_recover(dep, guest):
     """A's migsecd dies once B holds the restored guest; `migsec recover` leaves exactly one copy running."""
     a, b = dep["a"], dep["b"]
     last = guest.console("a").counters[-1]
-    proc = a.lab.host("a").popen(
-        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
-         "--password-stdin", "--config", str(a.config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("correct horse battery staple\n")
-    proc.stdin.close()
+    proc = migrate_in_background(dep, guest.name)
     try:
         wait_for(lambda: guest.state("b") in ("paused", "running"), 120, "the guest restored on B")
         a.kill(signal.SIGKILL)
@@ -270,12 +272,7 @@ def test_source_daemon_killed_after_commit_then_recover(dep, guest):
     last = guest.console("a").counters[-1]
     journal_dir = b.base / "state" / "journal"
     known = set(journal_dir.glob("*.json"))
-    proc = a.lab.host("a").popen(
-        [MIGSEC, "migrate", guest.name, f"migsec://{b.address}:{PORT}", "--json", "--user", "admin",
-         "--password-stdin", "--config", str(a.config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("correct horse battery staple\n")
-    proc.stdin.close()
+    proc = migrate_in_background(dep, guest.name)
 
     def b_decided():
         for path in set(journal_dir.glob("*.json")) - known:
