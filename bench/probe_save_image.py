@@ -21,30 +21,17 @@ from pathlib import Path
 from migsec import virt
 from migsec.lab import Lab
 from migsec.transfer import file_digest
-from migsec.transfer.source import GrowingFileSource
+from migsec.transfer.source import GrowingFileSource, WriterOutcome
 
 
-class Saver(threading.Thread):
-    def __init__(self, uri: str, name: str, path: str) -> None:
-        super().__init__(daemon=True)
-        self.uri, self.name, self.path = uri, name, path
-        self._done = threading.Event()
-        self._error: BaseException | None = None
+def save_in_background(outcome: WriterOutcome, uri: str, name: str, path: str) -> None:
+    """Run ``virt.save_domain`` in its own thread, its end recorded in ``outcome``."""
 
-    def run(self) -> None:
-        try:
-            with virt.connect(self.uri) as conn:
-                virt.save_domain(conn, self.name, self.path, paused=False)
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._done.set()
+    def save() -> None:
+        with virt.connect(uri) as conn:
+            virt.save_domain(conn, name, path, paused=False)
 
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def error(self) -> BaseException | None:
-        return self._error if self._done.is_set() else None
+    threading.Thread(target=outcome.record, args=(save,), daemon=True).start()
 
 
 def main() -> None:
@@ -61,14 +48,14 @@ def main() -> None:
             name = f"probe{run}"
             lab.ensure_guest("a", name, memory=args.memory, disk_size="64M", region_mib=32, timeout=120)
             path = h.image_dir / f"{name}.save"
-            saver = Saver(h.libvirt_uri, name, str(path))
+            saver = WriterOutcome()
             heads: dict[bytes, int] = {}
             sizes: list[tuple[float, int]] = []
             src = GrowingFileSource(1, "memory", "memory", path, writer=saver, max_size=8 << 30,
                                     head=(b"LibvirtQemudPart", b"LibvirtQemudSave"),
                                     complete_on_final_head=True)  # as migsecd follows it
             t0 = time.monotonic()
-            saver.start()
+            save_in_background(saver, h.libvirt_uri, name, str(path))
             src.start_digest()
             complete_at = None
             while not saver.finished():
