@@ -92,6 +92,12 @@ class LocalConnection:
         except OSError as exc:
             raise ProtocolError(f"connection to migsecd failed: {exc}") from exc
 
+    def __enter__(self) -> "LocalConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.sock.close()
 
@@ -220,11 +226,8 @@ def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth
 @click.option("--all", "show_all", is_flag=True, help="Include finished migrations older than a day.")
 def jobs(config_path, as_json, show_all) -> None:
     """Show running and past migrations (from the migration journal)."""
-    conn = LocalConnection(socket_path(config_path))
-    try:
+    with LocalConnection(socket_path(config_path)) as conn:
         reply = conn.request({"op": "jobs", "all": show_all})
-    finally:
-        conn.close()
     rows = reply.get("jobs", [])
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True, indent=1))
@@ -243,11 +246,8 @@ def jobs(config_path, as_json, show_all) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def recover(config_path, as_json) -> None:
     """After a crash: bring every interrupted migration's guest back running on exactly one host."""
-    conn = LocalConnection(socket_path(config_path), timeout=None)
-    try:
+    with LocalConnection(socket_path(config_path)) as conn:  # no timeout: recovery may take a while
         reply = conn.request({"op": "recover"})
-    finally:
-        conn.close()
     actions = reply.get("actions", [])
     if as_json:
         click.echo(json.dumps(actions, sort_keys=True, indent=1))
