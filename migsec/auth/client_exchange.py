@@ -81,6 +81,6 @@ def migration_message(creds: Any, request: dict, conn: Any) -> dict:
         options["bandwidth"] = int(request["bandwidth_mib"] * 1024 * 1024)  # bytes/s, integers only
     if request.get("timeout"):
         options["timeout"] = int(request["timeout"])
-    mig = MigrationRequest(vm=request["domain"], mode="cold", dest_did=dest["did"], options=options)
+    mig = MigrationRequest(vm=request["domain"], mode=request.get("mode", "cold"), dest_did=dest["did"], options=options)
     sealed = make_migration_request(creds, mig)
     return {"op": "migrate", "request": sealed.encode().decode()}

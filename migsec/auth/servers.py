@@ -128,7 +128,7 @@ class AuthorizationServer:
             resource=vm_attributes(info),
             action=A.ACTION_MIGRATE,
             environment={"source-domain": services.did, "destination-domain": mig.dest_did,
-                         "current-dateTime": services.clock()},
+                         "migration-mode": mig.mode, "current-dateTime": services.clock()},
         )
         if not decision.permitted:
             reason = _reason(decision)
@@ -141,8 +141,13 @@ class AuthorizationServer:
         max_bandwidth, obligations = apply_obligations(decision, mig, where="source")
         # the AZ vouches for the VM's facts: B's policy, capacity check and stream plan use them
         virt.check_migratable(info)
+        options = enrich_options(dict(mig.options), info)
+        if mig.mode == "live":
+            from migsec.daemon.live import live_options
+
+            options = live_options(options, info)
         mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,
-                               network_map=mig.network_map, options=enrich_options(dict(mig.options), info))
+                               network_map=mig.network_map, options=options)
         checked = replace(checked, request=mig)
         ticket, token = az.issue(checked, obligations=[Obligation(o.id, _scalars(o.attributes)) for o in obligations])
         migration_id = uuid.uuid4().hex
@@ -166,7 +171,7 @@ def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, v
         resource={k: v for k, v in vm.items() if k in ("vm-name", "vm-uuid", "vcpus", "memory-bytes", "disk-bytes", "tags")},
         action=A.ACTION_RECEIVE,
         environment={"source-domain": src_did, "destination-domain": services.did,
-                     "current-dateTime": services.clock()},
+                     "migration-mode": request.mode, "current-dateTime": services.clock()},
     )
     if not decision.permitted:
         reason = _reason(decision)
@@ -224,7 +229,7 @@ def apply_obligations(decision: Any, request: Any, *, where: str) -> tuple[int |
         elif ob.id == A.OBLIGATION_REQUIRE_LIVE:
             if request.mode != "live":
                 raise AuthorizationDenied(f"policy at the {where} requires a live migration "
-                                          f"(obligation {ob.id}); this migsec moves VMs cold",
+                                          f"(obligation {ob.id}); use `migsec migrate --live`",
                                           where=where, decision="Obligation")
         else:
             raise AuthorizationDenied(f"policy at the {where} returned obligation {ob.id!r}, which this "

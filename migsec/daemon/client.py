@@ -140,6 +140,9 @@ def _read_password(password_stdin: bool, user: str) -> str:
 @click.command()
 @click.argument("domain")
 @click.argument("destination")
+@click.option("--live/--cold", "live", default=False, show_default=True,
+              help="Live: libvirt moves the running guest (pre-copy, disks mirrored over NBD) through migsec's "
+                   "session; cold (the default, as virsh's): suspend, save, stream, restore at the destination.")
 @click.option("--verbose", is_flag=True, help="Show progress (a bar with bytes, rate and ETA on a terminal).")
 @click.option("--persistent", is_flag=True, help="Define the domain persistently on the destination.")
 @click.option("--undefinesource", is_flag=True, help="Undefine the domain on the source after success.")
@@ -151,11 +154,11 @@ def _read_password(password_stdin: bool, user: str) -> str:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="migsecd.toml (to find the daemon's socket).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 @click.option("--ssh-agent", "use_agent", is_flag=True, help="Prove identity with a key held by ssh-agent instead of a password.")
-def migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+def migrate(domain, destination, live, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
             timeout, user, config_path, password_stdin, use_agent) -> None:
     """Migrate the running DOMAIN to migsec://HOST:PORT securely."""
     try:
-        _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+        _migrate(domain, destination, live, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
                  timeout, user, config_path, password_stdin, use_agent)
     except MigsecError as exc:
         if not as_json:
@@ -165,7 +168,7 @@ def migrate(domain, destination, verbose, persistent, undefinesource, bandwidth,
         sys.exit(exc.exit_code)
 
 
-def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
+def _migrate(domain, destination, live, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
              timeout, user, config_path, password_stdin, use_agent) -> None:
     from migsec.auth import client_exchange
     from migsec.daemon.progress import Progress, human_bytes
@@ -182,6 +185,7 @@ def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth
         session = client_exchange.login(conn, user, credential)
         request = {
             "domain": domain,
+            "mode": "live" if live else "cold",
             "destination": {"host": host, "port": port},
             "persistent": persistent,
             "undefine_source": undefinesource,
@@ -216,7 +220,11 @@ def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth
         return
     moved = result.get("bytes_on_wire")
     extra = f", {human_bytes(moved)} on the wire" if isinstance(moved, int) else ""
-    click.echo(f"migrated {domain} to {result.get('destination_did', host)} "
+    job = result.get("job") or {}
+    if isinstance(job.get("downtime_ms"), int):
+        extra += f", downtime {job['downtime_ms']} ms"
+    how = "live " if result.get("mode") == "live" else ""
+    click.echo(f"migrated {domain} {how}to {result.get('destination_did', host)} "
                f"(migration {result.get('migration_id', '?')}, {result.get('seconds', 0):.1f} s{extra})")
 
 

@@ -111,6 +111,11 @@ class IncomingMigration:
         bandwidth = accepted.bandwidth or services.journal.get(self.mid).data.get("bandwidth")
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
+        if request.mode == "live":
+            from migsec.daemon.live import serve_destination
+
+            serve_destination(self, conn, accepted)
+            return
         records = RecordLayer(accepted.keys, "destination")
         control = ControlLink(conn, records, accepted.src_did)
         prepared: dict[str, str] = {}

@@ -244,6 +244,8 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
         if entry.data.get("peer") != proposal.src_did:
             raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}")
         if proposal.resume_of is not None:
+            if proposal.request.mode == "live" or (entry.data.get("options") or {}).get("live_targets") is not None:
+                raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)")
             if entry.role != "destination" or proposal.resume_of != mid or \
                     entry.phase not in ("accepted", "receiving", "received"):
                 raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})")

@@ -95,9 +95,13 @@ class OutgoingMigration:
         if dry_run:
             session.close()
             return self.result(dry_run=True)
-        self.journal("handshaken")
+        self.journal("handshaken", mode=self.request.mode)
         conn = virt.connect(services.config.libvirt.uri)
         try:
+            if self.request.mode == "live":
+                from migsec.daemon.live import run_source
+
+                return run_source(self, conn, session)
             return self._move(conn, session)
         finally:
             conn.close()

@@ -95,6 +95,20 @@ def incoming_migration(call: HookCall, xml: bytes, config_path: str, stderr: IO[
         raise HookRefused(f"incoming libvirt migration of domain {call.domain!r} refused: "
                           f"cannot read the migsec configuration ({exc})") from exc
     fields = _domain_fields(call, xml)
+    from migsec.hooks.permit import PermitError, check_and_consume
+
+    try:
+        # migsec's own live migration: migsecd wrote a one-time permit for this uuid
+        mid = check_and_consume(config.paths.state_dir / "permits", uuid=fields.get("uuid"), name=call.domain)
+    except PermitError:
+        pass  # not one of migsec's: a native migration, refused below unless allowed
+    else:
+        try:
+            audit(config, "live-migration-admitted", migration_id=mid, **fields)
+        except MigsecError as exc:
+            print(f"{PREFIX}: warning: migsec live migration {mid} of {call.domain!r} admitted but not "
+                  f"audited: {exc}", file=stderr)
+        return None
     if config.hooks.allow_native_migration:
         try:
             audit(config, "native-migration-allowed", **fields)

@@ -62,6 +62,8 @@ SPECS: tuple[AttributeSpec, ...] = (
                   "DID of the domain the VM leaves"),
     AttributeSpec("destination-domain", ENVIRONMENT, "urn:migsec:environment:destination-domain", T.STRING, False,
                   "DID of the domain the VM goes to"),
+    AttributeSpec("migration-mode", ENVIRONMENT, "urn:migsec:environment:migration-mode", T.STRING, False,
+                  "cold or live: the mode the signed Mig_Rqst asks for"),
     AttributeSpec("current-dateTime", ENVIRONMENT, "urn:oasis:names:tc:xacml:1.0:environment:current-dateTime",
                   T.DATETIME, False, "the time of the decision (the PDP supplies it when absent)"),
 )
@@ -81,4 +83,5 @@ TAG = BY_SHORT[(RESOURCE, "tags")].id
 ACTION_ID = BY_SHORT[(ACTION, "action-id")].id
 SOURCE_DOMAIN = BY_SHORT[(ENVIRONMENT, "source-domain")].id
 DESTINATION_DOMAIN = BY_SHORT[(ENVIRONMENT, "destination-domain")].id
+MIGRATION_MODE = BY_SHORT[(ENVIRONMENT, "migration-mode")].id
 CURRENT_DATETIME = BY_SHORT[(ENVIRONMENT, "current-dateTime")].id

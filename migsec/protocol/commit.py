@@ -25,6 +25,9 @@ from migsec.protocol.messages import check_token, from_epoch, to_epoch
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,254}$")
 T = TypeVar("T", bound="_Signed")
+# cold: B restored the VM paused and waits for the decision; live: libvirt's Finish/Confirm
+# already committed it and it runs at B (streams = each byte channel's SHA-256 per direction)
+RECEIPT_STATES = ("restored-paused", "running-live")
 
 
 def token_hash(token: str) -> bytes:
@@ -90,7 +93,8 @@ def _check_hash(value: Any, what: str) -> None:
 
 @dataclass(frozen=True)
 class Receipt(_Signed):
-    """B's signed receipt: what arrived (per-stream SHA-256) and that the VM is restored paused."""
+    """B's signed receipt: what arrived (per-stream SHA-256) and that the VM is restored paused
+    (cold) or runs here after libvirt's live migration (``running-live``)."""
 
     TYP: ClassVar[str] = "migsec-receipt+jwt"
     KIND: ClassVar[str] = "Receipt"
@@ -105,8 +109,8 @@ class Receipt(_Signed):
     def __post_init__(self) -> None:
         _check_common(self)
         _check_hash(self.transcript_hash, "Receipt.transcript_hash")
-        if self.state != "restored-paused":
-            raise MalformedMessageError("Receipt.state must be 'restored-paused'")
+        if self.state not in RECEIPT_STATES:
+            raise MalformedMessageError(f"Receipt.state must be one of {RECEIPT_STATES}")
         if not isinstance(self.streams, Mapping) or not 0 < len(self.streams) <= 1024:
             raise MalformedMessageError("Receipt.streams must name 1..1024 streams")
         for name, digest in self.streams.items():
@@ -132,7 +136,7 @@ class Receipt(_Signed):
         if len(digests) != len(streams):
             raise MalformedMessageError("Receipt: stream digests must be hex SHA-256")
         msg = cls(migration_id=mid, src_did=src, dest_did=dest, streams=digests,
-                  transcript_hash=f.blob("th", size=32), issued_at=iat, state=f.choice("state", ("restored-paused",)))
+                  transcript_hash=f.blob("th", size=32), issued_at=iat, state=f.choice("state", RECEIPT_STATES))
         f.done()
         return msg
 

@@ -119,6 +119,8 @@ class SourceCommit(_Machine):
             receipt = Receipt.verify(token, self._peer_key, migration_id=self.migration_id)
             if (receipt.src_did, receipt.dest_did) != (self.src_did, self.dest_did):
                 raise TicketError(f"receipt is between {receipt.src_did} and {receipt.dest_did}")
+            if receipt.state != "restored-paused":
+                raise IntegrityError(f"receipt says {receipt.state!r}, not restored-paused (a cold move)")
             if dict(receipt.streams) != self._expected:
                 raise IntegrityError("receipt vouches for other stream digests than were sent")
             self._journal("receipt-received", receipt=token)

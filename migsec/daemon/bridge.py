@@ -1,0 +1,491 @@
+"""Byte channels of one keyed session, each joined to a unix-socket connection on its host.
+
+A live migration's three connections (libvirt RPC, QEMU's migration stream, the
+NBD disk mirror) cross the inter-domain link as numbered channels of the existing
+record layer (same keys, counters and record rules as a cold move's streams)::
+
+    A: libvirtd / QEMU --unix--> ChannelBridge(A) ==record layer, TCP==> ChannelBridge(B) --unix--> B's libvirtd / QEMU
+
+A listens on unix sockets in the migration's run directory; each connection libvirt
+or QEMU makes there becomes a channel: A sends ``CONTROL(0, {"t": "open", "ch": N,
+"kind": K})`` and B connects to its own target for that kind (``connect_target``),
+optionally through a filter (B's libvirt RPC proxy). Bytes go both ways as DATA on
+the channel's number (each direction has its own offsets); a side that reads EOF
+sends ``END(ch, total, SHA-256)`` and the other side shuts down writing, so each
+direction closes on its own as with a TCP half-close. Each side hashes every byte of
+each channel in each direction; the receiver checks END's digest against its own,
+and ``digests()`` gives them all for the signed receipt.
+
+Other CONTROL messages on channel 0 (the commit exchange) go to ``recv_control``.
+Threads: one reader of the session, one reader per unix connection; sealing and
+sending share one lock (one record-layer counter); buffers are allocated once per
+connection, never per read.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from migsec.errors import IntegrityError, MigsecError, ProtocolError, UnexpectedMessageError
+from migsec.protocol import Ack, Close, Control, Data, End, Hole
+from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
+from migsec.protocol.records import OVERHEAD
+
+log = logging.getLogger("migsecd.bridge")
+
+CONTROL_CHANNEL = 0
+CHUNK = 1024 * 1024  # largest read from a unix connection = largest DATA record
+SOCKET_BUFFER = 4 * 1024 * 1024
+KEEPALIVE_S = 5.0
+PEER_SILENCE_S = 60.0
+KINDS = ("libvirt", "qemu", "nbd")
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+
+class BridgeError(MigsecError):
+    """The session under the channels failed (cut, silent peer, bad record)."""
+
+
+class ChannelFilter:
+    """What B puts between a channel and its target (libvirt RPC proxy). Default: none."""
+
+    def from_peer(self, data: bytes) -> tuple[bytes, bytes]:  # pragma: no cover - interface
+        """Bytes from the peer -> (bytes for the local target, bytes back to the peer)."""
+        raise NotImplementedError
+
+    def from_target(self, data: bytes) -> tuple[bytes, bytes]:  # pragma: no cover - interface
+        """Bytes from the local target -> (bytes for the local target, bytes for the peer)."""
+        raise NotImplementedError
+
+
+@dataclass
+class _Conn:
+    channel: int
+    kind: str
+    sock: socket.socket | None
+    filter: ChannelFilter | None = None
+    sent_hash: Any = field(default_factory=hashlib.sha256)
+    received_hash: Any = field(default_factory=hashlib.sha256)
+    sent: int = 0
+    received: int = 0
+    out_ended: bool = False  # we sent END
+    in_ended: bool = False  # the peer's END arrived (and matched)
+    target_broken: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # offset + hash + filter order
+
+    @property
+    def done(self) -> bool:
+        return self.out_ended and self.in_ended
+
+
+class ChannelBridge:
+    """Run a session's byte channels. ``role`` is "source" (A: listens, opens channels)
+    or "destination" (B: ``connect_target(kind, channel) -> (socket, filter|None)``)."""
+
+    def __init__(self, sock: socket.socket, records: Any, *, role: str, peer_name: str,
+                 connect_target: Callable[[str, int], tuple[socket.socket, ChannelFilter | None]] | None = None,
+                 pre_read: bytes = b"") -> None:
+        if role not in ("source", "destination"):
+            raise ProtocolError(f"bridge role must be source or destination, not {role!r}")
+        if role == "destination" and connect_target is None:
+            raise ProtocolError("the destination's bridge needs connect_target")
+        if pre_read:
+            raise ProtocolError("bytes already read from the session cannot be bridged")
+        self.sock = sock
+        self.records = records
+        self.role = role
+        self.peer_name = peer_name
+        self.connect_target = connect_target
+        self.channels: dict[int, _Conn] = {}
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition()
+        self._control: queue.Queue = queue.Queue()
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._next_channel = 1
+        self._closing = False
+        self.error: BaseException | None = None
+        self.wire_sent = 0
+        self.wire_received = 0
+        self._last_send = time.monotonic()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
+        sock.settimeout(None)
+        self._spawn(self._read_session, "migsec-bridge-rx")
+        self._spawn(self._keepalive, "migsec-bridge-ka")
+
+    # ---- threads ------------------------------------------------------------------------
+    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._state:
+            if self.error is None and not self._closing:
+                self.error = exc
+                log.warning("bridge to %s failed: %s", self.peer_name, exc)
+            self._state.notify_all()
+        self._control.put(None)
+        self._close_targets()
+
+    def _close_targets(self) -> None:
+        for conn in list(self.channels.values()):
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for lsock in self._listeners:
+            try:
+                lsock.close()
+            except OSError:
+                pass
+
+    # ---- sending ------------------------------------------------------------------------
+    def _send_frame(self, frame: bytes | memoryview) -> None:
+        try:
+            self.sock.sendall(frame)
+        except OSError as exc:
+            raise BridgeError(f"connection to {self.peer_name} failed while sending: {exc}") from exc
+        self.wire_sent += len(frame)
+        self._last_send = time.monotonic()
+
+    def _send_data(self, conn: _Conn, data: memoryview, out: bytearray) -> None:
+        """DATA for ``data`` on ``conn``'s channel (caller holds ``conn.lock``)."""
+        pos = 0
+        while pos < len(data):
+            piece = data[pos:pos + CHUNK]
+            conn.sent_hash.update(piece)
+            with self._send_lock:
+                n = self.records.seal_data_into(conn.channel, conn.sent, piece, out)
+                self._send_frame(memoryview(out)[:n])
+            conn.sent += len(piece)
+            pos += len(piece)
+
+    def _send_end(self, conn: _Conn) -> None:
+        with conn.lock:
+            if conn.out_ended:
+                return
+            with self._send_lock:
+                self._send_frame(self.records.send_end(conn.channel, conn.sent, conn.sent_hash.digest()))
+            conn.out_ended = True
+        self._maybe_done(conn)
+
+    def send_control(self, message: dict) -> None:
+        """A CONTROL message on channel 0 (the commit exchange)."""
+        if self.error is not None:
+            raise BridgeError(f"the session to {self.peer_name} failed: {self.error}")
+        with self._send_lock:
+            self._send_frame(self.records.send_control(CONTROL_CHANNEL, message))
+
+    def _keepalive(self) -> None:
+        while not self._closing and self.error is None:
+            time.sleep(1.0)
+            if time.monotonic() - self._last_send >= KEEPALIVE_S:
+                try:
+                    self.send_control({"t": "keepalive"})
+                except (MigsecError, OSError) as exc:
+                    self._fail(exc)
+                    return
+
+    # ---- A: listening -------------------------------------------------------------------
+    def listen(self, kind: str, path: str) -> None:
+        """Accept connections on the unix socket ``path`` (mode 0600); each becomes a channel."""
+        if self.role != "source":
+            raise ProtocolError("only the source side listens")
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown channel kind {kind!r}")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            lsock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        lsock.listen(8)
+        self._listeners.append(lsock)
+        self._spawn(self._accept, f"migsec-bridge-{kind}", kind, lsock)
+
+    def _accept(self, kind: str, lsock: socket.socket) -> None:
+        while not self._closing and self.error is None:
+            try:
+                usock, _ = lsock.accept()
+            except OSError:
+                return
+            with self._state:
+                channel = self._next_channel
+                self._next_channel += 2  # A's channels are odd; 0 is control
+                conn = _Conn(channel, kind, usock)
+                self.channels[channel] = conn
+            _tune(usock)
+            try:
+                self.send_control({"t": "open", "ch": channel, "kind": kind})
+            except (MigsecError, OSError) as exc:
+                self._fail(exc)
+                return
+            log.info("channel %d (%s) opened towards %s", channel, kind, self.peer_name)
+            self._spawn(self._pump, f"migsec-ch{channel}", conn)
+
+    # ---- B: opening targets -------------------------------------------------------------
+    def _open_target(self, message: dict) -> None:
+        channel, kind = message.get("ch"), message.get("kind")
+        if self.role != "destination":
+            raise UnexpectedMessageError("the destination opened a channel")
+        if not isinstance(channel, int) or channel <= 0 or channel % 2 != 1 or channel in self.channels:
+            raise ProtocolError(f"bad channel number {channel!r} in open")
+        if kind not in KINDS:
+            raise ProtocolError(f"the source asked for an unknown channel kind {kind!r}")
+        conn = _Conn(channel, str(kind), None)
+        self.channels[channel] = conn
+        assert self.connect_target is not None
+        try:
+            usock, conn.filter = self.connect_target(str(kind), channel)
+        except (MigsecError, OSError) as exc:
+            log.warning("channel %d (%s): cannot reach the local target: %s", channel, kind, exc)
+            conn.target_broken = True
+            self._send_end(conn)
+            return
+        _tune(usock)
+        conn.sock = usock
+        self._spawn(self._pump, f"migsec-ch{channel}", conn)
+
+    # ---- unix -> session ------------------------------------------------------------------
+    def _pump(self, conn: _Conn) -> None:
+        """Read the local connection with one reused buffer; DATA on its channel; END at EOF."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        out = bytearray(CHUNK + OVERHEAD)
+        assert conn.sock is not None
+        try:
+            while True:
+                try:
+                    n = conn.sock.recv_into(buf)
+                except OSError as exc:
+                    if not self._closing and self.error is None:
+                        log.info("channel %d (%s): local read ended: %s", conn.channel, conn.kind, exc)
+                    n = 0
+                if n == 0:
+                    break
+                with conn.lock:
+                    if conn.filter is None:
+                        self._send_data(conn, view[:n], out)
+                        continue
+                    local, remote = conn.filter.from_target(bytes(view[:n]))
+                    if remote:
+                        self._send_data(conn, memoryview(remote), out)
+                if local:
+                    self._write_local(conn, local)
+            self._send_end(conn)
+        except BaseException as exc:  # noqa: BLE001 - any failure ends the whole session
+            self._fail(exc)
+
+    # ---- session -> unix ------------------------------------------------------------------
+    def _read_session(self) -> None:
+        header = bytearray(HEADER_SIZE)
+        payload = bytearray(RECORD_MAX)
+        out = bytearray(RECORD_MAX)
+        hview, pview = memoryview(header), memoryview(payload)
+        reply_out = bytearray(CHUNK + OVERHEAD)
+        self.sock.settimeout(PEER_SILENCE_S)
+        try:
+            while True:
+                if not self._recv_exact(hview):
+                    raise BridgeError(f"{self.peer_name} closed the connection")
+                ftype, length = parse_header(bytes(header))
+                if ftype != RECORD:
+                    raise ProtocolError(f"unexpected frame type {ftype} in the live session")
+                if not self._recv_exact(pview[:length]):
+                    raise BridgeError(f"connection to {self.peer_name} ended mid-record")
+                self.wire_received += HEADER_SIZE + length
+                event = self.records.open_record_into(pview[:length], out)
+                if isinstance(event, Data):
+                    self._deliver(event.channel, event.data, reply_out)
+                elif isinstance(event, End):
+                    self._peer_end(event)
+                elif isinstance(event, Control):
+                    if event.channel != CONTROL_CHANNEL:
+                        raise UnexpectedMessageError(f"control message on channel {event.channel}")
+                    t = event.message.get("t")
+                    if t == "open":
+                        self._open_target(dict(event.message))
+                    elif t != "keepalive":
+                        self._control.put(dict(event.message))
+                elif isinstance(event, Close):
+                    with self._state:
+                        self._closing = True
+                        self._state.notify_all()
+                    self._control.put(None)
+                    return
+                elif isinstance(event, Hole):
+                    raise UnexpectedMessageError("HOLE record on a live channel")
+                elif not isinstance(event, Ack):
+                    raise UnexpectedMessageError(f"unexpected {type(event).__name__}")
+        except BaseException as exc:  # noqa: BLE001
+            if self._closing:
+                return
+            if isinstance(exc, (socket.timeout, TimeoutError)):
+                exc = BridgeError(f"{self.peer_name} was silent for {PEER_SILENCE_S:.0f} s")
+            elif isinstance(exc, OSError):
+                exc = BridgeError(f"connection to {self.peer_name} failed: {exc}")
+            self._fail(exc)
+
+    def _recv_exact(self, view: memoryview) -> bool:
+        pos, n = 0, len(view)
+        while pos < n:
+            got = self.sock.recv_into(view[pos:], n - pos)
+            if got == 0:
+                return False
+            pos += got
+        return True
+
+    def _channel(self, channel: int) -> _Conn:
+        conn = self.channels.get(channel)
+        if conn is None:
+            raise ProtocolError(f"data on channel {channel}, which was never opened")
+        return conn
+
+    def _deliver(self, channel: int, data: memoryview, reply_out: bytearray) -> None:
+        conn = self._channel(channel)
+        if conn.in_ended:
+            raise ProtocolError(f"data on channel {channel} after its END")
+        conn.received_hash.update(data)
+        conn.received += len(data)
+        if conn.filter is None:
+            self._write_local(conn, data)
+            return
+        with conn.lock:
+            local, remote = conn.filter.from_peer(bytes(data))
+            if remote and not conn.out_ended:
+                self._send_data(conn, memoryview(remote), reply_out)
+        if local:
+            self._write_local(conn, local)
+
+    def _write_local(self, conn: _Conn, data: bytes | memoryview) -> None:
+        if conn.sock is None or conn.target_broken:
+            return  # hashed and counted; the target is gone (its END tells the peer)
+        try:
+            conn.sock.sendall(data)
+        except OSError as exc:
+            log.info("channel %d (%s): local write failed: %s", conn.channel, conn.kind, exc)
+            conn.target_broken = True
+
+    def _peer_end(self, event: End) -> None:
+        conn = self._channel(event.channel)
+        if event.total_length != conn.received or event.sha256 != conn.received_hash.digest():
+            raise IntegrityError(f"channel {event.channel} ({conn.kind}): {self.peer_name} sent "
+                                 f"{event.total_length} bytes with a SHA-256 that differs from the "
+                                 f"{conn.received} bytes received here")
+        conn.in_ended = True
+        if conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if conn.target_broken and not conn.out_ended:
+            self._send_end(conn)
+        self._maybe_done(conn)
+
+    def _maybe_done(self, conn: _Conn) -> None:
+        if conn.done:
+            if conn.sock is not None:
+                try:
+                    conn.sock.close()
+                except OSError:
+                    pass
+            with self._state:
+                self._state.notify_all()
+
+    # ---- what the migration flow uses -------------------------------------------------------
+    def recv_control(self, timeout: float) -> dict:
+        """The next commit-exchange message from the peer; BridgeError if the session failed."""
+        try:
+            message = self._control.get(timeout=timeout)
+        except queue.Empty:
+            raise BridgeError(f"no answer from {self.peer_name} within {timeout:.0f} s") from None
+        if message is None:
+            self._control.put(None)
+            raise BridgeError(f"the session to {self.peer_name} ended: {self.error or 'closed'}")
+        return message
+
+    def wait_channels_done(self, timeout: float) -> None:
+        """Until every channel ended in both directions (the connections libvirt and QEMU
+        made are all closed); BridgeError on a failure or timeout."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            while True:
+                if self.error is not None:
+                    raise BridgeError(f"the session to {self.peer_name} failed: {self.error}")
+                if all(c.done for c in self.channels.values()):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    busy = [f"{c.channel}:{c.kind}" for c in self.channels.values() if not c.done]
+                    raise BridgeError(f"channels {busy} still open {timeout:.0f} s after libvirt finished")
+                self._state.wait(min(left, 1.0))
+
+    def digests(self) -> dict[str, bytes]:
+        """SHA-256 of every channel's bytes per direction, named ``<kind>.<ch>.a2b|b2a``."""
+        out: dict[str, bytes] = {}
+        for c in sorted(self.channels.values(), key=lambda c: c.channel):
+            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
+            out[f"{c.kind}.{c.channel}.{mine}"] = c.sent_hash.digest()
+            out[f"{c.kind}.{c.channel}.{theirs}"] = c.received_hash.digest()
+        return out
+
+    def channel_bytes(self) -> dict[str, int]:
+        """Bytes per channel and direction (same names as ``digests``)."""
+        out: dict[str, int] = {}
+        for c in self.channels.values():
+            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
+            out[f"{c.kind}.{c.channel}.{mine}"] = c.sent
+            out[f"{c.kind}.{c.channel}.{theirs}"] = c.received
+        return out
+
+    def stop_listening(self) -> None:
+        for lsock in self._listeners:
+            try:
+                lsock.close()
+            except OSError:
+                pass
+
+    def close(self, *, clean: bool = False) -> None:
+        """End the session (CLOSE first when ``clean``) and every local connection."""
+        if clean and self.error is None:
+            try:
+                with self._send_lock:
+                    self._send_frame(self.records.send_close())
+            except (MigsecError, OSError):
+                pass
+        with self._state:
+            self._closing = True
+            self._state.notify_all()
+        self._close_targets()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._control.put(None)
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass

@@ -1,0 +1,124 @@
+"""libvirt's own live migration, peer to peer, over sockets migsec provides.
+
+migsec does not move a live guest's memory itself: libvirt and QEMU do (pre-copy,
+dirty-page tracking, the NBD disk mirror), and migsec carries their three
+connections (the libvirt RPC to the destination's daemon, QEMU's migration stream,
+the NBD mirror) through its keyed session as byte channels. This module is the
+libvirt side of it: ``migrate_live`` (``virDomainMigrateToURI3``), the job's
+figures, and sparse pre-creation of the destination's disks with qemu-img.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import libvirt
+
+from migsec.errors import MigsecError
+from migsec.virt.connection import Connection, lookup
+from migsec.virt.errors import OperationUnsupportedError, libvirt_call
+from migsec.virt.images import QEMU_IMG, _check_format, _run
+
+MIB = 1024 * 1024
+
+
+def _flag(name: str) -> int:
+    value = getattr(libvirt, name, None)
+    if value is None:
+        raise OperationUnsupportedError(f"live migration: libvirt-python here lacks {name}")
+    return int(value)
+
+
+def live_flags(*, persistent: bool, undefine_source: bool, paused: bool = False) -> int:
+    """LIVE | PEER2PEER | NON_SHARED_DISK, plus PERSIST_DEST / UNDEFINE_SOURCE / PAUSED as asked."""
+    flags = _flag("VIR_MIGRATE_LIVE") | _flag("VIR_MIGRATE_PEER2PEER") | _flag("VIR_MIGRATE_NON_SHARED_DISK")
+    if persistent:
+        flags |= _flag("VIR_MIGRATE_PERSIST_DEST")
+    if undefine_source:
+        flags |= _flag("VIR_MIGRATE_UNDEFINE_SOURCE")
+    if paused:
+        flags |= _flag("VIR_MIGRATE_PAUSED")
+    return flags
+
+
+def migrate_live(conn: Connection, name_or_uuid: str, *, dconnuri: str, migrate_uri: str, disks_uri: str,
+                 flags: int, bandwidth: int | None = None, disks: list[str] | None = None) -> None:
+    """``virDomainMigrateToURI3`` (blocks until libvirt's Finish/Confirm, or its rollback).
+
+    ``bandwidth`` in bytes/s (libvirt takes MiB/s and also throttles the NBD mirror
+    with it); ``disks``: the targets to mirror (default: every writable disk).
+    A failure is a VirtError; libvirt has then resumed the guest at the source.
+    """
+    dom = lookup(conn, name_or_uuid)
+    params: dict = {
+        libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri,
+        libvirt.VIR_MIGRATE_PARAM_DISKS_URI: disks_uri,
+    }
+    if bandwidth:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, int(bandwidth) // MIB)
+    if disks:
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(disks)
+    with libvirt_call("live migration", uri=conn.uri, domain=name_or_uuid):
+        dom.migrateToURI3(dconnuri, params, flags)
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """What libvirt reports of a migration job (``virsh domjobinfo``); None where it said nothing."""
+
+    time_elapsed_ms: int | None
+    downtime_ms: int | None
+    memory_processed: int | None
+    memory_total: int | None
+    memory_bps: int | None
+    disk_processed: int | None
+    disk_total: int | None
+    data_processed: int | None
+    data_total: int | None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def job_stats(conn: Connection, name_or_uuid: str, *, completed: bool = False) -> JobStats | None:
+    """The running (or, with ``completed``, the last completed) job's figures; None if none."""
+    dom = lookup(conn, name_or_uuid)
+    flags = getattr(libvirt, "VIR_DOMAIN_JOB_STATS_COMPLETED", 0) if completed else 0
+    try:
+        with libvirt_call("job statistics", uri=conn.uri, domain=name_or_uuid):
+            stats = dom.jobStats(flags)
+    except MigsecError:  # statistics are informative only; a vanished domain has none
+        return None
+    if not stats:
+        return None
+
+    def get(key: str) -> int | None:
+        value = stats.get(key)
+        return int(value) if isinstance(value, int) else None
+
+    return JobStats(time_elapsed_ms=get("time_elapsed"), downtime_ms=get("downtime"),
+                    memory_processed=get("memory_processed"), memory_total=get("memory_total"),
+                    memory_bps=get("memory_bps"), disk_processed=get("disk_processed"),
+                    disk_total=get("disk_total"), data_processed=get("data_processed"),
+                    data_total=get("data_total"))
+
+
+def abort_job(conn: Connection, name_or_uuid: str) -> None:
+    """Cancel the domain's running job (libvirt then rolls the migration back)."""
+    dom = lookup(conn, name_or_uuid)
+    with libvirt_call("abort job", uri=conn.uri, domain=name_or_uuid):
+        dom.abortJob()
+
+
+def create_sparse_image(path: str, *, format: str, virtual_size: int) -> None:
+    """A new, empty image of ``virtual_size`` bytes (``qemu-img create``; nothing allocated).
+
+    Refuses an existing file: the destination path of a live move must never be
+    the source's own image (the lab's image directories are visible from both hosts).
+    """
+    what = f"create image '{path}'"
+    if os.path.lexists(path):
+        raise OperationUnsupportedError(f"{what}: a file is already there; refusing to overwrite it")
+    if not isinstance(virtual_size, int) or virtual_size <= 0:
+        raise OperationUnsupportedError(f"{what}: bad virtual size {virtual_size!r}")
+    _run([QEMU_IMG, "create", "-q", "-f", _check_format(format, what), path, str(virtual_size)], what)
