@@ -17,19 +17,29 @@ def parse_domain(data: bytes, *, max_size: int, error: type[MigsecError], where:
 
     ``where`` (e.g. " on stdin") says in the messages where the XML came from.
     """
+    return parse_untrusted(data, root="domain", what="domain XML", max_size=max_size,
+                           error=error, where=where)
+
+
+def parse_untrusted(data: bytes, *, root: str, what: str, max_size: int,
+                    error: type[MigsecError], where: str = "") -> Any:
+    """The root element of ``data``, which must be ``<root>``; the same rules as parse_domain.
+
+    ``what`` names the document in messages (e.g. "migration cookie").
+    """
     from lxml import etree
 
     if len(data) > max_size:
-        raise error(f"domain XML is {len(data)} bytes, above the {max_size}-byte limit")
+        raise error(f"{what} is {len(data)} bytes, above the {max_size}-byte limit")
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              dtd_validation=False, huge_tree=False)
     try:
-        root = etree.fromstring(data, parser)
+        elem = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        raise error(f"domain XML{where} is not well-formed: {exc}") from exc
-    info = root.getroottree().docinfo
+        raise error(f"{what}{where} is not well-formed: {exc}") from exc
+    info = elem.getroottree().docinfo
     if info.doctype or info.internalDTD is not None:
-        raise error(f"domain XML{where} carries a DOCTYPE/DTD; refused (entities are never expanded)")
-    if root.tag != "domain":
-        raise error(f"expected a <domain> document{where}, got <{root.tag}>")
-    return root
+        raise error(f"{what}{where} carries a DOCTYPE/DTD; refused (entities are never expanded)")
+    if elem.tag != root:
+        raise error(f"expected a <{root}> document{where}, got <{elem.tag}>")
+    return elem

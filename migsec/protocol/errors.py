@@ -17,3 +17,12 @@ class KeyBindingError(HandshakeError):
 
 class ReplayCacheFullError(ProtocolError):
     """The replay cache is full of unexpired entries; refusing rather than forgetting one."""
+
+
+class RpcFilterError(ProtocolError):
+    """A libvirt RPC packet through the migration proxy is malformed, oversize or illegal.
+
+    The filter that raised it is in a terminal error state: the connection must be closed.
+    (A well-formed call that is merely not allowed is not an error: it is refused with an
+    RPC error reply and reported as a ``Refused`` event.)
+    """
