@@ -45,7 +45,7 @@ def run_dirs(dep, host: str) -> list[str]:
 
 
 def images(dep, host: str, name: str) -> list[str]:
-    return sorted(p.name for p in dep.lab.host(host).image_dir.glob(f"{name}*"))
+    return sorted(p.name for p in dep.lab.host(host).image_dir.glob(f"{name}*.qcow2"))
 
 
 def assert_clean_failure(dep, guest, before: int) -> None:
