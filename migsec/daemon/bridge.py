@@ -92,16 +92,20 @@ class ChannelBridge:
 
     def __init__(self, sock: socket.socket, records: Any, *, role: str, peer_name: str,
                  connect_target: Callable[[str, int], tuple[socket.socket, ChannelFilter | None]] | None = None,
-                 pre_read: bytes = b"") -> None:
+                 pre_read: bytes = b"", rate: float | None = None) -> None:
         if role not in ("source", "destination"):
             raise ProtocolError(f"bridge role must be source or destination, not {role!r}")
         if role == "destination" and connect_target is None:
             raise ProtocolError("the destination's bridge needs connect_target")
         if pre_read:
             raise ProtocolError("bytes already read from the session cannot be bridged")
+        from migsec.transfer.plane import TokenBucket
+
         self.sock = sock
         self.records = records
         self.role = role
+        # B's own policy's bandwidth obligation: read no faster (TCP flow control slows A)
+        self._bucket = TokenBucket(rate) if rate else None
         self.peer_name = peer_name
         self.connect_target = connect_target
         self.channels: dict[int, _Conn] = {}
@@ -309,6 +313,8 @@ class ChannelBridge:
                 if not self._recv_exact(pview[:length]):
                     raise BridgeError(f"connection to {self.peer_name} ended mid-record")
                 self.wire_received += HEADER_SIZE + length
+                if self._bucket is not None:
+                    self._bucket.take(HEADER_SIZE + length)
                 event = self.records.open_record_into(pview[:length], out)
                 if isinstance(event, Data):
                     self._deliver(event.channel, event.data, reply_out)

@@ -197,6 +197,11 @@ class IncomingMigration:
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
+        if (entry.data.get("options") or {}).get("live_targets") is not None:
+            from migsec.daemon.live import discard_destination
+
+            discard_destination(self.services, self.mid, record_phase=False)
+            return
         name = entry.data.get("restored")
         if name:
             with virt.connect(self.services.config.libvirt.uri) as conn:

@@ -162,14 +162,18 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         job.journal("released")
         job.journal("done", resumed=answer)
     except BaseException as exc:
-        bridge.close()
-        remove_run_dir(mid)
         if committed:
+            bridge.close()
+            remove_run_dir(mid)
             if job.services.journal.get(mid).phase not in ("committed", "released", "done"):
                 job.journal("committed", how="libvirt", problem=str(exc)[:500])
             raise MigrationFailed(f"{domain} moved to {job.dest_did} (libvirt committed it) but the "
                                   f"exchange after it failed: {exc}") from exc
-        _rollback(job, conn, exc)
+        try:
+            _rollback(job, conn, exc, bridge)
+        finally:
+            bridge.close()
+            remove_run_dir(mid)
         raise
     bridge.close()
     remove_run_dir(mid)
@@ -242,7 +246,7 @@ def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
     return message.get("jws", message)
 
 
-def _rollback(job: Any, conn: Any, cause: BaseException) -> None:
+def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
     """Before libvirt's commit: libvirt resumed the guest here; make sure, journal, tell B."""
     from migsec.daemon.source import restart_at_source
     from migsec.protocol import Decision
@@ -260,6 +264,10 @@ def _rollback(job: Any, conn: Any, cause: BaseException) -> None:
     decision = Decision(migration_id=job.mid, src_did=job.services.did, dest_did=job.dest_did, decision="abort",
                         issued_at=job.services.clock(), reason=reason[:1024]).sign(job.services.identity.key)
     job.services.audit("decision", job.mid, role="source", token=decision, outcome="abort", reason=reason[:1000])
+    try:
+        bridge.send_control({"t": "decision", "jws": decision})  # B cleans up at once
+    except (MigsecError, OSError):
+        pass  # B cleans up when the session ends, or asks (`migsec recover`)
     if isinstance(cause, MigsecError) and not isinstance(cause, MigrationFailed):
         raise MigrationFailed(f"live migration of {job.domain} failed and was rolled back: {cause}",
                               rolled_back=True) from cause
@@ -395,7 +403,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
             return _connect_unix(paths[kind], TARGET_WAIT_S), None
 
         bridge = ChannelBridge(conn, records, role="destination", peer_name=accepted.src_did,
-                               connect_target=connect_target)
+                               connect_target=connect_target, rate=accepted.bandwidth)
         bridge.send_control({"t": "ready", "disks": len(created)})
         message = bridge.recv_control(24 * 3600)  # as long as libvirt migrates; keepalives watch the link
         if message.get("t") == "decision":
@@ -416,7 +424,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
                 pass
             bridge.close()
         if not entry.decided and not entry.terminal:
-            discard_destination(services, mid, incoming=incoming, reason=reason)
+            discard_destination(services, mid, reason=reason)
         if not isinstance(exc, (MigsecError, OSError, ConnectionError)):
             raise
         return
@@ -492,7 +500,7 @@ def _abort_decision(incoming: Any, message: dict, accepted: Any) -> None:
                                 peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
 
 
-def discard_destination(services: Any, mid: str, *, incoming: Any = None, reason: str = "") -> None:
+def discard_destination(services: Any, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
     """Before the commit: no incoming guest left, B's pre-created disks and sockets removed."""
     from migsec import virt
     from migsec.daemon.jobs import record
@@ -501,7 +509,6 @@ def discard_destination(services: Any, mid: str, *, incoming: Any = None, reason
     if entry.decided:
         raise MigsecError(f"migration {mid} is committed here; refusing to discard it")
     uuid = str((entry.data.get("options") or {}).get("vm_uuid", ""))
-    keep = False
     if uuid:
         # libvirt's own rollback removes the incoming domain when its source connection drops
         deadline = time.monotonic() + 30
@@ -514,21 +521,20 @@ def discard_destination(services: Any, mid: str, *, incoming: Any = None, reason
                 if state in ("absent", "shutoff"):
                     break
                 if time.monotonic() > deadline:
-                    log.error("migration %s: the incoming domain is still %s here; keeping its disks", mid, state)
-                    keep = True
-                    break
+                    # libvirt finished it here after all (or still holds it): never remove its disks
+                    raise MigsecError(f"migration {mid}: the incoming domain is {state} here; not discarding it")
                 time.sleep(0.5)
-    if not keep:
-        for path in entry.data.get("created_disks") or []:
-            try:
-                Path(path).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error("migration %s: removing the pre-created disk %s: %s", mid, path, exc)
+    for path in entry.data.get("created_disks") or []:
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("migration %s: removing the pre-created disk %s: %s", mid, path, exc)
     consume_permit(services, uuid)
     remove_run_dir(mid)
-    record(services, mid, "destination", "discarded", reason=reason[:500] or "live migration failed")
+    if record_phase:
+        record(services, mid, "destination", "discarded", reason=reason[:500] or "live migration failed")
 
 
 # ---- the hook's permit (B) ------------------------------------------------------------------------

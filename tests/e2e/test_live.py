@@ -28,10 +28,10 @@ from tests.e2e.test_migration import (
 pytestmark = pytest.mark.lab
 
 
-def migrate_from(dep, host: str, name: str, *extra: str, timeout: float = 300):
+def migrate_from(dep, host: str, name: str, *extra: str, timeout: float = 300, destination: str | None = None):
     """``migsec migrate NAME migsec://<other host> --json`` run on ``host``."""
     src, dst = dep[host], dep["b" if host == "a" else "a"]
-    proc = src.migsec("migrate", name, f"migsec://{dst.address}:{PORT}", "--json", "--user", ADMIN,
+    proc = src.migsec("migrate", name, destination or f"migsec://{dst.address}:{PORT}", "--json", "--user", ADMIN,
                       "--password-stdin", "--config", str(src.config), *extra, input=ADMIN_PASSWORD + "\n",
                       timeout=timeout)
     result = json.loads(proc.stdout) if proc.stdout.strip() else {}
@@ -96,5 +96,144 @@ def test_live_move_there_and_back(dep, guest):
     assert not images(dep, "b", guest.name)
     assert len(guest.console("a").boots) == boots, "the guest rebooted on its way back"
     assert_state_intact(guest, "a", last_on_b)
+    for d in (a, b):
+        audit_ok(d)
+
+
+def wire_budget(result: dict, allocated_disk: int) -> None:
+    """Only allocated data crossed: wire bytes <= 1.05 x (memory sent + allocated disk)."""
+    memory = result["job"]["memory_processed"]
+    assert result["bytes_on_wire"] <= 1.05 * (memory + allocated_disk), (result["bytes_on_wire"], memory,
+                                                                          allocated_disk)
+
+
+def allocated(dep, host: str, name: str) -> int:
+    return sum(p.stat().st_blocks * 512 for p in dep.lab.host(host).image_dir.glob(f"{name}*.qcow2"))
+
+
+def test_live_bandwidth_is_honoured_and_wire_bytes_stay_small(dep, guest):
+    disk = allocated(dep, "a", guest.name)
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--bandwidth", "20")
+    assert code == 0, (err, result)
+    job = result["job"]
+    assert job["memory_bps"] <= 20 * 1024 * 1024 * 1.15, job
+    wire_budget(result, disk)
+    guest.assert_runs_only_on("b")
+    # no --persistent / --undefinesource: B runs it transient, A keeps its shut-off definition
+    assert guest.state("a") in ("shut off", "absent")
+
+
+@pytest.fixture
+def rogue_source(dep, request):
+    """A's migsecd restarted as a dishonest source (tests/e2e/rogue/sitecustomize.py)."""
+    from pathlib import Path
+
+    from tests.e2e.deploy import MIGSECD
+
+    a = dep["a"]
+    a.stop()
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).with_name("rogue")),
+           "MIGSEC_TEST_ROGUE": request.param}
+    a.log_handle = open(a.log, "ab")
+    a.process = a.lab.host("a").popen([MIGSECD, "--config", str(a.config)], stdin=subprocess.DEVNULL,
+                                      stdout=a.log_handle, stderr=subprocess.STDOUT, env=env)
+    wait_for(lambda: a.socket.exists() and a.migsec("jobs", "--config", str(a.config)).returncode == 0, 30,
+             "the rogue source's migsecd")
+    try:
+        yield request.param
+    finally:
+        a.stop()
+        a.start()
+
+
+@pytest.mark.parametrize("rogue_source", ["tcp-uri", "rename"], indirect=True)
+def test_live_refused_rpc_leaves_the_guest_at_a(dep, guest, rogue_source):
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent", "--undefinesource")
+    assert code == 4, (err, result)
+    assert result["rolled_back"] is True
+    assert_clean_failure(dep, guest, before)
+    refused = ledger_entries(b, result.get("migration_id") or _last_migration(b), "rpc-refused")
+    assert refused, "B did not audit the refused RPC"
+    assert all(e["body"]["reason"] for e in refused)
+    for d in (a, b):
+        audit_ok(d)
+
+
+def _last_migration(domain) -> str:
+    proc = domain.migsec("jobs", "--json", "--config", str(domain.config), check=True)
+    rows = sorted(json.loads(proc.stdout), key=lambda r: r.get("updated", ""))
+    return rows[-1]["migration_id"]
+
+
+def migrate_live_in_background(dep, name: str, *extra: str) -> subprocess.Popen:
+    a, b = dep["a"], dep["b"]
+    proc = a.lab.host("a").popen(
+        [MIGSEC, "migrate", name, f"migsec://{b.address}:{PORT}", "--live", "--json", "--user", ADMIN,
+         "--password-stdin", *extra, "--config", str(a.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(ADMIN_PASSWORD + "\n")
+    proc.stdin.close()
+    return proc
+
+
+def test_live_connection_cut_mid_migration_rolls_back(dep, guest):
+    """A relay resets the session after 24 MiB of QEMU's stream: libvirt rolls back, the guest stays at A."""
+    import sys
+    from pathlib import Path
+
+    from tests.e2e.deploy import run
+
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    relay_port = PORT + 1
+    relay = dep.lab.host("a").popen(
+        [sys.executable, str(Path(__file__).with_name("relay.py")), f"{a.address}:{relay_port}",
+         f"{b.address}:{PORT}", str(24 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
+    cfg = str(a.config)
+    try:
+        assert relay.stdout.readline().strip() == "listening"
+        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}",
+             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+        code, result, err = migrate_from(dep, "a", guest.name, "--live", "--bandwidth", "30",
+                                         "--persistent", "--undefinesource",
+                                         destination=f"migsec://{b.did}:{PORT}")
+    finally:
+        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
+             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+        relay.kill()
+        events = relay.stdout.read()
+        relay.wait()
+    assert "cut" in events
+    assert code == 4, (err, result)
+    assert result["rolled_back"] is True
+    assert_clean_failure(dep, guest, before)
+    for d in (a, b):
+        audit_ok(d)
+
+
+def test_live_destination_daemon_killed_mid_migration(dep, guest):
+    """B's migsecd dies while libvirt migrates: the guest stays at A; `migsec recover` cleans B."""
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
+    try:
+        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+        time.sleep(1.0)
+        b.kill(signal.SIGKILL)
+        proc.wait(timeout=120)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        b.start()
+    assert proc.returncode == 4, (out, err)
+    assert json.loads(out)["rolled_back"] is True
+    guest.assert_runs_only_on("a")
+    rec = b.migsec("recover", "--json", "--config", str(b.config))
+    assert rec.returncode == 0, rec.stderr
+    assert any("aborted" in action["outcome"] for action in json.loads(rec.stdout)), rec.stdout
+    assert_clean_failure(dep, guest, before)
     for d in (a, b):
         audit_ok(d)
