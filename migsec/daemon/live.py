@@ -537,6 +537,52 @@ def discard_destination(services: Any, mid: str, *, reason: str = "", record_pha
         record(services, mid, "destination", "discarded", reason=reason[:500] or "live migration failed")
 
 
+# ---- after a crash (``migsec recover``): libvirt's own outcome decides ---------------------------------
+def recover_source(services: Any, entry: Any) -> str | None:
+    """A live move A did not see through. libvirt's Confirm is the commit: a guest no longer
+    active here went to B (journal it committed and released); one still active here stays
+    (None: the ordinary presumed-abort recovery rolls back and tells B)."""
+    from migsec import virt
+    from migsec.daemon.jobs import record
+    from migsec.daemon.source import domain_state, remove_moved_disks
+
+    mid, domain = entry.migration_id, str(entry.data.get("domain"))
+    remove_run_dir(mid)
+    with virt.connect(services.config.libvirt.uri) as conn:
+        state = domain_state(conn, domain)
+    if state not in ("absent", "shutoff"):
+        return None
+    record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
+    if (entry.data.get("options") or {}).get("undefine_source"):
+        remove_moved_disks(entry.data.get("options") or {})
+    record(services, mid, "source", "released")
+    record(services, mid, "source", "done")
+    return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
+
+
+def recover_destination(services: Any, entry: Any) -> str | None:
+    """A live move B did not see through: a guest libvirt finished here runs here (journal the
+    commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
+    from migsec import virt
+    from migsec.daemon.jobs import record
+
+    mid = entry.migration_id
+    uuid = str((entry.data.get("options") or {}).get("vm_uuid", ""))
+    try:
+        with virt.connect(services.config.libvirt.uri) as conn:
+            state = virt.domain_state(conn, uuid).value if uuid else "absent"
+    except MigsecError:
+        state = "absent"
+    if state != "running":
+        return None  # never finished here (libvirt drops an unfinished incoming guest)
+    record(services, mid, "destination", "commit-received", how="libvirt (found by recover)")
+    record(services, mid, "destination", "resumed")
+    consume_permit(services, uuid)
+    remove_run_dir(mid)
+    record(services, mid, "destination", "done")
+    return f"committed by libvirt: {entry.data.get('domain')} runs here"
+
+
 # ---- the hook's permit (B) ------------------------------------------------------------------------
 def permit_dir(services: Any) -> Path:
     return Path(services.config.paths.state_dir) / "permits"

@@ -79,6 +79,12 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
 
     mid, domain = entry.migration_id, entry.data.get("domain")
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
+    if not entry.decided and entry.data.get("mode") == "live":
+        from migsec.daemon.live import recover_source
+
+        outcome = recover_source(services, entry)
+        if outcome is not None:
+            return outcome
     if not entry.decided:
         # presumed abort: no commit is durable, so the source copy wins
         if entry.phase != "aborted":
@@ -120,6 +126,12 @@ def _recover_destination(services: Any, entry: Any) -> str:
 
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
+    if not entry.decided and entry.data.get("mode") == "live":
+        from migsec.daemon.live import recover_destination
+
+        outcome = recover_destination(services, entry)
+        if outcome is not None:
+            return outcome
     if entry.decided:
         job.resume_here()
         if services.journal.get(mid).phase == "commit-received":

@@ -237,3 +237,25 @@ def test_live_destination_daemon_killed_mid_migration(dep, guest):
     assert_clean_failure(dep, guest, before)
     for d in (a, b):
         audit_ok(d)
+
+
+def test_live_source_daemon_killed_mid_migration_then_recover(dep, guest):
+    """A's migsecd dies while libvirt migrates: libvirt rolls back; `migsec recover` at A finds the guest
+    still here and journals the rollback; B cleaned up on its own when the session broke."""
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
+    try:
+        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+        time.sleep(1.0)
+        a.kill(signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        a.start()
+    assert proc.returncode != 0
+    rec = a.migsec("recover", "--json", "--config", str(a.config))
+    assert rec.returncode == 0, rec.stderr
+    assert any("rolled back" in action["outcome"] for action in json.loads(rec.stdout)), rec.stdout
+    assert_clean_failure(dep, guest, before)
+    for d in (a, b):
+        audit_ok(d)

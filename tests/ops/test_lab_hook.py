@@ -171,3 +171,25 @@ def test_doctor_inside_lab_host_b(env):
     assert lines["migsecd"] == "OK" and lines["peer cloud-a.example"] == "OK", r.stdout
     assert lines["systemd unit"] == "WARN"
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_migsec_live_migration_into_b_passes_the_hook_by_its_permit(env):
+    """libvirt's own incoming migration, but migsec's: B's migsecd wrote a one-time permit for it."""
+    lab, dep = env
+    name = "l" + secrets.token_hex(2)
+    boot(lab, name)
+    before = wait_counter(lab, "a", name, 2)
+    a = dep["a"]
+    proc = a.migsec("migrate", name, f"migsec://{dep['b'].address}:7443", "--live", "--json", "--user", "admin",
+                    "--password-stdin", "--config", str(a.config),
+                    input="correct horse battery staple\n", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mid = json.loads(proc.stdout)["migration_id"]
+    assert state(lab, "b", name) == "running" and state(lab, "a", name) != "running"
+    wait_counter(lab, "b", name, before)
+    admitted = [e for e in ledger_b(dep).entries() if e.kind == "live-migration-admitted"]
+    assert [e.body.get("migration_id") for e in admitted if e.body.get("domain") == name] == [mid]
+    assert not list((dep["b"].base / "state" / "permits").glob("*.json"))  # consumed
+    v = dep["b"].migsec("audit", "--config", str(dep["b"].config), "verify")
+    assert v.returncode == 0, v.stderr
+    lab.host("b").virsh("destroy", name, check=False)
