@@ -37,7 +37,8 @@ from typing import Any, Callable
 from migsec.errors import IntegrityError, MigsecError, ProtocolError, UnexpectedMessageError
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
-from migsec.protocol.records import OVERHEAD
+from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE
+from migsec.crypto import TAG_SIZE
 
 log = logging.getLogger("migsecd.bridge")
 
@@ -47,6 +48,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 KEEPALIVE_S = 5.0
 PEER_SILENCE_S = 60.0
 KINDS = ("libvirt", "qemu", "nbd")
+RING_SLOTS = 4
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
@@ -66,6 +68,62 @@ class ChannelFilter:
         raise NotImplementedError
 
 
+class _Ring:
+    """Reused buffers whose SHA-256 (and, for received bytes, the write to the local socket)
+    runs in a thread of its own: hashlib and socket writes release the GIL, so they overlap
+    with the record layer's AES-GCM (which holds it) in the thread that fills the buffers."""
+
+    def __init__(self, name: str, write: Callable[[memoryview], None] | None = None,
+                 slots: int = RING_SLOTS, size: int = CHUNK) -> None:
+        self.bufs = [bytearray(size) for _ in range(slots)]
+        self.views = [memoryview(b) for b in self.bufs]
+        self.sha = hashlib.sha256()
+        self._write = write
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(slots):
+            self._free.put(i)
+        self._closed = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def take(self) -> int:
+        return self._free.get()
+
+    def give_back(self, i: int) -> None:
+        self._free.put(i)
+
+    def submit(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def digest(self) -> bytes:
+        """SHA-256 of everything submitted so far (waits until it is hashed and written)."""
+        if not self._closed:
+            done = threading.Event()
+            self._todo.put(done)
+            done.wait()
+        return self.sha.digest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._todo.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            i, n = item
+            view = self.views[i][:n]
+            self.sha.update(view)
+            if self._write is not None:
+                self._write(view)
+            self._free.put(i)
+
+
 @dataclass
 class _Conn:
     channel: int
@@ -80,6 +138,14 @@ class _Conn:
     in_ended: bool = False  # the peer's END arrived (and matched)
     target_broken: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # offset + hash + filter order
+    tx: _Ring | None = None  # unfiltered channels: hashing of what we send, in its own thread
+    rx: _Ring | None = None  # ... and hashing + local writing of what we receive
+
+    def sent_digest(self) -> bytes:
+        return self.tx.digest() if self.tx is not None else self.sent_hash.digest()
+
+    def received_digest(self) -> bytes:
+        return self.rx.digest() if self.rx is not None else self.received_hash.digest()
 
     @property
     def done(self) -> bool:
@@ -166,12 +232,13 @@ class ChannelBridge:
         self.wire_sent += len(frame)
         self._last_send = time.monotonic()
 
-    def _send_data(self, conn: _Conn, data: memoryview, out: bytearray) -> None:
+    def _send_data(self, conn: _Conn, data: memoryview, out: bytearray, *, hash_here: bool = True) -> None:
         """DATA for ``data`` on ``conn``'s channel (caller holds ``conn.lock``)."""
         pos = 0
         while pos < len(data):
             piece = data[pos:pos + CHUNK]
-            conn.sent_hash.update(piece)
+            if hash_here:
+                conn.sent_hash.update(piece)
             with self._send_lock:
                 n = self.records.seal_data_into(conn.channel, conn.sent, piece, out)
                 self._send_frame(memoryview(out)[:n])
@@ -183,7 +250,7 @@ class ChannelBridge:
             if conn.out_ended:
                 return
             with self._send_lock:
-                self._send_frame(self.records.send_end(conn.channel, conn.sent, conn.sent_hash.digest()))
+                self._send_frame(self.records.send_end(conn.channel, conn.sent, conn.sent_digest()))
             conn.out_ended = True
         self._maybe_done(conn)
 
@@ -232,6 +299,7 @@ class ChannelBridge:
                 channel = self._next_channel
                 self._next_channel += 2  # A's channels are odd; 0 is control
                 conn = _Conn(channel, kind, usock)
+                self._add_rings(conn)
                 self.channels[channel] = conn
             _tune(usock)
             try:
@@ -263,16 +331,25 @@ class ChannelBridge:
             return
         _tune(usock)
         conn.sock = usock
+        if conn.filter is None:
+            self._add_rings(conn)
         self._spawn(self._pump, f"migsec-ch{channel}", conn)
+
+    def _add_rings(self, conn: _Conn) -> None:
+        conn.tx = _Ring(f"migsec-ch{conn.channel}-tx")
+        conn.rx = _Ring(f"migsec-ch{conn.channel}-rx", write=lambda view: self._write_local(conn, view))
 
     # ---- unix -> session ------------------------------------------------------------------
     def _pump(self, conn: _Conn) -> None:
-        """Read the local connection with one reused buffer; DATA on its channel; END at EOF."""
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        """Read the local connection into reused buffers; DATA on its channel; END at EOF."""
         out = bytearray(CHUNK + OVERHEAD)
         assert conn.sock is not None
         try:
+            if conn.tx is not None:
+                self._pump_ring(conn, conn.tx, out)
+                return
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
             while True:
                 try:
                     n = conn.sock.recv_into(buf)
@@ -295,6 +372,24 @@ class ChannelBridge:
         except BaseException as exc:  # noqa: BLE001 - any failure ends the whole session
             self._fail(exc)
 
+    def _pump_ring(self, conn: _Conn, ring: _Ring, out: bytearray) -> None:
+        assert conn.sock is not None
+        while True:
+            i = ring.take()
+            try:
+                n = conn.sock.recv_into(ring.bufs[i])
+            except OSError as exc:
+                if not self._closing and self.error is None:
+                    log.info("channel %d (%s): local read ended: %s", conn.channel, conn.kind, exc)
+                n = 0
+            if n == 0:
+                ring.give_back(i)
+                break
+            ring.submit(i, n)  # SHA-256 in the ring's thread while this one seals and sends
+            with conn.lock:
+                self._send_data(conn, ring.views[i][:n], out, hash_here=False)
+        self._send_end(conn)
+
     # ---- session -> unix ------------------------------------------------------------------
     def _read_session(self) -> None:
         header = bytearray(HEADER_SIZE)
@@ -315,6 +410,15 @@ class ChannelBridge:
                 self.wire_received += HEADER_SIZE + length
                 if self._bucket is not None:
                     self._bucket.take(HEADER_SIZE + length)
+                ring = self._data_ring(pview, length)
+                if ring is not None:
+                    conn, slot = ring
+                    assert conn.rx is not None
+                    event = self.records.open_record_into(pview[:length], conn.rx.bufs[slot])
+                    assert isinstance(event, Data)
+                    conn.received += len(event.data)
+                    conn.rx.submit(slot, len(event.data))  # hashed and written by the ring's thread
+                    continue
                 event = self.records.open_record_into(pview[:length], out)
                 if isinstance(event, Data):
                     self._deliver(event.channel, event.data, reply_out)
@@ -346,6 +450,23 @@ class ChannelBridge:
             elif isinstance(exc, OSError):
                 exc = BridgeError(f"connection to {self.peer_name} failed: {exc}")
             self._fail(exc)
+
+    def _data_ring(self, pview: memoryview, length: int) -> tuple[_Conn, int] | None:
+        """(conn, ring slot) when this record is DATA for an unfiltered channel (from its clear
+        header; the AEAD checks that header before anything is used)."""
+        if length < RECORD_HEADER_SIZE:
+            return None
+        rtype, channel, _seq, _offset, n = RECORD_HEADER.unpack_from(pview, 0)
+        if rtype != DATA:
+            return None
+        conn = self.channels.get(channel)
+        if conn is None or conn.rx is None:
+            return None
+        if conn.in_ended:
+            raise ProtocolError(f"data on channel {channel} after its END")
+        if n > CHUNK or length - RECORD_HEADER_SIZE - TAG_SIZE != n:
+            raise ProtocolError(f"channel {channel}: DATA record of {n} bytes (at most {CHUNK} on a live channel)")
+        return conn, conn.rx.take()
 
     def _recv_exact(self, view: memoryview) -> bool:
         pos, n = 0, len(view)
@@ -389,7 +510,7 @@ class ChannelBridge:
 
     def _peer_end(self, event: End) -> None:
         conn = self._channel(event.channel)
-        if event.total_length != conn.received or event.sha256 != conn.received_hash.digest():
+        if event.total_length != conn.received or event.sha256 != conn.received_digest():
             raise IntegrityError(f"channel {event.channel} ({conn.kind}): {self.peer_name} sent "
                                  f"{event.total_length} bytes with a SHA-256 that differs from the "
                                  f"{conn.received} bytes received here")
@@ -446,8 +567,8 @@ class ChannelBridge:
         out: dict[str, bytes] = {}
         for c in sorted(self.channels.values(), key=lambda c: c.channel):
             mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
-            out[f"{c.kind}.{c.channel}.{mine}"] = c.sent_hash.digest()
-            out[f"{c.kind}.{c.channel}.{theirs}"] = c.received_hash.digest()
+            out[f"{c.kind}.{c.channel}.{mine}"] = c.sent_digest()
+            out[f"{c.kind}.{c.channel}.{theirs}"] = c.received_digest()
         return out
 
     def channel_bytes(self) -> dict[str, int]:
@@ -478,6 +599,11 @@ class ChannelBridge:
             self._closing = True
             self._state.notify_all()
         self._close_targets()
+        for conn in list(self.channels.values()):
+            for ring in (conn.tx, conn.rx):
+                if ring is not None:
+                    ring.digest()  # what was queued is hashed, so digests() stays complete
+                    ring.close()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

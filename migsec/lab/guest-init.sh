@@ -8,7 +8,8 @@
 #   MIGSEC-DISKCHECK boot=<id> blocks=<n> bad=<m> last=<k>  on request or periodically
 # Parameters come from the kernel command line (migsec.seed=, migsec.mem=
 # MiB, migsec.check= seconds between memory checks, migsec.disk= seconds between
-# disk blocks). Writing "verify" to the serial console asks for a disk check.
+# disk blocks, migsec.dirty= MiB of memory rewritten every 0.1 s, 0 = off, for
+# live-migration benchmarks). Writing "verify" to the serial console asks for a disk check.
 /bin/busybox --install -s /bin
 export PATH=/bin
 
@@ -18,13 +19,14 @@ mount -t devtmpfs devtmpfs /dev
 # Keep kernel messages off the console so that workload lines are not split.
 echo 1 > /proc/sys/kernel/printk
 
-SEED=0; MEM_MIB=64; CHECK=5; DISK_EVERY=1
+SEED=0; MEM_MIB=64; CHECK=5; DISK_EVERY=1; DIRTY=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     migsec.seed=*) SEED=${arg#migsec.seed=} ;;
     migsec.mem=*) MEM_MIB=${arg#migsec.mem=} ;;
     migsec.check=*) CHECK=${arg#migsec.check=} ;;
     migsec.disk=*) DISK_EVERY=${arg#migsec.disk=} ;;
+    migsec.dirty=*) DIRTY=${arg#migsec.dirty=} ;;
   esac
 done
 BOOT=$(head -c 8 /dev/urandom | sha256sum | head -c 16)
@@ -59,6 +61,18 @@ done
 rm /tmp/base
 MEM_SHA=$(sha256sum /mem/region | cut -d' ' -f1)
 echo "MIGSEC-MEM-INIT boot=$BOOT mib=$MEM_MIB sha256=$MEM_SHA"
+
+# Memory that keeps changing (a live migration must send it again and again).
+if [ "$DIRTY" -gt 0 ]; then
+  mkdir -p /dirty
+  mount -t tmpfs -o size=$((DIRTY + 1))m tmpfs /dirty
+  (
+    while :; do
+      dd if=/dev/zero of=/dirty/buf bs=1M count="$DIRTY" conv=notrunc 2>/dev/null
+      usleep 100000
+    done
+  ) &
+fi
 
 # Disk blocks: 4096 bytes at block index seq (block 0 stays unused): 4032 bytes
 # of payload (a header line + random bytes) then the payload's SHA-256 in hex.

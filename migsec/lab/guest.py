@@ -162,7 +162,7 @@ def console_log_path(name: str) -> str:
 def guest_domain_xml(name: str, image: GuestImage, disk_path: Path | str, *,
                      memory_mib: int = 256, region_mib: int = 64, seed: str | None = None,
                      domain_type: str = "qemu", disk_format: str = "qcow2",
-                     check_seconds: int = 5, disk_seconds: int = 1) -> str:
+                     check_seconds: int = 5, disk_seconds: int = 1, dirty_mib: int = 0) -> str:
     """Domain XML for the test guest; the workload parameters ride on the kernel command line."""
     if domain_type not in ("qemu", "kvm"):
         raise LabError(f"domain type must be qemu or kvm, not {domain_type!r}")
@@ -185,7 +185,8 @@ def guest_domain_xml(name: str, image: GuestImage, disk_path: Path | str, *,
     ET.SubElement(os_, "initrd").text = str(image.initrd)
     ET.SubElement(os_, "cmdline").text = (
         f"console=ttyS0 quiet panic=-1 migsec.seed={seed} migsec.mem={region_mib} "
-        f"migsec.check={check_seconds} migsec.disk={disk_seconds}")
+        f"migsec.check={check_seconds} migsec.disk={disk_seconds}"
+        + (f" migsec.dirty={int(dirty_mib)}" if dirty_mib else ""))
     ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
     ET.SubElement(dom, "on_reboot").text = "destroy"

@@ -72,6 +72,8 @@ remember_owner = 0
 security_driver = "none"
 cgroup_controllers = [ ]
 namespaces = [ ]
+# QEMU's own TLS (native `virsh migrate --tls`, the live benchmark's baseline) per host
+default_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"
 """
 
 
@@ -294,7 +296,7 @@ class Lab:
         self._state["netns"] = [sw] + [h.netns for h in self.hosts()]
 
     def _host_dirs(self, h: LabHost) -> None:
-        for sub in (*BIND_MOUNTS, "images", "run/libvirt", "log/qemu"):
+        for sub in (*BIND_MOUNTS, "images", "run/libvirt", "log/qemu", "etc/pki/qemu"):
             (h.dir / sub).mkdir(parents=True, exist_ok=True)
         (h.dir / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
         (h.dir / "etc" / "virtlogd.conf").write_text(VIRTLOGD_CONF)
@@ -337,8 +339,10 @@ class Lab:
     def define_guest(self, host: str, name: str, *, memory: str | int = "256M",
                      disk_size: str | int = "1G", region_mib: int = 64, seed: str | None = None,
                      disk_format: str = "qcow2", domain_type: str | None = None,
-                     check_seconds: int = 5) -> Guest:
-        """Build (or reuse) the guest image, create its disk in the host's image dir, define it."""
+                     check_seconds: int = 5, dirty_mib: int = 0) -> Guest:
+        """Build (or reuse) the guest image, create its disk in the host's image dir, define it.
+
+        ``dirty_mib``: MiB of guest memory rewritten every 0.1 s (live-migration benchmarks)."""
         h = self.host(host)
         image = guestmod.build_guest()
         memory_mib = parse_size(memory, unit=1024 * 1024)
@@ -347,7 +351,7 @@ class Lab:
         xml = guestmod.guest_domain_xml(
             name, image, disk_path, memory_mib=memory_mib, region_mib=region_mib, seed=seed,
             domain_type=domain_type or self._state.get("domain_type", "qemu"),
-            disk_format=disk_format, check_seconds=check_seconds)
+            disk_format=disk_format, check_seconds=check_seconds, dirty_mib=dirty_mib)
         if not disk_path.exists():
             guestmod.create_disk(disk_path, parse_size(disk_size), disk_format)
         xml_path = h.image_dir / f"{name}.xml"
