@@ -4,11 +4,13 @@
 #   bash scripts/demo.sh          install, bring up the two-host lab with a CA, two domains
 #                                 (cloud-a.example on host a, cloud-b.example on host b), users,
 #                                 peers and default policies, start both migsecd, and migrate the
-#                                 running guest vm1 from a to b with the progress bar
+#                                 running guest vm1 from a to b with the progress bar, then
+#                                 back from b to a live (--live: libvirt's live migration
+#                                 through migsec's session)
 #   bash scripts/demo.sh --down   stop both daemons and remove the lab
 #
 # Idempotent: a second run reuses what exists; if vm1 already runs on b it is first moved back
-# to a (with migsec too), so every run shows the move a -> b.
+# to a (with migsec too), so every run shows the move a -> b (cold) and b -> a (live).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -171,13 +173,28 @@ tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | awk 'NR <= 2'
 echo "..."
 tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | tail -n 3
 
-step "8. migsec audit verify, on both sides"
+step "8. Live: migsec migrate $GUEST migsec://${ADDR[a]}:$PORT --live --verbose (run on host b)"
+echo "libvirt moves the running guest back peer to peer; its RPC, QEMU's stream and the NBD disk"
+echo "mirror cross migsec's encrypted session, through b's filtering libvirt RPC proxy:"
+console_a=$LAB/a/log/qemu/$GUEST-console.log
+seen_a=$( (cat "$console_a" 2>/dev/null || true) | wc -l)
+before=$(tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | tail -n 1 | awk '{print $2}')
+(inside b "$MIGSEC" migrate "$GUEST" "migsec://${ADDR[a]}:$PORT" --live --verbose --persistent --undefinesource \
+  --user admin --password-stdin --config "$(conf b)") <<< "$PASSWORD"
+sleep 3
+echo "host a: $GUEST is $(state a)"; echo "host b: $GUEST is $(state b)"
+echo "console of $GUEST on a: the counter goes on from $before, still the same boot (no MIGSEC-BOOT line):"
+tail -n +"$((seen_a + 1))" "$console_a" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | awk 'NR <= 2'
+echo "..."
+tail -n +"$((seen_a + 1))" "$console_a" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | tail -n 2
+
+step "9. migsec audit verify, on both sides"
 for h in a b; do
   echo "${DID[$h]}:"
   "$MIGSEC" audit --config "$(conf "$h")" verify
 done
 
-step "9. migsec jobs on host a"
+step "10. migsec jobs on host a"
 (inside a "$MIGSEC" jobs --config "$(conf a)")
 
 cat <<EOF
@@ -186,6 +203,6 @@ The lab stays up. Look around:
   $MIGSEC lab status
   $MIGSEC lab console b $GUEST            (Ctrl-] detaches)
   $MIGSEC audit --config $(conf b) show
-Run the demo again to move $GUEST back and forth; tear everything down with:
+Run the demo again to move $GUEST back and forth (cold, then live); tear everything down with:
   bash scripts/demo.sh --down
 EOF

@@ -180,6 +180,8 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
     job.bytes_on_wire = bridge.wire_sent + bridge.wire_received
     job.step(f"{domain} is running at {job.dest_did}; every channel's SHA-256 matches B's receipt")
     result = job.result()
+    if isinstance(stats.get("downtime_ms"), int):
+        result["downtime_seconds"] = stats["downtime_ms"] / 1000  # libvirt's figure (B's completed job)
     result.update(mode="live", job=stats, channels=bridge.channel_bytes())
     return result
 

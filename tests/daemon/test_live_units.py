@@ -1,0 +1,65 @@
+"""Pieces of the live mode that need no lab: the disk facts, the socket paths, sparse pre-creation."""
+from __future__ import annotations
+
+import json
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from migsec.daemon import live
+from migsec.errors import MigsecError
+from migsec.virt import migrate as vmig
+
+
+def disk(target, source, fmt="qcow2", size=1 << 30, **kw):
+    return SimpleNamespace(target=target, source=source, format=fmt, virtual_size=size, type="file",
+                           readonly=kw.get("readonly", False), shareable=kw.get("shareable", False))
+
+
+def test_live_options_name_each_writable_file_disk_and_round_trip():
+    info = SimpleNamespace(disks=[disk("vda", "/img/a.qcow2"), disk("vdb", "/img/b.raw", "raw", 4096),
+                                  disk("hdc", "/iso/x.iso", "raw", 10, readonly=True)])
+    options = live.live_options({"persistent": True}, info)
+    assert options["persistent"] is True
+    assert live.live_disks(options) == [("vda", "/img/a.qcow2", "qcow2", 1 << 30), ("vdb", "/img/b.raw", "raw", 4096)]
+
+
+def test_live_disks_refuses_lists_that_do_not_line_up():
+    with pytest.raises(MigsecError, match="do not match"):
+        live.live_disks({"live_targets": "vda|vdb", "live_sources": "/a", "live_formats": "raw", "live_sizes": "1"})
+    with pytest.raises(MigsecError, match="not an integer"):
+        live.live_disks({"live_targets": "vda", "live_sources": "/a", "live_formats": "raw", "live_sizes": "x"})
+
+
+def test_libvirt_socket_of_the_local_daemon_only():
+    assert live.libvirt_socket("qemu:///system") == "/run/libvirt/libvirt-sock"
+    assert live.libvirt_socket("qemu+unix:///system?socket=/x/sock") == "/x/sock"
+    with pytest.raises(MigsecError, match="local libvirtd"):
+        live.libvirt_socket("qemu+tcp://elsewhere/system")
+
+
+def test_live_flags_ask_for_p2p_live_non_shared_disk():
+    import libvirt
+
+    flags = vmig.live_flags(persistent=True, undefine_source=True)
+    for name in ("VIR_MIGRATE_LIVE", "VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_NON_SHARED_DISK",
+                 "VIR_MIGRATE_PERSIST_DEST", "VIR_MIGRATE_UNDEFINE_SOURCE"):
+        assert flags & getattr(libvirt, name), name
+    assert not flags & libvirt.VIR_MIGRATE_TUNNELLED
+    assert not vmig.live_flags(persistent=False, undefine_source=False) & libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+
+
+def test_sparse_image_has_the_virtual_size_and_nothing_allocated_and_never_overwrites(tmp_path):
+    path = tmp_path / "d.qcow2"
+    vmig.create_sparse_image(str(path), format="qcow2", virtual_size=2 << 30)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["virtual-size"] == 2 << 30 and info["format"] == "qcow2"
+    assert path.stat().st_blocks * 512 < 1 << 20
+    before = path.read_bytes()
+    with pytest.raises(MigsecError, match="already there"):
+        vmig.create_sparse_image(str(path), format="qcow2", virtual_size=1 << 20)
+    assert path.read_bytes() == before
+    with pytest.raises(MigsecError, match="unknown image format"):
+        vmig.create_sparse_image(str(tmp_path / "e"), format="vhd?", virtual_size=1 << 20)
