@@ -471,3 +471,41 @@ def test_xdr_reader_names_the_problem() -> None:
         XdrReader(bytes(XdrWriter().string("abcd")), "t").string(3, "s")
     with pytest.raises(RpcFilterError, match="padding"):
         XdrReader(b"\0\0\0\1a\0\0\1", "t").string(10, "s")
+
+
+# --- replay of a real p2p migration (libvirt 9.0, captured by tests/lab/test_lab_rpc_filter.py) ---
+def test_replay_of_real_libvirt_traffic() -> None:
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("libvirt")
+    from migsec.virt.incoming import incoming_domain_xml
+
+    cap = json.loads((Path(__file__).parent.parent / "data" / "protocol" /
+                      "libvirt-p2p-capture.json").read_text())
+    rule = functools.partial(incoming_domain_xml, disk_map={cap["a_images"]: cap["b_images"]},
+                             expected_name=cap["name"], expected_uuid=cap["uuid"],
+                             boot_dirs=(cap["boot_dir"],))
+    f = RpcFilter(RpcPolicy(cap["name"], cap["uuid"], cap["migrate_uri"], cap["disks_uri"], rule))
+    events, to_server, to_client = [], b"", b""
+    for side, hexdata in cap["log"]:
+        data = bytes.fromhex(hexdata)
+        events += f.client_data(data) if side == "client" else f.server_data(data)
+        to_server += f.data_to_server()
+        to_client += f.data_to_client()
+    assert [repr(e) for e in events] == cap["events"]
+    assert f.state == rpc.FINISHED and f.close_answered
+    # B's replies reach A unchanged; A's calls too, except the two migration calls
+    server_sent = b"".join(bytes.fromhex(h) for s_, h in cap["log"] if s_ == "server")
+    assert to_client == server_sent
+    sent = {p.header.proc: p for p in split(to_server)}
+    original = {p.header.proc: p for s_, h in cap["log"] if s_ == "client" for p in split(bytes.fromhex(h))}
+    for proc in set(original) - {rpc.PROC_DOMAIN_MIGRATE_PREPARE3_PARAMS, rpc.PROC_DOMAIN_MIGRATE_FINISH3_PARAMS}:
+        assert sent[proc].raw == original[proc].raw
+    prepare_ = params_of(sent[rpc.PROC_DOMAIN_MIGRATE_PREPARE3_PARAMS])
+    assert f"{cap['b_images']}/vm1.qcow2" in prepare_["destination_xml"]
+    assert cap["a_images"] not in prepare_["destination_xml"]
+    args = rpc.decode_migrate_args(sent[rpc.PROC_DOMAIN_MIGRATE_FINISH3_PARAMS].body, finish=True)
+    persistent = etree.fromstring(args.cookie[:-1]).find("domain")
+    assert persistent.find("devices/disk/source").get("file") == f"{cap['b_images']}/vm1.qcow2"
+    assert args.flags == FLAGS == 0x5b
