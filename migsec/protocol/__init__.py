@@ -115,6 +115,13 @@ Commit messages (``migsec.protocol.commit``; compact JWS, store them in the ledg
     ``.sign(key) -> token``; ``Cls.verify(token, verifying_key, migration_id=None)``;
     ``Cls.peek(token)`` unverified. Carry them as CONTROL records
     ``{"t": "receipt"|"decision"|"resumed", "jws": token}``.
+
+libvirt RPC filter (``migsec.protocol.libvirt_rpc``; XDR in ``migsec.protocol.xdr``)
+    B's proxy for the dconn of a p2p live migration: ``RpcFilter(RpcPolicy(...))``,
+    ``client_data``/``server_data(bytes) -> [Forwarded|Refused|PrepareDone|FinishDone]``,
+    ``data_to_server()``, ``data_to_client()``, ``state``, ``close_answered``. Malformed or
+    oversize packets raise RpcFilterError and leave it in a terminal error state. Imported
+    on its own (not re-exported here) so the handshake users do not load lxml.
 """
 from migsec.protocol.commit import Decision, Receipt, Resumed, token_hash
 from migsec.protocol.framing import NEED_DATA, FrameDecoder, encode_frame, parse_header

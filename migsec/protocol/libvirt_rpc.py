@@ -44,7 +44,9 @@ Replies from B's libvirtd pass unchanged; the filter reads the Prepare3/Finish3 
 report ``PrepareDone`` / ``FinishDone``.
 
 Additions beyond the first contract (backwards compatible): ``RpcFilter.state`` (the
-migration phase, a string), and the encoders/decoders below (``encode_packet``,
+migration phase, a string), ``RpcFilter.close_answered`` (B answered CONNECT_CLOSE: when B's
+libvirtd then hangs up, keep A's side open until A closes, or A's libvirt may report that
+end-of-file instead of the real error), and the encoders/decoders below (``encode_packet``,
 ``PacketDecoder``, ``TypedParam``, ``MigrateArgs``...) that the tests build real traffic with.
 """
 from __future__ import annotations
@@ -523,6 +525,8 @@ class RpcFilter:
         self._prepare_serial: int | None = None
         self._finish_serial: int | None = None
         self._finish_cancelled = False
+        self._close_serial: int | None = None
+        self._close_answered = False
         self._error: RpcFilterError | None = None
 
     # -- I/O surface --------------------------------------------------------------------------
@@ -531,6 +535,16 @@ class RpcFilter:
         """The migration phase: idle, preparing, prepared, prepare-failed, finishing,
         finished, or error."""
         return ERROR if self._error is not None else self._phase
+
+    @property
+    def close_answered(self) -> bool:
+        """B's libvirtd answered CONNECT_CLOSE, so it is about to hang up.
+
+        A bridge should then keep A's side open until A hangs up itself: A's libvirt reports
+        an end-of-file it reads before its own close as the migration's error, which would
+        hide the real one (e.g. the filter's refusal).
+        """
+        return self._close_answered
 
     def client_data(self, data: bytes) -> list[Event]:
         """Bytes that arrived from A's libvirtd (``b""``: A closed the connection)."""
@@ -617,7 +631,9 @@ class RpcFilter:
             return self._refuse(packet, name, refusal.detail, refusal.public)
         raw = packet.raw if body is None else encode_packet(h, body)
         self._pending[h.serial] = h.proc
-        if h.proc == PROC_DOMAIN_MIGRATE_PREPARE3_PARAMS:
+        if h.proc == PROC_CONNECT_CLOSE:
+            self._close_serial = h.serial
+        elif h.proc == PROC_DOMAIN_MIGRATE_PREPARE3_PARAMS:
             self._phase, self._prepare_serial = PREPARING, h.serial
         elif h.proc == PROC_DOMAIN_MIGRATE_FINISH3_PARAMS:
             self._phase, self._finish_serial = FINISHING, h.serial
@@ -853,6 +869,9 @@ class RpcFilter:
         if proc != h.proc:
             raise RpcFilterError(f"B's libvirtd answered serial {h.serial} with procedure "
                                  f"{h.proc}, the call was {proc}")
+        if h.serial == self._close_serial and proc == PROC_CONNECT_CLOSE:
+            self._close_answered = True
+            return None
         if h.serial == self._prepare_serial and proc == PROC_DOMAIN_MIGRATE_PREPARE3_PARAMS:
             ok, message = self._outcome(packet)
             self._phase = PREPARED if ok else PREPARE_FAILED

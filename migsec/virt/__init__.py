@@ -47,6 +47,12 @@ XML rewrite (an lxml tree, never string edits; input parsed as untrusted)::
 
     rewrite_domain_xml(xml, disk_map={src_dir_or_file: dst}, network_map=None, bridge_map=None)
 
+Incoming live migration (B's rule, ``RpcPolicy.rewrite_xml`` of the libvirt RPC filter)::
+
+    incoming_domain_xml(xml, disk_map=, expected_name=, expected_uuid=, network_map=None,
+                        bridge_map=None, emulators=None, boot_dirs=FIRMWARE_DIRS,
+                        log_dirs=LOG_DIRS) -> xml     raises to refuse (see migsec.virt.incoming)
+
 Errors: every libvirt error becomes a ``migsec.errors.VirtError`` subclass, sorted by
 ``get_error_code()``: DomainNotFoundError, HypervisorUnavailableError, SaveImageError,
 UnsupportedDeviceError, MappingError, and from ``migsec.virt.errors`` DomainStateError,
@@ -81,6 +87,7 @@ from migsec.virt.ops import (
     suspend_domain,
     undefine_domain,
 )
+from migsec.virt.incoming import incoming_domain_xml
 from migsec.virt.rewrite import PathMap, rewrite_domain_xml
 
 __all__ = [
@@ -110,6 +117,7 @@ __all__ = [
     "domain_state",
     "domain_xml",
     "image_chain",
+    "incoming_domain_xml",
     "parse_domain_xml",
     "rebase_image",
     "restore_domain",
