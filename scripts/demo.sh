@@ -114,6 +114,7 @@ uri = "qemu:///system"
 [storage]
 image_dir = "$LAB/$h/images"
 map = { "$LAB/$other/images" = "$LAB/$h/images" }
+boot_dirs = ["${MIGSEC_GUEST_CACHE:-/var/cache/migsec/guest}"]   # the lab guest's kernel + initramfs (live moves)
 EOF
   "$MIGSEC" policy init-defaults "$base/policies" --force --trusted "${DID[$other]}" >/dev/null
   "$MIGSEC" user list --config "$base/migsecd.toml" | grep -q '^admin\b' ||

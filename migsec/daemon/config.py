@@ -151,6 +151,9 @@ class LibvirtConfig:
 class StorageConfig:
     image_dir: Path
     map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # directories whose files an incoming live guest may boot from (kernel, initrd, firmware),
+    # besides the distribution's firmware directories
+    boot_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ _SCHEMA: dict[str, set[str]] = {
     "paths": {"state_dir", "users", "peers", "policy_dir", "sk3"},
     "listen": {"peer", "control_socket", "socket_group", "socket_mode"},
     "libvirt": {"uri"},
-    "storage": {"image_dir", "map"},
+    "storage": {"image_dir", "map", "boot_dirs"},
     "network": {"map", "bridge_map"},
     "limits": {"max_incoming", "max_vcpus", "max_memory_mib", "bandwidth_mib_s",
                "ticket_lifetime_s", "clock_skew_s"},
@@ -272,6 +275,13 @@ class _Loader:
                 raise self.fail(f"[{tbl}].{key}[{i}]", "must be a non-empty path string")
             out.append(self.base / Path(item).expanduser())
         return tuple(out)
+
+    def absolute_list(self, tbl: str, key: str) -> tuple[str, ...]:
+        value = self.get(tbl, key, list, [])
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.startswith("/"):
+                raise self.fail(f"[{tbl}].{key}[{i}]", "must be an absolute directory path")
+        return tuple(value)
 
     def integer(self, tbl: str, key: str, default: int, *, minimum: int = 0,
                 maximum: int | None = None) -> int:
@@ -407,6 +417,7 @@ class _Loader:
         return StorageConfig(
             image_dir=self.path_value("storage", "image_dir", default),
             map=self.string_map("storage", "map", absolute=True),
+            boot_dirs=self.absolute_list("storage", "boot_dirs"),
         )
 
     def network(self) -> NetworkConfig:

@@ -371,7 +371,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
     from migsec.daemon.dataplane import disk_map
     from migsec.protocol import RecordLayer
     from migsec.protocol.libvirt_rpc import RpcPolicy
-    from migsec.virt.incoming import incoming_domain_xml
+    from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
 
     services, mid, request = incoming.services, incoming.mid, accepted.request
     options = request.options
@@ -393,7 +393,8 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
             migrate_uri=f"unix://{paths['qemu']}", disks_uri=f"unix://{paths['nbd']}",
             rewrite_xml=partial(incoming_domain_xml, disk_map=dmap, network_map=dict(network.map) or None,
                                 bridge_map=dict(network.bridge_map) or None, expected_name=request.vm,
-                                expected_uuid=str(options.get("vm_uuid", ""))))
+                                expected_uuid=str(options.get("vm_uuid", "")),
+                                boot_dirs=FIRMWARE_DIRS + tuple(services.config.storage.boot_dirs)))
         libvirtd = libvirt_socket(services.config.libvirt.uri)
 
         def connect_target(kind: str, channel: int) -> tuple[socket.socket, Any]:

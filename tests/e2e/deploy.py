@@ -87,6 +87,9 @@ class Domain:
         lab_dir = self.lab.dir
         image_dir = self.lab.host(self.host).image_dir
         storage_map = ", ".join(f'"{lab_dir / p / "images"}" = "{image_dir}"' for p in self.peers)
+        from migsec.lab.guest import DEFAULT_CACHE_DIR
+
+        guest_cache = DEFAULT_CACHE_DIR  # the test guest's kernel + initramfs (a live guest boots from them)
         self.config.write_text(f"""\
 # migsecd of {self.did} (lab host {self.host}); written by tests/e2e/deploy.py
 {domain_and_paths(self.did)}
@@ -101,6 +104,7 @@ uri = "qemu:///system"
 [storage]
 image_dir = "{image_dir}"
 map = {{ {storage_map} }}
+boot_dirs = ["{guest_cache}"]
 
 [limits]
 max_incoming = 2
