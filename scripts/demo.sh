@@ -184,7 +184,7 @@ before=$(tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | tail
   --user admin --password-stdin --config "$(conf b)") <<< "$PASSWORD"
 sleep 3
 echo "host a: $GUEST is $(state a)"; echo "host b: $GUEST is $(state b)"
-echo "console of $GUEST on a: the counter goes on from $before, still the same boot (no MIGSEC-BOOT line):"
+echo "console of $GUEST on a: the counter goes on from $before (it kept counting while it moved), same boot (no MIGSEC-BOOT line):"
 tail -n +"$((seen_a + 1))" "$console_a" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | awk 'NR <= 2'
 echo "..."
 tail -n +"$((seen_a + 1))" "$console_a" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | tail -n 2
