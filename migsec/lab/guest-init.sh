@@ -63,12 +63,14 @@ MEM_SHA=$(sha256sum /mem/region | cut -d' ' -f1)
 echo "MIGSEC-MEM-INIT boot=$BOOT mib=$MEM_MIB sha256=$MEM_SHA"
 
 # Memory that keeps changing (a live migration must send it again and again).
+# Non-zero bytes: QEMU sends zero pages as a flag, so rewriting zeros would cost it nothing.
 if [ "$DIRTY" -gt 0 ]; then
   mkdir -p /dirty
-  mount -t tmpfs -o size=$((DIRTY + 1))m tmpfs /dirty
+  mount -t tmpfs -o size=$((2 * DIRTY + 1))m tmpfs /dirty
+  head -c $((DIRTY * 1048576)) /dev/urandom > /dirty/src
   (
     while :; do
-      dd if=/dev/zero of=/dirty/buf bs=1M count="$DIRTY" conv=notrunc 2>/dev/null
+      dd if=/dirty/src of=/dirty/buf bs=1M count="$DIRTY" conv=notrunc 2>/dev/null
       usleep 100000
     done
   ) &
