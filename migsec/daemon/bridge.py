@@ -44,11 +44,10 @@ log = logging.getLogger("migsecd.bridge")
 
 CONTROL_CHANNEL = 0
 CHUNK = 1024 * 1024  # largest read from a unix connection = largest DATA record
-SOCKET_BUFFER = 4 * 1024 * 1024
 KEEPALIVE_S = 5.0
 PEER_SILENCE_S = 60.0
 KINDS = ("libvirt", "qemu", "nbd")
-RING_SLOTS = 4
+RING_SLOTS = 3  # buffers per channel and direction: enough to overlap, little to drain at switchover
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
@@ -186,11 +185,8 @@ class ChannelBridge:
         self.wire_sent = 0
         self.wire_received = 0
         self._last_send = time.monotonic()
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            except OSError:
-                pass
+        # socket buffers stay the kernel's (TCP autotuning): every MiB buffered between the two
+        # QEMUs is a MiB the guest waits for after QEMU stopped it (downtime)
         sock.settimeout(None)
         self._spawn(self._read_session, "migsec-bridge-rx")
         self._spawn(self._keepalive, "migsec-bridge-ka")
@@ -301,7 +297,6 @@ class ChannelBridge:
                 conn = _Conn(channel, kind, usock)
                 self._add_rings(conn)
                 self.channels[channel] = conn
-            _tune(usock)
             try:
                 self.send_control({"t": "open", "ch": channel, "kind": kind})
             except (MigsecError, OSError) as exc:
@@ -329,7 +324,6 @@ class ChannelBridge:
             conn.target_broken = True
             self._send_end(conn)
             return
-        _tune(usock)
         conn.sock = usock
         if conn.filter is None:
             self._add_rings(conn)
@@ -614,10 +608,3 @@ class ChannelBridge:
             pass
         self._control.put(None)
 
-
-def _tune(sock: socket.socket) -> None:
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
