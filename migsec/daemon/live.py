@@ -117,8 +117,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         job.journal("streaming", attempt=0, mode="live", run_dir=str(run_dir(mid)))
         for kind, path in paths.items():
             bridge.listen(kind, path)
-        ready = _expect(bridge, job, "ready", READY_TIMEOUT_S)
-        del ready
+        _expect(bridge, job, "ready", READY_TIMEOUT_S)  # B pre-created the disks, wrote the hook's permit
         job.step(f"{job.dest_did} is ready (disks pre-created sparse); libvirt migrates {domain} live "
                  "through the session")
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
