@@ -47,6 +47,7 @@ CHUNK = 1024 * 1024  # largest read from a unix connection = largest DATA record
 KEEPALIVE_S = 5.0
 PEER_SILENCE_S = 60.0
 KINDS = ("libvirt", "qemu", "nbd")
+SMALL = 64 * 1024  # pieces below this are hashed/written in the caller's thread when the ring is idle
 RING_SLOTS = 3  # buffers per channel and direction: enough to overlap, little to drain at switchover
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
@@ -83,6 +84,8 @@ class _Ring:
         for i in range(slots):
             self._free.put(i)
         self._closed = False
+        self._pending = 0  # submitted to the thread and not yet processed (only the caller adds)
+        self._count = threading.Lock()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def take(self) -> int:
@@ -92,7 +95,22 @@ class _Ring:
         self._free.put(i)
 
     def submit(self, i: int, n: int) -> None:
+        """Hash (and write) slot ``i``'s first ``n`` bytes: in the ring's thread behind what is
+        queued, or at once in the caller's thread when nothing is queued and the piece is small
+        (an RPC call, an NBD reply: no thread hand-off on the latency path)."""
+        if n < SMALL and self._pending == 0:
+            self._process(i, n)
+            return
+        with self._count:
+            self._pending += 1
         self._todo.put((i, n))
+
+    def _process(self, i: int, n: int) -> None:
+        view = self.views[i][:n]
+        self.sha.update(view)
+        if self._write is not None:
+            self._write(view)
+        self._free.put(i)
 
     def digest(self) -> bytes:
         """SHA-256 of everything submitted so far (waits until it is hashed and written)."""
@@ -116,11 +134,9 @@ class _Ring:
                 item.set()
                 continue
             i, n = item
-            view = self.views[i][:n]
-            self.sha.update(view)
-            if self._write is not None:
-                self._write(view)
-            self._free.put(i)
+            self._process(i, n)
+            with self._count:
+                self._pending -= 1
 
 
 @dataclass
