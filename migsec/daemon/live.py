@@ -254,6 +254,14 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
 
     reason = str(cause) or type(cause).__name__
     log.warning("live migration %s of %s failed, rolling back: %s", job.mid, job.domain, reason)
+    from migsec.daemon.source import domain_state
+
+    state = domain_state(conn, job.domain)
+    if state == "paused" and not job.was_paused:
+        # libvirt resumes the source itself when it rolls back; a source it left paused means it
+        # could not tell whether B's Finish ran: resuming here could run the guest twice
+        raise MigrationFailed(f"live migration of {job.domain} failed ({reason}) and libvirt left it paused "
+                              f"here: check {job.dest_did} (`virsh list` there) before resuming it")
     job.journal("aborted", reason=reason[:1000])
     try:
         how = restart_at_source(conn, job.domain, None, paused=job.was_paused)
