@@ -1,0 +1,78 @@
+"""End-to-end: what real hypervisor hosts look like (issue 11).
+
+- B's image directory on another file system than its staging directory (the normal layout:
+  ``/var/lib/migsec`` vs ``/var/lib/libvirt/images`` on another mount): a tmpfs is mounted on
+  B's image directory inside B's mount namespace, so migsecd, libvirtd and QEMU at B all see it;
+- migsecd finishes at start what a crash interrupted (``[recovery] auto``), without
+  ``migsec recover``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+
+import pytest
+
+from migsec.lab import Lab
+from tests.e2e.conftest import migrate
+from tests.e2e.test_migration import (
+    assert_counter_continues,
+    assert_state_intact,
+    audit_ok,
+    journal,
+    ledger_entries,
+    migrate_in_background,
+    wait_for,
+)
+
+pytestmark = pytest.mark.lab
+
+
+def device_inside(lab: Lab, host: str, path) -> int:
+    """``st_dev`` of ``path`` as processes inside ``host`` (migsecd, QEMU) see it."""
+    return int(lab.host(host).exec(["stat", "-c", "%d", str(path)]).stdout.strip())
+
+
+@contextlib.contextmanager
+def image_dir_on_tmpfs(dep, host: str, size: str = "512m"):
+    """A tmpfs mounted on ``host``'s image directory inside its mount namespace, for the block."""
+    lab = dep.lab
+    h = lab.host(host)
+    h.exec(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", f"migsec-{host}-images", str(h.image_dir)])
+    try:
+        yield h.image_dir
+    finally:
+        for _ in range(50):
+            if h.exec(["umount", str(h.image_dir)], check=False).returncode == 0:
+                break
+            time.sleep(0.2)  # QEMU may still be closing the disk
+        else:
+            raise AssertionError(f"cannot unmount the tmpfs on {h.image_dir} in host {host}")
+
+
+def test_images_on_another_filesystem_than_staging(dep, guest):
+    a, b = dep["a"], dep["b"]
+    lab = dep.lab
+    with image_dir_on_tmpfs(dep, "b") as images:
+        # the test is only worth something if the two really are different file systems
+        assert device_inside(lab, "b", b.staging) != device_inside(lab, "b", images)
+        try:
+            code, result, err = migrate(dep, guest.name, "--undefinesource", "--persistent")
+            assert code == 0, (result, err)
+            guest.assert_runs_only_on("b")
+            last_on_a = guest.console("a").counters[-1]
+            assert_state_intact(guest, "b", last_on_a)
+            assert_counter_continues(guest.console("b").counters[0], last_on_a)
+            # the disk is on B's tmpfs, nothing is left half-staged beside it or in staging
+            listing = b.lab.host("b").exec(["ls", "-A", str(images)]).stdout.split()
+            assert listing == [f"{guest.name}.qcow2"], listing
+            assert not list(b.staging.glob("in-*"))
+            mid = result["migration_id"]
+            assert journal(a, mid)["phase"] == "done" and journal(b, mid)["phase"] == "done"
+        finally:
+            lab.host("b").virsh("destroy", guest.name, check=False)
+            lab.host("b").virsh("undefine", guest.name, check=False)
+    for d in (a, b):
+        audit_ok(d)
