@@ -40,10 +40,17 @@ def journal(domain, migration_id: str) -> dict:
     return rows.get(migration_id, {})
 
 
+def staged_parts(domain) -> list[Path]:
+    """Part files of incoming migrations: the memory image in staging, disks beside their targets."""
+    images = domain.lab.host(domain.host).image_dir
+    return list(domain.staging.glob("in-*/*.part")) + list(images.glob(".migsec-in-*.part"))
+
+
 def leftovers(domain, name: str) -> list[str]:
     """Files of an incoming migration of ``name`` left on ``domain``'s host."""
     found = [str(p) for p in domain.staging.glob("in-*")]
     found += [str(p) for p in domain.lab.host(domain.host).image_dir.glob(f"{name}*")]
+    found += [str(p) for p in staged_parts(domain)]
     return found
 
 
@@ -220,7 +227,7 @@ def test_destination_daemon_killed_mid_transfer(dep, guest):
     a, b = dep["a"], dep["b"]
     proc = migrate_in_background(dep, guest.name, "--bandwidth", "10")
     try:
-        wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in b.staging.glob("in-*/*.part")),
+        wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in staged_parts(b)),
                  60, "data arriving at B")
         b.kill(signal.SIGKILL)
         proc.wait(timeout=120)
