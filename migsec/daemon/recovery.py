@@ -75,7 +75,8 @@ def _abort_decision(services: Any, entry: Any, reason: str) -> str:
 def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.source import domain_state, remove_moved_disks, restart_at_source
+    from migsec.daemon.release import release_source
+    from migsec.daemon.source import restart_at_source
 
     mid, domain = entry.migration_id, entry.data.get("domain")
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
@@ -96,12 +97,12 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
     # committed: the destination copy wins; make sure ours is released, then tell B
     options = entry.data.get("options") or {}
     with virt.connect(services.config.libvirt.uri) as conn:
-        if domain_state(conn, domain) not in ("shutoff", "absent"):
-            virt.destroy_domain(conn, domain)
-        if options.get("undefine_source") and domain_state(conn, domain) != "absent":
-            virt.undefine_domain(conn, domain)
-    if options.get("undefine_source"):
-        remove_moved_disks(options)
+        released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")))
+    if released["errors"]:
+        raise MigsecError(f"{domain} is committed to {entry.data.get('peer')} but releasing it here failed: "
+                          + "; ".join(released["errors"]))
+    kept = "".join(f"; the moved disk {d['path']} could not be removed ({d['error']})"
+                   for d in released["disks_not_removed"])
     if entry.data.get("work_dir"):
         shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
     if entry.phase == "committed":
@@ -109,9 +110,9 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
     answer = _ask_peer(services, entry, {"t": "decision", "jws": entry.data.get("decision")})
     if answer is not None and answer.get("t") == "resumed":
         record(services, mid, "source", "done", resumed=answer.get("jws"))
-        return f"committed: {domain} runs at {entry.data.get('peer')}"
+        return f"committed: {domain} runs at {entry.data.get('peer')}{kept}"
     return (f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet "
-            "(run recover again)")
+            f"(run recover again){kept}")
 
 
 # ---- B -----------------------------------------------------------------------------------------
