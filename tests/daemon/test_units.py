@@ -143,3 +143,14 @@ def test_memory_image_streams_during_the_save_within_the_bound_b_accepts(tmp_pat
     release.set()
     assert memory.digest()[0] == file_digest(image)
     saver.join()
+
+
+def test_moved_disks_that_cannot_be_removed_are_reported(tmp_path):
+    from migsec.daemon.release import remove_moved_disks
+
+    gone, stuck, absent = tmp_path / "vm.qcow2", tmp_path / "stuck.qcow2", tmp_path / "absent.qcow2"
+    gone.write_bytes(b"x")
+    stuck.mkdir()  # unlink() of a directory fails, whoever runs the test
+    failed = remove_moved_disks({"top_files": "|".join(map(str, (gone, stuck, absent)))})
+    assert not gone.exists() and stuck.exists()
+    assert [d["path"] for d in failed] == [str(stuck)] and failed[0]["error"]

@@ -61,6 +61,7 @@ def test_images_on_another_filesystem_than_staging(dep, guest):
         try:
             code, result, err = migrate(dep, guest.name, "--undefinesource", "--persistent")
             assert code == 0, (result, err)
+            guest.wait_counter_beyond("b", 0)  # virtlogd may not have written B's console yet
             guest.assert_runs_only_on("b")
             last_on_a = guest.console("a").counters[-1]
             assert_state_intact(guest, "b", last_on_a)
@@ -76,3 +77,28 @@ def test_images_on_another_filesystem_than_staging(dep, guest):
             lab.host("b").virsh("undefine", guest.name, check=False)
     for d in (a, b):
         audit_ok(d)
+
+
+def test_undefinesource_reports_a_source_disk_it_could_not_remove(dep, guest):
+    """A's disk is a mount point inside A (a bind mount of itself): unlink() fails with EBUSY
+    after the commit. The migration still succeeds, and says which disk is left."""
+    a = dep["a"]
+    lab = dep.lab
+    disk = lab.host("a").image_dir / f"{guest.name}.qcow2"
+    lab.host("a").exec(["mount", "--bind", str(disk), str(disk)])
+    try:
+        code, result, err = migrate(dep, guest.name, "--undefinesource", "--persistent")
+        assert code == 0, (result, err)
+        guest.wait_counter_beyond("b", 0)
+        guest.assert_runs_only_on("b")
+        assert guest.state("a") == "absent"
+        (left,) = result["disks_not_removed"]
+        assert left["path"] == str(disk) and "busy" in left["error"].lower(), left
+        row = journal(a, result["migration_id"])
+        assert row["phase"] == "done" and row["disks_not_removed"] == [left]
+        table = a.migsec("jobs", "--config", str(a.config), check=True).stdout
+        assert f"source disk {disk} was not removed" in table, table
+    finally:
+        lab.host("a").exec(["umount", str(disk)], check=False)
+    assert disk.exists()  # it really is still there
+    disk.unlink()
