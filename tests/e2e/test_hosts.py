@@ -102,3 +102,37 @@ def test_undefinesource_reports_a_source_disk_it_could_not_remove(dep, guest):
         lab.host("a").exec(["umount", str(disk)], check=False)
     assert disk.exists()  # it really is still there
     disk.unlink()
+
+
+def test_migsecd_recovers_by_itself_after_a_crash(dep, guest):
+    """A's migsecd dies once B holds the restored guest; it is only started again, nobody runs
+    `migsec recover`: [recovery] auto (the default) leaves exactly one copy running."""
+    from migsec.audit import Ledger
+
+    a, b = dep["a"], dep["b"]
+    last = guest.console("a").counters[-1]
+    proc = migrate_in_background(dep, guest.name)
+    try:
+        wait_for(lambda: guest.state("b") in ("paused", "running"), 120, "the guest restored on B")
+        a.kill(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        a.start()
+    assert guest.state("a") != "running"  # what the crash left: the guest runs nowhere yet
+
+    def settled():
+        running = [h for h in ("a", "b") if guest.state(h) == "running"]
+        unfinished = [r for d in (a, b) for r in json.loads(d.migsec("jobs", "--json", "--config",
+                                                                      str(d.config), check=True).stdout)
+                      if r["domain"] == guest.name and r["phase"] not in ("done", "rolled-back", "discarded")]
+        return running if len(running) == 1 and not unfinished else None
+
+    (host,) = wait_for(settled, 120, "migsecd's automatic recovery")
+    guest.assert_runs_only_on(host)
+    assert_state_intact(guest, host, last)
+    recovered = [e for e in Ledger(a.base / "state" / "ledger.jsonl").entries() if e.kind == "recovered"]
+    assert recovered and recovered[-1].body["automatic"] is True, [dict(e.body) for e in recovered]
+    assert recovered[-1].body["domain"] == guest.name
+    assert "automatic recovery of" in a.log.read_text()
+    for d in (a, b):
+        audit_ok(d)
