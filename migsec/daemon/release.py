@@ -40,10 +40,14 @@ def release_source(services: Any, conn: Any, migration_id: str, domain: str, opt
             mark = MovedMark(migration_id, destination, at.strftime("%Y-%m-%dT%H:%M:%SZ"))
             virt.mark_moved(conn, domain, mark)
             report["marked"] = True
-            services.audit("given-away", migration_id, role="source", domain=domain, destination=destination)
     except MigsecError as exc:
         log.error("releasing %s after commit: %s", domain, exc)
         report["errors"].append(str(exc))
+    if report["marked"]:
+        try:
+            services.audit("given-away", migration_id, role="source", domain=domain, destination=destination)
+        except MigsecError as exc:
+            log.error("auditing that %s was given away: %s", domain, exc)
     if undefine:
         report["disks_not_removed"] = remove_moved_disks(options)
     fields = {k: v for k, v in report.items() if v}
