@@ -22,7 +22,6 @@ from tests.e2e.test_migration import (
     assert_state_intact,
     audit_ok,
     journal,
-    ledger_entries,
     migrate_in_background,
     wait_for,
 )
