@@ -194,6 +194,9 @@ def test_virsh_restore_on_b_maps_a_foreign_save_image(env):
     assert f"file='{b.image_dir / (name + '.qcow2')}'" in xml, xml
     assert state(lab, "b", name) == "running"
     wait_counter(lab, "b", name, before)
+    # a save image from another host restored outside migsec has its own audit kind
+    foreign = [e for e in ledger_b(dep).entries() if e.kind == "foreign-restore"]
+    assert foreign and foreign[-1].body["domain"] == name and foreign[-1].body["uuid"]
     b.virsh("destroy", name, check=False)
 
 
