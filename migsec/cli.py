@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "migrate": "migsec.daemon.client:migrate",
     "jobs": "migsec.daemon.client:jobs",
     "recover": "migsec.daemon.client:recover",
+    "release": "migsec.daemon.client:release",
     "install": "migsec.ops:install",
     "doctor": "migsec.ops:doctor",
 }

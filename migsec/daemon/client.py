@@ -226,6 +226,9 @@ def _migrate(domain, destination, live, verbose, persistent, undefinesource, ban
     how = "live " if result.get("mode") == "live" else ""
     click.echo(f"migrated {domain} {how}to {result.get('destination_did', host)} "
                f"(migration {result.get('migration_id', '?')}, {result.get('seconds', 0):.1f} s{extra})")
+    for disk in result.get("disks_not_removed") or []:
+        click.echo(f"warning: source disk {disk.get('path')} was not removed: {disk.get('error')} "
+                   "(remove it by hand)", err=True)
 
 
 @click.command()
@@ -247,6 +250,9 @@ def jobs(config_path, as_json, show_all) -> None:
     for row in rows:
         click.echo(f"{row.get('migration_id', ''):<34} {row.get('role', ''):<11} {row.get('domain', ''):<16} "
                    f"{row.get('peer', ''):<22} {row.get('phase', ''):<14} {row.get('updated', '')}")
+        for disk in row.get("disks_not_removed") or []:
+            click.echo(f"  ! source disk {disk.get('path')} was not removed: {disk.get('error')} "
+                       "(remove it by hand)")
 
 
 @click.command()
@@ -264,3 +270,22 @@ def recover(config_path, as_json) -> None:
         click.echo("nothing to recover")
     for action in actions:
         click.echo(f"{action.get('migration_id')}: {action.get('domain')}: {action.get('outcome')}")
+
+
+@click.command()
+@click.argument("domain")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="migsecd.toml (libvirt URI, ledger).")
+def release(domain, config_path) -> None:
+    """Let a kept DOMAIN start here again after migsec migrated it away.
+
+    Only once it no longer runs at the destination: removes the mark the libvirt hook refuses
+    to start, and records who did it in the audit ledger.
+    """
+    from migsec.daemon.config import config_path as resolve, load_config
+    from migsec.daemon.release import release_domain
+
+    config = load_config(resolve(config_path), check_files=False)
+    operator = os.environ.get("SUDO_USER") or getpass.getuser()
+    mark = release_domain(config, domain, operator=operator)
+    click.echo(f"released {domain}: it may start here again (it was migrated to {mark.destination} "
+               f"by migration {mark.migration_id} at {mark.at}; make sure it is not running there)")

@@ -178,6 +178,11 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    auto: bool = True  # migsecd finishes at start what a crash interrupted
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     domain: DomainConfig
@@ -188,6 +193,7 @@ class Config:
     network: NetworkConfig
     limits: LimitsConfig
     hooks: HooksConfig
+    recovery: RecoveryConfig = RecoveryConfig()
 
 
 _SCHEMA: dict[str, set[str]] = {
@@ -200,6 +206,7 @@ _SCHEMA: dict[str, set[str]] = {
     "limits": {"max_incoming", "max_vcpus", "max_memory_mib", "bandwidth_mib_s",
                "ticket_lifetime_s", "clock_skew_s"},
     "hooks": {"allow_native_migration"},
+    "recovery": {"auto"},
 }
 
 
@@ -343,6 +350,7 @@ class _Loader:
             libvirt=self.libvirt(), storage=self.storage(), network=self.network(),
             limits=self.limits(), hooks=HooksConfig(
                 allow_native_migration=self.get("hooks", "allow_native_migration", bool, False)),
+            recovery=RecoveryConfig(auto=self.get("recovery", "auto", bool, True)),
         )
 
     def domain(self) -> DomainConfig:

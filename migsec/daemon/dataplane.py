@@ -224,3 +224,8 @@ def discard(services: Any, migration_id: str) -> None:
             import shutil
 
             shutil.rmtree(directory, ignore_errors=True)
+            # disks are staged beside their targets: find this migration's part files there
+            storage = services.config.storage
+            for d in {Path(storage.image_dir), *(Path(t) for t in storage.map.values())}:
+                for part in d.glob(f".migsec-{directory.name}.ch*.part") if d.is_dir() else ():
+                    part.unlink(missing_ok=True)

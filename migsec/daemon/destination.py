@@ -187,7 +187,25 @@ class IncomingMigration:
                 virt.resume_domain(conn, name)
             if options.get("persistent"):
                 virt.define_domain(conn, virt.domain_xml(conn, name))
+            self._clear_given_away(conn, name)
         log.info("migration %s: %s resumed here", self.mid, name)
+
+    def _clear_given_away(self, conn: Any, name: str) -> None:
+        """The guest came back to a host that kept its definition: that definition runs it
+        again, so it is no longer given away (the hook would refuse its next start)."""
+        from migsec import virt
+
+        try:
+            mark = virt.clear_moved(conn, name)
+        except MigsecError as exc:
+            log.error("migration %s: cannot clear the given-away mark of %s: %s (run `migsec release %s`)",
+                      self.mid, name, exc, name)
+            return
+        if mark is not None:
+            log.info("migration %s: %s is back; cleared the mark of migration %s", self.mid, name,
+                     mark.migration_id)
+            self.services.audit("vm-returned", self.mid, role="destination", domain=name,
+                                given_away_by=mark.migration_id)
 
     def discard_here(self) -> None:
         """Before the commit decision: remove any paused copy and every partial file."""

@@ -34,6 +34,10 @@ def describe(entry: Any) -> dict:
         "updated": _iso(entry.updated),
         "reason": data.get("reason"),
         "history": [p for p, _ in entry.history],
+        # source after --undefinesource: disks still here ({"path", "error"} each)
+        "disks_not_removed": list(data.get("disks_not_removed") or []),
+        # source without --undefinesource: the kept definition is marked as given away
+        "marked": bool(data.get("marked")),
     }
 
 

@@ -11,12 +11,18 @@ source copy wins, after it the destination copy wins. A decides; B asks A.
 
 A recovery conversation is a fresh handshake whose request says
 ``purpose=recover``; the initiator's own AZ signs a short-lived ticket for it.
+
+With ``[recovery] auto`` (the default) migsecd runs the same pass once at start, once it
+listens (``auto_recover``), so a crash does not leave a guest shut off until someone runs
+``migsec recover``; each outcome is logged and audited (``recovered``). One pass runs at
+a time: a ``migsec recover`` during it waits for it.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import socket
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +32,7 @@ from migsec.errors import JournalError, MigsecError
 log = logging.getLogger("migsecd.recovery")
 ANSWER_TIMEOUT_S = 120
 SYSTEM_USER = "migsecd"
+_pass_lock = threading.Lock()  # one recovery pass at a time (automatic at start, or `migsec recover`)
 
 
 def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
@@ -43,6 +50,30 @@ def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
 
 
 def recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+    with _pass_lock:
+        return _recover_all(services, emit)
+
+
+def auto_recover(services: Any) -> list[dict]:
+    """The pass migsecd runs at start (``[recovery] auto``): logged and audited per migration."""
+    actions = recover_all(services, lambda event: None)
+    for action in actions:
+        failed = action["outcome"].startswith("failed")
+        (log.error if failed else log.info)("automatic recovery of %s (%s of %s): %s", action["migration_id"],
+                                            action["role"], action["domain"], action["outcome"])
+        try:
+            services.audit("recovered", action["migration_id"], role=action["role"], domain=action["domain"],
+                           outcome=action["outcome"], automatic=True)
+        except MigsecError as exc:
+            log.error("auditing the recovery of %s: %s", action["migration_id"], exc)
+    left = [e.migration_id for e in services.journal.list(active_only=True) if e.migration_id not in services.running]
+    if left:
+        log.warning("after automatic recovery %d migration(s) are still unfinished (%s): a peer may be "
+                    "unreachable; `migsec recover` tries again", len(left), ", ".join(left))
+    return actions
+
+
+def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
     actions = []
     for entry in services.journal.list(active_only=True):
         if entry.migration_id in services.running:
@@ -75,7 +106,8 @@ def _abort_decision(services: Any, entry: Any, reason: str) -> str:
 def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.source import domain_state, remove_moved_disks, restart_at_source
+    from migsec.daemon.release import release_source
+    from migsec.daemon.source import restart_at_source
 
     mid, domain = entry.migration_id, entry.data.get("domain")
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
@@ -102,12 +134,12 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
     # committed: the destination copy wins; make sure ours is released, then tell B
     options = entry.data.get("options") or {}
     with virt.connect(services.config.libvirt.uri) as conn:
-        if domain_state(conn, domain) not in ("shutoff", "absent"):
-            virt.destroy_domain(conn, domain)
-        if options.get("undefine_source") and domain_state(conn, domain) != "absent":
-            virt.undefine_domain(conn, domain)
-    if options.get("undefine_source"):
-        remove_moved_disks(options)
+        released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")))
+    if released["errors"]:
+        raise MigsecError(f"{domain} is committed to {entry.data.get('peer')} but releasing it here failed: "
+                          + "; ".join(released["errors"]))
+    kept = "".join(f"; the moved disk {d['path']} could not be removed ({d['error']})"
+                   for d in released["disks_not_removed"])
     if entry.data.get("work_dir"):
         shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
     if entry.phase == "committed":
@@ -115,9 +147,9 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
     answer = _ask_peer(services, entry, {"t": "decision", "jws": entry.data.get("decision")})
     if answer is not None and answer.get("t") == "resumed":
         record(services, mid, "source", "done", resumed=answer.get("jws"))
-        return f"committed: {domain} runs at {entry.data.get('peer')}"
+        return f"committed: {domain} runs at {entry.data.get('peer')}{kept}"
     return (f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet "
-            "(run recover again)")
+            f"(run recover again){kept}")
 
 
 # ---- B -----------------------------------------------------------------------------------------

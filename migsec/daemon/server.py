@@ -59,8 +59,19 @@ class Daemon:
             self.services.socket_path,
         )
         sd_notify("READY=1")
-        self._report_unfinished()
+        unfinished = self._report_unfinished()
         threading.Thread(target=self._warm_libvirt, name="migsecd-warm", daemon=True).start()
+        if unfinished and self.config.recovery.auto:
+            # after the sockets listen: a peer recovering the same migration can reach us
+            threading.Thread(target=self._auto_recover, name="migsecd-recover", daemon=True).start()
+
+    def _auto_recover(self) -> None:
+        from migsec.daemon.recovery import auto_recover
+
+        try:
+            auto_recover(self.services)
+        except Exception:
+            log.exception("automatic recovery failed; run `migsec recover`")
 
     def _warm_libvirt(self) -> None:
         """Let libvirtd probe QEMU's capabilities now, in the background: on a fresh host that
@@ -76,17 +87,20 @@ class Daemon:
             return
         log.info("libvirt capabilities at %s ready (%.1f s)", uri, took)
 
-    def _report_unfinished(self) -> None:
-        """A restart after a crash: say which migrations wait for `migsec recover`."""
+    def _report_unfinished(self) -> int:
+        """A restart after a crash: say which migrations a crash interrupted; returns how many."""
         try:
             unfinished = self.services.journal.list(active_only=True)
         except MigsecError as exc:
             log.error("cannot read the migration journal: %s", exc)
-            return
+            return 0
+        then = ("recovering it now ([recovery] auto)" if self.config.recovery.auto
+                else "run `migsec recover` ([recovery] auto = false)")
         for entry in unfinished:
-            log.warning("migration %s (%s of %s with %s) stopped in phase %s: run `migsec recover`",
+            log.warning("migration %s (%s of %s with %s) stopped in phase %s: %s",
                         entry.migration_id, entry.role, entry.data.get("domain"), entry.data.get("peer"),
-                        entry.phase)
+                        entry.phase, then)
+        return len(unfinished)
 
     async def run(self) -> None:
         await self.start()

@@ -67,6 +67,7 @@ class OutgoingMigration:
         self.logical_bytes = 0
         self.downtime_started: float | None = None
         self.was_paused = False
+        self.released: dict = {}
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -259,17 +260,13 @@ class OutgoingMigration:
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
 
     def _release(self, conn: Any) -> None:
-        from migsec import virt
+        from migsec.daemon.release import release_source
 
-        try:
-            if domain_state(conn, self.domain) not in ("shutoff", "absent"):
-                virt.destroy_domain(conn, self.domain)
-            if self.options.get("undefine_source") and domain_state(conn, self.domain) != "absent":
-                virt.undefine_domain(conn, self.domain)
-        except MigsecError as exc:
-            log.error("releasing %s after commit: %s", self.domain, exc)
-        if self.options.get("undefine_source"):
-            remove_moved_disks(self.options)
+        # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
+        self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
+                                       self.dest_did)
+        for disk in self.released["disks_not_removed"]:
+            self.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # ---- helpers ------------------------------------------------------------------------
@@ -315,6 +312,8 @@ class OutgoingMigration:
             "bytes_on_wire": self.bytes_on_wire,
             "data_bytes": self.data_bytes,
             "logical_bytes": self.logical_bytes,
+            # --undefinesource: source disks that are still here (each {"path", "error"})
+            "disks_not_removed": list(self.released.get("disks_not_removed", [])),
         }
 
 
@@ -332,19 +331,6 @@ def domain_state(conn: Any, domain: str) -> str:
         return virt.domain_state(conn, domain).value
     except DomainNotFoundError:
         return "absent"
-
-
-def remove_moved_disks(options: dict) -> None:
-    """With --undefinesource the VM moved: its disk files (verified by B's receipt) go too."""
-    from migsec.daemon.dataplane import request_files_of
-
-    for path in request_files_of(options, "top_files"):
-        try:
-            Path(path).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("removing the moved disk %s: %s", path, exc)
 
 
 def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, paused: bool = False) -> str:

@@ -8,8 +8,15 @@ into libvirt (that would deadlock libvirtd). ``migsec.hooks.qemu.main(argv)`` do
   the reason on stderr, unless ``[hooks] allow_native_migration``; either way it is audited;
 - ``restore begin``: apply ``[storage] map`` / ``[network] map`` / ``bridge_map`` to a save
   image's XML that comes from another host (``migsec.hooks.mapping``) and print the result;
-  nothing is printed (= unchanged) for a local restore;
-- ``started begin``, ``stopped end``, ``release end``: append a signed audit record.
+  nothing is printed (= unchanged) for a local restore; a mapped (foreign) restore is audited
+  as ``foreign-restore`` and refused if it cannot be;
+- ``start begin``: refuse to start a kept definition migsec marked as given away after a
+  migration (``migsec.handover``; ``migsec release DOMAIN`` clears the mark), audited as
+  ``start-refused-moved``; an unmarked XML is only searched for the namespace, not parsed;
+- ``started begin``, ``stopped end``, ``release end``: append a signed audit record
+  (``vm-started``/``vm-stopped``/``vm-released``; ``stopped end migrated``, which libvirt
+  >= 10.5 passes after its own migration out, is ``native-migration-out``; libvirt 9.0
+  passes no reason, so there that stop is a plain ``vm-stopped``).
 
 The configuration is ``$MIGSEC_CONFIG`` or ``/etc/migsec/migsecd.toml`` (``migsec install``
 writes the path into the installed script, because libvirt gives hooks a minimal environment).

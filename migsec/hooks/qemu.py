@@ -26,6 +26,7 @@ LIFECYCLE = {
     ("stopped", "end"): "vm-stopped",
     ("release", "end"): "vm-released",
 }
+MIGRATED_REASON = "migrated"  # the stop reason libvirt >= 10.5 passes after a migration out
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ def dispatch(call: HookCall, stdin: IO[bytes], config_path: str, stderr: IO[str]
         return incoming_migration(call, stdin.read(), config_path, stderr)
     if key == ("restore", "begin"):
         return restore(call, stdin.read(), config_path)
+    if key == ("start", "begin"):
+        start(call, stdin.read(), config_path, stderr)
+        return None
     if key in LIFECYCLE:
         lifecycle(call, stdin.read(), config_path, stderr)
     return None  # every other phase: nothing to do, nothing to say
@@ -135,19 +139,58 @@ def restore(call: HookCall, xml: bytes, config_path: str) -> str | None:
         raise HookRefused(f"restore of domain {call.domain!r} refused: cannot read the migsec "
                           f"configuration to map its storage and networks ({exc})") from exc
     try:
-        return map_restore_xml(xml, storage_map=config.storage.map, network_map=config.network.map,
-                               bridge_map=config.network.bridge_map)
+        mapped = map_restore_xml(xml, storage_map=config.storage.map, network_map=config.network.map,
+                                 bridge_map=config.network.bridge_map)
     except MigsecError as exc:
         raise HookRefused(f"restore of domain {call.domain!r} refused: {exc}") from exc
+    if mapped is not None:
+        # a save image made on another host, restored here outside migsec: it is let in
+        # (mapped) only if the ledger records it, like a native migration
+        try:
+            audit(config, "foreign-restore", **_domain_fields(call, xml))
+        except MigsecError as exc:
+            raise HookRefused(f"restore of domain {call.domain!r} refused: it comes from another host "
+                              f"and could not be audited ({exc})") from exc
+    return mapped
+
+
+def start(call: HookCall, xml: bytes, config_path: str, stderr: IO[str]) -> None:
+    """Refuse to start a kept definition migsec marked as given away (``migsec.handover``)."""
+    from migsec.handover import MOVED_NS, moved_mark
+
+    if MOVED_NS.encode() not in xml:
+        return  # the common case stays cheap: no parse, no configuration
+    try:
+        mark = moved_mark(xml, error=HookRefused)
+    except HookRefused as exc:
+        raise HookRefused(f"start of domain {call.domain!r} refused: {exc}") from exc
+    if mark is None:
+        return
+    reason = (f"start of domain {call.domain!r} refused: migsec migrated it to {mark.destination} "
+              f"(migration {mark.migration_id}, {mark.at}) and it may be running there; starting "
+              f"this kept definition would run it twice. If it no longer runs at {mark.destination}, "
+              f"run `migsec release {call.domain}` on this host, then start it")
+    try:
+        audit(load(config_path), "start-refused-moved", migration=mark.migration_id,
+              destination=mark.destination, **_domain_fields(call, xml))
+    except MigsecError as exc:
+        print(f"{PREFIX}: warning: refusal to start {call.domain!r} not audited: {exc}", file=stderr)
+    raise HookRefused(reason)
 
 
 def lifecycle(call: HookCall, xml: bytes, config_path: str, stderr: IO[str]) -> None:
     kind = LIFECYCLE[(call.operation, call.sub_operation)]
+    if call.operation == "stopped" and call.extra == MIGRATED_REASON:
+        # libvirt >= 10.5 says why a domain stopped; "migrated" is libvirt's own migration
+        # out of this host. libvirt 9.0 passes "-": there it cannot be told from any other stop
+        # and stays a vm-stopped (the destination's hook records the incoming side)
+        kind = "native-migration-out"
     try:
         audit(load(config_path), kind, **_domain_fields(call, xml))
     except MigsecError as exc:
         print(f"{PREFIX}: warning: {kind} of domain {call.domain!r} not audited: {exc}",
               file=stderr)
+
 
 
 def audit(config: Any, kind: str, **fields: Any) -> None:

@@ -168,12 +168,46 @@ def _state(config: Any) -> Iterator[Check]:
         yield Check("state directory", FAIL, f"{state} is not writable", "run migsecd as its owner")
     else:
         yield Check("state directory", OK, f"{state} ({mode:04o})")
+    yield from _image_directories(config, state)
+
+
+def _image_directories(config: Any, state: Path) -> Iterator[Check]:
+    """Every directory an incoming disk can land in: it must exist and take a staged part file
+    renamed into place there (incoming disks are staged beside their targets, so the rename
+    never crosses file systems, whichever mount the images are on)."""
     image_dir = Path(config.storage.image_dir)
-    if not image_dir.is_dir():
-        yield Check("image directory", FAIL, f"[storage].image_dir {image_dir} does not exist",
-                    f"mkdir -p {image_dir}")
-    else:
-        yield Check("image directory", OK, str(image_dir))
+    dirs = {image_dir: f"[storage].image_dir {image_dir}"}
+    for source, target in sorted(config.storage.map.items()):
+        t = Path(target)
+        t = t if t.is_dir() or not t.suffix else t.parent  # a file mapping lands in its directory
+        dirs.setdefault(t, f"[storage].map target {t} (of {source})")
+    for directory, what in dirs.items():
+        name = "image directory" if directory == image_dir else f"image directory {directory}"
+        if not directory.is_dir():
+            yield Check(name, FAIL, f"{what} does not exist", f"mkdir -p {directory}")
+            continue
+        yield _guard(name, f"let migsecd's user write {directory}",
+                     lambda d=directory, w=what, n=name: _stage_and_rename(n, d, w, state))
+
+
+def _stage_and_rename(name: str, directory: Path, what: str, state: Path) -> Check:
+    import tempfile
+
+    fd, part = tempfile.mkstemp(prefix=".migsec-doctor-", suffix=".part", dir=directory)
+    try:
+        os.write(fd, b"migsec doctor")
+        os.fsync(fd)
+        os.close(fd)
+        final = part[:-len(".part")]
+        os.replace(part, final)
+        os.unlink(final)
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
+    where = ("another file system than" if directory.stat().st_dev != state.stat().st_dev
+             else "the same file system as")
+    return Check(name, OK, f"{what}: a staged disk can be written and renamed into place "
+                 f"(on {where} {state}; disks are staged beside their targets)")
 
 
 def _libvirt(config: Any) -> Check:

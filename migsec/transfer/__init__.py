@@ -32,7 +32,9 @@ Stream digest ("migsec-stream-digest-v1", ``extents.py``)
 
 Sinks (B) -- ``sink.py``
     ``Staging.open(directory, specs=())`` creates or reopens (resume) a 0700 staging dir with
-    ``ch<N>.part`` files (pre-sized, holes never written) and ``state.json`` (acked offsets,
+    ``ch<N>.part`` files (pre-sized, holes never written; a stream with a target is staged
+    beside it as ``.migsec-<dir name>.ch<N>.part``, so commit never renames across file
+    systems) and ``state.json`` (acked offsets,
     written atomically). ``.add(spec)``, ``.sink(channel)``, ``.by_name(name)`` ->
     ``StreamSink`` (``.path``, ``.write(off, data)``, ``.hole(off, len)``, ``.sync()``,
     ``.end(size, digest_hex)`` -> IntegrityError naming the stream), ``.resume_offsets()``,

@@ -1,8 +1,12 @@
 """Where the destination writes: staged, sparse, verified, resumable streams.
 
-A :class:`Staging` directory holds one ``ch<N>.part`` file per stream (named by
-channel, never by a peer-chosen name) and ``state.json`` with the durably written
-("acknowledged") offset of each stream. A part file is pre-sized with ftruncate,
+A :class:`Staging` directory holds ``state.json`` with the durably written
+("acknowledged") offset of each stream, and one ``ch<N>.part`` file per stream without
+a target. A stream with a target (a disk) is staged *beside its target*, as
+``.migsec-<staging dir name>.ch<N>.part`` in the target's directory: commit's rename
+then never crosses file systems (the images usually live on another mount than the
+state directory), and a part file is named by migration and channel, never by a
+peer-chosen name. A part file is pre-sized with ftruncate,
 so hole extents are never written; on reopen everything past the acknowledged
 offset is cut away (truncate down, then up), so stale data from an earlier attempt
 cannot survive in a region the sender now marks as a hole.
@@ -37,6 +41,16 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+PART_PREFIX = ".migsec-"
+
+
+def part_path(directory: str, spec: StreamSpec) -> str:
+    """Where ``spec``'s data is staged: beside its target (same file system), else in ``directory``."""
+    if spec.target:
+        target = os.path.abspath(spec.target)
+        name = f"{PART_PREFIX}{os.path.basename(os.path.abspath(directory))}.ch{spec.channel}.part"
+        return os.path.join(os.path.dirname(target), name)
+    return os.path.join(directory, f"ch{spec.channel}.part")
 
 
 class StreamSink:
@@ -239,7 +253,7 @@ class Staging:
                         raise ValueError(f"acked offset {acked} outside the stream")
                 except (KeyError, TypeError, ValueError, TransferError) as exc:
                     raise ResumeError(f"staging state in {directory!r} is inconsistent: {exc}") from exc
-                part = os.path.join(directory, f"ch{spec.channel}.part")
+                part = part_path(directory, spec)
                 if not installed and (acked or done) and not os.path.exists(part):
                     log.warning("stream %s: staged part file is gone; restarting it from 0", spec.name)
                     acked, done = 0, False
@@ -271,7 +285,7 @@ class Staging:
         if spec.target and os.path.lexists(spec.target):
             # discard() removes targets: never adopt a file that was there before.
             raise TransferError(f"stream {spec.name!r}: target {spec.target!r} already exists")
-        part = os.path.join(self.directory, f"ch{spec.channel}.part")
+        part = part_path(self.directory, spec)
         sink = self.sinks[spec.channel] = StreamSink(spec, part, 0, False, None)
         if save:
             self.save_state()
@@ -370,9 +384,10 @@ class Staging:
         """Remove every partial file, every file installed by commit(), and the directory."""
         for s in self.sinks.values():
             s.close()
-            if self.installed and s.spec.target:
+            doomed = [s.path] + ([s.spec.target] if self.installed and s.spec.target else [])
+            for path in doomed:
                 try:
-                    os.unlink(s.spec.target)
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
         if os.path.exists(self.directory):
@@ -382,4 +397,9 @@ class Staging:
         """After the VM runs at the destination: drop the staging directory, keep targets."""
         for s in self.sinks.values():
             s.close()
+            if s.spec.target:
+                try:
+                    os.unlink(s.path)  # only there if commit() never ran
+                except FileNotFoundError:
+                    pass
         shutil.rmtree(self.directory)

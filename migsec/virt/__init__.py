@@ -27,6 +27,10 @@ Tags live in ``<metadata>`` as ``<migsec:tags xmlns:migsec="https://migsec.examp
 
 Operations (name_or_uuid everywhere)::
 
+    mark_moved(conn, name, MovedMark(migration_id, destination, at)), moved_mark(conn, name),
+    clear_moved(conn, name) -> the removed MovedMark or None: the "given away" mark on a kept
+    persistent definition (``migsec.handover``; the hook refuses to start a marked domain)
+
     domain_state, domain_xml(inactive=, migratable=), suspend_domain, resume_domain,
     save_domain(conn, name, path, bypass_cache=False, paused=None),
     save_image_xml(conn, path), check_save_image(conn, path, uuid=, name=None) -> xml,
@@ -73,6 +77,9 @@ from migsec.virt.errors import (
 from migsec.virt.images import ImageInfo, image_chain, rebase_image
 from migsec.virt.ops import (
     check_save_image,
+    clear_moved,
+    mark_moved,
+    moved_mark,
     define_domain,
     destroy_domain,
     domain_state,
@@ -110,6 +117,7 @@ __all__ = [
     "PathMap",
     "check_migratable",
     "check_save_image",
+    "clear_moved",
     "connect",
     "define_domain",
     "describe_domain",
@@ -118,6 +126,8 @@ __all__ = [
     "domain_xml",
     "image_chain",
     "incoming_domain_xml",
+    "mark_moved",
+    "moved_mark",
     "parse_domain_xml",
     "rebase_image",
     "restore_domain",

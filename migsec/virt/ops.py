@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import libvirt
 
 from migsec.errors import SaveImageError
+from migsec.handover import MOVED_NS, MOVED_PREFIX, MovedMark
+from migsec.handover import moved_mark as handover_mark
 from migsec.virt.connection import Connection, lookup
 from migsec.virt.describe import DomainState, state_of
 from migsec.virt.domxml import TAGS_NS, TAGS_PREFIX, parse_domain_xml, tags_element, view
@@ -241,8 +243,44 @@ def set_tags(conn: Connection, name_or_uuid: str, tags: list[str] | tuple[str, .
         dom.setMetadata(_flag("VIR_DOMAIN_METADATA_ELEMENT"), element, TAGS_PREFIX, TAGS_NS, flags)
 
 
+def mark_moved(conn: Connection, name_or_uuid: str, mark: MovedMark) -> None:
+    """Mark the kept persistent definition as given away (``migsec.handover``): the hook then
+    refuses to start it. Only the persistent config is marked; the domain must be defined."""
+    dom = lookup(conn, name_or_uuid)
+    with libvirt_call("mark as moved", uri=conn.uri, domain=name_or_uuid):
+        if not dom.isPersistent():
+            raise DomainStateError(f"domain '{name_or_uuid}' has no persistent definition to mark")
+        dom.setMetadata(_flag("VIR_DOMAIN_METADATA_ELEMENT"), mark.element(), MOVED_PREFIX, MOVED_NS,
+                        _flag("VIR_DOMAIN_AFFECT_CONFIG"))
+
+
+def moved_mark(conn: Connection, name_or_uuid: str) -> MovedMark | None:
+    """The given-away mark on the domain's persistent definition, if it has one."""
+    dom = lookup(conn, name_or_uuid)
+    with libvirt_call("read the moved mark", uri=conn.uri, domain=name_or_uuid):
+        if not dom.isPersistent():
+            return None
+        xml = dom.XMLDesc(_flag("VIR_DOMAIN_XML_INACTIVE"))
+    return handover_mark(xml, error=DomainXmlError)
+
+
+def clear_moved(conn: Connection, name_or_uuid: str) -> MovedMark | None:
+    """Remove the given-away mark (``migsec release``, or the guest came back); returns it."""
+    mark = moved_mark(conn, name_or_uuid)
+    if mark is None:
+        return None
+    dom = lookup(conn, name_or_uuid)
+    with libvirt_call("clear the moved mark", uri=conn.uri, domain=name_or_uuid):
+        dom.setMetadata(_flag("VIR_DOMAIN_METADATA_ELEMENT"), None, None, MOVED_NS,
+                        _flag("VIR_DOMAIN_AFFECT_CONFIG"))
+    return mark
+
+
 __all__ = [
     "check_save_image",
+    "clear_moved",
+    "mark_moved",
+    "moved_mark",
     "define_domain",
     "destroy_domain",
     "domain_state",

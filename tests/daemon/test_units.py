@@ -143,3 +143,34 @@ def test_memory_image_streams_during_the_save_within_the_bound_b_accepts(tmp_pat
     release.set()
     assert memory.digest()[0] == file_digest(image)
     saver.join()
+
+
+def test_moved_disks_that_cannot_be_removed_are_reported(tmp_path):
+    from migsec.daemon.release import remove_moved_disks
+
+    gone, stuck, absent = tmp_path / "vm.qcow2", tmp_path / "stuck.qcow2", tmp_path / "absent.qcow2"
+    gone.write_bytes(b"x")
+    stuck.mkdir()  # unlink() of a directory fails, whoever runs the test
+    failed = remove_moved_disks({"top_files": "|".join(map(str, (gone, stuck, absent)))})
+    assert not gone.exists() and stuck.exists()
+    assert [d["path"] for d in failed] == [str(stuck)] and failed[0]["error"]
+
+
+def test_discard_with_an_unreadable_staging_state_still_finds_the_parts_beside_targets(tmp_path):
+    from migsec.daemon.dataplane import discard, staging_dir
+
+    images, other = tmp_path / "images", tmp_path / "mapped"
+    images.mkdir()
+    other.mkdir()
+    config = SimpleNamespace(paths=SimpleNamespace(staging_dir=tmp_path / "staging"),
+                             storage=SimpleNamespace(image_dir=images, map={"/src": str(other)}))
+    services = SimpleNamespace(config=config)
+    stage = staging_dir(services, "m1")
+    stage.mkdir(parents=True)
+    (stage / "state.json").write_text("{not json")
+    mine = [images / ".migsec-in-m1.ch2.part", other / ".migsec-in-m1.ch3.part"]
+    theirs = images / ".migsec-in-m2.ch2.part"  # another migration's: untouched
+    for p in (*mine, theirs):
+        p.write_bytes(b"x")
+    discard(services, "m1")
+    assert not stage.exists() and not any(p.exists() for p in mine) and theirs.exists()

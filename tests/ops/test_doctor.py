@@ -155,3 +155,32 @@ def test_hook_newer_than_the_running_libvirtd_warns(host, tmp_path):
     hook = {c.name: c for c in run_checks(host.config, hooks_dir=host.hooks_dir, unit=host.unit,
                                           libvirt=False, libvirtd_pid_file=pid_file)}["libvirt hook"]
     assert hook.status == OK
+
+
+def test_image_directories_take_a_staged_disk_and_say_which_file_system(host, tmp_path):
+    import os
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (/dev/shm) next to the temporary directory")
+    other = Path(tempfile.mkdtemp(prefix="migsec-doctor-", dir="/dev/shm"))
+    try:
+        text = host.config.read_text().replace('"/src/images" = ', f'"/far/images" = "{other}", "/src/images" = ')
+        host.config.write_text(text)
+        checks = doctor(host, libvirt=False)
+        assert checks["image directory"].status == OK
+        assert "the same file system as" in checks["image directory"].message
+        mapped = checks[f"image directory {other}"]
+        assert mapped.status == OK and "another file system than" in mapped.message, mapped
+        assert list(other.iterdir()) == []  # the probe file is gone again
+        os.chmod(other, 0o500)
+        if os.access(other, os.W_OK):  # root ignores the mode: take the directory away instead
+            os.rmdir(other)
+            assert doctor(host, libvirt=False)[f"image directory {other}"].status == FAIL
+        else:
+            failed = doctor(host, libvirt=False)[f"image directory {other}"]
+            assert failed.status == FAIL and "write" in failed.fix
+    finally:
+        import shutil
+
+        shutil.rmtree(other, ignore_errors=True)

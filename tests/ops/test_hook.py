@@ -106,6 +106,15 @@ def test_restore_of_a_foreign_image_maps_storage_and_networks(site):
     for path in ("uuid", "memory", "os/type", "devices/disk/target", "devices/interface/mac"):
         assert etree.tostring(out.find(path)) == etree.tostring(before.find(path))
     assert out.find("metadata")[0].tag == "{https://migsec.example/xmlns/1}tags"
+    assert entries(site)[-1] == ("foreign-restore", {"domain": "vm1", "uuid": UUID, "source": "libvirt-hook"})
+
+
+def test_foreign_restore_is_refused_when_it_cannot_be_audited(site):
+    (site.root / "images" / "vm1.qcow2").write_bytes(b"")
+    (site.root / "pki" / "domain-key.pem").chmod(0o644)  # the identity refuses to load
+    r = run_hook(site.config, "vm1", "restore", "begin", "-", stdin=domain_xml("/src/images/vm1.qcow2"))
+    assert r.returncode != 0 and r.stdout == b""
+    assert "comes from another host and could not be audited" in r.stderr.decode()
 
 
 def test_restore_of_a_local_image_prints_nothing(site):
@@ -153,6 +162,38 @@ def test_mapping_keeps_paths_that_exist_here_even_under_a_mapped_directory(tmp_p
                            network_map={"default": "other"}) is None
 
 
+# --- start begin: a definition migsec gave away ------------------------------------------------
+MOVED = ('<migsec-moved:moved xmlns:migsec-moved="https://migsec.example/xmlns/1/moved" '
+         'migration="m-42" destination="cloud-b.example" at="2026-12-03T09:00:00Z"/>')
+
+
+def moved_xml() -> bytes:
+    return domain_xml("/x").replace(b"</metadata>", MOVED.encode() + b"</metadata>")
+
+
+def test_start_of_a_definition_given_away_is_refused_with_the_release_command(site):
+    r = run_hook(site.config, "vm1", "start", "begin", "-", stdin=moved_xml())
+    assert r.returncode != 0 and r.stdout == b""
+    err = r.stderr.decode()
+    assert "start of domain 'vm1' refused: migsec migrated it to cloud-b.example (migration m-42" in err
+    assert "`migsec release vm1`" in err
+    assert entries(site)[-1] == ("start-refused-moved", {
+        "domain": "vm1", "uuid": UUID, "migration": "m-42", "destination": "cloud-b.example",
+        "source": "libvirt-hook"})
+
+
+def test_start_refusal_stands_without_a_config(tmp_path):
+    r = run_hook(tmp_path / "absent.toml", "vm1", "start", "begin", "-", stdin=moved_xml())
+    assert r.returncode != 0
+    assert "`migsec release vm1`" in r.stderr.decode() and "not audited" in r.stderr.decode()
+
+
+def test_the_namespace_in_a_comment_is_not_a_mark(site):
+    xml = domain_xml("/x").replace(b"<memory", b"<!-- https://migsec.example/xmlns/1/moved --><memory")
+    r = run_hook(site.config, "vm1", "start", "begin", "-", stdin=xml)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+
+
 # --- lifecycle and the rest ---------------------------------------------------------------------
 def test_lifecycle_phases_append_signed_records(site):
     xml = domain_xml("/x")
@@ -163,6 +204,14 @@ def test_lifecycle_phases_append_signed_records(site):
     assert [k for k, _ in got] == ["ledger-signer", "vm-started", "vm-stopped", "vm-released"]
     assert got[3][1] == {"domain": "vm1", "uuid": UUID, "reason": "shutdown", "source": "libvirt-hook"}
     assert Ledger(site.ledger).verify(site.trust).entries == 4
+
+
+def test_stop_after_libvirts_own_migration_out_has_its_own_kind(site):
+    # libvirt >= 10.5 passes the reason; 9.0 passes "-" (see test_lifecycle_phases_append_signed_records)
+    r = run_hook(site.config, "vm1", "stopped", "end", "migrated", stdin=domain_xml("/x"))
+    assert r.returncode == 0, r.stderr
+    assert entries(site)[-1] == ("native-migration-out", {"domain": "vm1", "uuid": UUID, "reason": "migrated",
+                                                          "source": "libvirt-hook"})
 
 
 def test_other_phases_do_nothing(site):

@@ -1,4 +1,4 @@
-"""The hook in a real libvirtd: host b of the lab gets hooks/qemu before its libvirtd starts.
+"""The hook in a real libvirtd: hosts a and b of the lab get hooks/qemu before their libvirtds start.
 
 - libvirt's own migration a -> b (``virsh migrate``, client-driven: virsh talks to both
   libvirtds over their unix sockets, QEMU streams over the lab network) is refused by the
@@ -7,7 +7,10 @@
 - ``migsec migrate`` a -> b works with the hook in place (it restores through libvirt, the
   hook sees migsecd's already-mapped XML and lifecycle events land in the same ledger);
 - ``virsh restore`` on b of a save image made on a (files moved to b's image directory) is
-  mapped by the hook: libvirt restores the guest on b's paths and its counter goes on.
+  mapped by the hook: libvirt restores the guest on b's paths and its counter goes on;
+- after ``migsec migrate`` without ``--undefinesource`` the definition a keeps is marked as
+  given away: ``virsh start`` there is refused until ``migsec release``, and a migration back
+  to a clears the mark.
 """
 from __future__ import annotations
 
@@ -41,10 +44,11 @@ def env(tmp_path_factory):
     lab = Lab(tmp_path_factory.mktemp("hooklab"), "h" + secrets.token_hex(3))
     dep = None
     try:
-        # b's /etc/libvirt is <lab>/b/etc: install there before b's libvirtd starts
-        layout = Layout(prefix=Path(sys.prefix), config_dir=lab.dir / "b" / "migsec",
-                        hooks_dir=lab.dir / "b" / "etc" / "hooks")
-        apply([i for i in plan(layout) if i.path.is_relative_to(layout.hooks_dir)])
+        # a host's /etc/libvirt is <lab>/<host>/etc: install there before its libvirtd starts
+        for host in ("a", "b"):
+            layout = Layout(prefix=Path(sys.prefix), config_dir=lab.dir / host / "migsec",
+                            hooks_dir=lab.dir / host / "etc" / "hooks")
+            apply([i for i in plan(layout) if i.path.is_relative_to(layout.hooks_dir)])
         lab.up(2, guest=None, timeout=120)
         dep = deploy(lab)
         dep.start()
@@ -76,6 +80,31 @@ def state(lab: Lab, host: str, name: str) -> str:
 
 def ledger_b(dep) -> Ledger:
     return Ledger(dep["b"].base / "state" / "ledger.jsonl")
+
+
+def ledger_of(dep, host: str) -> Ledger:
+    return Ledger(dep[host].base / "state" / "ledger.jsonl")
+
+
+def libvirt_version(lab: Lab) -> tuple[int, int]:
+    out = lab.host("a").virsh("version")
+    line = next(ln for ln in out.splitlines() if "Using library" in ln)
+    major, minor = line.split()[-1].split(".")[:2]
+    return int(major), int(minor)
+
+
+def migsec_migrate(dep, src: str, dst: str, name: str):
+    d = dep[src]
+    return d.migsec("migrate", name, f"migsec://{dep[dst].address}:7443", "--json", "--user", "admin",
+                    "--password-stdin", "--config", str(d.config),
+                    input="correct horse battery staple\n", timeout=300)
+
+
+def virsh_start(lab: Lab, host: str, name: str):
+    import subprocess
+
+    return subprocess.run(["virsh", "-c", lab.host(host).libvirt_uri, "start", name], capture_output=True,
+                          text=True, timeout=120, check=False)
 
 
 def native_migrate(lab: Lab, name: str):
@@ -118,6 +147,14 @@ def test_native_migration_into_b_is_refused_and_audited(env):
     assert state(lab, "b", name) == "running"
     kinds = [(e.kind, e.body.get("domain")) for e in ledger_b(dep).entries()]
     assert ("native-migration-allowed", name) in kinds and ("vm-started", name) in kinds
+    # the source's side: libvirt >= 10.5 passes the stop reason ("migrated"); 9.0 passes
+    # none, so there the migration out is a stop like any other (the documented limit)
+    at_a = [e for e in ledger_of(dep, "a").entries() if e.body.get("domain") == name]
+    if libvirt_version(lab) >= (10, 5):
+        assert "native-migration-out" in [e.kind for e in at_a]
+    else:
+        stops = [e for e in at_a if e.kind == "vm-stopped"]
+        assert stops and "reason" not in stops[-1].body, [(e.kind, dict(e.body)) for e in at_a]
     lab.host("b").virsh("destroy", name, check=False)
 
 
@@ -157,7 +194,72 @@ def test_virsh_restore_on_b_maps_a_foreign_save_image(env):
     assert f"file='{b.image_dir / (name + '.qcow2')}'" in xml, xml
     assert state(lab, "b", name) == "running"
     wait_counter(lab, "b", name, before)
+    # a save image from another host restored outside migsec has its own audit kind
+    foreign = [e for e in ledger_b(dep).entries() if e.kind == "foreign-restore"]
+    assert foreign and foreign[-1].body["domain"] == name and foreign[-1].body["uuid"]
     b.virsh("destroy", name, check=False)
+
+
+def test_a_moved_guest_cannot_run_twice_until_released(env):
+    lab, dep = env
+    name = "t" + secrets.token_hex(2)
+    boot(lab, name)
+    before = wait_counter(lab, "a", name, 2)
+    proc = migsec_migrate(dep, "a", "b", name)  # no --undefinesource: a keeps the definition
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mid = json.loads(proc.stdout)["migration_id"]
+    wait_counter(lab, "b", name, before)
+    assert state(lab, "a", name) == "shut off"
+    # starting the kept definition would run the guest twice: the hook refuses it
+    r = virsh_start(lab, "a", name)
+    assert r.returncode != 0, r.stdout
+    assert f"migsec migrated it to {dep['b'].did} (migration {mid}" in r.stderr, r.stderr
+    assert f"`migsec release {name}`" in r.stderr, r.stderr
+    assert state(lab, "a", name) == "shut off" and state(lab, "b", name) == "running"
+    kinds = [(e.kind, e.body.get("domain")) for e in ledger_of(dep, "a").entries()]
+    assert ("given-away", name) in kinds and ("start-refused-moved", name) in kinds
+    # the operator stops it at b and releases it at a: it starts there again
+    lab.host("b").virsh("destroy", name)
+    a = dep["a"]
+    rel = a.migsec("release", name, "--config", str(a.config))
+    assert rel.returncode == 0, rel.stdout + rel.stderr
+    assert f"released {name}" in rel.stdout
+    released = [e for e in ledger_of(dep, "a").entries() if e.kind == "vm-release"]
+    assert released and released[-1].body["domain"] == name and released[-1].migration_id == mid
+    r = virsh_start(lab, "a", name)
+    assert r.returncode == 0, r.stderr
+    assert state(lab, "a", name) == "running"
+    again = a.migsec("release", name, "--config", str(a.config))
+    assert again.returncode != 0 and "no migsec 'given away' mark" in again.stderr
+    for host in ("a", "b"):
+        v = dep[host].migsec("audit", "--config", str(dep[host].config), "verify")
+        assert v.returncode == 0, v.stdout + v.stderr
+    lab.host("a").virsh("destroy", name, check=False)
+
+
+def test_a_guest_migrated_back_starts_again_where_it_was_kept(env):
+    lab, dep = env
+    name = "k" + secrets.token_hex(2)
+    boot(lab, name)
+    before = wait_counter(lab, "a", name, 2)
+    proc = migsec_migrate(dep, "a", "b", name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before = wait_counter(lab, "b", name, before)
+    assert "https://migsec.example/xmlns/1/moved" in lab.host("a").virsh("dumpxml", "--inactive", name)
+    # a returning migration never overwrites a file: the stale disk a kept goes first
+    (lab.host("a").image_dir / f"{name}.qcow2").unlink()
+    proc = migsec_migrate(dep, "b", "a", name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_counter(lab, "a", name, before)
+    assert state(lab, "a", name) == "running" and state(lab, "b", name) != "running"
+    assert "https://migsec.example/xmlns/1/moved" not in lab.host("a").virsh("dumpxml", "--inactive", name)
+    kinds = [(e.kind, e.body.get("domain")) for e in ledger_of(dep, "a").entries()]
+    assert ("vm-returned", name) in kinds
+    # the kept definition is an ordinary one again: it stops and starts
+    lab.host("a").virsh("destroy", name)
+    r = virsh_start(lab, "a", name)
+    assert r.returncode == 0, r.stderr
+    lab.host("a").virsh("destroy", name, check=False)
 
 
 def test_doctor_inside_lab_host_b(env):

@@ -41,6 +41,7 @@ def test_minimal_config_gets_documented_defaults(site):
     assert cfg.limits.ticket_lifetime_s == 300 and cfg.limits.clock_skew_s == 60
     assert cfg.limits.bandwidth_mib_s == 0
     assert cfg.hooks.allow_native_migration is False
+    assert cfg.recovery.auto is True
 
 
 def test_full_config_is_read(site):
@@ -72,6 +73,9 @@ clock_skew_s = 5
 
 [hooks]
 allow_native_migration = true
+
+[recovery]
+auto = false
 """)
     assert (cfg.listen.peer_host, cfg.listen.peer_port) == ("2001:db8::1", 8443)
     assert cfg.listen.peer == "[2001:db8::1]:8443"
@@ -81,6 +85,7 @@ allow_native_migration = true
     assert dict(cfg.network.bridge_map) == {"br0": "br1"}
     assert (cfg.limits.max_incoming, cfg.limits.max_vcpus, cfg.limits.max_memory_mib) == (3, 8, 4096)
     assert cfg.limits.ticket_lifetime_s == 120 and cfg.hooks.allow_native_migration
+    assert cfg.recovery.auto is False
     with pytest.raises(Exception):
         cfg.limits.max_vcpus = 1  # frozen
     with pytest.raises(TypeError):
@@ -159,6 +164,8 @@ def test_bad_settings_are_named(site, old, new, setting, problem):
     ("[limits]\nbandwidth_mib_s = true", "[limits].bandwidth_mib_s", "not a boolean"),
     ('[limits]\nclock_skew_s = "60"', "[limits].clock_skew_s", "must be an integer"),
     ('[hooks]\nallow_native_migration = "yes"', "[hooks].allow_native_migration", "true or false"),
+    ("[recovery]\nauto = 1", "[recovery].auto", "true or false"),
+    ("[recovery]\nautomatic = true", "[recovery].automatic", "unknown setting"),
     ("[bogus]\nx = 1", "[bogus]", "unknown table"),
 ])
 def test_bad_optional_settings_are_named(site, extra, setting, problem):
@@ -206,7 +213,7 @@ _toml_values = st.recursive(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(table=st.sampled_from(["domain", "paths", "listen", "libvirt", "storage", "network",
-                              "limits", "hooks"]),
+                              "limits", "hooks", "recovery"]),
        key=st.text(min_size=1, max_size=16) | st.sampled_from(
            ["id", "trust", "crls", "peer", "socket_mode", "map", "bridge_map", "max_incoming",
             "clock_skew_s", "allow_native_migration", "uri", "image_dir", "state_dir"]),

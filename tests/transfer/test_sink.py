@@ -162,6 +162,55 @@ def test_discard_after_commit_removes_installed_files_too(tmp_path):
     assert list((tmp_path / "t").iterdir()) == []
 
 
+@pytest.fixture
+def other_fs(tmp_path):
+    """A directory on another file system than ``tmp_path`` (/dev/shm is a tmpfs)."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (/dev/shm) next to the temporary directory")
+    d = tempfile.mkdtemp(prefix="migsec-xdev-", dir="/dev/shm")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_commit_across_file_systems_stages_beside_the_target(tmp_path, other_fs):
+    data = os.urandom(3 * BLOCK + 7)
+    target = os.path.join(other_fs, "vm2.qcow2")
+    stage = tmp_path / "in-m1"
+    assert os.stat(other_fs).st_dev != os.stat(tmp_path).st_dev
+    src = StreamSource(2, "disk0", "disk", data=data, target=target)
+    staging = Staging.open(stage, [src.spec, StreamSpec(3, "memory", "memory", BLOCK)])
+    part = staging.sink(2).path
+    assert os.path.dirname(part) == other_fs and os.stat(part).st_mode & 0o077 == 0
+    assert os.path.dirname(staging.sink(3).path) == str(stage)  # no target: stays in staging
+    feed(staging.sink(2), src)
+    staging.sink(2).end(src.size, src.digest()[0])
+    memory = StreamSource(3, "memory", "memory", data=os.urandom(BLOCK))
+    feed(staging.sink(3), memory)
+    staging.sink(3).end(BLOCK, memory.digest()[0])
+    staging.commit()
+    staging.close()
+    assert file_digest(target) == src.digest()[0]
+    assert os.listdir(other_fs) == ["vm2.qcow2"] and not stage.exists()
+
+
+def test_resume_and_discard_find_the_part_beside_the_target(tmp_path, other_fs):
+    data = os.urandom(4 * BLOCK)
+    target = os.path.join(other_fs, "disk.img")
+    src = StreamSource(2, "disk0", "disk", data=data, target=target)
+    staging = Staging.open(tmp_path / "in-m2", [src.spec])
+    feed(staging.sink(2), src, stop=2 * BLOCK)
+    staging.checkpoint()
+    part = staging.sink(2).path
+    staging.sink(2).close()
+    again = Staging.open(tmp_path / "in-m2")  # a restarted daemon reopens it from state.json
+    assert again.sink(2).path == part and again.resume_offsets() == {"disk0": 2 * BLOCK}
+    again.discard()
+    assert os.listdir(other_fs) == [] and not (tmp_path / "in-m2").exists()
+
+
 def test_commit_refuses_incomplete_streams(tmp_path):
     staging = Staging.open(tmp_path / "stage", [StreamSpec(1, "disk0", "disk", MiB, str(tmp_path / "x"))])
     with pytest.raises(TransferError, match="incomplete"):

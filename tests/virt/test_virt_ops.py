@@ -173,3 +173,21 @@ def test_save_to_unwritable_place_names_the_path(conn, tmp_path: Path) -> None:
     with pytest.raises(SaveImageError, match=str(target)):
         save_domain(conn, "test", str(target))
     assert domain_state(conn, "test") is DomainState.RUNNING
+
+
+def test_moved_mark_round_trip_keeps_the_tags(conn) -> None:
+    from migsec.handover import MovedMark, moved_mark as parse_mark
+    from migsec.virt import clear_moved, domain_xml, mark_moved, moved_mark, set_tags
+
+    set_tags(conn, "test", ["eu-west"])
+    destroy_domain(conn, "test")
+    assert moved_mark(conn, "test") is None
+    mark = MovedMark("m-123", "cloud-b.example", "2026-12-03T09:00:00Z")
+    mark_moved(conn, "test", mark)
+    assert moved_mark(conn, "test") == mark
+    # what the hook gets on stdin at `start begin` is this XML: the mark is visible in it
+    assert parse_mark(domain_xml(conn, "test", inactive=True)) == mark
+    assert describe_domain(conn, "test").tags == ("eu-west",)  # another namespace: tags untouched
+    assert clear_moved(conn, "test") == mark
+    assert moved_mark(conn, "test") is None and clear_moved(conn, "test") is None
+    assert describe_domain(conn, "test").tags == ("eu-west",)

@@ -1,0 +1,96 @@
+"""After the commit: what happens to the source's copy, and ``migsec release``.
+
+``release_source`` runs where the source releases its copy (the live flow and ``migsec
+recover``): the guest is destroyed here; with ``--undefinesource`` its definition is
+undefined and its top disk images removed, and a disk that could not be removed is
+reported (result, journal, ``migsec jobs``), not only logged; without it the kept
+definition is marked as given away (``migsec.handover``), so the libvirt hook refuses to
+start it until an operator runs ``migsec release DOMAIN``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+from migsec.errors import MigsecError
+
+log = logging.getLogger("migsecd.release")
+
+
+def release_source(services: Any, conn: Any, migration_id: str, domain: str, options: dict,
+                   destination: str) -> dict:
+    """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
+    "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``."""
+    from migsec import virt
+    from migsec.daemon.jobs import record
+    from migsec.daemon.source import domain_state
+    from migsec.handover import MovedMark
+
+    report: dict[str, Any] = {"disks_not_removed": [], "marked": False, "errors": []}
+    undefine = bool(options.get("undefine_source"))
+    try:
+        if domain_state(conn, domain) not in ("shutoff", "absent"):
+            virt.destroy_domain(conn, domain)
+        if undefine and domain_state(conn, domain) != "absent":
+            virt.undefine_domain(conn, domain)
+        elif not undefine and domain_state(conn, domain) == "shutoff":
+            at = services.clock().astimezone(dt.timezone.utc)
+            mark = MovedMark(migration_id, destination, at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            virt.mark_moved(conn, domain, mark)
+            report["marked"] = True
+    except MigsecError as exc:
+        log.error("releasing %s after commit: %s", domain, exc)
+        report["errors"].append(str(exc))
+    if report["marked"]:
+        try:
+            services.audit("given-away", migration_id, role="source", domain=domain, destination=destination)
+        except MigsecError as exc:
+            log.error("auditing that %s was given away: %s", domain, exc)
+    if undefine:
+        report["disks_not_removed"] = remove_moved_disks(options)
+    fields = {k: v for k, v in report.items() if v}
+    if fields:
+        try:
+            phase = services.journal.get(migration_id).phase
+            record(services, migration_id, "source", phase, **fields)
+        except MigsecError as exc:
+            log.error("journalling the release of %s: %s", domain, exc)
+    return report
+
+
+def remove_moved_disks(options: dict) -> list[dict]:
+    """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too.
+    Returns the ones that could not be removed, each with why."""
+    from migsec.daemon.dataplane import request_files_of
+
+    failed = []
+    for path in request_files_of(options, "top_files"):
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("removing the moved disk %s: %s", path, exc.strerror or exc)
+            failed.append({"path": path, "error": exc.strerror or str(exc)})
+    return failed
+
+
+def release_domain(config: Any, domain: str, *, operator: str) -> Any:
+    """``migsec release DOMAIN``: clear the given-away mark on the kept definition, audited.
+    Returns the mark that was removed; MigsecError if there is none."""
+    from migsec import virt
+    from migsec.audit import Ledger
+    from migsec.pki.identity import DomainIdentity
+
+    with virt.connect(config.libvirt.uri) as conn:
+        mark = virt.clear_moved(conn, domain)
+    if mark is None:
+        raise MigsecError(f"domain {domain!r} carries no migsec 'given away' mark: nothing to release")
+    identity = DomainIdentity.load(config.domain.key, config.domain.certificate)
+    Ledger(config.paths.ledger, identity).append(
+        "vm-release", mark.migration_id,
+        {"domain": domain, "destination": mark.destination, "moved_at": mark.at, "operator": operator},
+        source="migsec release")
+    return mark
