@@ -157,7 +157,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
             raise IntegrityError(f"{job.dest_did}'s Resumed answers another decision")
         services.audit("resumed", mid, role="source", peer_token=answer, peer_cert_pem=session.peer.cert_pem,
                        peer_did=job.dest_did)
-        _release_source(job)
+        _release_source(job, conn)
         job.journal("released")
         job.journal("done", resumed=answer)
     except BaseException as exc:
@@ -282,12 +282,14 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
                               rolled_back=True) from cause
 
 
-def _release_source(job: Any) -> None:
-    """libvirt stopped (and with --undefinesource undefined) the source copy; its disks go too."""
-    from migsec.daemon.source import remove_moved_disks
+def _release_source(job: Any, conn: Any) -> None:
+    """libvirt stopped (and with --undefinesource undefined) the source copy: its disks go too,
+    or the definition kept here is marked as given away (the same release as a cold move's)."""
+    from migsec.daemon.release import release_source
 
-    if job.options.get("undefine_source"):
-        remove_moved_disks(job.options)
+    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did)
+    for disk in job.released["disks_not_removed"]:
+        job.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
 
 
 class _Call:
@@ -554,17 +556,18 @@ def recover_source(services: Any, entry: Any) -> str | None:
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.source import domain_state, remove_moved_disks
+    from migsec.daemon.release import release_source
+    from migsec.daemon.source import domain_state
 
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
     remove_run_dir(mid)
     with virt.connect(services.config.libvirt.uri) as conn:
         state = domain_state(conn, domain)
-    if state not in ("absent", "shutoff"):
-        return None
-    record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
-    if (entry.data.get("options") or {}).get("undefine_source"):
-        remove_moved_disks(entry.data.get("options") or {})
+        if state not in ("absent", "shutoff"):
+            return None
+        record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
+        release_source(services, conn, mid, domain, dict(entry.data.get("options") or {}),
+                       str(entry.data.get("peer")))
     record(services, mid, "source", "released")
     record(services, mid, "source", "done")
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
