@@ -67,6 +67,9 @@ class OutgoingMigration:
         self.logical_bytes = 0
         self.downtime_started: float | None = None
         self.was_paused = False
+        from migsec.daemon.jobs import AbortSwitch
+
+        self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -281,6 +284,7 @@ class OutgoingMigration:
         return PLANE_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
 
     def check_deadline(self) -> None:
+        self.abort.check()
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise TransferError(f"--timeout of {self.options.get('timeout')} s exceeded")
 
@@ -296,6 +300,7 @@ class OutgoingMigration:
     def journal(self, phase: str, **fields: Any) -> None:
         from migsec.daemon.jobs import record
 
+        self.abort.guard(phase)  # an abort requested before "committed" wins over it
         record(self.services, self.mid, "source", phase, **fields)
 
     def result(self, *, dry_run: bool = False) -> dict:
