@@ -175,6 +175,11 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class UsersConfig:
+    min_password_length: int = 12  # for `migsec user add` / `passwd`; existing users keep theirs
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     domain: DomainConfig
@@ -185,6 +190,7 @@ class Config:
     network: NetworkConfig
     limits: LimitsConfig
     hooks: HooksConfig
+    users: UsersConfig = field(default_factory=UsersConfig)
 
 
 _SCHEMA: dict[str, set[str]] = {
@@ -197,6 +203,7 @@ _SCHEMA: dict[str, set[str]] = {
     "limits": {"max_incoming", "max_vcpus", "max_memory_mib", "bandwidth_mib_s",
                "ticket_lifetime_s", "clock_skew_s"},
     "hooks": {"allow_native_migration"},
+    "users": {"min_password_length"},
 }
 
 
@@ -333,6 +340,8 @@ class _Loader:
             libvirt=self.libvirt(), storage=self.storage(), network=self.network(),
             limits=self.limits(), hooks=HooksConfig(
                 allow_native_migration=self.get("hooks", "allow_native_migration", bool, False)),
+            users=UsersConfig(min_password_length=self.integer(
+                "users", "min_password_length", UsersConfig.min_password_length, minimum=1, maximum=1024)),
         )
 
     def domain(self) -> DomainConfig:

@@ -150,10 +150,12 @@ def test_local_exchange_wrong_password_and_policy_denial(nodes):
     a.wait_ready()
     wrong = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
                      "--password-stdin", "--json", input="nope\n")
-    assert wrong.returncode == 3 and "wrong password" in json.loads(wrong.stdout)["message"]
+    message = json.loads(wrong.stdout)["message"]
+    assert wrong.returncode == 3 and "authentication failed for user 'admin'" in message and "wrong password" in message
     unknown = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "mallory",
                        "--password-stdin", "--json", input="nope\n")
     assert unknown.returncode == 3  # the same answer as a wrong password: names are not probed
+    assert json.loads(unknown.stdout)["message"] == message.replace("'admin'", "'mallory'")
     denied = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "visitor",
                       "--password-stdin", "--json", input=PASSWORD + "\n")
     reply = json.loads(denied.stdout)
