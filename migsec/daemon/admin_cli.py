@@ -195,24 +195,29 @@ def _peers(ctx: click.Context, config: Path | None):
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               metavar="FILE", help="The peer domain's certificate (PEM).")
 @click.option("--fingerprint", default=None, metavar="SHA256:...",
-              help="Pin the certificate seen on first contact instead of giving it now.")
+              help="Pin the certificate's SHA-256 fingerprint: the certificate is fetched and stored on "
+                   "first contact (with --cert: checked against it).")
+@click.option("--replace", is_flag=True, help="Replace an existing entry for DID (new address, certificate or pin).")
 @_config_option
 @click.pass_context
 def peer_add(ctx: click.Context, did: str, address: str, cert: Path | None,
-             fingerprint: str | None, config: Path | None) -> None:
+             fingerprint: str | None, replace: bool, config: Path | None) -> None:
     """Add peer domain DID at HOST:PORT, known by its certificate or a pinned fingerprint."""
     # DID, address and fingerprint syntax are checked by the peer directory itself
-    if (cert is None) == (fingerprint is None):
-        raise click.UsageError("give exactly one of --cert FILE or --fingerprint SHA256:...")
+    if cert is None and fingerprint is None:
+        raise click.UsageError("give --cert FILE or --fingerprint SHA256:... (or both)")
     cert_pem = None
     if cert is not None:
         try:
             cert_pem = cert.read_bytes()
         except OSError as exc:
             raise ConfigError(f"--cert: cannot read {cert}: {exc.strerror}") from exc
-    added = _peers(ctx, config).add(did, address, cert_pem=cert_pem, fingerprint=fingerprint)
+    directory = _peers(ctx, config)
+    existed = any(p.did == did for p in directory.list())
+    added = directory.add(did, address, cert_pem=cert_pem, fingerprint=fingerprint, replace=replace)
     how = f"certificate {added.fingerprint}" if cert else f"pinned {added.fingerprint}"
-    click.echo(f"added peer {added.did} at {added.address} ({how})")
+    verb = "replaced" if existed else "added"
+    click.echo(f"{verb} peer {added.did} at {added.address} ({how})")
 
 
 @peer.command("list")

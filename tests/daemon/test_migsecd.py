@@ -268,3 +268,64 @@ def test_destination_that_does_not_trust_the_source(tmp_path):
         logs = b.stop()
         a.stop()
     assert "handshake failed" in logs  # B's log has the detail
+
+
+def test_first_contact_with_pinned_peers_stores_their_certificates(nodes):
+    """Both sides know the other only by a pinned fingerprint: A fetches B's certificate, checks
+    it against the pin and its trust store and stores it; B stores A's after the MigReq verified."""
+    a, b = nodes
+    fp_a = subprocess.run([BIN / "migsec", "ca", "show", str(a.root / "pki" / "domain-cert.pem")],
+                          capture_output=True, text=True, check=True).stdout
+    fp_a = next(line.split()[-1] for line in fp_a.splitlines() if "fingerprint" in line)
+    fp_b = PeerDirectory(a.root / "peers.json").get(b.did).fingerprint
+    # the suggested replacement works in place (no "already exists")
+    r = a.migsec("peer", "add", b.did, "--address", f"127.0.0.1:{b.port}", "--fingerprint", "SHA256:" + "00" * 32,
+                 "--replace")
+    assert r.returncode == 0 and "replaced peer cloud-b.example" in r.stdout, r.stdout + r.stderr
+    PeerDirectory(b.root / "peers.json").add(a.did, f"127.0.0.1:{a.port}", fingerprint=fp_a, replace=True)
+    for n in (a, b):
+        n.start()
+    for n in (a, b):
+        n.wait_ready()
+    dry = ("migrate", "test", f"migsec://127.0.0.1:{b.port}", "--user", "admin", "--password-stdin", "--dry-run",
+           "--json")
+    # a wrong pin: B's certificate is fetched, refused (exit 3), and nothing is stored
+    run = a.migsec(*dry, input=PASSWORD + "\n")
+    reply = json.loads(run.stdout)
+    assert run.returncode == 3 and reply["error"] == "PinMismatchError", reply
+    assert fp_b in reply["message"] and "nothing was stored" in reply["message"]
+    assert PeerDirectory(a.root / "peers.json").get(b.did).cert_pem is None
+    # the right pin: stored at A on first contact, and A's at B (the dry run got to B's capacity check)
+    a.migsec("peer", "add", b.did, "--address", f"127.0.0.1:{b.port}", "--fingerprint", fp_b, "--replace")
+    run = a.migsec(*dry, input=PASSWORD + "\n")
+    reply = json.loads(run.stdout)
+    assert reply.get("where") == "destination" and "not enough free memory" in reply["message"], reply
+    stored_b = PeerDirectory(a.root / "peers.json").get(b.did)
+    assert stored_b.cert_pem == (b.root / "pki" / "domain-cert.pem").read_bytes() and stored_b.fingerprint == fp_b
+    assert PeerDirectory(b.root / "peers.json").get(a.did).cert_pem == (a.root / "pki" / "domain-cert.pem").read_bytes()
+    listed = a.migsec("peer", "list")
+    assert "not yet seen" not in listed.stdout and "certificate" in listed.stdout
+    kinds = [e.kind for e in Ledger(a.root / "state" / "ledger.jsonl").entries()]
+    assert "peer-pinned" in kinds
+
+
+def test_untrusted_peer_ca_is_exit_3_and_names_the_certificate_and_trust_store(tmp_path):
+    """A's peer directory holds a certificate of a CA that A does not trust."""
+    ca_a = CertificateAuthority.create(tmp_path / "ca-a", "CA of A")
+    rogue = CertificateAuthority.create(tmp_path / "ca-r", "Rogue CA")
+    a = Node(tmp_path / "a", "cloud-a.example", ca_a)
+    rogue.issue_domain("cloud-b.example", tmp_path / "rogue-b")
+    cert = (tmp_path / "rogue-b" / "domain-cert.pem").read_bytes()
+    PeerDirectory(a.root / "peers.json").add("cloud-b.example", "127.0.0.1:9", cert_pem=cert)
+    try:
+        a.start()
+        a.wait_ready()
+        run = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
+                       "--password-stdin", "--dry-run", "--json", input=PASSWORD + "\n")
+    finally:
+        a.stop()
+    reply = json.loads(run.stdout)
+    assert run.returncode == 3 and reply["error"] == "UnknownIssuerError", reply
+    fp = PeerDirectory(a.root / "peers.json").get("cloud-b.example").fingerprint
+    for part in ("cloud-b.example", "Rogue CA", fp, "[domain].trust", str(a.config), "ca-cert.pem"):
+        assert part in reply["message"], (part, reply["message"])
