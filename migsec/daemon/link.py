@@ -350,9 +350,28 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
                                   where="destination", decision="Capacity")
     bandwidth, _ = admit_incoming(services, src_did=proposal.src_did, user_id=proposal.user_id,
                                   request=proposal.request, vm=vm_facts(proposal.request))
+    _check_targets_free(services, proposal.request)
     if options.get("dry_run"):
         return "dry-run", bandwidth
     return "migrate", bandwidth
+
+
+def _check_targets_free(services: Any, request: Any) -> None:
+    """Refuse before any byte moves when a disk's target here exists already: typically the VM's
+    old copy, left when it moved away without --undefinesource and now coming back."""
+    import os
+
+    from migsec.daemon.dataplane import disk_map, request_files
+
+    taken = [t for t in disk_map(services, request_files(request)).values() if os.path.lexists(t)]
+    if taken:
+        vm = request.vm
+        raise AuthorizationDenied(
+            f"{services.did} already has a file at {', '.join(taken)} (where {vm}'s disk would go): most likely "
+            f"{vm}'s old copy, left when it moved away without --undefinesource. If {vm} does not run at "
+            f"{services.did} and that copy is stale, remove it there (`virsh undefine {vm} --remove-all-storage`, "
+            f"or delete the file) and migrate again; next time move it with --undefinesource",
+            where="destination", decision="Conflict")
 
 
 def _check_pin(services: Any, proposal: Any) -> None:
