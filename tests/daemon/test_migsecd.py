@@ -142,6 +142,15 @@ def test_refuses_to_start_naming_the_setting(nodes):
     a.start()
     out = a.wait_exit()
     assert a.proc.returncode == 2 and "[limits].max_incoming" in out
+    # the policy loader migsecd shares with doctor and `policy check`: a forgotten policy refuses
+    a.write_config()
+    forgotten = (a.root / "policies" / "source.xml").read_text().replace(
+        'PolicyId="urn:migsec:policy:source"', 'PolicyId="urn:example:forgotten"')
+    (a.root / "policies" / "forgotten.xml").write_text(forgotten)
+    a.start()
+    out = a.wait_exit()
+    assert a.proc.returncode == 2 and "[paths].policy_dir" in out and "not reachable from the root" in out, out
+    assert "urn:example:forgotten (forgotten.xml)" in out
 
 
 def test_local_exchange_wrong_password_and_policy_denial(nodes):

@@ -180,6 +180,19 @@ def test_peer_add_list_del(cfg, site, peer_certs):
     assert f"pinned {fp}" in r.output
     rows = json.loads(run("peer", "--config", str(cfg), "list", "--json").output)
     assert [x["did"] for x in rows] == ["cloud-b.example", "cloud-c.example"]
+    # a pinned peer's certificate given later: "already exists" names --replace, which works
+    c_cert = peer_certs["cloud-c.example"]
+    r = run("peer", "--config", str(cfg), "add", "cloud-c.example", "--address", "198.18.0.3:7443",
+            "--cert", str(c_cert))
+    assert r.exit_code == 2 and "already exists" in r.output and "--replace" in r.output, r.output
+    r = run("peer", "--config", str(cfg), "add", "cloud-c.example", "--address", "198.18.0.3:7443",
+            "--cert", str(c_cert), "--fingerprint", fp, "--replace")
+    assert r.exit_code == 3 and "not the given" in r.output  # cert and pin disagree: nothing replaced
+    assert PeerDirectory(site / "peers.json").get("cloud-c.example").cert_pem is None
+    r = run("peer", "--config", str(cfg), "add", "cloud-c.example", "--address", "198.18.0.4:7443",
+            "--cert", str(c_cert), "--replace")
+    assert r.exit_code == 0 and "replaced peer cloud-c.example at migsec://198.18.0.4:7443" in r.output
+    assert PeerDirectory(site / "peers.json").get("cloud-c.example").cert_pem == c_cert.read_bytes()
 
     assert run("peer", "--config", str(cfg), "del", "cloud-c.example").exit_code == 0
     r = run("peer", "--config", str(cfg), "del", "cloud-c.example")
@@ -187,7 +200,7 @@ def test_peer_add_list_del(cfg, site, peer_certs):
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["cloud-b.example", "--address", "h:1"], "exactly one of --cert"),
+    (["cloud-b.example", "--address", "h:1"], "give --cert FILE or --fingerprint"),
     (["cloud-b.example", "--address", "h:1", "--fingerprint", "md5:00"], "SHA256:<64 hex"),
     (["Cloud_B", "--address", "h:1", "--fingerprint", "SHA256:" + "00" * 32], "invalid domain id"),
     (["cloud-b.example", "--address", "ftp://h:1", "--fingerprint", "SHA256:" + "00" * 32],
