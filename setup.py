@@ -1,5 +1,5 @@
 """Build hook: the host files (systemd unit, tmpfiles entry, libvirt hook, sample
-configuration, operator guide) are copied into the package as ``migsec/data/`` so
+configuration, operator guide, man page) are copied into the package as ``migsec/data/`` so
 that ``migsec install`` works from a plain ``pip install`` (no checkout needed).
 
 They stay where operators and the tests look for them in a checkout (``systemd/``,
@@ -19,6 +19,7 @@ HOST_FILES = {
     "hooks/qemu": "qemu-hook",
     "examples/migsecd.toml": "migsecd.toml",
     "docs/operators.md": "operators.md",
+    "docs/migsec.1": "migsec.1",
 }
 
 

@@ -175,6 +175,12 @@ def user_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 # --- peers ----------------------------------------------------------------------------------
+def _complete_peers(*args):
+    from migsec.completion import complete_peers  # only when the shell asks
+
+    return complete_peers(*args)
+
+
 @click.group()
 @_config_option
 @click.pass_context
@@ -243,7 +249,7 @@ def peer_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 @peer.command("del")
-@click.argument("did")
+@click.argument("did", shell_complete=lambda *a: _complete_peers(*a))
 @_config_option
 @click.pass_context
 def peer_del(ctx: click.Context, did: str, config: Path | None) -> None:

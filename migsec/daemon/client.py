@@ -129,6 +129,12 @@ def parse_destination(uri: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def _complete(name: str, *args: Any) -> list:
+    from migsec import completion  # only when the shell asks
+
+    return getattr(completion, name)(*args)
+
+
 def _read_password(password_stdin: bool, user: str) -> str:
     if password_stdin:
         line = sys.stdin.readline()
@@ -141,8 +147,8 @@ def _read_password(password_stdin: bool, user: str) -> str:
 
 
 @click.command()
-@click.argument("domain")
-@click.argument("destination")
+@click.argument("domain", shell_complete=lambda *a: _complete("complete_domains", *a))
+@click.argument("destination", shell_complete=lambda *a: _complete("complete_destinations", *a))
 @click.option("--verbose", is_flag=True, help="Show progress (a bar with bytes, rate and ETA on a terminal).")
 @click.option("--persistent", is_flag=True, help="Define the domain persistently on the destination.")
 @click.option("--undefinesource", is_flag=True, help="Undefine the domain on the source after success.")
@@ -354,7 +360,7 @@ def jobs(ctx, config_path, as_json, show_all, watch, interval) -> None:
 
 
 @jobs.command("abort")
-@click.argument("migration_id")
+@click.argument("migration_id", shell_complete=lambda *a: _complete("complete_running", *a))
 @_config_opt
 @click.option("--wait", type=click.FloatRange(min=0, max=3600), default=300, show_default=True,
               help="Seconds to wait for the rollback to finish (0: return at once).")

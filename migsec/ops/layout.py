@@ -34,6 +34,7 @@ class Layout:
     unit_dir: Path = Path("/etc/systemd/system")
     tmpfiles_dir: Path = Path("/etc/tmpfiles.d")
     doc_dir: Path = Path("/usr/share/doc/migsec")
+    man_dir: Path = Path("/usr/share/man/man1")
     run_dir: Path = Path("/run/migsec")
 
     @property
@@ -115,8 +116,9 @@ HOST_FILES: dict[str, tuple[str, str]] = {
     "hook": ("hooks/qemu", "qemu-hook"),
     "config": ("examples/migsecd.toml", "migsecd.toml"),
     "operators": ("docs/operators.md", "operators.md"),
+    "manpage": ("docs/migsec.1", "migsec.1"),
 }
-_OPTIONAL = ("operators",)
+_OPTIONAL = ("operators", "manpage")
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -219,6 +221,8 @@ def plan(layout: Layout) -> list[Item]:
           "libvirt hook: restart libvirtd once so that it sees it"),
         *([f(layout.doc_dir / "operators.md", src["operators"].read_text(), 0o644,
              "operator guide")] if src["operators"].is_file() else []),
+        *([f(layout.man_dir / "migsec.1", src["manpage"].read_text(), 0o644, "man page (man migsec)")]
+          if src["manpage"].is_file() else []),
     ]
 
 

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_FILES = ("migsec/data/migsecd.service", "migsec/data/migsec.conf", "migsec/data/qemu-hook",
-              "migsec/data/migsecd.toml", "migsec/data/operators.md")
+              "migsec/data/migsecd.toml", "migsec/data/operators.md", "migsec/data/migsec.1")
 
 
 def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_sdist_carries_the_host_files_and_a_license(tmp_path):
     (sdist,) = tmp_path.glob("migsec-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for name in ("LICENSE", "CHANGELOG.md", "hooks/qemu", "systemd/migsecd.service", "systemd/migsec.conf",
-                 "examples/migsecd.toml", "docs/operators.md"):
+                 "examples/migsecd.toml", "docs/operators.md", "docs/migsec.1"):
         assert name in names, f"{name} missing from {sdist.name}"
 
 
@@ -93,6 +93,7 @@ def test_migsec_install_works_from_a_plain_wheel_install(wheel, tmp_path):
     assert "[domain]" in config.read_text()
     assert (root / "etc/tmpfiles.d/migsec.conf").is_file()
     assert (root / "usr/share/doc/migsec/operators.md").is_file()
+    assert (root / "usr/share/man/man1/migsec.1").read_text().startswith(".TH MIGSEC 1")
     # the sample config is the one migsecd reads: it parses with the installed package
     r = _run([str(py), "-c", "import sys; from migsec.daemon.config import load_config; "
               "load_config(sys.argv[1], check_files=False)", str(config)], cwd=outside, env=env)
