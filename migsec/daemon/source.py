@@ -117,6 +117,7 @@ class OutgoingMigration:
             resume_vm=lambda: self._resume_here(conn), release_vm=lambda: self._release(conn),
             clock=self.services.clock)
         try:
+            self.check_deadline()  # an abort (or --timeout) during the handshake: never suspend
             self.work_dir.mkdir(parents=True, exist_ok=True)
             info = virt.describe_domain(conn, self.domain)
             self.was_paused = info.state.value == "paused"

@@ -116,6 +116,10 @@ def test_ready_reload_and_stop_notifications(nodes, tmp_path):
         assert stat.S_IMODE(a.socket.stat().st_mode) == 0o660
         jobs = a.migsec("jobs")
         assert jobs.returncode == 0 and "no migrations" in jobs.stdout
+        watch = a.migsec("jobs", "--watch")  # nothing running: one table, then it returns
+        assert watch.returncode == 0 and watch.stdout.count("no migrations") == 1
+        refused = a.migsec("jobs", "abort", "0123abcd")
+        assert refused.returncode == 1 and "no migration 0123abcd in the journal" in refused.stderr
         # a broken policy on SIGHUP: logged, the old policies stay, the daemon keeps serving
         (a.root / "policies" / "source.xml").write_text("<Policy")
         a.proc.send_signal(signal.SIGHUP)
