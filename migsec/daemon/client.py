@@ -219,6 +219,9 @@ def _migrate(domain, destination, verbose, persistent, undefinesource, bandwidth
             what = interrupts.migration_id or domain
             click.echo(f"detached: migsecd goes on with migration {what} "
                        f"(`migsec jobs` shows how it ends)", err=True)
+            if as_json:
+                click.echo(json.dumps({"ok": False, "detached": True, "migration_id": interrupts.migration_id,
+                                       "domain": domain}, sort_keys=True))
             sys.exit(130)
         except DaemonError:
             if progress is not None:
@@ -256,6 +259,7 @@ class _Interrupts:
         self.migration_id: str | None = None
         self.count = 0
         self._pending = False
+        self._busy = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupts":
@@ -272,30 +276,43 @@ class _Interrupts:
         self.migration_id = migration_id
         if self._pending:
             self._pending = False
-            self._abort()
+            if self._abort():
+                self.say(f"aborting migration {migration_id} (it rolls back)")
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
         if self.count > 1:
+            if self._busy:
+                return  # the first one is still asking migsecd: detach when it is done
             raise _Detached()
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        self.say(f"{name}: aborting migration {self.migration_id or 'of ' + self.domain} (it rolls back; "
-                 f"{name} again detaches, the rollback goes on)")
-        self._abort()
+        self._busy = True
+        try:
+            asked = self._abort()
+        finally:
+            self._busy = False
+        if asked:  # said once migsecd has the request, so a second signal never cuts it off
+            what = f"migration {self.migration_id}" if self.migration_id else f"the migration of {self.domain}"
+            self.say(f"{name}: aborting {what} (it rolls back; {name} again detaches, the rollback goes on)")
+        if self.count > 1:
+            raise _Detached()
 
-    def _abort(self) -> None:
+    def _abort(self) -> bool:
+        """Ask migsecd to abort; False (and said why) when it refused."""
         request: dict[str, Any] = {"op": "abort", "by": "interrupt of migsec migrate"}
         request.update({"migration_id": self.migration_id} if self.migration_id else {"domain": self.domain})
         try:
             with LocalConnection(self.path, timeout=30) as conn:
                 conn.request(request)
+            return True
         except DaemonError as exc:
             if self.migration_id is None and "running" in str(exc):
                 self._pending = True  # not started yet: abort as soon as the daemon names it
-                return
+                return True
             self.say(f"cannot abort: {exc}")
         except MigsecError as exc:
             self.say(f"cannot abort: {exc}")
+        return False
 
 
 def _progress_text(progress: dict | None) -> str:

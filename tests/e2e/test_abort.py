@@ -76,3 +76,29 @@ def test_ctrl_c_of_migrate_aborts_and_rolls_back(dep, guest):
     wait_for(lambda: not leftovers(b, guest.name), 30, "B to discard the partial files")
     for d in (a, b):
         audit_ok(d)
+
+
+def test_second_ctrl_c_detaches_and_the_rollback_goes_on(dep, guest):
+    a, b = dep["a"], dep["b"]
+    proc = migrate_in_background(dep, guest.name, "--bandwidth", "4")
+    said = []
+    try:
+        wait_for(lambda: _data_at_b(b), 90, "data arriving at B")
+        proc.send_signal(signal.SIGINT)
+        # the client says so once migsecd holds the abort request; then detach
+        while not any("Ctrl-C: aborting" in line for line in said):
+            line = proc.stderr.readline()
+            assert line, said
+            said.append(line)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        out, err = proc.stdout.read(), "".join(said) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "detached: migsecd goes on with migration" in err, (out, err)
+    assert json.loads(out)["detached"] is True
+    # migsecd finishes the rollback without its client
+    wait_for(lambda: guest.state("a") == "running", 120, "the guest running at A again")
+    guest.assert_runs_only_on("a")
+    wait_for(lambda: not leftovers(b, guest.name), 60, "B to discard the partial files")
