@@ -280,7 +280,8 @@ def test_destination_that_does_not_trust_the_source(tmp_path):
     finally:
         logs = b.stop()
         a.stop()
-    assert "handshake failed" in logs  # B's log has the detail
+    assert "handshake failed" in logs  # B's log has the detail: which certificate, which trust store
+    assert "issued by O=migsec,CN=CA of A" in logs and "fingerprint SHA256:" in logs and "[domain].trust" in logs, logs
 
 
 def test_first_contact_with_pinned_peers_stores_their_certificates(nodes):
