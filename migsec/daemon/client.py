@@ -309,9 +309,9 @@ class _Interrupts:
             if self.migration_id is None and "running" in str(exc):
                 self._pending = True  # not started yet: abort as soon as the daemon names it
                 return True
-            self.say(f"cannot abort: {exc}")
+            self.say(f"cannot abort: {exc} (Ctrl-C again detaches this client)")
         except MigsecError as exc:
-            self.say(f"cannot abort: {exc}")
+            self.say(f"cannot abort: {exc} (Ctrl-C again detaches this client)")
         return False
 
 
