@@ -57,18 +57,19 @@ def test_jobs_abort_rolls_back_a_running_migration(dep, guest):
         audit_ok(d)
 
 
-def test_ctrl_c_of_migrate_aborts_and_rolls_back(dep, guest):
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_of_migrate_aborts_and_rolls_back(dep, guest, sig, name):
     a, b = dep["a"], dep["b"]
     proc = migrate_in_background(dep, guest.name, "--bandwidth", "4")
     try:
         wait_for(lambda: _data_at_b(b), 90, "data arriving at B")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=180)
         out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "Ctrl-C: aborting migration" in err and "again detaches" in err, err
+    assert f"{name}: aborting migration" in err and f"{name} again detaches" in err, err
     assert proc.returncode == 4, (out, err)
     result = json.loads(out)
     assert result["rolled_back"] is True and "aborted by the operator" in result["message"], result
