@@ -368,9 +368,10 @@ def _check_targets_free(services: Any, request: Any) -> None:
         vm = request.vm
         raise AuthorizationDenied(
             f"{services.did} already has a file at {', '.join(taken)} (where {vm}'s disk would go): most likely "
-            f"{vm}'s old copy, left when it moved away without --undefinesource. If {vm} does not run at "
-            f"{services.did} and that copy is stale, remove it there (`virsh undefine {vm} --remove-all-storage`, "
-            f"or delete the file) and migrate again; next time move it with --undefinesource",
+            f"{vm}'s old copy, left when it moved away without --undefinesource (a migration never overwrites "
+            f"a file). If {vm} does not run at {services.did} and that copy is stale, delete it there (rm "
+            f"{' '.join(taken)}; `virsh undefine {vm} --remove-all-storage` also drops the kept definition) and "
+            f"migrate again; next time move it with --undefinesource",
             where="destination", decision="Conflict")
 
 
