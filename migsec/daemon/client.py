@@ -336,6 +336,9 @@ def _jobs_table(rows: list[dict]) -> list[str]:
                      f"{row.get('peer', ''):<22} {row.get('phase', ''):<16} {row.get('updated', '')}")
         if row.get("progress"):
             lines.append(f"{'':<34} {_progress_text(row['progress'])}")
+        for disk in row.get("disks_not_removed") or []:  # ops-a's --undefinesource report, when merged
+            lines.append(f"  ! source disk {disk.get('path')} was not removed: {disk.get('error')} "
+                         "(remove it by hand)")
     return lines
 
 

@@ -69,14 +69,16 @@ def test_migsec_install_works_from_a_plain_wheel_install(wheel, tmp_path):
     site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     # the dependencies from this environment, after the venv's own site-packages
     (site / "zz-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    r = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-              str(wheel)])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MIGSEC_CONFIG")}
+    # --ignore-installed: the migsec this test runs from is visible through the .pth line, and
+    # pip must install the wheel into the venv anyway
+    r = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
+              "--ignore-installed", "-q", str(wheel)], env=env)
     if r.returncode != 0 and "no such option: --python" in r.stderr:
         pytest.skip("pip too old for --python")
     assert r.returncode == 0, r.stderr
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MIGSEC_CONFIG")}
     where = _run([str(venv / "bin" / "python"), "-c", "import migsec; print(migsec.__file__)"], cwd=outside, env=env)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # not this checkout
