@@ -59,8 +59,10 @@ class AbortSwitch:
     """An operator's abort of one outgoing migration, raced safely against A's commit decision.
 
     The source checks ``check()`` where it checks ``--timeout`` (so an abort rolls back the
-    same way) and passes every journal phase through ``guard(phase)`` before writing it:
-    ``committed`` then fails if an abort came first, and an abort after it is refused.
+    same way). The cold flow's commit machine journals through ``guard(phase)``: its
+    ``committed`` (the decision it is about to make) then fails if an abort came first, and an
+    abort after it is refused. Every other journal write goes through ``note(phase)``, which
+    never fails: a commit decided elsewhere (libvirt's, in a live move) is only recorded.
     """
 
     def __init__(self) -> None:
@@ -81,11 +83,18 @@ class AbortSwitch:
             raise MigrationAborted(self.reason)
 
     def guard(self, phase: str) -> None:
+        """Before journaling ``phase`` as the decision maker: an earlier abort wins over commit."""
         if phase != DECISION["source"]:
             return
         with self._lock:
             self.check()
             self.decided = True
+
+    def note(self, phase: str) -> None:
+        """A phase was journaled: from ``committed`` on, aborts are refused. Never raises."""
+        if phase == DECISION["source"]:
+            with self._lock:
+                self.decided = True
 
 
 class MigrationAborted(TransferError):
@@ -165,6 +174,11 @@ def abort_running(services: Any, *, migration_id: str | None, domain: str | None
     switch = getattr(job, "abort", None)
     if switch is None:
         raise AbortRefusedError(f"migration {job.mid} cannot be aborted")
+    if getattr(getattr(job, "request", None), "mode", "cold") == "live":
+        # libvirt runs a live move's job and decides its commit; the live flow rolls back when
+        # that job is aborted
+        raise AbortRefusedError(f"migration {job.mid} is live: abort libvirt's job instead "
+                                f"(`virsh domjobabort {job.domain}` on this host); migsec then rolls it back")
     switch.request(reason)
     log.warning("%s: abort requested: %s", job.mid, reason)
     deadline = time.monotonic() + wait

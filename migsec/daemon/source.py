@@ -113,7 +113,7 @@ class OutgoingMigration:
         self.saver: _Background | None = None
         commit = SourceCommit(
             migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
-            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self.journal,
+            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self._commit_journal,
             resume_vm=lambda: self._resume_here(conn), release_vm=lambda: self._release(conn),
             clock=self.services.clock)
         try:
@@ -301,8 +301,13 @@ class OutgoingMigration:
     def journal(self, phase: str, **fields: Any) -> None:
         from migsec.daemon.jobs import record
 
-        self.abort.guard(phase)  # an abort requested before "committed" wins over it
+        self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
         record(self.services, self.mid, "source", phase, **fields)
+
+    def _commit_journal(self, phase: str, **fields: Any) -> None:
+        """The commit machine's journal: an abort requested before its "committed" wins over it."""
+        self.abort.guard(phase)
+        self.journal(phase, **fields)
 
     def result(self, *, dry_run: bool = False) -> dict:
         now = time.monotonic()

@@ -78,6 +78,29 @@ def test_abort_of_a_migration_not_running_here_is_explained_from_its_journal(tmp
         abort_running(services, migration_id=None, domain="vm9", reason="x")
 
 
+def test_a_commit_recorded_elsewhere_is_never_refused_and_ends_aborts(tmp_path):
+    """note() is for a decision made elsewhere (libvirt's, live): it records, never raises."""
+    switch = AbortSwitch()
+    switch.request("operator")
+    switch.note("streaming")
+    switch.note("committed")  # no raise, although an abort was asked for
+    assert switch.decided
+    fresh = AbortSwitch()
+    fresh.note("committed")
+    with pytest.raises(AbortRefusedError, match="decided commit"):
+        fresh.request("operator")
+
+
+def test_a_live_migration_is_not_aborted_by_migsec(tmp_path):
+    services = _services(tmp_path)
+    job = _job(services, ["requested", "authorized", "handshaken", "streaming"])
+    job.request = SimpleNamespace(mode="live")
+    services.running[MID] = job
+    with pytest.raises(AbortRefusedError, match="virsh domjobabort vm1"):
+        abort_running(services, migration_id=MID, domain=None, reason="x")
+    job.abort.check()  # nothing set
+
+
 def test_abort_and_commit_race_exactly_one_wins():
     for _ in range(200):
         switch = AbortSwitch()
