@@ -65,6 +65,8 @@ class CertificateError(MigsecError):
 class UnknownIssuerError(CertificateError):
     """The certificate does not chain to a trusted CA."""
 
+    exit_code = 3  # a trust refusal, as a denial
+
 
 class CertificateExpiredError(CertificateError):
     """The certificate is not valid at the time of use."""

@@ -172,7 +172,15 @@ echo "console of $GUEST on b: the counter goes on from $before (last value seen 
 echo "the memory region still has its checksum (MIGSEC-MEM ... ok):"
 tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | awk 'NR <= 2'
 echo "..."
-tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT\|MIGSEC-MEM \|MIGSEC-BOOT' | tail -n 3
+# the guest re-hashes its region every 5 s: wait for the first check made on b (counter lines,
+# every 200 ms, would crowd it out of a plain tail)
+for _ in $(seq 1 30); do
+  tail -n +"$((seen_b + 1))" "$console_b" | grep -aq 'MIGSEC-MEM ' && break
+  sleep 0.5
+done
+tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | tail -n 1
+tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-MEM \|MIGSEC-BOOT' | tail -n 2 \
+  | grep -a . || echo "(no memory check on b within 15 s: see $console_b)"
 
 step "8. Live: migsec migrate $GUEST migsec://${ADDR[a]}:$PORT --live --verbose (run on host b)"
 echo "libvirt moves the running guest back peer to peer; its RPC, QEMU's stream and the NBD disk"

@@ -47,7 +47,12 @@ def login(conn: Any, user: str, credential: str | AgentCredential) -> Any:
         raise AuthenticationError(f"none of the ssh-agent's keys is registered for {user!r}") from last
     attempt = ClientLogin(user)
     reply = _exchange(conn, attempt.request.encode())
-    return attempt.finish(AuthReply.decode(reply), password=credential)
+    try:
+        return attempt.finish(AuthReply.decode(reply), password=credential)
+    except AuthenticationError as exc:
+        # an unknown user gets a decoy reply that no password opens: the AS never says which
+        raise AuthenticationError(f"authentication failed for user {user!r} (wrong password, or no such "
+                                  f"user at this domain's authentication server)") from exc
 
 
 def _exchange(conn: Any, request: bytes) -> bytes:

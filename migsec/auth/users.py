@@ -26,7 +26,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import paramiko
 
@@ -103,6 +103,25 @@ def _ssh_key(line: str) -> paramiko.PKey:
     return key
 
 
+def check_password(password: str | bytes, min_length: int = 0) -> None:
+    """Refuse an empty password, and one shorter than ``min_length`` characters."""
+    if len(password) == 0:
+        raise UserError("the password is empty")
+    if len(password) < min_length:
+        raise UserError(f"the password is too short: {len(password)} characters, at least {min_length} "
+                        f"needed ([users].min_password_length)")
+
+
+def _check_roles(roles: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    roles = tuple(roles)
+    for role in roles:
+        if not isinstance(role, str) or not _ROLE_NAME.match(role):
+            raise UserError(f"role {role!r} is invalid (1-64 of A-Z a-z 0-9 . _ : -)")
+    if len(set(roles)) != len(roles):
+        raise UserError("a role is given twice")
+    return roles
+
+
 class UserDatabase:
     """Users of the authentication server, stored in ``path`` (JSON, 0600)."""
 
@@ -165,30 +184,20 @@ class UserDatabase:
 
     # --- changes
     def add(self, name: str, password: str | bytes | None = None, roles: tuple[str, ...] | list[str] = (),
-            ssh_public_key: str | None = None) -> User:
-        """Add a user with roles and a password and/or an OpenSSH public key."""
+            ssh_public_key: str | None = None, *, min_length: int = 0) -> User:
+        """Add a user with roles and a password and/or an OpenSSH public key. ``min_length``:
+        the shortest password accepted (the CLI passes ``[users].min_password_length``)."""
         if not isinstance(name, str) or not _USER_NAME.match(name):
             raise UserError(f"user name {name!r} is invalid (1-64 of A-Z a-z 0-9 . _ @ -, "
                             "not starting with '.', '@' or '-')")
-        roles = tuple(roles)
-        for role in roles:
-            if not isinstance(role, str) or not _ROLE_NAME.match(role):
-                raise UserError(f"role {role!r} is invalid (1-64 of A-Z a-z 0-9 . _ : -)")
-        if len(set(roles)) != len(roles):
-            raise UserError("a role is given twice")
+        roles = _check_roles(roles)
         if password is None and ssh_public_key is None:
             raise UserError(f"user {name!r} needs a password or an ssh public key to log in")
-        if password is not None and len(password) == 0:
-            raise UserError("the password is empty")
         entry: dict[str, Any] = {"roles": list(roles), "password": None, "ssh_public_key": None}
         if ssh_public_key is not None:
             entry["ssh_public_key"] = parse_ssh_public_key(ssh_public_key)
         if password is not None:
-            n, r, p = self._params
-            salt = random_bytes(SALT_SIZE)
-            key = scrypt_key(password, salt, n=n, r=r, p=p)
-            entry["password"] = {"kdf": "scrypt", "n": n, "r": r, "p": p,
-                                 "salt": _b64(salt), "key": _b64(key)}
+            entry["password"] = self._verifier(password, min_length)
         with self._locked():
             users = self._read()
             if name in users:
@@ -196,6 +205,59 @@ class UserDatabase:
             users[name] = entry
             self._write(users)
         return self._decode(name, entry)
+
+    def set_password(self, name: str, password: str | bytes, *, min_length: int = 0) -> User:
+        """Replace user ``name``'s password (``migsec user passwd``)."""
+        verifier = self._verifier(password, min_length)
+        return self._change(name, lambda entry: entry.update(password=verifier))
+
+    def modify(self, name: str, *, roles: tuple[str, ...] | list[str] | None = None,
+               add_roles: tuple[str, ...] | list[str] = (), remove_roles: tuple[str, ...] | list[str] = (),
+               ssh_public_key: str | None = None, remove_ssh_key: bool = False,
+               remove_password: bool = False) -> User:
+        """Change a user's roles (replace, add, remove) and login methods (``migsec user mod``);
+        a user always keeps at least one way to log in."""
+        if ssh_public_key is not None and remove_ssh_key:
+            raise UserError("give either a new ssh key or remove it, not both")
+        key_line = parse_ssh_public_key(ssh_public_key) if ssh_public_key is not None else None
+        new_roles = _check_roles(roles) if roles is not None else None
+        added, removed = _check_roles(add_roles), _check_roles(remove_roles)
+
+        def change(entry: dict[str, Any]) -> None:
+            current = list(new_roles) if new_roles is not None else list(entry.get("roles", []))
+            missing = [r for r in removed if r not in current]
+            if missing:
+                raise UserError(f"user {name!r} has no role {missing[0]!r}")
+            current = [r for r in current if r not in removed] + [r for r in added if r not in current]
+            entry["roles"] = current
+            if key_line is not None:
+                entry["ssh_public_key"] = key_line
+            if remove_ssh_key:
+                entry["ssh_public_key"] = None
+            if remove_password:
+                entry["password"] = None
+            if entry.get("password") is None and entry.get("ssh_public_key") is None:
+                raise UserError(f"user {name!r} would have no way to log in (keep a password or an ssh key)")
+
+        return self._change(name, change)
+
+    def _change(self, name: str, change: Callable[[dict[str, Any]], None]) -> User:
+        with self._locked():
+            users = self._read()
+            if name not in users:
+                raise UserError(f"no user {name!r} in {self.path}")
+            entry = dict(users[name])
+            change(entry)
+            users[name] = entry
+            self._write(users)
+        return self._decode(name, entry)
+
+    def _verifier(self, password: str | bytes, min_length: int) -> dict[str, Any]:
+        check_password(password, min_length)
+        n, r, p = self._params
+        salt = random_bytes(SALT_SIZE)
+        key = scrypt_key(password, salt, n=n, r=r, p=p)
+        return {"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": _b64(salt), "key": _b64(key)}
 
     def delete(self, name: str) -> None:
         """Remove a user; ``UserError`` if there is none."""

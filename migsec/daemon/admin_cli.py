@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from migsec.daemon.config import config_path, load_config
-from migsec.errors import ConfigError
+from migsec.errors import ConfigError, MigsecError
 
 _config_option = click.option(
     "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -58,20 +58,13 @@ def user_add(ctx: click.Context, name: str, roles: tuple[str, ...], ssh_key, pas
     cfg = _config(ctx, config)
     ssh_line = ssh_key.read() if ssh_key is not None else None
     password: str | None = None
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise click.UsageError("--password-stdin: standard input held no password")
-    elif ssh_line is None:
-        if not sys.stdin.isatty():
-            raise click.UsageError("no terminal to prompt for a password: use --password-stdin "
-                                   "or --ssh-key FILE")
-        password = click.prompt(f"Password for {name}", hide_input=True,
-                                confirmation_prompt="Repeat the password")
+    if password_stdin or ssh_line is None:
+        password = _read_new_password(name, password_stdin, cfg.users.min_password_length,
+                                      alternative=" or --ssh-key FILE")
     from migsec.auth.users import UserDatabase
 
-    added = UserDatabase(cfg.paths.users).add(name, password, roles=roles,
-                                               ssh_public_key=ssh_line)
+    added = UserDatabase(cfg.paths.users).add(name, password, roles=roles, ssh_public_key=ssh_line,
+                                               min_length=cfg.users.min_password_length)
     # the AS needs SK3 to issue tickets: make it now, so that the first start finds it
     load_or_create_sk3(cfg.paths.sk3)
     how = " and ".join(filter(None, ["password" if added.password else "",
@@ -79,6 +72,73 @@ def user_add(ctx: click.Context, name: str, roles: tuple[str, ...], ssh_key, pas
                                      else ""]))
     click.echo(f"added user {added.name} (roles: {', '.join(added.roles) or 'none'}; "
                f"login: {how})")
+
+
+def _read_new_password(name: str, password_stdin: bool, min_length: int, alternative: str = "") -> str:
+    from migsec.auth.users import check_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.UsageError("--password-stdin: standard input held no password")
+        check_password(password, min_length)
+        return password
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"no terminal to prompt for a password: use --password-stdin{alternative}")
+    while True:
+        password = click.prompt(f"Password for {name} (at least {min_length} characters)", hide_input=True,
+                                confirmation_prompt="Repeat the password")
+        try:
+            check_password(password, min_length)
+            return password
+        except MigsecError as exc:
+            click.echo(str(exc), err=True)
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the new password from the first line of standard input.")
+@_config_option
+@click.pass_context
+def user_passwd(ctx: click.Context, name: str, password_stdin: bool, config: Path | None) -> None:
+    """Set a new password for user NAME (prompted twice; at least [users].min_password_length)."""
+    cfg = _config(ctx, config)
+    db = _users(ctx, config)
+    db.get(name)  # no prompt for a user that does not exist
+    password = _read_new_password(name, password_stdin, cfg.users.min_password_length)
+    db.set_password(name, password, min_length=cfg.users.min_password_length)
+    click.echo(f"changed the password of user {name}")
+
+
+@user.command("mod")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, metavar="ROLE", help="Replace the roles with these (repeat).")
+@click.option("--add-role", "add_roles", multiple=True, metavar="ROLE", help="Add a role (repeat).")
+@click.option("--del-role", "del_roles", multiple=True, metavar="ROLE", help="Remove a role (repeat).")
+@click.option("--no-roles", is_flag=True, help="Remove every role.")
+@click.option("--ssh-key", type=click.File("r"), default=None, metavar="FILE",
+              help="Replace (or add) the OpenSSH public key for ssh-agent logins.")
+@click.option("--no-ssh-key", is_flag=True, help="Remove the ssh key (the user keeps the password).")
+@click.option("--no-password", is_flag=True, help="Remove the password (the user keeps the ssh key).")
+@_config_option
+@click.pass_context
+def user_mod(ctx: click.Context, name: str, roles: tuple[str, ...], add_roles: tuple[str, ...],
+             del_roles: tuple[str, ...], no_roles: bool, ssh_key, no_ssh_key: bool, no_password: bool,
+             config: Path | None) -> None:
+    """Change user NAME's roles or login methods (the password: `migsec user passwd`)."""
+    if roles and no_roles:
+        raise click.UsageError("give --role or --no-roles, not both")
+    if not (roles or add_roles or del_roles or no_roles or ssh_key or no_ssh_key or no_password):
+        raise click.UsageError("nothing to change: give --role/--add-role/--del-role/--no-roles, "
+                               "--ssh-key FILE/--no-ssh-key or --no-password")
+    changed = _users(ctx, config).modify(
+        name, roles=() if no_roles else (roles or None), add_roles=add_roles, remove_roles=del_roles,
+        ssh_public_key=ssh_key.read() if ssh_key is not None else None, remove_ssh_key=no_ssh_key,
+        remove_password=no_password)
+    how = " and ".join(filter(None, ["password" if changed.password else "",
+                                     f"ssh key {changed.ssh_fingerprint}" if changed.ssh_public_key else ""]))
+    click.echo(f"changed user {changed.name} (roles: {', '.join(changed.roles) or 'none'}; login: {how})")
 
 
 @user.command("del")
@@ -115,6 +175,12 @@ def user_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 # --- peers ----------------------------------------------------------------------------------
+def _complete_peers(*args):
+    from migsec.completion import complete_peers  # only when the shell asks
+
+    return complete_peers(*args)
+
+
 @click.group()
 @_config_option
 @click.pass_context
@@ -135,24 +201,29 @@ def _peers(ctx: click.Context, config: Path | None):
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               metavar="FILE", help="The peer domain's certificate (PEM).")
 @click.option("--fingerprint", default=None, metavar="SHA256:...",
-              help="Pin the certificate seen on first contact instead of giving it now.")
+              help="Pin the certificate's SHA-256 fingerprint: the certificate is fetched and stored on "
+                   "first contact (with --cert: checked against it).")
+@click.option("--replace", is_flag=True, help="Replace an existing entry for DID (new address, certificate or pin).")
 @_config_option
 @click.pass_context
 def peer_add(ctx: click.Context, did: str, address: str, cert: Path | None,
-             fingerprint: str | None, config: Path | None) -> None:
+             fingerprint: str | None, replace: bool, config: Path | None) -> None:
     """Add peer domain DID at HOST:PORT, known by its certificate or a pinned fingerprint."""
     # DID, address and fingerprint syntax are checked by the peer directory itself
-    if (cert is None) == (fingerprint is None):
-        raise click.UsageError("give exactly one of --cert FILE or --fingerprint SHA256:...")
+    if cert is None and fingerprint is None:
+        raise click.UsageError("give --cert FILE or --fingerprint SHA256:... (or both)")
     cert_pem = None
     if cert is not None:
         try:
             cert_pem = cert.read_bytes()
         except OSError as exc:
             raise ConfigError(f"--cert: cannot read {cert}: {exc.strerror}") from exc
-    added = _peers(ctx, config).add(did, address, cert_pem=cert_pem, fingerprint=fingerprint)
+    directory = _peers(ctx, config)
+    existed = any(p.did == did for p in directory.list())
+    added = directory.add(did, address, cert_pem=cert_pem, fingerprint=fingerprint, replace=replace)
     how = f"certificate {added.fingerprint}" if cert else f"pinned {added.fingerprint}"
-    click.echo(f"added peer {added.did} at {added.address} ({how})")
+    verb = "replaced" if existed else "added"
+    click.echo(f"{verb} peer {added.did} at {added.address} ({how})")
 
 
 @peer.command("list")
@@ -178,7 +249,7 @@ def peer_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 @peer.command("del")
-@click.argument("did")
+@click.argument("did", shell_complete=lambda *a: _complete_peers(*a))
 @_config_option
 @click.pass_context
 def peer_del(ctx: click.Context, did: str, config: Path | None) -> None:

@@ -183,6 +183,11 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
+class UsersConfig:
+    min_password_length: int = 12  # for `migsec user add` / `passwd`; existing users keep theirs
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     domain: DomainConfig
@@ -194,6 +199,7 @@ class Config:
     limits: LimitsConfig
     hooks: HooksConfig
     recovery: RecoveryConfig = RecoveryConfig()
+    users: UsersConfig = field(default_factory=UsersConfig)
 
 
 _SCHEMA: dict[str, set[str]] = {
@@ -207,6 +213,7 @@ _SCHEMA: dict[str, set[str]] = {
                "ticket_lifetime_s", "clock_skew_s"},
     "hooks": {"allow_native_migration"},
     "recovery": {"auto"},
+    "users": {"min_password_length"},
 }
 
 
@@ -351,6 +358,8 @@ class _Loader:
             limits=self.limits(), hooks=HooksConfig(
                 allow_native_migration=self.get("hooks", "allow_native_migration", bool, False)),
             recovery=RecoveryConfig(auto=self.get("recovery", "auto", bool, True)),
+            users=UsersConfig(min_password_length=self.integer(
+                "users", "min_password_length", UsersConfig.min_password_length, minimum=1, maximum=1024)),
         )
 
     def domain(self) -> DomainConfig:

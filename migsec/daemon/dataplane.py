@@ -96,7 +96,9 @@ def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
     from migsec.transfer.plane import send_streams
 
     def report(p: Any) -> None:
-        progress(p.stream, p.all_done, max(p.all_total, p.all_done))
+        # past the known total a growing stream (the save image) is being sent: its size is
+        # not known until libvirt finished writing it, so the total is 0 = unknown, not 100 %
+        progress(p.stream, p.all_done, p.all_total if p.all_total >= p.all_done else 0)
 
     result = send_streams(session.sock, session.records, streams,
                           bandwidth_limit=(bandwidth / MIB) if bandwidth else None,

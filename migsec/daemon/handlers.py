@@ -45,17 +45,27 @@ def resolve(daemon, message: dict, emit: Emit) -> dict:
 def migrate(daemon, message: dict, emit: Emit) -> dict:
     """Paper step 3-4 (the AZ), then the VMM agent runs the inter-domain migration."""
     from migsec.auth.servers import AuthorizationServer
+    from migsec.daemon.jobs import ProgressTracker
     from migsec.daemon.source import OutgoingMigration
 
     az = AuthorizationServer(daemon.services)
     grant = az.authorize(_field(message, "request", str))
-    emit({"event": "step", "message": f"authorized by {daemon.services.did}: "
-          f"{grant.request.vm} -> {grant.destination_did}"})
+    # the id lets the client abort it (Ctrl-C) and find it in `migsec jobs`
+    emit({"event": "step", "migration_id": grant.migration_id, "message": f"authorized by "
+          f"{daemon.services.did}: {grant.request.vm} -> {grant.destination_did} (migration {grant.migration_id})"})
     services = daemon.services
+    tracker = ProgressTracker()
+
+    def tracked(event: dict) -> None:
+        if event.get("event") == "progress":
+            tracker.update(str(event.get("phase", "")), int(event.get("done", 0)), int(event.get("total", 0)))
+        emit(event)
+
     with services.lock:
         if any(j.domain == grant.request.vm for j in services.running.values()):
             raise MigrationFailed(f"{grant.request.vm} is already being migrated")
-        job = OutgoingMigration(services, grant, emit)
+        job = OutgoingMigration(services, grant, tracked)
+        job.tracker = tracker
         services.running[grant.migration_id] = job
     with daemon.active:
         try:
@@ -67,7 +77,32 @@ def migrate(daemon, message: dict, emit: Emit) -> dict:
 def jobs(daemon, message: dict, emit: Emit) -> dict:
     from migsec.daemon.recovery import list_jobs
 
-    return {"jobs": list_jobs(daemon.services, show_all=bool(message.get("all")))}
+    rows = list_jobs(daemon.services, show_all=bool(message.get("all")))
+    for row in rows:
+        job = daemon.services.running.get(row["migration_id"])
+        tracker = getattr(job, "tracker", None)
+        if tracker is not None:
+            row["progress"] = tracker.snapshot()
+    return {"jobs": rows}
+
+
+def abort(daemon, message: dict, emit: Emit) -> dict:
+    """Roll back a running outgoing migration, as --timeout would; refused once A decided commit.
+
+    ``migration_id`` (or a unique prefix) or ``domain``; ``wait`` = seconds to wait for the
+    rollback to finish (0: return at once, the migration's own client reports it)."""
+    from migsec.daemon.jobs import abort_running
+
+    mid, domain = message.get("migration_id"), message.get("domain")
+    if not (isinstance(mid, str) and mid) and not (isinstance(domain, str) and domain):
+        raise MalformedMessageError("local request: abort needs 'migration_id' or 'domain'")
+    wait = message.get("wait", 0)
+    if not isinstance(wait, (int, float)) or not 0 <= wait <= 3600:
+        raise MalformedMessageError("local request: 'wait' must be 0..3600 seconds")
+    how = message.get("by") if isinstance(message.get("by"), str) else "migsec jobs abort"
+    return abort_running(daemon.services, migration_id=mid if isinstance(mid, str) else None,
+                         domain=domain if isinstance(domain, str) else None,
+                         reason=f"aborted by the operator ({how[:64]})", wait=float(wait))
 
 
 def recover(daemon, message: dict, emit: Emit) -> dict:
@@ -82,5 +117,6 @@ LOCAL_OPS: dict[str, Callable[[Any, dict, Emit], dict]] = {
     "resolve": resolve,
     "migrate": migrate,
     "jobs": jobs,
+    "abort": abort,
     "recover": recover,
 }

@@ -19,6 +19,7 @@ from migsec.errors import (
     CertificateError,
     HandshakeError,
     MigsecError,
+    UnknownIssuerError,
 )
 from migsec.protocol.framing import HEADER_SIZE, parse_header
 
@@ -41,6 +42,14 @@ def _frame_cert(payload: bytes) -> bytes:
     import json
 
     return str(json.loads(payload)["cert"]).encode("ascii")
+
+
+def trust_hint(services: Any) -> str:
+    """Where an operator adds a CA this domain should trust (named in untrusted-CA errors)."""
+    config = services.config
+    stores = ", ".join(str(p) for p in config.domain.trust) or "none"
+    return (f"if that CA is to be trusted, append its certificate (PEM) to a file in [domain].trust of "
+            f"{config.path} (now: {stores}) and restart migsecd")
 
 
 # ---- A: the source side -----------------------------------------------------------------------
@@ -101,11 +110,13 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     from migsec.protocol.handshake import MigrationAccepted, MigrationRefused, SourceHandshake
 
     if peer.cert_pem is None:
-        raise CertificateError(f"peer {peer.did} has only a pinned fingerprint; add its certificate "
-                               f"(`migsec peer add {peer.did} --cert FILE`)")
+        peer = fetch_pinned_certificate(services, peer)
     hs = SourceHandshake(services.identity, services.trust, peer_did=peer.did, peer_cert_pem=peer.cert_pem,
                          clock=services.clock)
-    frame = hs.initiate(request, token, migration_id=migration_id, resume_of=resume_of)
+    try:
+        frame = hs.initiate(request, token, migration_id=migration_id, resume_of=resume_of)
+    except UnknownIssuerError as exc:
+        raise UnknownIssuerError(f"peer {peer.did}: {exc}; {trust_hint(services)}") from exc
     host, port = split_address(peer.address)
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
@@ -149,6 +160,65 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     return SourceSession(services, sock, event.keys, peer_cert)
 
 
+def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
+    """First contact with a peer known only by a pinned fingerprint: ask it for its certificate
+    (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
+    store, then store it in the peer directory. Returns the updated peer."""
+    from migsec.crypto.certs import certificate_fingerprint
+    from migsec.daemon.peers import split_address
+    from migsec.pki.ca import load_certificate
+    from migsec.pki.peers import PinMismatchError
+    from migsec.protocol.handshake import certificate_request, parse_certificate_reply
+
+    if peer.fingerprint is None:
+        raise CertificateError(f"peer {peer.did} has neither a certificate nor a pinned fingerprint")
+    host, port = split_address(peer.address)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            sock.sendall(certificate_request())
+            frame_type, length = parse_header(_recv_exact(sock, HEADER_SIZE))
+            cert_pem = parse_certificate_reply(frame_type, _recv_exact(sock, length))
+    except socket.timeout as exc:
+        raise HandshakeError(f"{peer.did} did not send its certificate within {HANDSHAKE_TIMEOUT_S} s") from exc
+    except OSError as exc:
+        raise ConnectionError(f"cannot fetch the certificate of {peer.did} at {host}:{port}: "
+                              f"{exc.strerror or exc}") from exc
+    actual = certificate_fingerprint(load_certificate(cert_pem, f"the certificate {peer.did} sent"))
+    if actual != peer.fingerprint:
+        raise PinMismatchError(f"{peer.did} at {host}:{port} presented certificate {actual}, not the pinned "
+                               f"{peer.fingerprint}; nothing was stored (check the fingerprint with the "
+                               f"peer's administrator)")
+    try:
+        services.trust.verify(cert_pem, expected_did=peer.did, at=services.clock())
+    except UnknownIssuerError as exc:
+        raise UnknownIssuerError(f"peer {peer.did}: {exc}; {trust_hint(services)}") from exc
+    stored = services.peers.pin(peer.did, cert_pem)
+    services.audit("peer-pinned", None, did=peer.did, fingerprint=actual, address=peer.address, role="source")
+    log.info("first contact with %s: certificate %s matched its pin and is stored", peer.did, actual)
+    return stored
+
+
+def _store_pinned_source(services: Any, peer: "PeerCert", fingerprint: str) -> None:
+    """B's side of a first contact: a source listed by a pinned fingerprint only, whose MigReq
+    verified with the pinned certificate, gets that certificate stored."""
+    from migsec.errors import ConfigError
+
+    try:
+        known = services.peers.get(peer.did)
+    except ConfigError:
+        return
+    if known.cert_pem is not None or known.fingerprint != fingerprint:
+        return
+    try:
+        services.peers.pin(peer.did, peer.cert_pem)
+    except MigsecError as exc:
+        log.warning("storing the pinned certificate of %s: %s", peer.did, exc)
+        return
+    services.audit("peer-pinned", None, did=peer.did, fingerprint=fingerprint, role="destination")
+    log.info("first contact from %s: certificate %s matched its pin and is stored", peer.did, fingerprint)
+
+
 # ---- B: the destination side -------------------------------------------------------------------
 @dataclass
 class Accepted:
@@ -182,13 +252,25 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
 
     hs = DestinationHandshake(services.identity, services.trust, replay_cache=services.replay,
                               clock=services.clock)
+    from migsec.protocol.framing import CERT_REQUEST
+    from migsec.protocol.handshake import certificate_reply
+
     event: Any = NEED_DATA
+    first = True
     while event is NEED_DATA:
         header = await _sock_recv_exact(loop, conn, HEADER_SIZE)
-        _, length = parse_header(header)
+        frame_type, length = parse_header(header)
         payload = await _sock_recv_exact(loop, conn, length)
+        if frame_type == CERT_REQUEST and first:
+            # a peer that pinned our fingerprint asks for the certificate (public): answer, done
+            await loop.sock_sendall(conn, certificate_reply(services.identity.cert_pem))
+            return None
+        first = False
         hs.receive_data(header + payload)
-        event = hs.next_event()
+        try:
+            event = hs.next_event()
+        except UnknownIssuerError as exc:
+            raise UnknownIssuerError(f"{exc}; {trust_hint(services)}") from exc
     if not isinstance(event, MigrationProposed):
         raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
     peer = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
@@ -197,6 +279,8 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
                    peer_cert_pem=peer.cert_pem, peer_did=peer.did)
     services.audit("mig-req", mid, role="destination", peer_token=event.signed_request,
                    peer_cert_pem=peer.cert_pem, peer_did=peer.did)
+    # the MigReq verified (signature, CA, DID): a source pinned by fingerprint gets its certificate stored
+    await loop.run_in_executor(executor, _store_pinned_source, services, peer, event.peer.fingerprint)
     try:
         purpose, bandwidth = await loop.run_in_executor(executor, decide, services, event)
     except AuthorizationDenied as exc:
@@ -268,9 +352,29 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
                                   where="destination", decision="Capacity")
     bandwidth, _ = admit_incoming(services, src_did=proposal.src_did, user_id=proposal.user_id,
                                   request=proposal.request, vm=vm_facts(proposal.request))
+    _check_targets_free(services, proposal.request)
     if options.get("dry_run"):
         return "dry-run", bandwidth
     return "migrate", bandwidth
+
+
+def _check_targets_free(services: Any, request: Any) -> None:
+    """Refuse before any byte moves when a disk's target here exists already: typically the VM's
+    old copy, left when it moved away without --undefinesource and now coming back."""
+    import os
+
+    from migsec.daemon.dataplane import disk_map, request_files
+
+    taken = [t for t in disk_map(services, request_files(request)).values() if os.path.lexists(t)]
+    if taken:
+        vm = request.vm
+        raise AuthorizationDenied(
+            f"{services.did} already has a file at {', '.join(taken)} (where {vm}'s disk would go): most likely "
+            f"{vm}'s old copy, left when it moved away without --undefinesource (a migration never overwrites "
+            f"a file). If {vm} does not run at {services.did} and that copy is stale, delete it there (rm "
+            f"{' '.join(taken)}; `virsh undefine {vm} --remove-all-storage` also drops the kept definition) and "
+            f"migrate again; next time move it with --undefinesource",
+            where="destination", decision="Conflict")
 
 
 def _check_pin(services: Any, proposal: Any) -> None:

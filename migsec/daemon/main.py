@@ -7,18 +7,24 @@ import logging
 import os
 import sys
 
+from migsec import __version__
 from migsec.errors import MigsecError
 
 DEFAULT_CONFIG = "/etc/migsec/migsecd.toml"
 log = logging.getLogger("migsecd")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migsecd", description="migsec per-host daemon (AS, AZ, peer endpoint, VMM agent)")
     parser.add_argument("--config", default=os.environ.get("MIGSEC_CONFIG", DEFAULT_CONFIG), help="TOML configuration (default %(default)s)")
     parser.add_argument("--foreground", action="store_true", help="stay in the foreground (the default under systemd; migsecd never forks)")
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
-    return parser.parse_args(argv)
+    parser.add_argument("--version", action="version", version=f"migsecd {__version__}")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,25 +33,31 @@ class Progress:
         self._phase = ""
 
     def update(self, phase: str, done: int, total: int) -> None:
+        """``total`` 0 (or below ``done``): not known yet (an image still being written), so
+        bytes and rate are shown without a percentage, bar or ETA."""
         now = self.clock()
         elapsed = max(now - self.start, 1e-6)
         rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 and total > done else 0.0
-        pct = int(100 * done / total) if total else 100
+        known = total > 0 and total >= done
+        eta = (total - done) / rate if known and rate > 0 and total > done else 0.0
+        pct = int(100 * done / total) if known else -1
+        amount = f"{human_bytes(done)}/{human_bytes(total)}" if known else human_bytes(done)
+        tail = f"{amount} {human_bytes(rate)}/s" + (f" ETA {human_seconds(eta)}" if known else "")
         if self.tty:
             if self._phase and phase != self._phase:
                 self.stream.write("\n")  # keep the finished phase's bar on screen
-            filled = int(self.width * pct / 100)
-            bar = "#" * filled + "-" * (self.width - filled)
-            line = (f"\r{phase:<10} [{bar}] {pct:3d}% {human_bytes(done)}/{human_bytes(total)}"
-                    f" {human_bytes(rate)}/s ETA {human_seconds(eta)}")
-            self.stream.write(line + "\x1b[K")
+            if known:
+                filled = int(self.width * pct / 100)
+                bar = "[" + "#" * filled + "-" * (self.width - filled) + f"] {pct:3d}% "
+            else:
+                bar = ""
+            self.stream.write(f"\r{phase:<10} {bar}{tail}\x1b[K")
             self.stream.flush()
         else:
             # plain lines for logs: on phase change, every 10 %, or at most every 5 s
-            if phase != self._phase or pct // 10 != self._last_pct // 10 or now - self._last_line >= 5 or done == total:
-                self.stream.write(f"{phase}: {pct}% {human_bytes(done)}/{human_bytes(total)} "
-                                  f"{human_bytes(rate)}/s ETA {human_seconds(eta)}\n")
+            if (phase != self._phase or (known and pct // 10 != self._last_pct // 10)
+                    or now - self._last_line >= 5 or (known and done == total)):
+                self.stream.write(f"{phase}: {f'{pct}% ' if known else ''}{tail}\n")
                 self.stream.flush()
                 self._last_line = now
         self._phase = phase

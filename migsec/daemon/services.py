@@ -117,23 +117,19 @@ class Services:
         """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure.
 
         ``policy_dir`` holds either ``source/`` and ``destination/`` (one PDP each) or, as
-        ``migsec policy init-defaults`` writes it, one policy set (``root.xml`` first) that
-        serves both actions.
+        ``migsec policy init-defaults`` writes it, one policy set that serves both actions
+        (``migsec.policy.loader.load_policy_dir``: one root, every policy reachable from it).
         """
         from migsec.pki import PeerDirectory
-        from migsec.policy import PDP, load_policies
+        from migsec.policy import PDP
+        from migsec.policy.loader import load_policy_dir
 
         cfg = self.config
-        policy_dir = Path(cfg.paths.policy_dir)
         peers = _setting("[paths].peers", lambda: PeerDirectory(cfg.paths.peers))
         _setting("[paths].peers", peers.list)  # a corrupt directory is refused now, not mid-migration
-        if cfg.paths.source_policies.is_dir() and cfg.paths.destination_policies.is_dir():
-            source = _setting("[paths].policy_dir (source/)",
-                              lambda: PDP(load_policies(_policy_files(cfg.paths.source_policies))))
-            dest = _setting("[paths].policy_dir (destination/)",
-                            lambda: PDP(load_policies(_policy_files(cfg.paths.destination_policies))))
-        else:
-            source = dest = _setting("[paths].policy_dir", lambda: PDP(load_policies(_policy_files(policy_dir))))
+        policies = _setting("[paths].policy_dir", lambda: load_policy_dir(cfg.paths.policy_dir))
+        source = PDP(policies.source)
+        dest = PDP(policies.destination) if policies.split else source
         with self.lock:
             self.peers, self.pdp_source, self.pdp_destination = peers, source, dest
 
@@ -178,16 +174,6 @@ class Services:
             self.ledger.append(kind, migration_id, body, peer_token=peer_token,
                                peer_cert_pem=peer_cert_pem if peer_token else None,
                                peer_did=peer_did if peer_token else None)
-
-
-def _policy_files(directory: Path) -> list[str]:
-    """The policy files of a directory, the root policy set first."""
-    if not Path(directory).is_dir():
-        raise ConfigError(f"policy directory {directory} does not exist")
-    files = sorted(Path(directory).glob("*.xml"), key=lambda p: (p.name != "root.xml", p.name))
-    if not files:
-        raise ConfigError(f"policy directory {directory} holds no *.xml policy")
-    return [str(p) for p in files]
 
 
 def _setting(setting: str, build: Callable[[], Any]) -> Any:

@@ -68,6 +68,9 @@ class OutgoingMigration:
         self.downtime_started: float | None = None
         self.was_paused = False
         self.released: dict = {}
+        from migsec.daemon.jobs import AbortSwitch
+
+        self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -115,10 +118,11 @@ class OutgoingMigration:
         self.saver: _Background | None = None
         commit = SourceCommit(
             migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
-            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self.journal,
+            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self._commit_journal,
             resume_vm=lambda: self._resume_here(conn), release_vm=lambda: self._release(conn),
             clock=self.services.clock)
         try:
+            self.check_deadline()  # an abort (or --timeout) during the handshake: never suspend
             self.work_dir.mkdir(parents=True, exist_ok=True)
             info = virt.describe_domain(conn, self.domain)
             self.was_paused = info.state.value == "paused"
@@ -282,6 +286,7 @@ class OutgoingMigration:
         return PLANE_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
 
     def check_deadline(self) -> None:
+        self.abort.check()
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise TransferError(f"--timeout of {self.options.get('timeout')} s exceeded")
 
@@ -297,7 +302,13 @@ class OutgoingMigration:
     def journal(self, phase: str, **fields: Any) -> None:
         from migsec.daemon.jobs import record
 
+        self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
         record(self.services, self.mid, "source", phase, **fields)
+
+    def _commit_journal(self, phase: str, **fields: Any) -> None:
+        """The commit machine's journal: an abort requested before its "committed" wins over it."""
+        self.abort.guard(phase)
+        self.journal(phase, **fields)
 
     def result(self, *, dry_run: bool = False) -> dict:
         now = time.monotonic()

@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import socket
 import stat
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"
     checks += list(_hook(config, hooks_dir, libvirtd_pid_file))
     checks.append(_unit(unit))
     checks.append(_daemon(config))
-    checks += list(_peers(config, peer_timeout))
+    checks += list(_peers(config, peer_timeout, now))
     return checks
 
 
@@ -133,25 +134,24 @@ def _certificate(config: Any, now: dt.datetime) -> Iterator[Check]:
 
 def _policies(config: Any) -> Check:
     def body() -> Check:
-        from migsec.policy import PDP, load_policies
+        from migsec.errors import PolicyError
+        from migsec.policy.loader import load_policy_dir
 
-        paths = config.paths
-        if paths.source_policies.is_dir() and paths.destination_policies.is_dir():
-            dirs = [paths.source_policies, paths.destination_policies]
-        else:
-            dirs = [paths.policy_dir]
-        count = 0
-        for d in dirs:
-            files = sorted(Path(d).glob("*.xml"), key=lambda p: (p.name != "root.xml", p.name))
-            if not files:
-                return Check("policies", FAIL, f"{d} holds no *.xml policy",
-                             f"write policies: migsec policy init-defaults {paths.policy_dir} "
-                             "--trusted PEER-DID")
-            PDP(load_policies([str(p) for p in files]))
-            count += len(files)
-        return Check("policies", OK, f"{count} policy file(s) load from {paths.policy_dir}")
+        policy_dir = config.paths.policy_dir
+        try:
+            loaded = load_policy_dir(policy_dir)  # the loader migsecd itself uses
+        except PolicyError as exc:
+            if "holds no *.xml" in str(exc) or "does not exist" in str(exc):
+                return Check("policies", FAIL, str(exc), f"write policies: migsec policy init-defaults "
+                             f"{policy_dir} --trusted PEER-DID")
+            raise
+        layout = "source/ + destination/" if loaded.split else "one set for both actions"
+        roots = ", ".join(f"{s.root.id} ({Path(s.root.source).name})"
+                          for s in ((loaded.source, loaded.destination) if loaded.split else (loaded.source,)))
+        return Check("policies", OK, f"{loaded.count} policy file(s) load from {policy_dir} ({layout}; "
+                     f"root {roots}; every policy reachable from it)")
 
-    return _guard("policies", f"fix the policy file named (migsec policy check FILE)", body)
+    return _guard("policies", f"fix the policy named (migsec policy check {config.paths.policy_dir})", body)
 
 
 def _state(config: Any) -> Iterator[Check]:
@@ -241,6 +241,17 @@ def _hook(config: Any, hooks_dir: Path, pid_file: Path | None) -> Iterator[Check
         yield Check("libvirt hook", FAIL, f"{hook} runs {interpreter or '(no #! line)'}, which is not "
                     "an executable", fix)
         return
+    try:
+        probe = subprocess.run([interpreter, "-c", "import migsec.hooks.qemu"], capture_output=True, text=True,
+                               timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        probe = subprocess.CompletedProcess([interpreter], 1, "", str(exc))
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["it failed"])[-1]
+        yield Check("libvirt hook", FAIL, f"{hook} runs {interpreter}, which cannot import migsec ({last}): "
+                    "every libvirt hook call fails", f"install migsec for {interpreter}, or run `migsec "
+                    "install --prefix PREFIX` with the PREFIX migsec is installed in")
+        return
     configured = _hook_config(hook)
     if Path(configured) != Path(config.path).absolute():
         yield Check("libvirt hook", WARN, f"{hook} reads {configured}, not {config.path}",
@@ -310,7 +321,25 @@ def _daemon(config: Any) -> Check:
     return Check("migsecd", OK, f"answers on {path}")
 
 
-def _peers(config: Any, timeout: float) -> Iterator[Check]:
+def _peer_trust(config: Any, peer: Any, now: dt.datetime) -> Check | None:
+    """A peer whose stored certificate does not verify against this domain's trust store
+    (typically its CA is not in [domain].trust): every migration to it would be refused."""
+    from migsec.pki import TrustStore
+
+    if peer.cert_pem is None:
+        return None
+    try:
+        trust = TrustStore.from_files(config.domain.trust, config.domain.crls)
+        trust.verify(peer.cert_pem, expected_did=peer.did, at=now)
+    except MigsecError as exc:
+        stores = ", ".join(str(p) for p in config.domain.trust)
+        return Check(f"peer {peer.did}", FAIL, f"its certificate does not verify here: {exc}",
+                     f"add the CA that issued it to [domain].trust ({stores}) and restart migsecd, or "
+                     f"replace it: migsec peer add {peer.did} --address {peer.address} --cert FILE --replace")
+    return None
+
+
+def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Iterator[Check]:
     from migsec.pki import PeerDirectory
 
     try:
@@ -323,6 +352,10 @@ def _peers(config: Any, timeout: float) -> Iterator[Check]:
                     "migsec peer add DID --address HOST:7443 --cert CERT (or --fingerprint SHA256:...)")
         return
     for peer in peers:
+        untrusted = _peer_trust(config, peer, now or dt.datetime.now(dt.timezone.utc))
+        if untrusted is not None:
+            yield untrusted
+            continue
         host, _, port = peer.address.removeprefix("migsec://").rpartition(":")
         host = host.strip("[]")
         try:

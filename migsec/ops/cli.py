@@ -19,7 +19,7 @@ _abs = click.Path(path_type=Path, file_okay=False)
 @click.option("--root", type=_abs, default=Path("/"), show_default=True,
               help="Write everything below this directory (DESTDIR, for packaging and tests).")
 @click.option("--source", type=_abs, default=None,
-              help="The migsec checkout holding systemd/, hooks/ and examples/ (default: this one).")
+              help="A migsec checkout holding systemd/, hooks/ and examples/ (default: the copies this package carries, else its checkout).")
 @click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
 def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | None,
             dry_run: bool) -> None:

@@ -34,6 +34,7 @@ class Layout:
     unit_dir: Path = Path("/etc/systemd/system")
     tmpfiles_dir: Path = Path("/etc/tmpfiles.d")
     doc_dir: Path = Path("/usr/share/doc/migsec")
+    man_dir: Path = Path("/usr/share/man/man1")
     run_dir: Path = Path("/run/migsec")
 
     @property
@@ -107,15 +108,34 @@ class Report:
         return out
 
 
-def find_source(source: Path | None = None) -> Path:
-    """The checkout holding systemd/, hooks/ and examples/ (the package's parent by default)."""
+# what `migsec install` reads: name -> (path in a checkout, name in the package's data/);
+# setup.py copies them into migsec/data/ when it builds a wheel (keep both maps in step)
+HOST_FILES: dict[str, tuple[str, str]] = {
+    "unit": ("systemd/migsecd.service", "migsecd.service"),
+    "tmpfiles": ("systemd/migsec.conf", "migsec.conf"),
+    "hook": ("hooks/qemu", "qemu-hook"),
+    "config": ("examples/migsecd.toml", "migsecd.toml"),
+    "operators": ("docs/operators.md", "operators.md"),
+    "manpage": ("docs/migsec.1", "migsec.1"),
+}
+_OPTIONAL = ("operators", "manpage")
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def find_source(source: Path | None = None) -> dict[str, Path]:
+    """Where each host file is: ``--source`` (a checkout), else the installed package's
+    ``migsec/data/`` (a wheel), else the checkout this package runs from (editable/in-tree)."""
+    if source is None and all((PACKAGE_DATA / HOST_FILES[n][1]).is_file() for n in HOST_FILES
+                              if n not in _OPTIONAL):
+        return {n: PACKAGE_DATA / packaged for n, (_, packaged) in HOST_FILES.items()}
     candidate = Path(source) if source else Path(__file__).resolve().parents[2]
-    needed = ("systemd/migsecd.service", "systemd/migsec.conf", "hooks/qemu", "examples/migsecd.toml")
-    missing = [n for n in needed if not (candidate / n).is_file()]
+    missing = [rel for n, (rel, _) in HOST_FILES.items()
+               if n not in _OPTIONAL and not (candidate / rel).is_file()]
     if missing:
-        raise ConfigError(f"{candidate} is not a migsec checkout (missing {', '.join(missing)}); "
-                          f"pass --source with the directory migsec was installed from")
-    return candidate
+        raise ConfigError(f"{candidate} is not a migsec checkout (missing {', '.join(missing)}) and this "
+                          f"migsec package carries no host files in {PACKAGE_DATA}; pass --source with "
+                          f"the directory migsec was built from")
+    return {n: candidate / rel for n, (rel, _) in HOST_FILES.items()}
 
 
 def _python_for(layout: Layout) -> str:
@@ -189,18 +209,20 @@ def plan(layout: Layout) -> list[Item]:
         d(cd, 0o755), d(cd / "pki", 0o700), d(cd / "policies", 0o755),
         d(state_dir, 0o700), d(state_dir / "journal", 0o700), d(state_dir / "staging", 0o700),
         d(layout.run_dir, 0o750),
-        f(layout.config, render_config((src / "examples/migsecd.toml").read_text(), layout),
+        f(layout.config, render_config(src["config"].read_text(), layout),
           0o640, "sample configuration: edit it", keep=True),
-        f(layout.unit, render_unit((src / "systemd/migsecd.service").read_text(), layout,
-                                   state_dir, image_dirs), 0o644, "systemd unit"),
+        f(layout.unit, render_unit(src["unit"].read_text(), layout, state_dir, image_dirs),
+          0o644, "systemd unit"),
         f(layout.tmpfiles_dir / "migsec.conf",
-          render_tmpfiles((src / "systemd/migsec.conf").read_text(), layout, state_dir),
+          render_tmpfiles(src["tmpfiles"].read_text(), layout, state_dir),
           0o644, "tmpfiles.d entry"),
         d(layout.hooks_dir / "qemu.d", 0o755),
-        f(layout.hook, render_hook((src / "hooks/qemu").read_text(), layout), 0o755,
+        f(layout.hook, render_hook(src["hook"].read_text(), layout), 0o755,
           "libvirt hook: restart libvirtd once so that it sees it"),
-        *([f(layout.doc_dir / "operators.md", (src / "docs/operators.md").read_text(), 0o644,
-             "operator guide")] if (src / "docs/operators.md").is_file() else []),
+        *([f(layout.doc_dir / "operators.md", src["operators"].read_text(), 0o644,
+             "operator guide")] if src["operators"].is_file() else []),
+        *([f(layout.man_dir / "migsec.1", src["manpage"].read_text(), 0o644, "man page (man migsec)")]
+          if src["manpage"].is_file() else []),
     ]
 
 

@@ -140,7 +140,7 @@ class PeerDirectory:
         with self._locked():
             peers = self._read()
             if did in peers and not replace:
-                raise ConfigError(f"peer {did} already exists (remove it first or replace it)")
+                raise ConfigError(f"peer {did} already exists in {self.path} (`migsec peer add {did} ... --replace` replaces it)")
             peers[did] = peer
             self._write(peers)
         return peer

@@ -197,7 +197,10 @@ class TrustStore:
                 raise failures[0] from exc
             if "not valid at validation time" in str(exc):
                 raise CertificateExpiredError(f"a certificate in the chain is not valid at {at.isoformat()}") from exc
-            raise UnknownIssuerError(f"certificate does not chain to a trusted CA: {exc}") from exc
+            raise UnknownIssuerError(
+                f"certificate {leaf.subject.rfc4514_string() or '(empty subject)'} issued by "
+                f"{leaf.issuer.rfc4514_string() or '(empty issuer)'} (fingerprint {certificate_fingerprint(leaf)}) "
+                f"does not chain to a trusted CA: {exc}") from exc
         if "did" not in found:  # the SAN validator must have run; never accept without it
             raise DidMismatchError("certificate domain id was not checked")
         self._check_revocation(chain, at)

@@ -36,16 +36,23 @@ def eval_(policies: tuple[Path, ...], request_file: Path) -> None:
 @policy.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def check(paths: tuple[Path, ...]) -> None:
-    """Load a policy DIRECTORY (every *.xml) or FILES (root first) and report the first error."""
+    """Load a policy DIRECTORY as migsecd does ([paths].policy_dir: one set, or source/ +
+    destination/; one root, every policy reachable from it) or FILES (the root first)."""
+    from migsec.policy.loader import load_policy_dir
+
     if len(paths) == 1 and paths[0].is_dir():
-        pdp = PDP.from_directory(paths[0])
+        loaded = load_policy_dir(paths[0])
+        stores = [("source/", loaded.source), ("destination/", loaded.destination)] if loaded.split \
+            else [("", loaded.source)]
     elif all(p.is_file() for p in paths):
-        pdp = PDP.from_files(list(paths))
+        stores = [("", PDP.from_files(list(paths)).store)]
     else:
         raise click.UsageError("give one directory, or policy files (the root first)")
-    root = pdp.store.root
-    click.echo(f"ok: {len(pdp.store.by_id)} policies loaded from {', '.join(map(str, paths))}; root "
-               f"{'PolicySet' if root.is_set else 'Policy'} {root.id} ({Path(root.source).name})")
+    for where, store in stores:
+        root = store.root
+        click.echo(f"ok: {len(store.by_id)} policies loaded from "
+                   f"{', '.join(str(p / where) if where else str(p) for p in paths)}; root "
+                   f"{'PolicySet' if root.is_set else 'Policy'} {root.id} ({Path(root.source).name})")
 
 
 @policy.command("init-defaults")

@@ -74,17 +74,11 @@ class PDP:
 
     @classmethod
     def from_directory(cls, directory: str | Path, **kw: Any) -> "PDP":
-        """Load every ``*.xml`` in ``directory``; the root is the one policy nobody references."""
-        files = sorted(Path(directory).glob("*.xml"))
-        if not files:
-            raise PolicyError(f"{directory}: no *.xml policy files")
-        store = load_policies(files)
-        roots = store.unreferenced()
-        if len(roots) != 1:
-            names = ", ".join(f"{p.id} ({Path(p.source).name})" for p in roots)
-            raise PolicyReferenceError(f"{directory}: need exactly one root policy (not referenced by another), found: {names}")
-        store.root = roots[0]
-        return cls(store, **kw)
+        """Every ``*.xml`` in ``directory`` (``migsec.policy.loader.load_policy_directory``: the
+        root is the one policy nobody references, and every policy must be reachable from it)."""
+        from migsec.policy.loader import load_policy_directory
+
+        return cls(load_policy_directory(directory), **kw)
 
     def evaluate(self, request: Request) -> Response:
         """One Result per individual request (multiple decision profile), in order."""

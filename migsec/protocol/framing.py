@@ -21,6 +21,10 @@ AUTH_REPLY = 0x02
 LOCAL_MIGRATION_REQUEST = 0x03
 MIG_REQ = 0x04
 MIG_RESP = 0x05
+# first contact with a peer known only by a pinned fingerprint: A asks for B's certificate
+# before its MigReq (which must be encrypted to B's key); the pin authenticates the answer
+CERT_REQUEST = 0x06
+CERT_REPLY = 0x07
 RECORD = 0x10
 
 FRAME_NAMES = {
@@ -29,6 +33,8 @@ FRAME_NAMES = {
     LOCAL_MIGRATION_REQUEST: "MigrationRequest",
     MIG_REQ: "MigReq",
     MIG_RESP: "MigResp",
+    CERT_REQUEST: "CertRequest",
+    CERT_REPLY: "CertReply",
     RECORD: "record",
 }
 
@@ -40,6 +46,8 @@ DEFAULT_LIMITS: Mapping[int, int] = {
     LOCAL_MIGRATION_REQUEST: CONTROL_MAX,
     MIG_REQ: CONTROL_MAX,
     MIG_RESP: CONTROL_MAX,
+    CERT_REQUEST: 64,
+    CERT_REPLY: CONTROL_MAX,
     RECORD: RECORD_MAX,
 }
 

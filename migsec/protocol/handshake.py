@@ -17,6 +17,7 @@ leaves the object in ERROR, holding no keys.
 """
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,7 +46,7 @@ from migsec.protocol.codec import (
     parse_json_object,
 )
 from migsec.protocol.errors import KeyBindingError, ReflectionError
-from migsec.protocol.framing import CLOSED, CONTROL_MAX, MIG_REQ, MIG_RESP, NEED_DATA, RECORD, RECORD_MAX, Frame, FrameDecoder, encode_frame
+from migsec.protocol.framing import CERT_REPLY, CERT_REQUEST, CLOSED, CONTROL_MAX, MIG_REQ, MIG_RESP, NEED_DATA, RECORD, RECORD_MAX, Frame, FrameDecoder, encode_frame
 from migsec.protocol.messages import AuthorizationTicket, MigrationRequest, check_token, from_epoch, to_epoch
 from migsec.protocol.replay import Clock, ReplayCache, utc_now
 from migsec.protocol.session import SessionKeys
@@ -469,3 +470,28 @@ class DestinationHandshake(_Machine):
                 src_did=p.src_did, dest_did=self._identity.did, resume_of=p.resume_of)
         self.signed_response = signed
         return encode_frame(MIG_RESP, payload)
+
+
+# ---- first contact with a pinned peer (before the handshake) -------------------------------------
+def certificate_request() -> bytes:
+    """A's question to a peer it knows only by a pinned fingerprint: "your certificate?"."""
+    return encode_frame(CERT_REQUEST, b'{"v":1}')
+
+
+def certificate_reply(cert_pem: bytes) -> bytes:
+    """B's answer: its domain certificate (public; A checks it against its pin and trust store)."""
+    return encode_frame(CERT_REPLY, json.dumps({"v": 1, "cert": cert_pem.decode("ascii")}).encode())
+
+
+def parse_certificate_reply(frame_type: int, payload: bytes) -> bytes:
+    """The certificate PEM of a CertReply frame; MalformedMessageError for anything else."""
+    if frame_type != CERT_REPLY:
+        raise UnexpectedMessageError(f"frame type 0x{frame_type:02x} instead of a CertReply")
+    try:
+        body = json.loads(payload)
+        cert = body["cert"] if isinstance(body, dict) and body.get("v") == 1 else None
+    except (ValueError, KeyError) as exc:
+        raise MalformedMessageError("CertReply is not valid JSON") from exc
+    if not isinstance(cert, str) or not cert.isascii() or "-----BEGIN CERTIFICATE-----" not in cert:
+        raise MalformedMessageError("CertReply carries no PEM certificate")
+    return cert.encode("ascii")

@@ -116,6 +116,10 @@ def test_ready_reload_and_stop_notifications(nodes, tmp_path):
         assert stat.S_IMODE(a.socket.stat().st_mode) == 0o660
         jobs = a.migsec("jobs")
         assert jobs.returncode == 0 and "no migrations" in jobs.stdout
+        watch = a.migsec("jobs", "--watch")  # nothing running: one table, then it returns
+        assert watch.returncode == 0 and watch.stdout.count("no migrations") == 1
+        refused = a.migsec("jobs", "abort", "0123abcd")
+        assert refused.returncode == 1 and "no migration 0123abcd in the journal" in refused.stderr
         # a broken policy on SIGHUP: logged, the old policies stay, the daemon keeps serving
         (a.root / "policies" / "source.xml").write_text("<Policy")
         a.proc.send_signal(signal.SIGHUP)
@@ -142,6 +146,15 @@ def test_refuses_to_start_naming_the_setting(nodes):
     a.start()
     out = a.wait_exit()
     assert a.proc.returncode == 2 and "[limits].max_incoming" in out
+    # the policy loader migsecd shares with doctor and `policy check`: a forgotten policy refuses
+    a.write_config()
+    forgotten = (a.root / "policies" / "source.xml").read_text().replace(
+        'PolicyId="urn:migsec:policy:source"', 'PolicyId="urn:example:forgotten"')
+    (a.root / "policies" / "forgotten.xml").write_text(forgotten)
+    a.start()
+    out = a.wait_exit()
+    assert a.proc.returncode == 2 and "[paths].policy_dir" in out and "not reachable from the root" in out, out
+    assert "urn:example:forgotten (forgotten.xml)" in out
 
 
 def test_local_exchange_wrong_password_and_policy_denial(nodes):
@@ -150,10 +163,12 @@ def test_local_exchange_wrong_password_and_policy_denial(nodes):
     a.wait_ready()
     wrong = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
                      "--password-stdin", "--json", input="nope\n")
-    assert wrong.returncode == 3 and "wrong password" in json.loads(wrong.stdout)["message"]
+    message = json.loads(wrong.stdout)["message"]
+    assert wrong.returncode == 3 and "authentication failed for user 'admin'" in message and "wrong password" in message
     unknown = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "mallory",
                        "--password-stdin", "--json", input="nope\n")
     assert unknown.returncode == 3  # the same answer as a wrong password: names are not probed
+    assert json.loads(unknown.stdout)["message"] == message.replace("'admin'", "'mallory'")
     denied = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "visitor",
                       "--password-stdin", "--json", input=PASSWORD + "\n")
     reply = json.loads(denied.stdout)
@@ -265,4 +280,66 @@ def test_destination_that_does_not_trust_the_source(tmp_path):
     finally:
         logs = b.stop()
         a.stop()
-    assert "handshake failed" in logs  # B's log has the detail
+    assert "handshake failed" in logs  # B's log has the detail: which certificate, which trust store
+    assert "issued by O=migsec,CN=CA of A" in logs and "fingerprint SHA256:" in logs and "[domain].trust" in logs, logs
+
+
+def test_first_contact_with_pinned_peers_stores_their_certificates(nodes):
+    """Both sides know the other only by a pinned fingerprint: A fetches B's certificate, checks
+    it against the pin and its trust store and stores it; B stores A's after the MigReq verified."""
+    a, b = nodes
+    fp_a = subprocess.run([BIN / "migsec", "ca", "show", str(a.root / "pki" / "domain-cert.pem")],
+                          capture_output=True, text=True, check=True).stdout
+    fp_a = next(line.split()[-1] for line in fp_a.splitlines() if "fingerprint" in line)
+    fp_b = PeerDirectory(a.root / "peers.json").get(b.did).fingerprint
+    # the suggested replacement works in place (no "already exists")
+    r = a.migsec("peer", "add", b.did, "--address", f"127.0.0.1:{b.port}", "--fingerprint", "SHA256:" + "00" * 32,
+                 "--replace")
+    assert r.returncode == 0 and "replaced peer cloud-b.example" in r.stdout, r.stdout + r.stderr
+    PeerDirectory(b.root / "peers.json").add(a.did, f"127.0.0.1:{a.port}", fingerprint=fp_a, replace=True)
+    for n in (a, b):
+        n.start()
+    for n in (a, b):
+        n.wait_ready()
+    dry = ("migrate", "test", f"migsec://127.0.0.1:{b.port}", "--user", "admin", "--password-stdin", "--dry-run",
+           "--json")
+    # a wrong pin: B's certificate is fetched, refused (exit 3), and nothing is stored
+    run = a.migsec(*dry, input=PASSWORD + "\n")
+    reply = json.loads(run.stdout)
+    assert run.returncode == 3 and reply["error"] == "PinMismatchError", reply
+    assert fp_b in reply["message"] and "nothing was stored" in reply["message"]
+    assert PeerDirectory(a.root / "peers.json").get(b.did).cert_pem is None
+    # the right pin: stored at A on first contact, and A's at B (the dry run got to B's capacity check)
+    a.migsec("peer", "add", b.did, "--address", f"127.0.0.1:{b.port}", "--fingerprint", fp_b, "--replace")
+    run = a.migsec(*dry, input=PASSWORD + "\n")
+    reply = json.loads(run.stdout)
+    assert reply.get("where") == "destination" and "not enough free memory" in reply["message"], reply
+    stored_b = PeerDirectory(a.root / "peers.json").get(b.did)
+    assert stored_b.cert_pem == (b.root / "pki" / "domain-cert.pem").read_bytes() and stored_b.fingerprint == fp_b
+    assert PeerDirectory(b.root / "peers.json").get(a.did).cert_pem == (a.root / "pki" / "domain-cert.pem").read_bytes()
+    listed = a.migsec("peer", "list")
+    assert "not yet seen" not in listed.stdout and "certificate" in listed.stdout
+    kinds = [e.kind for e in Ledger(a.root / "state" / "ledger.jsonl").entries()]
+    assert "peer-pinned" in kinds
+
+
+def test_untrusted_peer_ca_is_exit_3_and_names_the_certificate_and_trust_store(tmp_path):
+    """A's peer directory holds a certificate of a CA that A does not trust."""
+    ca_a = CertificateAuthority.create(tmp_path / "ca-a", "CA of A")
+    rogue = CertificateAuthority.create(tmp_path / "ca-r", "Rogue CA")
+    a = Node(tmp_path / "a", "cloud-a.example", ca_a)
+    rogue.issue_domain("cloud-b.example", tmp_path / "rogue-b")
+    cert = (tmp_path / "rogue-b" / "domain-cert.pem").read_bytes()
+    PeerDirectory(a.root / "peers.json").add("cloud-b.example", "127.0.0.1:9", cert_pem=cert)
+    try:
+        a.start()
+        a.wait_ready()
+        run = a.migsec("migrate", "test", "migsec://cloud-b.example:7443", "--user", "admin",
+                       "--password-stdin", "--dry-run", "--json", input=PASSWORD + "\n")
+    finally:
+        a.stop()
+    reply = json.loads(run.stdout)
+    assert run.returncode == 3 and reply["error"] == "UnknownIssuerError", reply
+    fp = PeerDirectory(a.root / "peers.json").get("cloud-b.example").fingerprint
+    for part in ("cloud-b.example", "Rogue CA", fp, "[domain].trust", str(a.config), "ca-cert.pem"):
+        assert part in reply["message"], (part, reply["message"])

@@ -174,3 +174,19 @@ def test_discard_with_an_unreadable_staging_state_still_finds_the_parts_beside_t
         p.write_bytes(b"x")
     discard(services, "m1")
     assert not stage.exists() and not any(p.exists() for p in mine) and theirs.exists()
+
+
+def test_a_disk_target_that_exists_refuses_the_move_and_says_what_to_do(tmp_path):
+    from migsec.daemon.link import _check_targets_free
+
+    cfg = SimpleNamespace(storage=SimpleNamespace(image_dir=str(tmp_path), map={}))
+    svc = SimpleNamespace(config=cfg, did="cloud-a.example")
+    request = MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-a.example",
+                               options={"files": "/b/images/vm1.qcow2"})
+    _check_targets_free(svc, request)  # nothing there yet
+    (tmp_path / "vm1.qcow2").write_bytes(b"old copy")
+    with pytest.raises(AuthorizationDenied) as info:
+        _check_targets_free(svc, request)
+    message = str(info.value)
+    assert str(tmp_path / "vm1.qcow2") in message and "--undefinesource" in message
+    assert "virsh undefine vm1 --remove-all-storage" in message and info.value.where == "destination"

@@ -184,3 +184,38 @@ def test_image_directories_take_a_staged_disk_and_say_which_file_system(host, tm
         import shutil
 
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_hook_interpreter_without_migsec_fails(host):
+    hook = host.hooks_dir / "qemu.d" / "50-migsec"
+    text = hook.read_text().split("\n", 1)
+    hook.write_text("#!/usr/bin/python3 -I\n" + text[1])  # a Python that has no migsec
+    check = doctor(host)["libvirt hook"]
+    assert check.status == FAIL and "cannot import migsec" in check.message and "/usr/bin/python3" in check.message
+    assert "migsec install --prefix" in check.fix
+
+
+def test_peer_certificate_from_an_untrusted_ca_fails(host, tmp_path):
+    from migsec.pki import CertificateAuthority
+
+    rogue = CertificateAuthority.create(tmp_path / "rogue", "Rogue CA")
+    cert = rogue.issue_domain("cloud-a.example", tmp_path / "rogue-a")
+    peers = PeerDirectory(host.root / "peers.json")
+    address = peers.get("cloud-a.example").address
+    peers.add("cloud-a.example", address, cert_pem=cert.read_bytes(), replace=True)
+    check = doctor(host)["peer cloud-a.example"]
+    assert check.status == FAIL and "Rogue CA" in check.message and "does not chain" in check.message
+    assert "[domain].trust" in check.fix and "--replace" in check.fix
+    # the domain's own CA issued it: OK
+    good = host.ca.issue_domain("cloud-a.example", tmp_path / "good-a")
+    peers.add("cloud-a.example", address, cert_pem=good.read_bytes(), replace=True)
+    assert doctor(host)["peer cloud-a.example"].status == OK
+
+
+def test_policies_not_reachable_from_the_root_fail(host):
+    extra = (host.root / "policies" / "source.xml").read_text().replace(
+        'PolicyId="urn:migsec:policy:source"', 'PolicyId="urn:example:forgotten"')
+    (host.root / "policies" / "forgotten.xml").write_text(extra)
+    check = doctor(host)["policies"]
+    assert check.status == FAIL and "not reachable from the root" in check.message
+    assert "urn:example:forgotten (forgotten.xml)" in check.message
