@@ -90,7 +90,7 @@ class MigsecGroup(click.Group):
 class MigsecClickError(click.ClickException):
     def __init__(self, error: MigsecError) -> None:
         super().__init__(str(error) or type(error).__name__)
-        self.exit_code = error.exit_code
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click: a ClassVar; ours is per error
 
     def format_message(self) -> str:
         return self.message
