@@ -155,7 +155,7 @@ class Ledger:
 
     def _make(self, seq: int, prev: str, kind: str, migration_id: str | None,
               body: dict[str, Any], peer: dict[str, Any] | None) -> LedgerEntry:
-        core = {"seq": seq, "time": _format_time(self._clock()), "kind": kind,
+        core: dict[str, Any] = {"seq": seq, "time": _format_time(self._clock()), "kind": kind,
                 "migration_id": migration_id, "prev": prev, "body": body, "peer": peer}
         try:
             digest = entry_hash(core)

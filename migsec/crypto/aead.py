@@ -6,6 +6,8 @@ faster at >= 256 KiB records, see FACTS.md).
 """
 from __future__ import annotations
 
+from typing import Union
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -15,7 +17,9 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 KEY_SIZE = 32
 
-_ALGORITHMS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+_ALGORITHMS: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {
+    "aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305,
+}
 
 Buffer = bytes | bytearray | memoryview
 
@@ -24,6 +28,7 @@ class Aead:
     """One AEAD key. ``algorithm`` is ``"aes-256-gcm"`` or ``"chacha20-poly1305"``."""
 
     __slots__ = ("algorithm", "_cipher")
+    _cipher: Union[AESGCM, ChaCha20Poly1305]
 
     def __init__(self, algorithm: str, key: bytes) -> None:
         cls = _ALGORITHMS.get(algorithm)

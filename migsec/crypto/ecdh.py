@@ -5,6 +5,8 @@ point for P-256.
 """
 from __future__ import annotations
 
+from typing import cast
+
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -50,10 +52,10 @@ class EphemeralKey:
                     raise ValueError("X25519 public key must be 32 bytes")
                 peer = x25519.X25519PublicKey.from_public_bytes(bytes(peer_public))
                 # cryptography raises ValueError on the all-zero (small-order) result
-                return self._private.exchange(peer)
+                return cast(x25519.X25519PrivateKey, self._private).exchange(peer)
             if len(peer_public) != 65:
                 raise ValueError("P-256 public key must be a 65-byte uncompressed point")
             point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes(peer_public))
-            return self._private.exchange(ec.ECDH(), point)
+            return cast(ec.EllipticCurvePrivateKey, self._private).exchange(ec.ECDH(), point)
         except ValueError as exc:
             raise CryptoError(f"invalid {self.curve} peer public key: {exc}") from exc

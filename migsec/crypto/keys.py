@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Union
+from typing import Union, cast
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -122,15 +122,15 @@ class VerifyingKey:
         try:
             key = self._key
             if self.kind == "ed25519":
-                key.verify(bytes(signature), bytes(data))  # type: ignore[call-arg]
+                cast(ed25519.Ed25519PublicKey, key).verify(bytes(signature), bytes(data))
             elif self.kind == "ec-p256":
                 if len(signature) != 2 * _P256_SIZE:
                     raise SignatureError("signature did not verify")
                 r = int.from_bytes(signature[:_P256_SIZE], "big")
                 s = int.from_bytes(signature[_P256_SIZE:], "big")
-                key.verify(encode_dss_signature(r, s), bytes(data), _ECDSA_SHA256)  # type: ignore[call-arg]
+                cast(ec.EllipticCurvePublicKey, key).verify(encode_dss_signature(r, s), bytes(data), _ECDSA_SHA256)
             else:
-                key.verify(bytes(signature), bytes(data), _PSS, _SHA256)  # type: ignore[call-arg]
+                cast(rsa.RSAPublicKey, key).verify(bytes(signature), bytes(data), _PSS, _SHA256)
         except (InvalidSignature, ValueError) as exc:
             raise SignatureError("signature did not verify") from exc
 
@@ -231,8 +231,8 @@ class SigningKey:
         """Sign ``data`` (ECDSA P-256 returns fixed 64-byte r||s; RSA uses PSS-SHA-256)."""
         key = self._key
         if self.kind == "ed25519":
-            return key.sign(bytes(data))  # type: ignore[call-arg]
+            return cast(ed25519.Ed25519PrivateKey, key).sign(bytes(data))
         if self.kind == "ec-p256":
-            r, s = decode_dss_signature(key.sign(bytes(data), _ECDSA_SHA256))  # type: ignore[call-arg]
+            r, s = decode_dss_signature(cast(ec.EllipticCurvePrivateKey, key).sign(bytes(data), _ECDSA_SHA256))
             return r.to_bytes(_P256_SIZE, "big") + s.to_bytes(_P256_SIZE, "big")
-        return key.sign(bytes(data), _PSS, _SHA256)  # type: ignore[call-arg]
+        return cast(rsa.RSAPrivateKey, key).sign(bytes(data), _PSS, _SHA256)

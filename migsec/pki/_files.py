@@ -1,6 +1,7 @@
 """Small file helpers shared by the pki modules."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from migsec.errors import ConfigError
@@ -15,7 +16,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-def read_bytes(path: Path, what: str, limit: int = 1 << 20) -> bytes:
+def read_bytes(path: str | os.PathLike[str], what: str, limit: int = 1 << 20) -> bytes:
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)

@@ -14,7 +14,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from migsec.crypto.certs import certificate_fingerprint
@@ -111,7 +111,7 @@ class PeerDirectory:
             raise ConfigError(f"peer directory {self.path} is corrupt: {exc}") from exc
 
     def _write(self, peers: dict[str, Peer]) -> None:
-        out = {"version": 1, "peers": {}}
+        out: dict[str, Any] = {"version": 1, "peers": {}}
         for did in sorted(peers):
             d = asdict(peers[did])
             del d["did"]

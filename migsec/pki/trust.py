@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Iterable
+from typing import cast
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509 import verification as xv
 
 from migsec.crypto import VerifyingKey
@@ -82,7 +84,7 @@ class TrustStore:
                 raise ConfigError(f"trusted certificate {ca.subject.rfc4514_string()} is not a CA certificate")
         self.crls = list(crls)
         for crl in self.crls:
-            if not any(crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key()) for ca in self.cas):
+            if not any(_crl_signed_by(crl, ca) for ca in self.cas):
                 raise ConfigError(f"CRL from {crl.issuer.rfc4514_string()} is not signed by a trusted CA")
         self._store = xv.Store(self.cas)
         # Fixed per store; only the end-entity policy (its validators see the expected DID and
@@ -215,7 +217,7 @@ class TrustStore:
         if not self.crls:
             return
         for cert, issuer in zip(chain, chain[1:]):
-            crls = [c for c in self.crls if c.issuer == issuer.subject and c.is_signature_valid(issuer.public_key())]
+            crls = [c for c in self.crls if _crl_signed_by(c, issuer)]
             if not crls:
                 # CRLs are configured, so a CA without one is refused rather than silently unchecked.
                 raise CertificateError(f"no CRL configured for CA {issuer.subject.rfc4514_string()}")
@@ -227,3 +229,8 @@ class TrustStore:
                     )
                 if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                     raise CertificateRevokedError(f"certificate serial {cert.serial_number:x} is revoked by {issuer.subject.rfc4514_string()}")
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    # CA keys are EC or RSA (migsec.crypto.certs), both issuer key types
+    return crl.issuer == ca.subject and crl.is_signature_valid(cast(CertificateIssuerPublicKeyTypes, ca.public_key()))

@@ -50,10 +50,10 @@ def _datetime(value: _dt.datetime) -> T.DateTime:
 
 def _coerce(spec: A.AttributeSpec, value: Any) -> Any:
     dt = spec.datatype
-    ok = {T.STRING: str, T.INTEGER: int, T.DATETIME: _dt.datetime}[dt]
+    ok: type = {T.STRING: str, T.INTEGER: int, T.DATETIME: _dt.datetime}[dt]
     if not isinstance(value, ok) or (dt == T.INTEGER and isinstance(value, bool)):
         raise RequestSyntaxError(f"attribute {spec.short!r} must be {ok.__name__}, not {type(value).__name__}")
-    return _datetime(value) if dt == T.DATETIME else value
+    return _datetime(value) if isinstance(value, _dt.datetime) else value
 
 
 def _category(category: str, values: Mapping[str, Any]) -> Category:

@@ -93,7 +93,8 @@ class _Parser:
             if vid in raw_vars:
                 raise self.fail(v, f"duplicate VariableId {vid!r} in policy {pid!r}")
             raw_vars[vid] = v
-        self.raw_vars, self.var_stack = raw_vars, []
+        self.raw_vars = raw_vars
+        self.var_stack: list[str] = []
         for vid in raw_vars:
             self.variable(vid, raw_vars[vid])
         rules, target, obligations, advice = [], M.Target([]), [], []
@@ -123,7 +124,8 @@ class _Parser:
         psid = self.attr(el, "PolicySetId")
         self.unique(el, True, psid)
         alg = self.algorithm(el, "PolicyCombiningAlgId", False)
-        target, items, obligations, advice = M.Target([]), [], [], []
+        target, obligations, advice = M.Target([]), [], []
+        items: list[Any] = []  # policies, policy sets and references, in document order
         for c in children(el):
             name = local(c)
             if name == "Target":

@@ -156,12 +156,12 @@ def response_xml(resp: Response) -> bytes:
                     etree.SubElement(oel, "{%s}AttributeAssignment" % NS, attrs).text = _text(a.datatype, a.value)
         for c in r.attributes:
             cel = etree.SubElement(res, "{%s}Attributes" % NS, Category=_XML_BAD.sub("\ufffd", c.category))
-            for a in c.attributes:
-                attrs = {"AttributeId": _XML_BAD.sub("\ufffd", a.attribute_id), "IncludeInResult": "true"}
-                if a.issuer:
-                    attrs["Issuer"] = _XML_BAD.sub("\ufffd", a.issuer)
+            for attr in c.attributes:
+                attrs = {"AttributeId": _XML_BAD.sub("\ufffd", attr.attribute_id), "IncludeInResult": "true"}
+                if attr.issuer:
+                    attrs["Issuer"] = _XML_BAD.sub("\ufffd", attr.issuer)
                 ael = etree.SubElement(cel, "{%s}Attribute" % NS, attrs)
-                for dt, v in a.values:
+                for dt, v in attr.values:
                     vel = etree.SubElement(ael, "{%s}AttributeValue" % NS, DataType=dt)
                     vel.text = _text(dt, v)
                     if isinstance(v, T.XPathExpression):
