@@ -32,19 +32,21 @@ COMMANDS: dict[str, str] = {
 }
 
 # command name -> its one-line help, so that ``migsec --help`` imports none of them
-# (a command missing here is imported for its help; tests/test_cli.py keeps them in step)
+# (each the command's own short help; a command missing here is imported for it;
+# tests/test_cli.py keeps them in step)
 SHORT_HELP: dict[str, str] = {
-    "ca": "A CA for a lab or federation: domain certificates, CRLs.",
-    "peer": "The peer directory: other domains and their certificates.",
-    "policy": "The XACML 3.0 PDP: evaluate, check, write the defaults.",
-    "lab": "The one-machine two-host lab (namespaces, real libvirtds).",
-    "user": "The domain's administrators (password or ssh key, roles).",
-    "audit": "Read and verify the hash-chained, signed audit ledger.",
-    "migrate": "Move a running guest to a host in another domain.",
-    "jobs": "Running and past migrations.",
-    "recover": "Finish what a crash interrupted, from the migration journal.",
-    "install": "Put the systemd unit, the libvirt hook and the config in place.",
-    "doctor": "Check this host's migsec setup and say how to fix what is wrong.",
+    "ca": "Certificate authority for migsec domains (lab or federation).",
+    "peer": "Manage the peer domains this host may migrate to and accept migrations from.",
+    "policy": "XACML 3.0 policies: evaluate, check, write defaults.",
+    "lab": "The one-machine lab: libvirt hosts in network + mount namespaces (needs root).",
+    "user": "Manage the users of this domain's authentication server.",
+    "audit": "Show and verify the audit ledger.",
+    "migrate": "Migrate the running DOMAIN to migsec://HOST:PORT securely.",
+    "jobs": "Show running and past migrations (from the migration journal); a running one with bytes, rate and ETA.",
+    "recover": "After a crash: bring every interrupted migration's guest back running on exactly one host.",
+    "release": "Let a kept DOMAIN start here again after migsec migrated it away.",
+    "install": "Install the systemd unit, tmpfiles entry, libvirt hook, sample config and directories.",
+    "doctor": "Check this host's migsec setup; one line per check, exit 1 on any FAIL.",
 }
 
 

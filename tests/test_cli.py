@@ -11,11 +11,13 @@ import pytest
 from migsec import cli
 
 
-def test_every_command_has_a_short_help_and_resolves():
+def test_every_command_has_its_own_short_help_and_resolves():
     ctx = click.Context(cli.main)
     for name in cli.COMMANDS:
         assert cli.SHORT_HELP.get(name), f"{name} has no entry in SHORT_HELP"
-        assert cli.main.get_command(ctx, name) is not None, name
+        command = cli.main.get_command(ctx, name)
+        assert command is not None, name
+        assert cli.SHORT_HELP[name] == command.get_short_help_str(1000), f"SHORT_HELP[{name!r}] is stale"
 
 
 def test_help_imports_no_command_module():
