@@ -103,3 +103,14 @@ def migrate(dep: Deployment, name: str, *extra: str, user: str = ADMIN, password
     except json.JSONDecodeError:
         result = {"raw": proc.stdout}
     return proc.returncode, result, proc.stderr
+
+
+def recovery_outcomes(daemon, rec) -> list[str]:
+    """What recovery did for a restarted migsecd: the outcomes of ``migsec recover --json``
+    (``rec``) and of migsecd's own automatic pass at start (its ``recovered`` ledger entries),
+    whichever of the two ran first."""
+    from migsec.audit import Ledger
+
+    automatic = [e.body["outcome"] for e in Ledger(daemon.base / "state" / "ledger.jsonl").entries()
+                 if e.kind == "recovered"]
+    return [action["outcome"] for action in json.loads(rec.stdout)] + automatic

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from migsec.lab import expected_memory_sha256
-from tests.e2e.conftest import GUEST_REGION_MIB, migrate
+from tests.e2e.conftest import GUEST_REGION_MIB, migrate, recovery_outcomes
 from tests.e2e.deploy import ADMIN, ADMIN_PASSWORD, GUEST, GUEST_PASSWORD, MIGSEC, PORT, run
 
 pytestmark = pytest.mark.lab
@@ -241,12 +241,8 @@ def test_destination_daemon_killed_mid_transfer(dep, guest):
     # (migsecd's automatic recovery at start or this `migsec recover`, whichever runs first)
     rec = b.migsec("recover", "--json", "--config", str(b.config))
     assert rec.returncode == 0, rec.stderr
-    from migsec.audit import Ledger
-
-    automatic = [e.body["outcome"] for e in Ledger(b.base / "state" / "ledger.jsonl").entries()
-                 if e.kind == "recovered"]
-    outcomes = [action["outcome"] for action in json.loads(rec.stdout)] + automatic
-    assert any("aborted" in outcome for outcome in outcomes), (rec.stdout, automatic)
+    outcomes = recovery_outcomes(b, rec)
+    assert any("aborted" in outcome for outcome in outcomes), outcomes
     assert not leftovers(b, guest.name)
     guest.assert_runs_only_on("a")
     for d in (a, b):

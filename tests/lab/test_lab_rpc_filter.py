@@ -58,6 +58,16 @@ def lab_state(proxy) -> str:
         return virt.domain_state(conn, "vm1").value
 
 
+@pytest.fixture(autouse=True)
+def vm1_runs_on_a(lab):
+    """The session's lab is shared: earlier tests may have saved vm1 away or left it on B."""
+    b = lab.host("b")
+    if "vm1" not in lab.host("a").virsh("list", "--name").split():
+        b.virsh("destroy", "vm1", check=False)
+        b.virsh("undefine", "vm1", check=False)
+        lab.ensure_guest("a", "vm1")
+
+
 @pytest.fixture
 def proxy_to_a(lab, tmp_path):
     a = lab.host("a")
@@ -168,7 +178,8 @@ def test_p2p_live_migration_through_the_filter(lab, channels):
     wait_for(lambda: len(g.parse_console(log_b).counters) >= 2, 60, "the counter on B")
     after = g.parse_console(log_b)
     assert after.boots == [] or after.boots == before.boots[-1:]   # no new boot on B
-    assert before.counters[-1] < after.counters[0] <= before.counters[-1] + 3
+    # the counter goes on (a 200 ms tick; the last lines A printed may reach its log late under load)
+    assert before.counters[-1] < after.counters[0] <= before.counters[-1] + 25
     capture = os.environ.get("MIGSEC_RPC_CAPTURE")
     if capture:   # refresh tests/data/protocol/libvirt-p2p-capture.json from a real run
         Path(capture).write_text(json.dumps({
