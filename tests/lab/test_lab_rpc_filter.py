@@ -92,6 +92,30 @@ def test_libvirt_python_gets_the_refusal(proxy_to_a):
     assert proxy_to_a.errors == []
 
 
+KEEPALIVE_CLIENT = """
+import sys, threading, time, libvirt
+libvirt.virEventRegisterDefaultImpl()
+threading.Thread(target=lambda: [libvirt.virEventRunDefaultImpl() for _ in iter(int, 1)], daemon=True).start()
+conn = libvirt.open(sys.argv[1])
+conn.setKeepAlive(1, 3)
+time.sleep(7)
+print("alive" if conn.isAlive() == 1 else "dead")
+"""
+
+
+def test_keepalive_passes_both_ways(proxy_to_a):
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KEEPALIVE_CLIENT,
+                           f"qemu+unix:///system?socket={proxy_to_a.listen}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "alive", proc.stderr
+    # interval 1 s, count 3: without the PONGs coming back libvirt drops the connection at ~4 s
+    forwarded = [e.procedure for e in proxy_to_a.events if isinstance(e, Forwarded)]
+    assert forwarded.count("KEEPALIVE_PING") >= 3
+    assert proxy_to_a.errors == []
+
+
 def test_connect_open_to_another_uri_is_refused(lab, tmp_path):
     a = lab.host("a")
     policy = policy_for(lab, vm_uuid(a))
