@@ -325,6 +325,9 @@ def main() -> None:
         if dep is not None:
             dep.stop()
         lab.down()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # the disk template and the TLS material
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ then refuses the call). The rule:
 - the domain is the one of the signed request (name and uuid);
 - no element in a foreign namespace outside ``<metadata>`` (``qemu:commandline``,
   ``qemu:override``, ``qemu:capabilities``...), no ``<hostdev>``, ``<filesystem>``, evdev or
-  passthrough ``<input>``, passthrough TPM, interfaces other than network/bridge/user,
-  host-side character devices other than pty/null/vc/spice/unix/file/pipe;
+  passthrough ``<input>``, passthrough TPM, host ``<smartcard>``, interfaces other than
+  network/bridge/user, ``<portForward>`` (ports opened on B), host-side character devices
+  (serial, console, parallel, channel, redirdev, smartcard, egd rng) other than
+  pty/null/vc/spice/unix/file/pipe, audio backends other than none/spice/dbus/file;
 - a domain ``<seclabel>`` must be dynamic and relabelling (it is dropped: B's libvirt labels
   the guest itself); a static label could run QEMU under any label, a device label is refused;
 - the ``<emulator>`` is one of the host's (``emulators``; by default a QEMU binary in
   ``/usr/bin`` or ``/usr/libexec``);
-- graphics listen only on loopback;
+- graphics listen only on loopback; a writable pflash ``<loader>`` must be the guest's own
+  file (in mapped storage), never a shared firmware image;
 - every host path: disk sources and backing files, character device files and sockets,
-  ``<nvram>``, kernel/initrd/dtb/loader, everything else in ``<devices>``/``<os>`` that is an
-  absolute path, is mapped by ``disk_map`` (a source directory or file of A) or already lies
+  ``<nvram>``, kernel/initrd/dtb/loader, fw_cfg ``<sysinfo>`` files, every other attribute or
+  text that is an absolute path (outside metadata, description, title, cmdline, resource), is mapped by ``disk_map`` (a source directory or file of A) or already lies
   inside a mapped destination directory or file (A may send B's paths); boot files may also
   lie in ``boot_dirs`` (read-only firmware/kernels), console logs in ``log_dirs``, rng backends
   are the host's random devices. Anything else is refused, so a hostile XML can neither open
@@ -49,7 +52,8 @@ LOG_DIRS = ("/var/log/libvirt/qemu",)
 RNG_DEVICES = ("/dev/urandom", "/dev/random", "/dev/hwrng")
 _EMULATOR = re.compile(r"/usr/(bin|libexec)/(qemu-system-[a-z0-9_]+|qemu-kvm|kvm)")
 
-_CHARDEV_TAGS = ("serial", "console", "parallel", "channel")
+_CHARDEV_TAGS = ("serial", "console", "parallel", "channel", "redirdev", "smartcard")
+_AUDIO_TYPES = {"none", "spice", "dbus", "file"}
 _CHARDEV_TYPES = {"pty", "null", "vc", "spicevmc", "spiceport", "qemu-vdagent", "dbus",
                   "unix", "file", "pipe"}
 _INTERFACE_TYPES = {"network", "bridge", "user"}
@@ -91,10 +95,20 @@ def incoming_domain_xml(
         for nvram in os_.iterfind("nvram"):
             if nvram.text and nvram.text.strip():
                 nvram.text = places.storage(nvram.text.strip(), "<nvram> (UEFI variable store)")
-    for subtree in (devices, os_):
-        if subtree is not None:
-            places.verify_all(subtree)
+    _check_loader(os_, places)
+    places.verify_all(root)
     return to_string(root)
+
+
+def _check_loader(os_: etree._Element | None, places: "_Places") -> None:
+    """A writable firmware file must be the guest's own (mapped storage), never a shared one."""
+    loader = os_.find("loader") if os_ is not None else None
+    if loader is None or not (loader.text or "").strip():
+        return
+    writable = loader.get("type") == "pflash" and loader.get("readonly", "no") != "yes"
+    if writable and not places.in_storage(loader.text.strip()):
+        raise UnsupportedDeviceError(f"<loader> '{loader.text.strip()}' would be writable but lies "
+                                     "outside this host's mapped storage")
 
 
 def _check_identity(root: etree._Element, name: str, uuid: str) -> None:
@@ -160,11 +174,20 @@ def _check_device(elem: etree._Element, places: "_Places", network_map: Mapping[
     elif tag == "interface":
         _interface(elem, network_map, bridge_map)
     elif tag in _CHARDEV_TAGS:
-        _chardev(elem, places)
+        if tag == "smartcard" and elem.get("mode") != "passthrough":
+            raise UnsupportedDeviceError(f"a host <smartcard mode='{elem.get('mode')}'> is refused")
+        if tag in ("serial", "console", "parallel", "channel") or elem.get("type"):
+            _chardev(elem, places)
+    elif tag == "audio" and elem.get("type", "none") not in _AUDIO_TYPES:
+        raise UnsupportedDeviceError(f"<audio type='{elem.get('type')}'> (a host audio backend) "
+                                     "is refused")
+
     elif tag == "graphics":
         _graphics(elem)
     elif tag == "rng":
         backend = elem.find("backend")
+        if backend is not None and backend.get("model") == "egd":
+            _chardev(backend, places)
         if backend is not None and backend.get("model") == "random":
             path = (backend.text or "").strip()
             if path and path not in RNG_DEVICES:
@@ -215,6 +238,8 @@ def _interface(iface: etree._Element, network_map: Mapping[str, str] | None,
     if itype not in _INTERFACE_TYPES:
         raise UnsupportedDeviceError(f"{label}: interface type '{itype}' is refused (only "
                                      "network, bridge and user)")
+    if iface.find("portForward") is not None:
+        raise UnsupportedDeviceError(f"{label}: <portForward> (ports opened on this host) is refused")
     src = iface.find("source")
     if src is None:
         return
@@ -298,13 +323,28 @@ class _Places:
             return path
         raise MappingError(f"{what}: '{path}' is neither in mapped storage nor in a log directory")
 
+    def in_storage(self, path: str) -> bool:
+        try:
+            return self._dest.lookup(path) is not None
+        except MappingError:
+            return False
+
     def exempt(self, elem: etree._Element) -> None:
         self._exempt.add(elem)
 
-    def verify_all(self, subtree: etree._Element) -> None:
-        """The catch-all: every absolute path left in ``subtree`` must be one we placed."""
-        for elem in subtree.iter():
-            if not isinstance(elem.tag, str) or elem.tag == "cmdline":
+    def verify_all(self, root: etree._Element) -> None:
+        """The catch-all: every absolute path left in the document must be one we placed.
+
+        Skipped: ``<metadata>``, ``<description>``, ``<title>``, the kernel ``<cmdline>``, the
+        cgroup ``<resource>`` partition and ``<launchSecurity>`` (base64 blobs), which hold
+        no host paths. ``<sysinfo type='fwcfg'>`` entries with a ``file`` are host files.
+        """
+        skip = set()
+        for tag in ("metadata", "description", "title", "resource", "launchSecurity", "os/cmdline"):
+            for elem in root.iterfind(tag):
+                skip.update(elem.iter())
+        for elem in root.iter():
+            if not isinstance(elem.tag, str) or elem in skip:
                 continue
             values = [(f"attribute {k}", v) for k, v in elem.attrib.items()]
             if elem.text and elem.text.strip() and elem not in self._exempt:
@@ -322,7 +362,7 @@ class _Places:
             PurePosixPath(value)
             if self._dest.lookup(value) is not None:
                 return True
-            if tag in _BOOT_TAGS or tag == "nvram":
+            if tag in _BOOT_TAGS or tag in ("nvram", "table"):
                 return self._boot.lookup(value) is not None
             if tag == "log":
                 return self._logs.lookup(value) is not None

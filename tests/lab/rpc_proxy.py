@@ -90,7 +90,7 @@ class FilterProxy(_Server):
                     server.sendall(f.data_to_server())
                     client.sendall(f.data_to_client())
                     if not data and key.data == "server" and f.close_answered:
-                        # B hung up after CONNECT_CLOSE: let A close first (see close_answered)
+                        # B hung up after CONNECT_CLOSE (the normal end): let A close first
                         sel.unregister(server)
                         continue
                     if not data:

@@ -509,3 +509,33 @@ def test_replay_of_real_libvirt_traffic() -> None:
     persistent = etree.fromstring(args.cookie[:-1]).find("domain")
     assert persistent.find("devices/disk/source").get("file") == f"{cap['b_images']}/vm1.qcow2"
     assert args.flags == FLAGS == 0x5b
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256), st.booleans())
+def test_fuzz_body_decoders(body: bytes, finish_: bool) -> None:
+    for decode in (lambda: rpc.decode_migrate_args(body, finish=finish_),
+                   lambda: rpc.decode_remote_error(body)):
+        try:
+            decode()
+        except RpcFilterError:
+            pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_mutated_prepare_reply_from_b(data) -> None:
+    f = RpcFilter(policy())
+    f.client_data(call(rpc.PROC_AUTH_LIST, serial=0) + open_call(serial=1) + prepare(serial=2))
+    status = data.draw(st.sampled_from([Status.OK, Status.ERROR]))
+    body = (rpc.encode_remote_error("no") if status == Status.ERROR
+            else bytes(XdrWriter().opaque(cookie()).optional_string(None)))
+    reply = bytearray(rpc.encode_packet(Header(rpc.REMOTE_PROGRAM, 1, 303, MessageType.REPLY, 2, status), body))
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(rpc.MIN_PACKET, len(reply) - 1))
+        reply[i] = data.draw(st.integers(0, 255))
+    try:
+        events = f.server_data(bytes(reply))
+    except MigsecError:
+        return
+    assert all(isinstance(e, PrepareDone) for e in events)

@@ -8,7 +8,7 @@ from lxml import etree
 
 from migsec.errors import MappingError, MigsecError, UnsupportedDeviceError
 from migsec.virt.errors import DomainXmlError
-from migsec.virt.incoming import incoming_domain_xml
+from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
 from virt_helpers import data_xml
 
 NAME = "vm1"
@@ -106,6 +106,14 @@ def test_qemu_namespace_is_refused(fragment: str) -> None:
      "<seclabel model='dac' relabel='yes'><label>0:0</label></seclabel></source>"
      "<target dev='vdc'/></disk>", "security label"),
     ("<sound model='ich9'><audio id='1'/></sound><audio id='1' type='file' path='/etc/motd'/>", "host path"),
+    ("<audio id='1' type='pulseaudio' serverName='tcp:10.0.0.1'/>", "audio"),
+    ("<redirdev bus='usb' type='tcp'><source mode='connect' host='10.0.0.1' service='4000'/></redirdev>",
+     "type 'tcp'"),
+    ("<smartcard mode='host'/>", "smartcard"),
+    ("<rng model='virtio'><backend model='egd' type='tcp'><source mode='connect' host='10.0.0.1' "
+     "service='708'/></backend></rng>", "type 'tcp'"),
+    ("<interface type='user'><backend type='passt'/><portForward proto='tcp'>"
+     "<range start='2022' to='22'/></portForward></interface>", "portForward"),
 ])
 def test_host_resources_are_refused(fragment: str, match: str) -> None:
     xml = base()
@@ -154,3 +162,28 @@ def test_entities_are_refused() -> None:
         base().replace("<cmdline>console=ttyS0", "<cmdline>&x;")
     with pytest.raises(DomainXmlError, match="DOCTYPE"):
         rule(xml)
+
+
+def test_sysinfo_fwcfg_file_is_a_host_path() -> None:
+    xml = edit(base(), lambda r: r.append(etree.fromstring(
+        "<sysinfo type='fwcfg'><entry name='opt/com.example/x' file='/etc/shadow'/></sysinfo>")))
+    with pytest.raises(UnsupportedDeviceError, match="entry"):
+        rule(xml)
+
+
+def test_firmware_must_be_read_only_unless_the_guest_owns_it() -> None:
+    def loader(readonly: str):
+        def fn(r):
+            el = etree.SubElement(r.find("os"), "loader", readonly=readonly, type="pflash")
+            el.text = "/usr/share/OVMF/OVMF_CODE.fd"
+        return fn
+    dirs = BOOT + FIRMWARE_DIRS
+    out = etree.fromstring(rule(edit(base(), loader("yes")), boot_dirs=dirs).encode())
+    assert out.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE.fd"
+    with pytest.raises(UnsupportedDeviceError, match="writable"):
+        rule(edit(base(), loader("no")), boot_dirs=dirs)
+
+
+def test_redirdev_over_spice_is_kept() -> None:
+    xml = add_device(base(), "<redirdev bus='usb' type='spicevmc'/>")
+    assert etree.fromstring(rule(xml).encode()).find("devices/redirdev").get("type") == "spicevmc"
