@@ -2,10 +2,12 @@
 live migration A -> B goes through it (libvirt RPC filtered, QEMU stream and NBD forwarded)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -155,13 +157,42 @@ def channels(lab):
         s.close()
 
 
-def migrate(lab, params: dict) -> None:
-    conn = libvirt.open(lab.host("a").libvirt_uri)
+def migrate(lab, params: dict, flags: int = FLAGS, abort_after: float = 120) -> None:
+    """migrateToURI3 on A; a job still running after ``abort_after`` s is aborted (a blocked C
+    call cannot be interrupted by pytest-timeout)."""
+    uri = lab.host("a").libvirt_uri
+
+    def abort() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            watchdog = libvirt.open(uri)
+            watchdog.lookupByName("vm1").abortJob()
+            watchdog.close()
+
+    timer = threading.Timer(abort_after, abort)
+    timer.start()
+    conn = libvirt.open(uri)
     try:
         conn.lookupByName("vm1").migrateToURI3(f"qemu+unix:///system?socket={RUN}/libvirt.sock",
-                                               params, FLAGS)
+                                               params, flags)
     finally:
+        timer.cancel()
         conn.close()
+
+
+@pytest.mark.parametrize("params,flags,reason", [
+    ({"migrate_uri": "tcp://198.18.0.2:49152", "disks_uri": f"unix://{NBD_SOCK}"}, FLAGS, "migrate_uri"),
+    ({}, FLAGS | libvirt.VIR_MIGRATE_TUNNELLED, "DOMAIN_MIGRATE_PREPARE_TUNNEL3_PARAMS"),
+])
+def test_refused_migrations_leave_the_guest_on_a(lab, channels, params, flags, reason):
+    proxy, qemu, _ = channels
+    a, b = lab.host("a"), lab.host("b")
+    with pytest.raises(libvirt.libvirtError):
+        migrate(lab, params, flags)
+    refused = [e for e in proxy.events if isinstance(e, Refused)]
+    assert len(refused) == 1 and reason in f"{refused[0].procedure} {refused[0].reason}"
+    assert qemu.sent == 0
+    assert a.virsh("domstate", "vm1").strip() == "running"
+    assert "vm1" not in b.virsh("list", "--all", "--name")
 
 
 def test_refused_finish_leaves_the_guest_on_a(lab, channels):
