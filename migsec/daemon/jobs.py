@@ -178,11 +178,8 @@ def abort_running(services: Any, *, migration_id: str | None, domain: str | None
     switch = getattr(job, "abort", None)
     if switch is None:
         raise AbortRefusedError(f"migration {job.mid} cannot be aborted")
-    if getattr(getattr(job, "request", None), "mode", "cold") == "live":
-        # libvirt runs a live move's job and decides its commit; the live flow rolls back when
-        # that job is aborted
-        raise AbortRefusedError(f"migration {job.mid} is live: abort libvirt's job instead "
-                                f"(`virsh domjobabort {job.domain}` on this host); migsec then rolls it back")
+    # a live move: the live flow's watcher aborts libvirt's job, libvirt rolls back (until
+    # libvirt's Confirm, which is the commit and then refuses the abort as `committed` does)
     switch.request(reason)
     log.warning("%s: abort requested: %s", job.mid, reason)
     deadline = time.monotonic() + wait

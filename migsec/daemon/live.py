@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from migsec.daemon.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 
 log = logging.getLogger("migsecd.live")
@@ -123,6 +124,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")), paused=job.was_paused)
         targets = [t for t, *_ in live_disks(job.options)]
+        job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
         _watch(job, conn, mover, bridge)
         mover.join()  # raises libvirt's error: libvirt rolled back
@@ -197,19 +199,24 @@ def _migrate(services: Any, domain: str, paths: dict, flags: int, bandwidth: int
 
 
 def _watch(job: Any, conn: Any, mover: "_Call", bridge: Any) -> None:
-    """Progress from libvirt's job while it migrates; --timeout and a failed session abort the job."""
+    """Progress from libvirt's job while it migrates; --timeout, an operator's abort (`migsec jobs
+    abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job: libvirt rolls back."""
     from migsec.virt import migrate as vmig
 
     while not mover.done.wait(0.5):
-        if bridge.error is not None or (job.deadline is not None and time.monotonic() > job.deadline):
-            why = "the session failed" if bridge.error is not None else "--timeout passed"
+        aborted = job.abort.reason is not None
+        if bridge.error is not None or aborted or (job.deadline is not None and time.monotonic() > job.deadline):
+            why = ("the session failed" if bridge.error is not None
+                   else f"aborted: {job.abort.reason}" if aborted else "--timeout passed")
             log.warning("migration %s: %s; aborting libvirt's job", job.mid, why)
             try:
                 vmig.abort_job(conn, job.domain)
             except MigsecError:
                 pass
             mover.done.wait(60)
-            if job.deadline is not None and time.monotonic() > job.deadline and bridge.error is None:
+            if aborted and bridge.error is None:
+                mover.error = mover.error or MigrationAborted(str(job.abort.reason))
+            elif job.deadline is not None and time.monotonic() > job.deadline and bridge.error is None:
                 mover.error = mover.error or TransferError(f"live migration of {job.domain} did not finish "
                                                            f"within --timeout")
             return

@@ -91,14 +91,19 @@ def test_a_commit_recorded_elsewhere_is_never_refused_and_ends_aborts(tmp_path):
         fresh.request("operator")
 
 
-def test_a_live_migration_is_not_aborted_by_migsec(tmp_path):
+def test_a_live_migration_takes_the_abort_until_the_commit(tmp_path):
     services = _services(tmp_path)
     job = _job(services, ["requested", "authorized", "handshaken", "streaming"])
     job.request = SimpleNamespace(mode="live")
     services.running[MID] = job
-    with pytest.raises(AbortRefusedError, match="virsh domjobabort vm1"):
-        abort_running(services, migration_id=MID, domain=None, reason="x")
-    job.abort.check()  # nothing set
+    abort_running(services, migration_id=MID, domain=None, reason="operator")
+    with pytest.raises(MigrationAborted, match="operator"):
+        job.abort.check()  # what live._watch acts on: it aborts libvirt's job
+    committed = SimpleNamespace(mid=MID, domain="vm1", abort=AbortSwitch(), request=SimpleNamespace(mode="live"))
+    committed.abort.note("committed")  # libvirt's Confirm, journaled by the live flow
+    services.running[MID] = committed
+    with pytest.raises(AbortRefusedError, match="decided commit"):
+        abort_running(services, migration_id=MID, domain=None, reason="too late")
 
 
 def test_abort_and_commit_race_exactly_one_wins():

@@ -215,6 +215,48 @@ def test_live_connection_cut_mid_migration_rolls_back(dep, guest):
         audit_ok(d)
 
 
+def test_live_jobs_abort_rolls_back_and_ctrl_c_aborts_too(dep, guest):
+    """`migsec jobs abort` of a running live move aborts libvirt's job: the guest never left A."""
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
+    try:
+        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+        rows = json.loads(a.migsec("jobs", "--json", "--config", str(a.config)).stdout)
+        mid = next(r["migration_id"] for r in rows if r.get("running"))
+        aborted = a.migsec("jobs", "abort", mid, "--config", str(a.config), timeout=180)
+        proc.wait(timeout=180)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert f"aborted migration {mid}" in aborted.stdout, aborted.stdout
+    assert proc.returncode == 4, (out, err)
+    result = json.loads(out)
+    assert result["rolled_back"] is True and "aborted" in result["message"], result
+    assert journal(a, mid)["phase"] == "rolled-back"
+    assert_clean_failure(dep, guest, before)
+
+    # Ctrl-C of `migsec migrate --live` is the same abort
+    before = guest.console("a").counters[-1]
+    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
+    try:
+        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Ctrl-C: aborting migration" in err, err
+    assert proc.returncode == 4, (out, err)
+    assert json.loads(out)["rolled_back"] is True
+    assert_clean_failure(dep, guest, before)
+    for d in (a, b):
+        audit_ok(d)
+
+
 def test_live_destination_daemon_killed_mid_migration(dep, guest):
     """B's migsecd dies while libvirt migrates: the guest stays at A; `migsec recover` cleans B."""
     a, b = dep["a"], dep["b"]
