@@ -22,6 +22,7 @@ from tests.e2e.test_migration import (
     audit_ok,
     journal,
     ledger_entries,
+    migrate_in_background,
     wait_for,
 )
 
@@ -167,15 +168,21 @@ def _last_migration(domain) -> str:
     return rows[-1]["migration_id"]
 
 
-def migrate_live_in_background(dep, name: str, *extra: str) -> subprocess.Popen:
-    a, b = dep["a"], dep["b"]
-    proc = a.lab.host("a").popen(
-        [MIGSEC, "migrate", name, f"migsec://{b.address}:{PORT}", "--live", "--json", "--user", ADMIN,
-         "--password-stdin", *extra, "--config", str(a.config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write(ADMIN_PASSWORD + "\n")
-    proc.stdin.close()
-    return proc
+def interrupt_live_move(dep, guest, act, *, after=None) -> tuple[int, str, str]:
+    """A slow (10 MiB/s) live move of the guest, ``act(proc)`` once B prepared the incoming
+    guest; returns (exit code, stdout, stderr) of ``migsec migrate``. ``after()`` runs in any
+    case (e.g. restarting a daemon ``act`` killed)."""
+    proc = migrate_in_background(dep, guest.name, "--live", "--bandwidth", "10", "--persistent", "--undefinesource")
+    try:
+        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+        act(proc)
+        proc.wait(timeout=180)
+        return proc.returncode, proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if after is not None:
+            after()
 
 
 def test_live_connection_cut_mid_migration_rolls_back(dep, guest):
@@ -219,20 +226,18 @@ def test_live_jobs_abort_rolls_back_and_ctrl_c_aborts_too(dep, guest):
     """`migsec jobs abort` of a running live move aborts libvirt's job: the guest never left A."""
     a, b = dep["a"], dep["b"]
     before = guest.console("a").counters[-1]
-    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
-    try:
-        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
+    seen = {}
+
+    def abort(proc):
         rows = json.loads(a.migsec("jobs", "--json", "--config", str(a.config)).stdout)
-        mid = next(r["migration_id"] for r in rows if r.get("running"))
-        aborted = a.migsec("jobs", "abort", mid, "--config", str(a.config), timeout=180)
-        proc.wait(timeout=180)
-        out, err = proc.stdout.read(), proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        seen["mid"] = mid = next(r["migration_id"] for r in rows if r.get("running"))
+        seen["aborted"] = a.migsec("jobs", "abort", mid, "--config", str(a.config), timeout=180)
+
+    code, out, err = interrupt_live_move(dep, guest, abort)
+    mid, aborted = seen["mid"], seen["aborted"]
     assert aborted.returncode == 0, aborted.stdout + aborted.stderr
     assert f"aborted migration {mid}" in aborted.stdout, aborted.stdout
-    assert proc.returncode == 4, (out, err)
+    assert code == 4, (out, err)
     result = json.loads(out)
     assert result["rolled_back"] is True and "aborted" in result["message"], result
     assert journal(a, mid)["phase"] == "rolled-back"
@@ -240,17 +245,9 @@ def test_live_jobs_abort_rolls_back_and_ctrl_c_aborts_too(dep, guest):
 
     # Ctrl-C of `migsec migrate --live` is the same abort
     before = guest.console("a").counters[-1]
-    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
-    try:
-        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
-        out, err = proc.stdout.read(), proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, out, err = interrupt_live_move(dep, guest, lambda proc: proc.send_signal(signal.SIGINT))
     assert "Ctrl-C: aborting migration" in err, err
-    assert proc.returncode == 4, (out, err)
+    assert code == 4, (out, err)
     assert json.loads(out)["rolled_back"] is True
     assert_clean_failure(dep, guest, before)
     for d in (a, b):
@@ -261,16 +258,9 @@ def test_live_destination_daemon_killed_mid_migration(dep, guest):
     """B's migsecd dies while libvirt migrates: the guest stays at A; `migsec recover` cleans B."""
     a, b = dep["a"], dep["b"]
     before = guest.console("a").counters[-1]
-    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
-    try:
-        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
-        time.sleep(1.0)
-        b.kill(signal.SIGKILL)
-        proc.wait(timeout=120)
-        out, err = proc.stdout.read(), proc.stderr.read()
-    finally:
-        b.start()
-    assert proc.returncode == 4, (out, err)
+    code, out, err = interrupt_live_move(dep, guest, lambda proc: (time.sleep(1.0), b.kill(signal.SIGKILL)),
+                                         after=b.start)
+    assert code == 4, (out, err)
     assert json.loads(out)["rolled_back"] is True
     guest.assert_runs_only_on("a")
     rec = b.migsec("recover", "--json", "--config", str(b.config))
@@ -287,15 +277,9 @@ def test_live_source_daemon_killed_mid_migration_then_recover(dep, guest):
     still here and journals the rollback; B cleaned up on its own when the session broke."""
     a, b = dep["a"], dep["b"]
     before = guest.console("a").counters[-1]
-    proc = migrate_live_in_background(dep, guest.name, "--bandwidth", "10", "--persistent", "--undefinesource")
-    try:
-        wait_for(lambda: guest.state("b") == "paused", 120, "the incoming guest prepared at B")
-        time.sleep(1.0)
-        a.kill(signal.SIGKILL)
-        proc.wait(timeout=120)
-    finally:
-        a.start()
-    assert proc.returncode != 0
+    code, out, err = interrupt_live_move(dep, guest, lambda proc: (time.sleep(1.0), a.kill(signal.SIGKILL)),
+                                         after=a.start)
+    assert code != 0, (out, err)
     rec = a.migsec("recover", "--json", "--config", str(a.config))
     assert rec.returncode == 0, rec.stderr
     outcomes = recovery_outcomes(a, rec)  # migsecd's automatic pass at start, or this one
