@@ -168,6 +168,24 @@ def _last_migration(domain) -> str:
     return rows[-1]["migration_id"]
 
 
+def test_live_move_keeping_the_source_definition_marks_it_given_away(dep, guest):
+    """Without --undefinesource libvirt leaves A's definition shut off: A marks it given away
+    (as after a cold move), so the hook refuses to start it until `migsec release`."""
+    a, b = dep["a"], dep["b"]
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent")
+    assert code == 0, (err, result)
+    assert guest.state("a") == "shut off" and guest.state("b") == "running"
+    assert result.get("marked") is True or journal(a, result["migration_id"]).get("marked"), result
+    inactive = a.lab.host("a").virsh("dumpxml", "--inactive", guest.name)
+    assert "https://migsec.example/xmlns/1/moved" in inactive and result["migration_id"] in inactive
+    assert ledger_entries(a, result["migration_id"], "given-away")
+    released = a.migsec("release", guest.name, "--config", str(a.config))
+    assert released.returncode == 0, released.stderr
+    assert "xmlns/1/moved" not in a.lab.host("a").virsh("dumpxml", "--inactive", guest.name)
+    for d in (a, b):
+        audit_ok(d)
+
+
 def interrupt_live_move(dep, guest, act, *, after=None) -> tuple[int, str, str]:
     """A slow (10 MiB/s) live move of the guest, ``act(proc)`` once B prepared the incoming
     guest; returns (exit code, stdout, stderr) of ``migsec migrate``. ``after()`` runs in any
