@@ -269,8 +269,9 @@ def test_p2p_live_migration_through_the_filter(lab, channels):
     wait_for(lambda: len(g.parse_console(log_b).counters) >= 2, 60, "the counter on B")
     after = g.parse_console(log_b)
     assert after.boots == [] or after.boots == before.boots[-1:]   # no new boot on B
-    # the counter goes on (a 200 ms tick; the last lines A printed may reach its log late under load)
-    assert before.counters[-1] < after.counters[0] <= before.counters[-1] + 25
+    # the counter goes on from A's (a reboot would start it at 0 again and print a boot line);
+    # how far on depends on how late A's last lines reached its log, seconds on a loaded machine
+    assert after.counters[0] > before.counters[-1]
     capture = os.environ.get("MIGSEC_RPC_CAPTURE")
     if capture:   # refresh tests/data/protocol/libvirt-p2p-capture.json from a real run
         Path(capture).write_text(json.dumps({
