@@ -14,7 +14,7 @@ import pytest
 from migsec import virt
 from migsec.audit import Ledger
 from migsec.daemon.jobs import record
-from migsec.daemon.recovery import recover_all, recover_one
+from migsec.daemon.recovery import auto_recover, recover_all, recover_one
 from migsec.protocol import Decision, Receipt, token_hash
 from orchestration import A_DID, B_DID, Endpoint, pair
 
@@ -200,3 +200,16 @@ def test_destination_undecided_while_a_still_runs_it_is_pending(p):
     assert outcome == f"{A_DID} says the migration is still in progress"
     assert p.b.journal.get(c.mid).phase == "restored-paused" and p.state("vm1b") == "paused"
     assert p.a.journal.get(c.mid).phase == "streamed" and p.state("vm1") == "paused"
+
+
+def test_the_automatic_pass_at_start_recovers_and_audits_each_migration(p):
+    c = Crash(p, a_phase="suspended", b_phase="receiving", b_state="absent")
+    actions = auto_recover(p.a)
+    p.endpoint.wait_idle()
+    assert [(a["migration_id"], a["role"], a["domain"]) for a in actions] == [(c.mid, "source", "vm1")]
+    assert actions[0]["outcome"].startswith("rolled back: vm1 resumed here")
+    recovered = [e for e in Ledger(p.a.config.paths.ledger).entries() if e.kind == "recovered"]
+    assert [(e.migration_id, e.body["automatic"], e.body["outcome"]) for e in recovered] == \
+        [(c.mid, True, actions[0]["outcome"])]
+    assert p.b.journal.get(c.mid).phase == "discarded" and not c.staging.exists()
+    assert auto_recover(p.a) == []  # nothing left: both sides are terminal

@@ -13,7 +13,7 @@ import pytest
 from migsec.audit import Ledger
 from migsec.daemon.jobs import MigrationAborted
 from migsec.daemon.source import OutgoingMigration
-from migsec.errors import AuthorizationDenied, MigrationFailed
+from migsec.errors import AuthorizationDenied, HandshakeError, MigrationFailed
 from orchestration import pair
 
 
@@ -69,6 +69,17 @@ def test_an_unreachable_peer_leaves_the_guest_untouched(p):
         run(p, grant)
     assert phases(p.a, grant.migration_id) == ["requested", "authorized", "aborted", "rolled-back"]
     assert p.state("vm1") == "running"
+
+
+def test_a_peer_that_closes_during_the_handshake_leaves_the_guest_untouched(p):
+    p.guest("vm1")
+    p.endpoint.drop_after = 16  # B never gets a whole MigReq
+    grant = p.grant("vm1")
+    with pytest.raises(HandshakeError, match="closed the connection during the handshake"):
+        run(p, grant)
+    assert phases(p.a, grant.migration_id) == ["requested", "authorized", "aborted", "rolled-back"]
+    assert p.state("vm1") == "running"
+    assert p.b.journal.list() == []
 
 
 @pytest.mark.parametrize("how", ["operator", "timeout"])
