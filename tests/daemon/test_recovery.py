@@ -131,6 +131,27 @@ def test_source_after_committed_with_b_unreachable_releases_and_asks_again(p):
     assert p.a.journal.get(c.mid).phase == "done" and p.state("vm1b") == "running"
 
 
+@pytest.mark.parametrize("bad", ["discarded-at-b", "signed-by-another-key", "another-receipt"])
+def test_a_commit_b_cannot_accept_changes_nothing_at_b(p, bad):
+    c = Crash(p, a_phase="committed", b_phase="restored-paused", a_state="shutoff")
+    if bad == "discarded-at-b":
+        record(p.b, c.mid, "destination", "discarded")
+    else:
+        key = p.b.identity.key if bad == "signed-by-another-key" else p.a.identity.key
+        other = Decision(migration_id=c.mid, src_did=A_DID, dest_did=B_DID, decision="commit",
+                         issued_at=p.a.clock(), receipt_hash=b"\3" * 32 if bad == "another-receipt"
+                         else token_hash(c.receipt)).sign(key)
+        record(p.a, c.mid, "source", "committed", decision=other)  # what A's journal holds
+    outcome = recover_one(p.a, p.a.journal.get(c.mid))
+    p.endpoint.wait_idle()
+    # B refuses (and says nothing): A has released its copy, has no confirmation, asks again later
+    assert outcome == f"committed: vm1 released here; {B_DID} has not confirmed yet (run recover again)"
+    assert p.a.journal.get(c.mid).phase == "released"
+    expected = "discarded" if bad == "discarded-at-b" else "restored-paused"
+    assert p.b.journal.get(c.mid).phase == expected and not p.b.journal.get(c.mid).decided
+    assert p.state("vm1b") == "paused"  # never resumed on a decision B could not accept
+
+
 def test_source_before_committed_whose_saved_guest_cannot_be_restored_reports_it(p):
     # before the decision, a guest already saved (shut off) is restored from its save image; the
     # test driver refuses the running/paused restore flag: recovery fails, saying so, and keeps
