@@ -1,4 +1,4 @@
-"""Fixtures for config, user database and journal tests."""
+"""Fixtures for the config and admin CLI tests: a site whose files a minimal migsecd.toml names."""
 from __future__ import annotations
 
 import os

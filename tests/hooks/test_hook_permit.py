@@ -8,8 +8,7 @@ from migsec.audit import Ledger
 from migsec.daemon.config import load_config
 from migsec.hooks.permit import PermitError, check_and_consume, write_permit
 
-from .conftest import run_hook
-from .test_hook import UUID, domain_xml, entries
+from hook_helpers import UUID, domain_xml, entries, run_hook
 
 import pytest
 

@@ -10,34 +10,7 @@ from migsec.audit import Ledger
 from migsec.errors import MappingError
 from migsec.hooks.mapping import map_restore_xml
 
-from .conftest import run_hook
-
-UUID = "6a1e0c1e-1111-2222-3333-444455556666"
-
-
-def domain_xml(disk: str, *, backing: str | None = None, network: str = "default",
-               bridge: str | None = None, kernel: str | None = None) -> bytes:
-    backing_xml = (f"<backingStore type='file'><format type='qcow2'/><source file='{backing}'/>"
-                   f"<backingStore/></backingStore>") if backing else ""
-    iface = (f"<interface type='bridge'><mac address='52:54:00:00:00:02'/><source bridge='{bridge}'/>"
-             f"<model type='virtio'/></interface>") if bridge else ""
-    os_kernel = f"<kernel>{kernel}</kernel>" if kernel else ""
-    return (f"""<domain type='qemu'>
-  <name>vm1</name>
-  <uuid>{UUID}</uuid>
-  <metadata><migsec:tags xmlns:migsec="https://migsec.example/xmlns/1"><migsec:tag>web</migsec:tag></migsec:tags></metadata>
-  <memory unit='KiB'>262144</memory>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{os_kernel}</os>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>{backing_xml}<target dev='vda' bus='virtio'/></disk>
-    <interface type='network'><mac address='52:54:00:00:00:01'/><source network='{network}' portid='0d4b' bridge='virbr0'/><model type='virtio'/></interface>
-    {iface}
-  </devices>
-</domain>""").encode()
-
-
-def entries(site):
-    return [(e.kind, dict(e.body)) for e in Ledger(site.ledger).entries()]
+from hook_helpers import UUID, domain_xml, entries, run_hook
 
 
 # --- migrate begin ------------------------------------------------------------------------
@@ -238,7 +211,7 @@ def test_concurrent_hooks_keep_the_ledger_chain(site):
     import subprocess
     import sys
 
-    from .conftest import HOOK
+    from hook_helpers import HOOK
 
     env = {"PATH": "/usr/bin:/bin", "MIGSEC_CONFIG": str(site.config)}
     procs = [subprocess.Popen([sys.executable, str(HOOK), f"vm{i}", "started", "begin", "-"],
