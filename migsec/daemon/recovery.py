@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from migsec.errors import JournalError, MigsecError
+from migsec.errors import MigsecError
 
 log = logging.getLogger("migsecd.recovery")
 ANSWER_TIMEOUT_S = 120
