@@ -101,3 +101,19 @@ def test_resuming_gives_up_after_max_resumes(wired):
     with pytest.raises(TransferError, match=f"lost {source_mod.MAX_RESUMES + 1} times"):
         wired.run()
     assert len(wired.connects) == source_mod.MAX_RESUMES
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("internal: an internal error (its migsecd log has the detail)", "internal error"),
+    ("integrity: data did not match its digest", "did not match its digest"),
+    # an older or hostile B that still sends its detail: A renders only a code it knows
+    (f"VirtError: cannot connect to /run/fake-b/libvirt/libvirt-sock", "internal error"),
+])
+def test_bs_abort_reaches_the_operator_in_as_words(tmp_path, reason, words):
+    job = outgoing(tmp_path)
+    session = SimpleNamespace(control=SimpleNamespace(recv_control=lambda timeout: {"t": "abort", "reason": reason}))
+    with pytest.raises(TransferError) as aborted:
+        job._expect(session, "receipt")
+    message = str(aborted.value)
+    assert message.startswith("cloud-b.example aborted: ") and words in message
+    assert "/" not in message and "VirtError" not in message
