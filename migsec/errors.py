@@ -202,6 +202,31 @@ class TransferError(MigsecError):
     """Moving the VM's data failed."""
 
 
+class NetworkError(TransferError):
+    """The connection to a peer could not be made or broke (the socket call's OSError is the
+    cause). These, and only these, are what a transfer resumes after (``RESUMABLE``)."""
+
+
+class PeerUnreachableError(NetworkError):
+    """The peer could not be reached (refused, no route, name unknown, connect timed out)."""
+
+
+class PeerClosedError(NetworkError):
+    """The peer closed the connection before the exchange ended."""
+
+
+class PeerResetError(NetworkError):
+    """Sending to or receiving from the peer failed (reset, broken pipe, network down)."""
+
+
+class PeerTimeoutError(NetworkError):
+    """The peer sent nothing for longer than the exchange allows."""
+
+
+class StreamRefusedError(TransferError):
+    """The receiver refuses a stream the sender opened (a name, kind or size it does not expect)."""
+
+
 class ResumeError(TransferError):
     """A broken transfer could not be resumed."""
 
@@ -215,6 +240,21 @@ class MigrationFailed(TransferError):
         self.exit_code = 4 if rolled_back else 1
 
 
+def network_error(exc: OSError, what: str) -> NetworkError:
+    """The NetworkError for an ``OSError`` a socket call raised while doing ``what`` (raise it
+    ``from exc``); only socket calls may be wrapped so: a local file's OSError is not a network fault."""
+    import socket
+
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.timeout):
+        return PeerTimeoutError(f"{what}: timed out")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return PeerResetError(f"{what}: {detail}")
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+        return PeerUnreachableError(f"{what}: {detail}")
+    return PeerResetError(f"{what}: {detail}")
+
+
 class JournalError(MigsecError):
     """The migration journal is unreadable or inconsistent."""
 
@@ -225,3 +265,8 @@ class AuditError(MigsecError):
 
 class LedgerCorruptError(AuditError):
     """The audit ledger's hash chain or a signature does not verify."""
+
+
+# A cut connection shows up as one of these, and only these are resumed after; anything else
+# (integrity, a refusal, a local disk's OSError) is final.
+RESUMABLE: tuple[type[MigsecError], ...] = (NetworkError, TruncatedStreamError)

@@ -34,7 +34,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from migsec.errors import IntegrityError, MigsecError, ProtocolError, UnexpectedMessageError
+from migsec.errors import (
+    IntegrityError,
+    MigsecError,
+    PeerClosedError,
+    PeerTimeoutError,
+    ProtocolError,
+    UnexpectedMessageError,
+    network_error,
+)
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
 from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE
@@ -240,7 +248,7 @@ class ChannelBridge:
         try:
             self.sock.sendall(frame)
         except OSError as exc:
-            raise BridgeError(f"connection to {self.peer_name} failed while sending: {exc}") from exc
+            raise network_error(exc, f"connection to {self.peer_name} failed while sending") from exc
         self.wire_sent += len(frame)
         self._last_send = time.monotonic()
 
@@ -279,7 +287,7 @@ class ChannelBridge:
             if time.monotonic() - self._last_send >= KEEPALIVE_S:
                 try:
                     self.send_control({"t": "keepalive"})
-                except (MigsecError, OSError) as exc:
+                except MigsecError as exc:
                     self._fail(exc)
                     return
 
@@ -315,7 +323,7 @@ class ChannelBridge:
                 self.channels[channel] = conn
             try:
                 self.send_control({"t": "open", "ch": channel, "kind": kind})
-            except (MigsecError, OSError) as exc:
+            except MigsecError as exc:
                 self._fail(exc)
                 return
             log.info("channel %d (%s) opened towards %s", channel, kind, self.peer_name)
@@ -411,12 +419,12 @@ class ChannelBridge:
         try:
             while True:
                 if not self._recv_exact(hview):
-                    raise BridgeError(f"{self.peer_name} closed the connection")
+                    raise PeerClosedError(f"{self.peer_name} closed the connection")
                 ftype, length = parse_header(bytes(header))
                 if ftype != RECORD:
                     raise ProtocolError(f"unexpected frame type {ftype} in the live session")
                 if not self._recv_exact(pview[:length]):
-                    raise BridgeError(f"connection to {self.peer_name} ended mid-record")
+                    raise PeerClosedError(f"connection to {self.peer_name} ended mid-record")
                 self.wire_received += HEADER_SIZE + length
                 if self._bucket is not None:
                     self._bucket.take(HEADER_SIZE + length)
@@ -455,10 +463,12 @@ class ChannelBridge:
         except BaseException as exc:  # noqa: BLE001
             if self._closing:
                 return
-            if isinstance(exc, (socket.timeout, TimeoutError)):
-                exc = BridgeError(f"{self.peer_name} was silent for {PEER_SILENCE_S:.0f} s")
-            elif isinstance(exc, OSError):
-                exc = BridgeError(f"connection to {self.peer_name} failed: {exc}")
+            if isinstance(exc, OSError):  # only the session socket's recv_into raises it here
+                cause = exc
+                exc = (PeerTimeoutError(f"{self.peer_name} was silent for {PEER_SILENCE_S:.0f} s")
+                       if isinstance(exc, (socket.timeout, TimeoutError))
+                       else network_error(exc, f"connection to {self.peer_name} failed"))
+                exc.__cause__ = cause
             self._fail(exc)
 
     def _data_ring(self, pview: memoryview, length: int) -> tuple[_Conn, int] | None:
@@ -603,7 +613,7 @@ class ChannelBridge:
             try:
                 with self._send_lock:
                     self._send_frame(self.records.send_close())
-            except (MigsecError, OSError):
+            except MigsecError:
                 pass
         with self._state:
             self._closing = True

@@ -11,7 +11,7 @@ import socket
 import time
 from typing import Any
 
-from migsec.errors import ProtocolError, UnexpectedMessageError
+from migsec.errors import PeerClosedError, PeerTimeoutError, UnexpectedMessageError, network_error
 
 CONTROL_CHANNEL = 0
 
@@ -30,7 +30,7 @@ class ControlLink:
         try:
             self.sock.sendall(frame)
         except OSError as exc:
-            raise ConnectionError(f"sending to {self.peer_name} failed: {exc}") from exc
+            raise network_error(exc, f"sending to {self.peer_name} failed") from exc
         self.bytes_sent += len(frame)
 
     def recv_control(self, timeout: float) -> dict:
@@ -42,16 +42,16 @@ class ControlLink:
             if event is NEED_DATA:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ProtocolError(f"no answer from {self.peer_name} within {timeout:.0f} s")
+                    raise PeerTimeoutError(f"no answer from {self.peer_name} within {timeout:.0f} s")
                 self.sock.settimeout(left)
                 try:
                     data = self.sock.recv(65536)
                 except socket.timeout as exc:
-                    raise ProtocolError(f"no answer from {self.peer_name} within {timeout:.0f} s") from exc
+                    raise PeerTimeoutError(f"no answer from {self.peer_name} within {timeout:.0f} s") from exc
                 except OSError as exc:
-                    raise ConnectionError(f"connection to {self.peer_name} failed: {exc}") from exc
+                    raise network_error(exc, f"connection to {self.peer_name} failed") from exc
                 if not data:
-                    raise ConnectionError(f"{self.peer_name} closed the connection")
+                    raise PeerClosedError(f"{self.peer_name} closed the connection")
                 self.records.receive_data(data)
                 continue
             if isinstance(event, Ack):
@@ -61,5 +61,5 @@ class ControlLink:
                     raise UnexpectedMessageError(f"control message on stream channel {event.channel}")
                 return dict(event.message)
             if isinstance(event, Close):
-                raise ConnectionError(f"{self.peer_name} closed the session")
+                raise PeerClosedError(f"{self.peer_name} closed the session")
             raise UnexpectedMessageError(f"unexpected {type(event).__name__} from {self.peer_name}")

@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from migsec.errors import DomainNotFoundError, MigsecError
+from migsec.protocol.errors import peer_reason
 
 log = logging.getLogger("migsecd.destination")
 HANDSHAKE_TIMEOUT_S = 30
@@ -131,7 +132,7 @@ class IncomingMigration:
             prepared.update(memory=received.memory_path, xml=received.restore_xml)
             commit.streams_verified(received.manifest, received.manifest_json)
             receipt = commit.restore()  # restores paused, signs, journals restored-paused
-        except MigsecError as exc:
+        except (MigsecError, OSError) as exc:  # an OSError here is local (a disk): final, not a break
             if _connection_lost(exc):
                 log.warning("migration %s: connection lost (%s); staged data kept for a resume",
                             self.mid, exc)
@@ -139,10 +140,7 @@ class IncomingMigration:
             log.error("migration %s failed at the destination: %s", self.mid, exc)
             if commit.state not in ("DISCARDED", "IN_DOUBT"):
                 commit.fail(str(exc))  # before the receipt: remove everything
-            _send_quietly(control, {"t": "abort", "reason": str(exc)[:500]})
-            return
-        except (ConnectionError, OSError) as exc:
-            log.warning("migration %s: connection lost (%s); staged data kept for a resume", self.mid, exc)
+            _send_quietly(control, {"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
             return
         services.audit("receipt", self.mid, role="destination", token=receipt)
         try:
@@ -154,7 +152,7 @@ class IncomingMigration:
             services.audit("decision", self.mid, role="destination", peer_token=token,
                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
             resumed = commit.decision_received(token)
-        except (MigsecError, ConnectionError, OSError) as exc:
+        except MigsecError as exc:
             commit.fail(str(exc))  # after the receipt: in doubt, the guest stays paused
             log.warning("migration %s: no decision from %s (%s); the guest stays paused until "
                         "`migsec recover` learns it", self.mid, accepted.src_did, exc)
@@ -282,12 +280,11 @@ class IncomingMigration:
 def _send_quietly(control: Any, message: dict) -> None:
     try:
         control.send_control(message)
-    except (MigsecError, ConnectionError, OSError):
+    except MigsecError:
         pass
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    from migsec.errors import TruncatedStreamError
-    from migsec.transfer.plane import PeerConnectionError
+    from migsec.errors import RESUMABLE
 
-    return isinstance(exc, (PeerConnectionError, TruncatedStreamError))
+    return isinstance(exc, RESUMABLE)

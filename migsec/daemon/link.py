@@ -19,8 +19,11 @@ from migsec.errors import (
     CertificateError,
     HandshakeError,
     MigsecError,
+    PeerUnreachableError,
     UnknownIssuerError,
+    network_error,
 )
+from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason, refusal_decision
 from migsec.protocol.framing import HEADER_SIZE, parse_header
 
 log = logging.getLogger("migsecd.link")
@@ -121,7 +124,7 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     except OSError as exc:
-        raise ConnectionError(f"cannot connect to {peer.did} at {host}:{port}: {exc.strerror or exc}") from exc
+        raise PeerUnreachableError(f"cannot connect to {peer.did} at {host}:{port}: {exc.strerror or exc}") from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -141,7 +144,7 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
         raise HandshakeError(f"{peer.did} did not answer the handshake within {HANDSHAKE_TIMEOUT_S} s") from exc
     except OSError as exc:
         sock.close()
-        raise ConnectionError(f"handshake with {peer.did} failed: {exc}") from exc
+        raise network_error(exc, f"handshake with {peer.did} failed") from exc
     except BaseException:
         sock.close()
         raise
@@ -150,7 +153,10 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
         sock.close()
         services.audit("mig-resp", migration_id, role="source", outcome="refused", reason=event.reason,
                        peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
-        raise AuthorizationDenied(f"{peer.did} refused: {event.reason}", where="destination")
+        # B's reason is a code and a fixed text (its log has the detail): render the code in our words
+        code = parse_peer_reason(event.reason)
+        raise AuthorizationDenied(f"{peer.did} refused: {peer_error_text(code)}", where="destination",
+                                  decision=refusal_decision(code))
     if not isinstance(event, MigrationAccepted):
         sock.close()
         raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
@@ -182,8 +188,8 @@ def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
     except socket.timeout as exc:
         raise HandshakeError(f"{peer.did} did not send its certificate within {HANDSHAKE_TIMEOUT_S} s") from exc
     except OSError as exc:
-        raise ConnectionError(f"cannot fetch the certificate of {peer.did} at {host}:{port}: "
-                              f"{exc.strerror or exc}") from exc
+        raise PeerUnreachableError(f"cannot fetch the certificate of {peer.did} at {host}:{port}: "
+                                   f"{exc.strerror or exc}") from exc
     actual = certificate_fingerprint(load_certificate(cert_pem, f"the certificate {peer.did} sent"))
     if actual != peer.fingerprint:
         raise PinMismatchError(f"{peer.did} at {host}:{port} presented certificate {actual}, not the pinned "
@@ -263,7 +269,7 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
         payload = await _sock_recv_exact(loop, conn, length)
         if frame_type == CERT_REQUEST and first:
             # a peer that pinned our fingerprint asks for the certificate (public): answer, done
-            await loop.sock_sendall(conn, certificate_reply(services.identity.cert_pem))
+            await _send(loop, conn, certificate_reply(services.identity.cert_pem), "sending the certificate")
             return None
         first = False
         hs.receive_data(header + payload)
@@ -283,17 +289,17 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
     await loop.run_in_executor(executor, _store_pinned_source, services, peer, event.peer.fingerprint)
     try:
         purpose, bandwidth = await loop.run_in_executor(executor, decide, services, event)
-    except AuthorizationDenied as exc:
-        log.info("refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
-        await loop.sock_sendall(conn, hs.refuse(str(exc)[:1000]))
-        services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
-                       outcome="refused", reason=str(exc)[:1000])
-        return None
     except MigsecError as exc:
-        log.warning("refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
-        await loop.sock_sendall(conn, hs.refuse(f"{type(exc).__name__}: {exc}"[:1000]))
+        # the signed Nack carries a code and a fixed text; the detail stays in this log and ledger
+        level = logging.INFO if isinstance(exc, AuthorizationDenied) else logging.WARNING
+        log.log(level, "refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
+        reason = peer_reason(exc)
+        await _send(loop, conn, hs.refuse(reason), f"refusing {event.src_did}")
+        if isinstance(exc, AuthorizationDenied):
+            services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
+                           outcome="refused", reason=str(exc)[:1000])
         return None
-    await loop.sock_sendall(conn, hs.accept())
+    await _send(loop, conn, hs.accept(), f"accepting {event.src_did}")
     services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
                    outcome="accepted", purpose=purpose)
     if purpose == "dry-run":
@@ -301,10 +307,20 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
     return Accepted(hs.keys, event, purpose, peer, bandwidth, hs.trailing_data())
 
 
+async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, what: str) -> None:
+    try:
+        await loop.sock_sendall(conn, data)
+    except OSError as exc:
+        raise network_error(exc, what) from exc
+
+
 async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = await loop.sock_recv(conn, n - len(buf))
+        try:
+            chunk = await loop.sock_recv(conn, n - len(buf))
+        except OSError as exc:
+            raise network_error(exc, "receiving the MigReq") from exc
         if not chunk:
             # B is the one waiting for a MigReq here: the causes _recv_exact lists are B's own
             raise HandshakeError("the peer closed the connection before its MigReq was complete")
@@ -324,25 +340,25 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
         try:
             entry = services.journal.get(mid)
         except JournalError as exc:
-            raise AuthorizationDenied(f"no migration {mid} to resume or recover here") from exc
+            raise AuthorizationDenied(f"no migration {mid} to resume or recover here", decision="Invalid") from exc
         if entry.data.get("peer") != proposal.src_did:
-            raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}")
+            raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}", decision="Invalid")
         if proposal.resume_of is not None:
             if proposal.request.mode == "live" or (entry.data.get("options") or {}).get("live_targets") is not None:
-                raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)")
+                raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)", decision="Invalid")
             if entry.role != "destination" or proposal.resume_of != mid or \
                     entry.phase not in ("accepted", "receiving", "received"):
-                raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})")
+                raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})", decision="Invalid")
             return "resume", None
         return "recover", None
     if options.get("purpose", "migrate") != "migrate":
-        raise AuthorizationDenied(f"unknown purpose {options.get('purpose')!r}")
+        raise AuthorizationDenied(f"unknown purpose {options.get('purpose')!r}", decision="Invalid")
     try:
         services.journal.get(mid)
     except JournalError:
         pass
     else:
-        raise AuthorizationDenied(f"migration id {mid} was used before")
+        raise AuthorizationDenied(f"migration id {mid} was used before", decision="Invalid")
     from migsec.daemon.destination import active_incoming
 
     busy, limit = active_incoming(), services.config.limits.max_incoming

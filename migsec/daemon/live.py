@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from migsec.daemon.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
+from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -134,7 +135,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         bridge.send_control({"t": "channels-done"})
         message = bridge.recv_control(REPLY_TIMEOUT_S)
         if message.get("t") == "abort":
-            raise TransferError(f"{job.dest_did} aborted: {message.get('reason', 'no reason given')}")
+            raise TransferError(f"{job.dest_did} aborted: {peer_error_text(parse_peer_reason(message.get('reason')))}")
         token = message.get("jws")
         if message.get("t") != "receipt" or not isinstance(token, str):
             raise TransferError(f"expected a receipt from {job.dest_did}, got {message.get('t')!r}")
@@ -248,7 +249,7 @@ def _short(digest: bytes | None) -> str:
 def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
     message = bridge.recv_control(timeout)
     if message.get("t") == "abort":
-        raise TransferError(f"{job.dest_did} aborted: {message.get('reason', 'no reason given')}")
+        raise TransferError(f"{job.dest_did} aborted: {peer_error_text(parse_peer_reason(message.get('reason')))}")
     if message.get("t") != kind:
         raise TransferError(f"expected {kind} from {job.dest_did}, got {message.get('t')!r}")
     return message.get("jws", message)
@@ -261,6 +262,7 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
 
     reason = str(cause) or type(cause).__name__
     log.warning("live migration %s of %s failed, rolling back: %s", job.mid, job.domain, reason)
+    code = "integrity" if isinstance(cause, IntegrityError) else "aborted"  # all B learns of the cause
     from migsec.daemon.source import domain_state
 
     state = domain_state(conn, job.domain)
@@ -278,11 +280,11 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
     job.journal("rolled-back", how=how)
     job.step(f"rolled back: {job.domain} {how} at {job.services.did}")
     decision = Decision(migration_id=job.mid, src_did=job.services.did, dest_did=job.dest_did, decision="abort",
-                        issued_at=job.services.clock(), reason=reason[:1024]).sign(job.services.identity.key)
+                        issued_at=job.services.clock(), reason=peer_reason(code)).sign(job.services.identity.key)
     job.services.audit("decision", job.mid, role="source", token=decision, outcome="abort", reason=reason[:1000])
     try:
         bridge.send_control({"t": "decision", "jws": decision})  # B cleans up at once
-    except (MigsecError, OSError):
+    except MigsecError:
         pass  # B cleans up when the session ends, or asks (`migsec recover`)
     if isinstance(cause, MigsecError) and not isinstance(cause, MigrationFailed):
         raise MigrationFailed(f"live migration of {job.domain} failed and was rolled back: {cause}",
@@ -438,13 +440,13 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
         entry = services.journal.get(mid)
         if bridge is not None:
             try:
-                bridge.send_control({"t": "abort", "reason": reason[:500]})
-            except (MigsecError, OSError):
+                bridge.send_control({"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
+            except MigsecError:
                 pass
             bridge.close()
         if not entry.decided and not entry.terminal:
             discard_destination(services, mid, reason=reason)
-        if not isinstance(exc, (MigsecError, OSError, ConnectionError)):
+        if not isinstance(exc, (MigsecError, OSError)):  # logged above; anything else is a bug
             raise
         return
     bridge.close()

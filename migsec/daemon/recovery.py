@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from migsec.errors import JournalError, MigsecError
+from migsec.errors import MigsecError
 
 log = logging.getLogger("migsecd.recovery")
 ANSWER_TIMEOUT_S = 120
@@ -80,7 +80,7 @@ def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
             continue  # in progress in this daemon
         try:
             outcome = recover_one(services, entry)
-        except (MigsecError, ConnectionError, OSError) as exc:
+        except MigsecError as exc:
             outcome = f"failed: {exc}"
             log.error("recovering %s: %s", entry.migration_id, exc)
         emit({"event": "step", "message": f"{entry.migration_id}: {outcome}"})
@@ -205,7 +205,7 @@ def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = Fals
 
     try:
         session = _session(services, entry)
-    except (MigsecError, ConnectionError, OSError) as exc:
+    except MigsecError as exc:
         log.warning("recovery of %s: cannot reach %s: %s", entry.migration_id, entry.data.get("peer"), exc)
         return None
     try:
@@ -218,7 +218,7 @@ def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = Fals
             services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["jws"],
                            peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
         return (answer, session.peer) if want_key else answer
-    except (MigsecError, ConnectionError, OSError) as exc:
+    except MigsecError as exc:
         log.warning("recovery of %s: %s did not answer: %s", entry.migration_id, entry.data.get("peer"), exc)
         return None
     finally:
@@ -261,5 +261,5 @@ def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
                 services.audit("decision", mid, role="source", token=token, outcome="abort")
                 reply = {"t": "decision", "jws": token}
         control.send_control(reply)
-    except (MigsecError, ConnectionError, OSError, JournalError) as exc:
+    except MigsecError as exc:
         log.warning("recovery conversation for %s with %s failed: %s", mid, accepted.src_did, exc)

@@ -33,10 +33,13 @@ from typing import Any, Callable
 from migsec.errors import (
     DomainNotFoundError,
     IntegrityError,
+    RESUMABLE,
     MigrationFailed,
     MigsecError,
+    NetworkError,
     TransferError,
 )
+from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
 from migsec.transfer.source import WriterOutcome
 
 log = logging.getLogger("migsecd.source")
@@ -87,14 +90,14 @@ class OutgoingMigration:
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
-        except (MigsecError, ConnectionError) as exc:
+        except MigsecError as exc:
             # nothing was touched yet: the guest never stopped running here
             if not dry_run:
                 self.journal("aborted", reason=str(exc))
                 self.journal("rolled-back", how="never stopped")
-            if isinstance(exc, MigsecError):
-                raise
-            raise MigrationFailed(f"{exc}; {self.domain} was not touched") from exc
+            if isinstance(exc, NetworkError):
+                raise MigrationFailed(f"{exc}; {self.domain} was not touched") from exc
+            raise
         self.step(f"{self.dest_did} accepted (certificates verified, its policy permits, capacity ok)")
         if dry_run:
             session.close()
@@ -154,6 +157,9 @@ class OutgoingMigration:
             if isinstance(exc, MigsecError) and not isinstance(exc, MigrationFailed):
                 raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: {exc}",
                                       rolled_back=True) from exc
+            if isinstance(exc, OSError):  # a local call nobody wrapped: never a network fault here
+                raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: "
+                                      f"{exc.strerror or exc}", rolled_back=True) from exc
             raise
         self.services.audit("decision", self.mid, role="source", token=decision, outcome="commit")
         self.step(f"{self.dest_did} restored {self.domain} paused and signed a receipt; decided: commit")
@@ -163,7 +169,7 @@ class OutgoingMigration:
             commit.resumed_received(resumed)  # releases A's copy, journals released + done
             self.services.audit("resumed", self.mid, role="source", peer_token=resumed,
                                 peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)
-        except (MigsecError, ConnectionError, OSError) as exc:
+        except MigsecError as exc:
             commit.fail(str(exc))  # after the commit: A stays stopped, the decision stands
             raise MigrationFailed(f"{self.domain} was committed to {self.dest_did} but it did not confirm "
                                   f"resuming it ({exc}); run `migsec recover`") from exc
@@ -188,7 +194,7 @@ class OutgoingMigration:
                 self.bytes_on_wire = session.bytes_on_wire
                 self.data_bytes, self.logical_bytes = result.data_bytes, result.logical_bytes
                 return session, result
-            except _connection_errors() as exc:
+            except RESUMABLE as exc:  # only a cut connection resumes (not a local disk's error)
                 session.close()
                 if saver.failed:
                     saver.join()  # raises the save error: nothing to resume
@@ -205,7 +211,7 @@ class OutgoingMigration:
                         session = link.connect(self.services, peer, self.request, self.grant.token,
                                                migration_id=self.mid, resume_of=self.mid)
                         break
-                    except ConnectionError as exc2:
+                    except NetworkError as exc2:
                         attempt += 1
                         if attempt > MAX_RESUMES:
                             raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
@@ -226,8 +232,8 @@ class OutgoingMigration:
     def _expect(self, session: Any, kind: str) -> str:
         """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
         message = session.control.recv_control(max(1.0, min(REPLY_TIMEOUT_S, self.remaining())))
-        if message.get("t") == "abort":
-            raise TransferError(f"{self.dest_did} aborted: {message.get('reason', 'no reason given')}")
+        if message.get("t") == "abort":  # B's code, in our words (its log has the detail)
+            raise TransferError(f"{self.dest_did} aborted: {peer_error_text(parse_peer_reason(message.get('reason')))}")
         token = message.get("jws")
         if message.get("t") != kind or not isinstance(token, str):
             raise TransferError(f"expected a {kind} from {self.dest_did}, got {message.get('t')!r}")
@@ -239,21 +245,22 @@ class OutgoingMigration:
 
         reason = str(cause) or type(cause).__name__
         log.warning("migration %s of %s failed, rolling back: %s", self.mid, self.domain, reason)
+        code = "integrity" if isinstance(cause, IntegrityError) else "aborted"  # all B learns of the cause
         if commit.state == ROLLED_BACK:
             # the commit machine already aborted (a receipt it refused); only B needs telling
             from migsec.protocol import Decision
 
             decision = Decision(migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
                                 decision="abort", issued_at=self.services.clock(),
-                                reason=reason[:1024]).sign(self.services.identity.key)
+                                reason=peer_reason(code)).sign(self.services.identity.key)
         else:
-            decision = commit.fail(reason)
+            decision = commit.fail(reason, code=code)
         if decision is None:
             return
         self.services.audit("decision", self.mid, role="source", token=decision, outcome="abort", reason=reason)
         try:
             session.control.send_control(_control("decision", decision))  # B discards at once
-        except (MigsecError, ConnectionError, OSError):
+        except MigsecError:
             pass  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -361,14 +368,6 @@ def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, pause
         virt.restore_domain(conn, str(saved_image), paused=paused)
         return "restored from its save image" + (" (paused, as it was)" if paused else "")
     raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    from migsec.errors import TruncatedStreamError
-    from migsec.transfer.plane import PeerConnectionError
-
-    # a cut connection shows up as one of these; anything else (integrity, refusal) is final
-    return (PeerConnectionError, TruncatedStreamError, ConnectionError, OSError)
 
 
 class _Background(WriterOutcome):

@@ -33,6 +33,7 @@ from typing import Any
 from migsec.crypto import SigningKey, VerifyingKey, sha256
 from migsec.errors import IntegrityError, MigsecError, TicketError, UnexpectedMessageError
 from migsec.protocol import Decision, Receipt, Resumed, token_hash
+from migsec.protocol.errors import peer_reason
 from migsec.transfer.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class SourceCommit(_Machine):
                                 receipt_hash=token_hash(token)).sign(self._key)
             self._journal("committed", decision=decision)  # THE point of no return
         except MigsecError as exc:
-            self.fail(f"receipt refused: {exc}")
+            self.fail(f"receipt refused: {exc}", code="integrity" if isinstance(exc, IntegrityError) else "aborted")
             raise
         self.receipt_token, self.decision_token, self.state = token, decision, nxt
         return decision
@@ -146,10 +147,11 @@ class SourceCommit(_Machine):
         self._journal("done", resumed=token)
         self.state = nxt
 
-    def fail(self, reason: str) -> str | None:
+    def fail(self, reason: str, *, code: str = "aborted") -> str | None:
         """Something went wrong. Before the commit: abort, resume A, return the abort Decision
         (send it if the link still works). After the commit: A stays stopped; returns the
-        commit Decision again for the caller (or ``migsec recover``) to resend."""
+        commit Decision again for the caller (or ``migsec recover``) to resend. ``reason`` is
+        journaled and logged here; the Decision B gets names only ``code`` (peer_reason)."""
         nxt = self._move("fail")
         if nxt == AWAIT_RESUMED:
             log.warning("migration %s failed after commit (%s); the VM stays with the destination",
@@ -163,7 +165,7 @@ class SourceCommit(_Machine):
         self.state = nxt
         self._journal("rolled-back")
         return Decision(migration_id=self.migration_id, src_did=self.src_did, dest_did=self.dest_did,
-                        decision="abort", issued_at=self._clock(), reason=reason[:1024],
+                        decision="abort", issued_at=self._clock(), reason=peer_reason(code),
                         receipt_hash=None).sign(self._key)
 
 

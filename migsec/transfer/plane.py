@@ -30,12 +30,18 @@ from dataclasses import dataclass, field
 from migsec.errors import (
     IntegrityError,
     MigsecError,
+    NetworkError,
+    PeerClosedError,
+    PeerTimeoutError,
     ProtocolError,
     ResumeError,
+    StreamRefusedError,
     TransferError,
     UnexpectedMessageError,
+    network_error,
 )
 from migsec.protocol import NEED_DATA, Ack, Close, Control, Data, End, Hole, RecordLayer
+from migsec.protocol.errors import parse_peer_reason, peer_error_code, peer_error_text
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
 from migsec.protocol.records import OVERHEAD
 from migsec.transfer.extents import READ_SIZE, bytes_digest
@@ -119,12 +125,12 @@ class TokenBucket:
             self._sleep(-self._tokens / self.rate)
 
 
-class PeerConnectionError(TransferError):
-    """The connection to the peer broke (reset, closed, timed out); the transfer can resume."""
+# the connection to the peer broke (reset, closed, timed out); the transfer can resume
+PeerConnectionError = NetworkError
 
 
 class _Wire:
-    """A blocking socket with byte counting and exact reads; OSError -> TransferError."""
+    """A blocking socket with byte counting and exact reads; OSError -> NetworkError."""
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         sock.settimeout(timeout)
@@ -138,7 +144,7 @@ class _Wire:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise PeerConnectionError(f"connection to the peer failed while sending: {exc}") from exc
+            raise network_error(exc, "connection to the peer failed while sending") from exc
         self.sent += len(data)
 
     def readable(self, timeout: float = 0.0) -> bool:
@@ -148,7 +154,7 @@ class _Wire:
         try:
             data = self.sock.recv(65536)
         except OSError as exc:
-            raise PeerConnectionError(f"connection to the peer failed while receiving: {exc}") from exc
+            raise network_error(exc, "connection to the peer failed while receiving") from exc
         self.received += len(data)
         return data
 
@@ -171,18 +177,20 @@ class _Wire:
             try:
                 got = self.sock.recv_into(view[pos:], n - pos)
             except OSError as exc:
-                raise PeerConnectionError(f"connection to the peer failed while receiving: {exc}") from exc
+                raise network_error(exc, "connection to the peer failed while receiving") from exc
             if got == 0:
-                raise PeerConnectionError(f"connection ended mid-transfer ({pos} of {n} bytes of a frame)")
+                raise PeerClosedError(f"connection ended mid-transfer ({pos} of {n} bytes of a frame)")
             pos += got
         self.received += n
 
 
 def _peer_error(msg: dict) -> MigsecError:
-    text = str(msg.get("message", "unspecified"))[:500]
-    if msg.get("error") == "integrity":
+    """The error for a peer's CONTROL error: its code, in this side's own words (its text is ignored)."""
+    code = parse_peer_reason(msg.get("error"))
+    text = peer_error_text(code)
+    if code == "integrity":
         return IntegrityError(f"destination: {text}")
-    if msg.get("error") == "resume":
+    if code == "resume":
         return ResumeError(f"destination: {text}")
     return TransferError(f"destination refused the transfer: {text}")
 
@@ -236,11 +244,11 @@ class _Sender:
         ``until()`` holds, later events stay in the record layer for the caller (commit)."""
         if not self.wire.readable(wait):
             if wait:
-                raise PeerConnectionError(f"destination silent for {wait:.0f} s")
+                raise PeerTimeoutError(f"destination silent for {wait:.0f} s")
             return
         data = self.wire.recv_some()
         if not data:  # every complete record before it was handled already
-            raise PeerConnectionError("destination closed the connection")
+            raise PeerClosedError("destination closed the connection")
         self.records.receive_data(data)
         while not (until is not None and until()) and (event := self.records.next_event()) is not NEED_DATA:
             self.handle(event)
@@ -505,15 +513,15 @@ class _Receiver:
             return
         want = self.expected.get(name) if isinstance(name, str) else None
         if want is None:
-            raise TransferError(f"stream {name!r} was not expected")
+            raise StreamRefusedError(f"stream {name!r} was not expected")
         if kind != want.kind or kind not in KINDS or kind == "manifest":
-            raise TransferError(f"stream {name!r}: kind {kind!r}, expected {want.kind!r}")
+            raise StreamRefusedError(f"stream {name!r}: kind {kind!r}, expected {want.kind!r}")
         if growing and (want.size is not None or want.max_size is None):
-            raise TransferError(f"stream {name!r} may not grow while it is sent (no upper bound for it)")
+            raise StreamRefusedError(f"stream {name!r} may not grow while it is sent (no upper bound for it)")
         if (want.size is not None and size != want.size) or \
                 (want.max_size is not None and size > want.max_size):
-            raise TransferError(f"stream {name!r}: size {size} not accepted "
-                                f"(expected {want.size}, at most {want.max_size})")
+            raise StreamRefusedError(f"stream {name!r}: size {size} not accepted "
+                                     f"(expected {want.size}, at most {want.max_size})")
         sink = self.staging.add(StreamSpec(ch, name, kind, size, want.target, growing))
         resume_at = sink.spec.size if sink.done else sink.acked
         if start != resume_at:
@@ -654,12 +662,12 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
 
 
 def _tell_source(r: _Receiver, exc: BaseException) -> None:
+    """Tell the source a code and a fixed text; the detail goes to this side's log (the caller's)."""
     if isinstance(exc, PeerConnectionError) or r.records.errored:
         return  # the connection or the session is gone; nothing can be told
-    kind = "integrity" if isinstance(exc, IntegrityError) else \
-        "resume" if isinstance(exc, ResumeError) else "refused"
+    code = peer_error_code(exc)
     try:
-        r.send_control({"type": "error", "error": kind, "message": str(exc)[:500]})
+        r.send_control({"type": "error", "error": code, "message": peer_error_text(code)})
         r.told = True
     except MigsecError:
         pass

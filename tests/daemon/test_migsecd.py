@@ -188,7 +188,10 @@ def test_dry_run_reaches_the_destinations_capacity_check(nodes):
     result = json.loads(run.stdout)
     assert run.returncode == 3, result
     assert result["where"] == "destination" and "cloud-b.example refused" in result["message"]
-    assert "not enough free memory" in result["message"]
+    # A learns B's code (capacity) in its own words; the figures stay in B's log
+    assert result["decision"] == "Capacity" and "not enough free capacity" in result["message"], result
+    assert "MiB" not in result["message"]
+    assert "not enough free memory" in b.stop()
     # both ledgers hold the exchange (B's signed refusal at A, A's signed request at B) and verify
     for n in (a, b):
         check = subprocess.run([BIN / "migsec", "audit", "--config", str(n.config), "verify"],
@@ -313,7 +316,7 @@ def test_first_contact_with_pinned_peers_stores_their_certificates(nodes):
     a.migsec("peer", "add", b.did, "--address", f"127.0.0.1:{b.port}", "--fingerprint", fp_b, "--replace")
     run = a.migsec(*dry, input=PASSWORD + "\n")
     reply = json.loads(run.stdout)
-    assert reply.get("where") == "destination" and "not enough free memory" in reply["message"], reply
+    assert reply.get("where") == "destination" and reply.get("decision") == "Capacity", reply
     stored_b = PeerDirectory(a.root / "peers.json").get(b.did)
     assert stored_b.cert_pem == (b.root / "pki" / "domain-cert.pem").read_bytes() and stored_b.fingerprint == fp_b
     assert PeerDirectory(b.root / "peers.json").get(a.did).cert_pem == (a.root / "pki" / "domain-cert.pem").read_bytes()
