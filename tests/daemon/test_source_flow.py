@@ -50,8 +50,9 @@ def run(p, grant, *, abort: str | None = None):
 def test_a_refusal_in_the_handshake_leaves_the_guest_untouched(p):
     # the stock test domain asks 8 GiB; the test driver reports a few MiB free: B's capacity check refuses
     grant = p.grant("test")
-    with pytest.raises(AuthorizationDenied, match="not enough free memory"):
+    with pytest.raises(AuthorizationDenied, match="not enough free capacity there") as refused:
         run(p, grant)
+    assert refused.value.decision == "Capacity"  # B's own figures stay in B's log
     mid = grant.migration_id
     assert phases(p.a, mid) == ["requested", "authorized", "aborted", "rolled-back"]
     assert p.a.journal.get(mid).data["how"] == "never stopped"
