@@ -145,15 +145,15 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     except BaseException:
         sock.close()
         raise
+    if not isinstance(event, (MigrationAccepted, MigrationRefused)):
+        sock.close()
+        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
     peer_cert = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
     if isinstance(event, MigrationRefused):
         sock.close()
         services.audit("mig-resp", migration_id, role="source", outcome="refused", reason=event.reason,
                        peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
         raise AuthorizationDenied(f"{peer.did} refused: {event.reason}", where="destination")
-    if not isinstance(event, MigrationAccepted):
-        sock.close()
-        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
     services.audit("mig-resp", migration_id, role="source", outcome="accepted",
                    peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
     sock.settimeout(None)

@@ -138,7 +138,8 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         token = message.get("jws")
         if message.get("t") != "receipt" or not isinstance(token, str):
             raise TransferError(f"expected a receipt from {job.dest_did}, got {message.get('t')!r}")
-        stats = message.get("job") if isinstance(message.get("job"), dict) else {}
+        b_stats = message.get("job")
+        stats: dict[str, Any] = b_stats if isinstance(b_stats, dict) else {}
         services.audit("receipt", mid, role="source", mode="live", peer_token=token,
                        peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
         receipt = Receipt.verify(token, session.peer.public_key, migration_id=mid)

@@ -28,7 +28,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from migsec.errors import (
     DomainNotFoundError,
@@ -38,6 +38,9 @@ from migsec.errors import (
     TransferError,
 )
 from migsec.transfer.source import WriterOutcome
+
+if TYPE_CHECKING:
+    from migsec.daemon.jobs import ProgressTracker
 
 log = logging.getLogger("migsecd.source")
 MAX_RESUMES = 3
@@ -68,6 +71,7 @@ class OutgoingMigration:
         self.downtime_started: float | None = None
         self.was_paused = False
         self.released: dict = {}
+        self.tracker: ProgressTracker | None = None  # set by the `migrate` handler, read by `jobs`
         from migsec.daemon.jobs import AbortSwitch
 
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
