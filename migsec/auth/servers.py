@@ -18,9 +18,13 @@ import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import AuthenticationError, AuthorizationDenied, MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
+    from migsec.protocol.local import PasswordKey
 
 log = logging.getLogger("migsecd.auth")
 MIB = 1024 * 1024
@@ -38,7 +42,7 @@ class _Decoy:
 
 
 class AuthenticationServer:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
 
     def handle(self, request_text: str) -> dict:
@@ -64,7 +68,7 @@ class AuthenticationServer:
             reply = make_auth_reply(request, sk3=services.sk3, ssh_verify=verify, lifetime=lifetime,
                                     clock=services.clock)
         else:
-            password_key = user.password if user is not None else None
+            password_key: PasswordKey | None = user.password if user is not None else None
             if password_key is None:
                 # same shape as a real reply; the salt is stable per name so probing learns nothing
                 salt = hmac.new(services.sk3, b"decoy-salt " + request.user_id.encode(), "sha256").digest()[:16]
@@ -90,7 +94,7 @@ class Grant:
 
 
 class AuthorizationServer:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
 
     def authorize(self, request_text: str) -> Grant:
@@ -156,7 +160,7 @@ class AuthorizationServer:
         return Grant(migration_id, checked.user_id, roles, mig, ticket, token, mig.dest_did, max_bandwidth)
 
 
-def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, vm: dict) -> tuple[int | None, list]:
+def admit_incoming(services: Services, *, src_did: str, user_id: str, request: Any, vm: dict) -> tuple[int | None, list]:
     """Step 6 at the destination: PDP (receive-migration) + capacity; AuthorizationDenied otherwise.
 
     ``vm`` is what the source declared about the VM (name, uuid, vcpus, memory, disks).
@@ -182,7 +186,7 @@ def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, v
     return apply_obligations(decision, request, where="destination")
 
 
-def check_capacity(services: Any, vm: dict) -> None:
+def check_capacity(services: Services, vm: dict) -> None:
     """Configured limits and the host's free memory; AuthorizationDenied naming what is short."""
     from migsec import virt
 

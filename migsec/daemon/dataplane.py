@@ -16,9 +16,12 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from migsec.errors import MappingError, MigsecError, TransferError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.dataplane")
 MIB = 1024 * 1024
@@ -108,7 +111,7 @@ def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
 
 
 # ---- B ------------------------------------------------------------------------------------------
-def disk_map(services: Any, files: list[str]) -> dict[str, str]:
+def disk_map(services: Services, files: list[str]) -> dict[str, str]:
     """Source file -> destination path, from B's [storage] settings (map, else image_dir)."""
     storage = services.config.storage
     out: dict[str, str] = {}
@@ -132,7 +135,7 @@ def disk_map(services: Any, files: list[str]) -> dict[str, str]:
     return out
 
 
-def expected_streams(services: Any, request: Any) -> dict[str, Any]:
+def expected_streams(services: Services, request: Any) -> dict[str, Any]:
     from migsec.transfer.plane import Expected
 
     files = request_files(request)
@@ -155,7 +158,7 @@ class Received:
     wire_bytes: int
 
 
-def staging_dir(services: Any, migration_id: str) -> Path:
+def staging_dir(services: Services, migration_id: str) -> Path:
     return Path(services.config.paths.staging_dir) / f"in-{migration_id}"
 
 
@@ -185,7 +188,7 @@ class _ThrottledSocket:
         return getattr(self._sock, name)
 
 
-def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str,
+def receive(services: Services, sock: socket.socket, records: Any, request: Any, migration_id: str,
             *, bandwidth: int | None = None) -> Received:
     """Receive into staging, install the disks, and prepare the restore XML (B's mappings).
 
@@ -213,7 +216,7 @@ def receive(services: Any, sock: socket.socket, records: Any, request: Any, migr
     return Received(memory.path, xml, result.manifest, result.manifest_json, result.wire_bytes)
 
 
-def discard(services: Any, migration_id: str) -> None:
+def discard(services: Services, migration_id: str) -> None:
     """Remove every partial and installed file of an incoming migration (before its commit)."""
     from migsec.transfer.sink import Staging
 

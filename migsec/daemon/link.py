@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import (
     AuthorizationDenied,
@@ -22,6 +22,9 @@ from migsec.errors import (
     UnknownIssuerError,
 )
 from migsec.protocol.framing import HEADER_SIZE, parse_header
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.link")
 CONNECT_TIMEOUT_S = 15
@@ -44,7 +47,7 @@ def _frame_cert(payload: bytes) -> bytes:
     return str(json.loads(payload)["cert"]).encode("ascii")
 
 
-def trust_hint(services: Any) -> str:
+def trust_hint(services: Services) -> str:
     """Where an operator adds a CA this domain should trust (named in untrusted-CA errors)."""
     config = services.config
     stores = ", ".join(str(p) for p in config.domain.trust) or "none"
@@ -71,7 +74,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class SourceSession:
     """A keyed connection from A to B (after B's Ack)."""
 
-    services: Any
+    services: Services
     sock: socket.socket
     keys: Any
     peer: PeerCert  # B, as verified in the handshake
@@ -103,7 +106,7 @@ class SourceSession:
             pass
 
 
-def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id: str,
+def connect(services: Services, peer: Any, request: Any, token: str, *, migration_id: str,
             resume_of: str | None = None) -> SourceSession:
     """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
     from migsec.daemon.peers import split_address
@@ -160,7 +163,7 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     return SourceSession(services, sock, event.keys, peer_cert)
 
 
-def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
+def fetch_pinned_certificate(services: Services, peer: Any) -> Any:
     """First contact with a peer known only by a pinned fingerprint: ask it for its certificate
     (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
     store, then store it in the peer directory. Returns the updated peer."""
@@ -199,7 +202,7 @@ def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
     return stored
 
 
-def _store_pinned_source(services: Any, peer: "PeerCert", fingerprint: str) -> None:
+def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) -> None:
     """B's side of a first contact: a source listed by a pinned fingerprint only, whose MigReq
     verified with the pinned certificate, gets that certificate stored."""
     from migsec.errors import ConfigError
@@ -244,7 +247,7 @@ class Accepted:
         return self.proposal.user_id
 
 
-async def accept_async(services: Any, conn: socket.socket, loop: asyncio.AbstractEventLoop,
+async def accept_async(services: Services, conn: socket.socket, loop: asyncio.AbstractEventLoop,
                        executor: Any) -> Accepted | None:
     """B's side of the handshake. Returns None when nothing follows (dry run, refusal)."""
     from migsec.protocol.handshake import DestinationHandshake, MigrationProposed
@@ -312,7 +315,7 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
     return bytes(buf)
 
 
-def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
+def decide(services: Services, proposal: Any) -> tuple[str, int | None]:
     """B's decision on a verified MigReq (in a worker thread: policy, libvirt, journal)."""
     from migsec.auth.servers import admit_incoming
     from migsec.errors import JournalError
@@ -358,7 +361,7 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
     return "migrate", bandwidth
 
 
-def _check_targets_free(services: Any, request: Any) -> None:
+def _check_targets_free(services: Services, request: Any) -> None:
     """Refuse before any byte moves when a disk's target here exists already: typically the VM's
     old copy, left when it moved away without --undefinesource and now coming back."""
     import os
@@ -377,7 +380,7 @@ def _check_targets_free(services: Any, request: Any) -> None:
             where="destination", decision="Conflict")
 
 
-def _check_pin(services: Any, proposal: Any) -> None:
+def _check_pin(services: Services, proposal: Any) -> None:
     """A source listed in B's peer directory must present the certificate recorded there."""
     from migsec.errors import ConfigError
 

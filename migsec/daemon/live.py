@@ -32,11 +32,14 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from migsec.daemon.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -188,7 +191,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
     return result
 
 
-def _migrate(services: Any, domain: str, paths: dict, flags: int, bandwidth: int | None,
+def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth: int | None,
              targets: list[str]) -> None:
     from migsec import virt
     from migsec.virt import migrate as vmig
@@ -338,7 +341,7 @@ def libvirt_socket(uri: str) -> str:
 class _RpcChannel:
     """B's libvirt RPC proxy on one channel: live-rpc's RpcFilter, its refusals audited."""
 
-    def __init__(self, services: Any, mid: str, policy: Any, state: dict) -> None:
+    def __init__(self, services: Services, mid: str, policy: Any, state: dict) -> None:
         from migsec.protocol.libvirt_rpc import RpcFilter
 
         self.services, self.mid, self.state = services, mid, state
@@ -520,7 +523,7 @@ def _abort_decision(incoming: Any, message: dict, accepted: Any) -> None:
                                 peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
 
 
-def discard_destination(services: Any, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
+def discard_destination(services: Services, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
     """Before the commit: no incoming guest left, B's pre-created disks and sockets removed."""
     from migsec import virt
     from migsec.daemon.jobs import record
@@ -558,7 +561,7 @@ def discard_destination(services: Any, mid: str, *, reason: str = "", record_pha
 
 
 # ---- after a crash (``migsec recover``): libvirt's own outcome decides ---------------------------------
-def recover_source(services: Any, entry: Any) -> str | None:
+def recover_source(services: Services, entry: Any) -> str | None:
     """A live move A did not see through. libvirt's Confirm is the commit: a guest no longer
     active here went to B (journal it committed and released); one still active here stays
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
@@ -581,7 +584,7 @@ def recover_source(services: Any, entry: Any) -> str | None:
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
 
 
-def recover_destination(services: Any, entry: Any) -> str | None:
+def recover_destination(services: Services, entry: Any) -> str | None:
     """A live move B did not see through: a guest libvirt finished here runs here (journal the
     commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
     from migsec import virt
@@ -605,11 +608,11 @@ def recover_destination(services: Any, entry: Any) -> str | None:
 
 
 # ---- the hook's permit (B) ------------------------------------------------------------------------
-def permit_dir(services: Any) -> Path:
+def permit_dir(services: Services) -> Path:
     return Path(services.config.paths.state_dir) / "permits"
 
 
-def write_permit(services: Any, mid: str, uuid: str, name: str) -> None:
+def write_permit(services: Services, mid: str, uuid: str, name: str) -> None:
     """A short-lived permit the ``migrate begin`` hook checks and consumes: libvirt's incoming
     migration of this uuid is migsec's own (bound to the migration id, not a global switch)."""
     from migsec.hooks.permit import write_permit as write
@@ -617,7 +620,7 @@ def write_permit(services: Any, mid: str, uuid: str, name: str) -> None:
     write(permit_dir(services), migration_id=mid, uuid=uuid, name=name, ttl=PERMIT_TTL_S)
 
 
-def consume_permit(services: Any, uuid: str) -> None:
+def consume_permit(services: Services, uuid: str) -> None:
     from migsec.hooks.permit import remove_permit
 
     if uuid:

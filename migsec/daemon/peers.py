@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from migsec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 
 def _addresses(host: str) -> set[str]:
@@ -24,7 +27,7 @@ def split_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 7443
 
 
-def find_peer(services: Any, host: str, port: int) -> Any:
+def find_peer(services: Services, host: str, port: int) -> Any:
     """The peer whose DID is ``host`` or whose directory address is ``host:port``."""
     peers = services.peers.list()
     for peer in peers:

@@ -25,9 +25,12 @@ import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from migsec.errors import JournalError, MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.recovery")
 ANSWER_TIMEOUT_S = 120
@@ -35,7 +38,7 @@ SYSTEM_USER = "migsecd"
 _pass_lock = threading.Lock()  # one recovery pass at a time (automatic at start, or `migsec recover`)
 
 
-def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
+def list_jobs(services: Services, *, show_all: bool = False) -> list[dict]:
     from migsec.daemon.jobs import describe
 
     import time
@@ -49,12 +52,12 @@ def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
     return rows
 
 
-def recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+def recover_all(services: Services, emit: Callable[[dict], None]) -> list[dict]:
     with _pass_lock:
         return _recover_all(services, emit)
 
 
-def auto_recover(services: Any) -> list[dict]:
+def auto_recover(services: Services) -> list[dict]:
     """The pass migsecd runs at start (``[recovery] auto``): logged and audited per migration."""
     actions = recover_all(services, lambda event: None)
     for action in actions:
@@ -73,7 +76,7 @@ def auto_recover(services: Any) -> list[dict]:
     return actions
 
 
-def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+def _recover_all(services: Services, emit: Callable[[dict], None]) -> list[dict]:
     actions = []
     for entry in services.journal.list(active_only=True):
         if entry.migration_id in services.running:
@@ -89,21 +92,21 @@ def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
     return actions
 
 
-def recover_one(services: Any, entry: Any) -> str:
+def recover_one(services: Services, entry: Any) -> str:
     if entry.role == "source":
         return _recover_source(services, entry)
     return _recover_destination(services, entry)
 
 
 # ---- A -----------------------------------------------------------------------------------------
-def _abort_decision(services: Any, entry: Any, reason: str) -> str:
+def _abort_decision(services: Services, entry: Any, reason: str) -> str:
     from migsec.protocol import Decision
 
     return Decision(migration_id=entry.migration_id, src_did=services.did, dest_did=str(entry.data.get("peer")),
                     decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
 
 
-def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
+def _recover_source(services: Services, entry: Any, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
     from migsec.daemon.release import release_source
@@ -153,7 +156,7 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
 
 
 # ---- B -----------------------------------------------------------------------------------------
-def _recover_destination(services: Any, entry: Any) -> str:
+def _recover_destination(services: Services, entry: Any) -> str:
     from migsec.daemon.destination import IncomingMigration
 
     mid = entry.migration_id
@@ -183,7 +186,7 @@ def _recover_destination(services: Any, entry: Any) -> str:
 
 
 # ---- talking to the peer --------------------------------------------------------------------------
-def _session(services: Any, entry: Any) -> Any:
+def _session(services: Services, entry: Any) -> Any:
     from migsec.crypto import random_bytes
     from migsec.daemon import link
     from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
@@ -200,7 +203,7 @@ def _session(services: Any, entry: Any) -> Any:
     return link.connect(services, peer, request, token, migration_id=entry.migration_id)
 
 
-def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = False) -> Any:
+def _ask_peer(services: Services, entry: Any, message: dict, *, want_key: bool = False) -> Any:
     from migsec.protocol import Resumed, token_hash
 
     try:
@@ -225,14 +228,14 @@ def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = Fals
         session.close()
 
 
-def _tell_peer(services: Any, entry: Any, message: dict) -> str:
+def _tell_peer(services: Services, entry: Any, message: dict) -> str:
     answer = _ask_peer(services, entry, message)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable (it will ask when it recovers)"
     return f"{entry.data.get('peer')} answered {answer.get('t')}"
 
 
-def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
+def answer_recovery(services: Services, conn: socket.socket, accepted: Any) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
     from migsec.daemon.channel import ControlLink
     from migsec.daemon.destination import IncomingMigration

@@ -12,14 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.release")
 
 
-def release_source(services: Any, conn: Any, migration_id: str, domain: str, options: dict,
+def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
                    destination: str) -> dict:
     """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
     "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``."""

@@ -40,6 +40,7 @@ from migsec.errors import (
 from migsec.transfer.source import WriterOutcome
 
 if TYPE_CHECKING:
+    from migsec.daemon.services import Services
     from migsec.daemon.jobs import ProgressTracker
 
 log = logging.getLogger("migsecd.source")
@@ -51,7 +52,7 @@ REPLY_TIMEOUT_S = 120
 class OutgoingMigration:
     """Drives one authorized migration from this host to a peer domain."""
 
-    def __init__(self, services: Any, grant: Any, emit: Callable[[dict], None]) -> None:
+    def __init__(self, services: Services, grant: Any, emit: Callable[[dict], None]) -> None:
         self.services = services
         self.grant = grant
         self.emit = emit
