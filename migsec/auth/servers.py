@@ -25,6 +25,8 @@ from migsec.errors import AuthenticationError, AuthorizationDenied, MigsecError
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
     from migsec.protocol.local import PasswordKey
+    from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.auth")
 MIB = 1024 * 1024
@@ -86,8 +88,8 @@ class Grant:
     migration_id: str
     user: str
     roles: tuple[str, ...]
-    request: Any  # migsec.protocol.messages.MigrationRequest
-    ticket: Any  # AuthorizationTicket
+    request: MigrationRequest
+    ticket: AuthorizationTicket
     token: str  # its compact JWS
     destination_did: str
     max_bandwidth: int | None  # bytes/s, from an obligation
@@ -160,7 +162,7 @@ class AuthorizationServer:
         return Grant(migration_id, checked.user_id, roles, mig, ticket, token, mig.dest_did, max_bandwidth)
 
 
-def admit_incoming(services: Services, *, src_did: str, user_id: str, request: Any, vm: dict) -> tuple[int | None, list]:
+def admit_incoming(services: Services, *, src_did: str, user_id: str, request: MigrationRequest, vm: dict) -> tuple[int | None, list]:
     """Step 6 at the destination: PDP (receive-migration) + capacity; AuthorizationDenied otherwise.
 
     ``vm`` is what the source declared about the VM (name, uuid, vcpus, memory, disks).
@@ -205,7 +207,7 @@ def check_capacity(services: Services, vm: dict) -> None:
                                   f"free, {memory // MIB} MiB needed)", where="destination", decision="Capacity")
 
 
-def vm_attributes(info: Any) -> dict:
+def vm_attributes(info: DomainInfo) -> dict:
     """The resource attributes of a VM for the PDP (and for the destination's check)."""
     return {
         "vm-name": info.name,
@@ -217,7 +219,7 @@ def vm_attributes(info: Any) -> dict:
     }
 
 
-def apply_obligations(decision: Any, request: Any, *, where: str) -> tuple[int | None, list]:
+def apply_obligations(decision: Any, request: MigrationRequest, *, where: str) -> tuple[int | None, list]:
     """The obligations this PEP understands; any other makes the Permit unusable."""
     from migsec.policy import attributes as A
 

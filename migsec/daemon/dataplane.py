@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from migsec.errors import MappingError, MigsecError, TransferError
 
 if TYPE_CHECKING:
+    from migsec.daemon.link import SourceSession
     from migsec.daemon.services import Services
+    from migsec.protocol.messages import MigrationRequest
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.dataplane")
 MIB = 1024 * 1024
@@ -30,7 +33,7 @@ PLANE_TIMEOUT_S = 120
 
 
 # ---- the shared naming ---------------------------------------------------------------------
-def request_files(request: Any) -> list[str]:
+def request_files(request: MigrationRequest) -> list[str]:
     return request_files_of(request.options)
 
 
@@ -39,7 +42,7 @@ def request_files_of(options: Any, key: str = "files") -> list[str]:
     return [f for f in files.split("|") if f]
 
 
-def enrich_options(options: dict, info: Any) -> dict:
+def enrich_options(options: dict, info: DomainInfo) -> dict:
     """The VM facts the source AZ vouches for (B's PDP, capacity check and stream plan use them)."""
     return {
         **options,
@@ -68,7 +71,7 @@ SAVE_MAGIC_PARTIAL = b"LibvirtQemudPart"
 SAVE_MAGIC = b"LibvirtQemudSave"
 
 
-def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
+def source_streams(info: DomainInfo, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
     """The streams in sending order: the XML, the disks, then the memory image while it is saved.
 
     The disks' digests start at once, so hashing overlaps the memory save. The memory
@@ -93,7 +96,7 @@ def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -
     yield memory
 
 
-def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
+def send(session: SourceSession, streams: Iterator[Any], *, bandwidth: int | None,
          progress: Callable[[str, int, int], None], timeout: float = PLANE_TIMEOUT_S) -> Any:
     """Run the plane on A's session; returns the SendResult. ``timeout``: longest silence of B."""
     from migsec.transfer.plane import send_streams
@@ -135,7 +138,7 @@ def disk_map(services: Services, files: list[str]) -> dict[str, str]:
     return out
 
 
-def expected_streams(services: Services, request: Any) -> dict[str, Any]:
+def expected_streams(services: Services, request: MigrationRequest) -> dict[str, Any]:
     from migsec.transfer.plane import Expected
 
     files = request_files(request)
@@ -188,7 +191,7 @@ class _ThrottledSocket:
         return getattr(self._sock, name)
 
 
-def receive(services: Services, sock: socket.socket, records: Any, request: Any, migration_id: str,
+def receive(services: Services, sock: socket.socket, records: Any, request: MigrationRequest, migration_id: str,
             *, bandwidth: int | None = None) -> Received:
     """Receive into staging, install the disks, and prepare the restore XML (B's mappings).
 

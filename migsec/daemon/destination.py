@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from migsec.errors import DomainNotFoundError, MigsecError
 
 if TYPE_CHECKING:
+    from migsec.daemon.link import Accepted
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.destination")
@@ -69,7 +70,7 @@ def active_incoming() -> int:
         return len(_busy)
 
 
-def run_accepted(services: Services, conn: socket.socket, accepted: Any) -> None:
+def run_accepted(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """Thread body for an accepted connection: a new or resumed migration, or a recovery exchange."""
     mid = accepted.keys.migration_id
     if accepted.purpose == "recover":
@@ -100,7 +101,7 @@ class IncomingMigration:
         self.services = services
         self.mid = migration_id
 
-    def serve(self, conn: socket.socket, accepted: Any) -> None:
+    def serve(self, conn: socket.socket, accepted: Accepted) -> None:
         from migsec.daemon import dataplane
         from migsec.daemon.channel import ControlLink
         from migsec.protocol import RecordLayer

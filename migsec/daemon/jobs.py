@@ -14,6 +14,7 @@ from migsec.daemon.journal import DECISION
 from migsec.errors import JournalError, MigsecError, TransferError
 
 if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.jobs")
@@ -33,7 +34,7 @@ def record(services: Services, migration_id: str, role: str, phase: str, **field
     journal.advance(migration_id, phase, **clean)
 
 
-def describe(entry: Any) -> dict:
+def describe(entry: JournalEntry) -> dict:
     data = dict(entry.data)
     return {
         "migration_id": entry.migration_id,

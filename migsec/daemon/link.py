@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from migsec.errors import (
@@ -25,6 +25,11 @@ from migsec.protocol.framing import HEADER_SIZE, parse_header
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
+    from migsec.pki import Peer
+    from migsec.protocol import RecordLayer
+    from migsec.protocol.handshake import MigrationProposed
+    from migsec.protocol.messages import MigrationRequest
+    from migsec.protocol.session import SessionKeys
 
 log = logging.getLogger("migsecd.link")
 CONNECT_TIMEOUT_S = 15
@@ -76,9 +81,9 @@ class SourceSession:
 
     services: Services
     sock: socket.socket
-    keys: Any
+    keys: SessionKeys
     peer: PeerCert  # B, as verified in the handshake
-    records: Any = None
+    records: RecordLayer = field(init=False)
     bytes_on_wire: int = 0
     _control: Any = None
 
@@ -106,7 +111,7 @@ class SourceSession:
             pass
 
 
-def connect(services: Services, peer: Any, request: Any, token: str, *, migration_id: str,
+def connect(services: Services, peer: Peer, request: MigrationRequest, token: str, *, migration_id: str,
             resume_of: str | None = None) -> SourceSession:
     """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
     from migsec.daemon.peers import split_address
@@ -114,6 +119,7 @@ def connect(services: Services, peer: Any, request: Any, token: str, *, migratio
 
     if peer.cert_pem is None:
         peer = fetch_pinned_certificate(services, peer)
+    assert peer.cert_pem is not None  # fetch_pinned_certificate stored it
     hs = SourceHandshake(services.identity, services.trust, peer_did=peer.did, peer_cert_pem=peer.cert_pem,
                          clock=services.clock)
     try:
@@ -163,7 +169,7 @@ def connect(services: Services, peer: Any, request: Any, token: str, *, migratio
     return SourceSession(services, sock, event.keys, peer_cert)
 
 
-def fetch_pinned_certificate(services: Services, peer: Any) -> Any:
+def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
     """First contact with a peer known only by a pinned fingerprint: ask it for its certificate
     (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
     store, then store it in the peer directory. Returns the updated peer."""
@@ -227,15 +233,15 @@ def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str)
 class Accepted:
     """What B hands the data-plane thread after sending its Ack."""
 
-    keys: Any
-    proposal: Any  # migsec.protocol.handshake.MigrationProposed
+    keys: SessionKeys
+    proposal: MigrationProposed
     purpose: str  # "migrate" | "resume" | "recover" | "dry-run"
     peer: PeerCert
     bandwidth: int | None = None
     leftover: bytes = b""
 
     @property
-    def request(self) -> Any:
+    def request(self) -> MigrationRequest:
         return self.proposal.request
 
     @property
@@ -301,6 +307,7 @@ async def accept_async(services: Services, conn: socket.socket, loop: asyncio.Ab
                    outcome="accepted", purpose=purpose)
     if purpose == "dry-run":
         return None
+    assert hs.keys is not None  # accept() derived them
     return Accepted(hs.keys, event, purpose, peer, bandwidth, hs.trailing_data())
 
 
@@ -315,7 +322,7 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
     return bytes(buf)
 
 
-def decide(services: Services, proposal: Any) -> tuple[str, int | None]:
+def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | None]:
     """B's decision on a verified MigReq (in a worker thread: policy, libvirt, journal)."""
     from migsec.auth.servers import admit_incoming
     from migsec.errors import JournalError
@@ -361,7 +368,7 @@ def decide(services: Services, proposal: Any) -> tuple[str, int | None]:
     return "migrate", bandwidth
 
 
-def _check_targets_free(services: Services, request: Any) -> None:
+def _check_targets_free(services: Services, request: MigrationRequest) -> None:
     """Refuse before any byte moves when a disk's target here exists already: typically the VM's
     old copy, left when it moved away without --undefinesource and now coming back."""
     import os
@@ -380,7 +387,7 @@ def _check_targets_free(services: Services, request: Any) -> None:
             where="destination", decision="Conflict")
 
 
-def _check_pin(services: Services, proposal: Any) -> None:
+def _check_pin(services: Services, proposal: MigrationProposed) -> None:
     """A source listed in B's peer directory must present the certificate recorded there."""
     from migsec.errors import ConfigError
 
@@ -393,10 +400,10 @@ def _check_pin(services: Services, proposal: Any) -> None:
                                   f"not the one in the peer directory ({known.fingerprint})")
 
 
-def vm_facts(request: Any) -> dict:
+def vm_facts(request: MigrationRequest) -> dict:
     """The VM attributes A's AZ put into the (signed) request options."""
     o = request.options
-    facts = {"vm-name": request.vm}
+    facts: dict[str, Any] = {"vm-name": request.vm}
     for key, short in (("vm_uuid", "vm-uuid"), ("vcpus", "vcpus"), ("memory_bytes", "memory-bytes"),
                        ("disk_bytes", "disk-bytes")):
         if key in o:

@@ -39,7 +39,13 @@ from migsec.daemon.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 
 if TYPE_CHECKING:
+    from migsec.daemon.destination import IncomingMigration
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.link import Accepted
+    from migsec.daemon.link import SourceSession
     from migsec.daemon.services import Services
+    from migsec.daemon.source import OutgoingMigration
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -52,7 +58,7 @@ LIVE_STATE = "running-live"
 
 
 # ---- shared -----------------------------------------------------------------------------------
-def live_options(options: dict, info: Any) -> dict:
+def live_options(options: dict, info: DomainInfo) -> dict:
     """The disk facts B needs to pre-create sparse images (the AZ signs them with the request)."""
     disks = [d for d in info.disks if d.type == "file" and d.source and not d.readonly and not d.shareable]
     return {
@@ -103,7 +109,7 @@ def _uris(migration_id: str) -> dict[str, str]:
 
 
 # ---- A: the source ------------------------------------------------------------------------------
-def run_source(job: Any, conn: Any, session: Any) -> dict:
+def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dict:
     """A's side after the handshake (``job`` is the OutgoingMigration)."""
     from migsec import virt
     from migsec.daemon.bridge import ChannelBridge
@@ -202,7 +208,7 @@ def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth
                           flags=flags, bandwidth=bandwidth, disks=targets or None)
 
 
-def _watch(job: Any, conn: Any, mover: "_Call", bridge: Any) -> None:
+def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> None:
     """Progress from libvirt's job while it migrates; --timeout, an operator's abort (`migsec jobs
     abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job: libvirt rolls back."""
     from migsec.virt import migrate as vmig
@@ -230,7 +236,7 @@ def _watch(job: Any, conn: Any, mover: "_Call", bridge: Any) -> None:
                       "total": int(stats.data_total)})
 
 
-def _receipt_problems(receipt: Any, job: Any, session: Any, mine: dict) -> list[str]:
+def _receipt_problems(receipt: Any, job: OutgoingMigration, session: SourceSession, mine: dict) -> list[str]:
     problems = []
     if (receipt.src_did, receipt.dest_did) != (job.services.did, job.dest_did):
         problems.append(f"it is between {receipt.src_did} and {receipt.dest_did}")
@@ -249,7 +255,7 @@ def _short(digest: bytes | None) -> str:
     return "none" if digest is None else digest.hex()[:16] + "..."
 
 
-def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
+def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> Any:
     message = bridge.recv_control(timeout)
     if message.get("t") == "abort":
         raise TransferError(f"{job.dest_did} aborted: {message.get('reason', 'no reason given')}")
@@ -258,7 +264,7 @@ def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
     return message.get("jws", message)
 
 
-def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
+def _rollback(job: OutgoingMigration, conn: Any, cause: BaseException, bridge: Any) -> None:
     """Before libvirt's commit: libvirt resumed the guest here; make sure, journal, tell B."""
     from migsec.daemon.source import restart_at_source
     from migsec.protocol import Decision
@@ -293,7 +299,7 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
                               rolled_back=True) from cause
 
 
-def _release_source(job: Any, conn: Any) -> None:
+def _release_source(job: OutgoingMigration, conn: Any) -> None:
     """libvirt stopped (and with --undefinesource undefined) the source copy: its disks go too,
     or the definition kept here is marked as given away (the same release as a cold move's)."""
     from migsec.daemon.release import release_source
@@ -385,7 +391,7 @@ def _connect_unix(path: str, wait: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None:
+def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted: Accepted) -> None:
     """B's side of a live move (``incoming`` is the IncomingMigration, journaled ``accepted``)."""
     from migsec.daemon.bridge import ChannelBridge
     from migsec.daemon.dataplane import disk_map
@@ -454,7 +460,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
     bridge.close()
 
 
-def _precreate(incoming: Any, disks: list, dmap: dict) -> list[str]:
+def _precreate(incoming: IncomingMigration, disks: list, dmap: dict) -> list[str]:
     from migsec.virt.migrate import create_sparse_image
 
     created: list[str] = []
@@ -469,7 +475,7 @@ def _precreate(incoming: Any, disks: list, dmap: dict) -> list[str]:
     return created
 
 
-def _commit_here(incoming: Any, bridge: Any, accepted: Any, state: dict) -> None:
+def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, state: dict) -> None:
     """libvirt finished here: check the guest, sign the receipt, wait for A's commit, confirm."""
     from migsec import virt
     from migsec.protocol import Decision, Receipt, Resumed, token_hash
@@ -516,7 +522,7 @@ def _commit_here(incoming: Any, bridge: Any, accepted: Any, state: dict) -> None
     log.info("migration %s: %s runs here (live)", mid, request.vm)
 
 
-def _abort_decision(incoming: Any, message: dict, accepted: Any) -> None:
+def _abort_decision(incoming: IncomingMigration, message: dict, accepted: Accepted) -> None:
     token = message.get("jws")
     if isinstance(token, str):
         incoming.services.audit("decision", incoming.mid, role="destination", peer_token=token,
@@ -561,7 +567,7 @@ def discard_destination(services: Services, mid: str, *, reason: str = "", recor
 
 
 # ---- after a crash (``migsec recover``): libvirt's own outcome decides ---------------------------------
-def recover_source(services: Services, entry: Any) -> str | None:
+def recover_source(services: Services, entry: JournalEntry) -> str | None:
     """A live move A did not see through. libvirt's Confirm is the commit: a guest no longer
     active here went to B (journal it committed and released); one still active here stays
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
@@ -584,7 +590,7 @@ def recover_source(services: Services, entry: Any) -> str | None:
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
 
 
-def recover_destination(services: Services, entry: Any) -> str | None:
+def recover_destination(services: Services, entry: JournalEntry) -> str | None:
     """A live move B did not see through: a guest libvirt finished here runs here (journal the
     commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
     from migsec import virt

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from migsec.errors import ConfigError
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
+    from migsec.pki import Peer
 
 
 def _addresses(host: str) -> set[str]:
@@ -27,7 +28,7 @@ def split_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 7443
 
 
-def find_peer(services: Services, host: str, port: int) -> Any:
+def find_peer(services: Services, host: str, port: int) -> Peer:
     """The peer whose DID is ``host`` or whose directory address is ``host:port``."""
     peers = services.peers.list()
     for peer in peers:

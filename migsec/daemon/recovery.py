@@ -25,11 +25,13 @@ import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from migsec.errors import JournalError, MigsecError
 
 if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.link import Accepted
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.recovery")
@@ -92,27 +94,28 @@ def _recover_all(services: Services, emit: Callable[[dict], None]) -> list[dict]
     return actions
 
 
-def recover_one(services: Services, entry: Any) -> str:
+def recover_one(services: Services, entry: JournalEntry) -> str:
     if entry.role == "source":
         return _recover_source(services, entry)
     return _recover_destination(services, entry)
 
 
 # ---- A -----------------------------------------------------------------------------------------
-def _abort_decision(services: Services, entry: Any, reason: str) -> str:
+def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str:
     from migsec.protocol import Decision
 
     return Decision(migration_id=entry.migration_id, src_did=services.did, dest_did=str(entry.data.get("peer")),
                     decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
 
 
-def _recover_source(services: Services, entry: Any, *, tell_peer: bool = True) -> str:
+def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
     from migsec.daemon.release import release_source
     from migsec.daemon.source import restart_at_source
 
-    mid, domain = entry.migration_id, entry.data.get("domain")
+    # every source journal is created naming its domain and peer (jobs.record)
+    mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
     if not entry.decided and entry.data.get("mode") == "live":
         from migsec.daemon.live import recover_source
@@ -156,7 +159,7 @@ def _recover_source(services: Services, entry: Any, *, tell_peer: bool = True) -
 
 
 # ---- B -----------------------------------------------------------------------------------------
-def _recover_destination(services: Services, entry: Any) -> str:
+def _recover_destination(services: Services, entry: JournalEntry) -> str:
     from migsec.daemon.destination import IncomingMigration
 
     mid = entry.migration_id
@@ -186,12 +189,12 @@ def _recover_destination(services: Services, entry: Any) -> str:
 
 
 # ---- talking to the peer --------------------------------------------------------------------------
-def _session(services: Services, entry: Any) -> Any:
+def _session(services: Services, entry: JournalEntry) -> Any:
     from migsec.crypto import random_bytes
     from migsec.daemon import link
     from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
 
-    peer = services.peers.get(entry.data.get("peer"))
+    peer = services.peers.get(cast(str, entry.data.get("peer")))
     request = MigrationRequest(vm=str(entry.data.get("domain")), mode="cold", dest_did=peer.did,
                                options={"purpose": "recover"})
     now = services.clock()
@@ -203,7 +206,7 @@ def _session(services: Services, entry: Any) -> Any:
     return link.connect(services, peer, request, token, migration_id=entry.migration_id)
 
 
-def _ask_peer(services: Services, entry: Any, message: dict, *, want_key: bool = False) -> Any:
+def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False) -> Any:
     from migsec.protocol import Resumed, token_hash
 
     try:
@@ -228,14 +231,14 @@ def _ask_peer(services: Services, entry: Any, message: dict, *, want_key: bool =
         session.close()
 
 
-def _tell_peer(services: Services, entry: Any, message: dict) -> str:
+def _tell_peer(services: Services, entry: JournalEntry, message: dict) -> str:
     answer = _ask_peer(services, entry, message)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable (it will ask when it recovers)"
     return f"{entry.data.get('peer')} answered {answer.get('t')}"
 
 
-def answer_recovery(services: Services, conn: socket.socket, accepted: Any) -> None:
+def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
     from migsec.daemon.channel import ControlLink
     from migsec.daemon.destination import IncomingMigration

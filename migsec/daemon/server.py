@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from migsec.daemon import wire
 from migsec.daemon.notify import sd_notify

@@ -40,8 +40,11 @@ from migsec.errors import (
 from migsec.transfer.source import WriterOutcome
 
 if TYPE_CHECKING:
-    from migsec.daemon.services import Services
+    from migsec.auth.servers import Grant
     from migsec.daemon.jobs import ProgressTracker
+    from migsec.daemon.link import SourceSession
+    from migsec.daemon.services import Services
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.source")
 MAX_RESUMES = 3
@@ -52,7 +55,7 @@ REPLY_TIMEOUT_S = 120
 class OutgoingMigration:
     """Drives one authorized migration from this host to a peer domain."""
 
-    def __init__(self, services: Services, grant: Any, emit: Callable[[dict], None]) -> None:
+    def __init__(self, services: Services, grant: Grant, emit: Callable[[dict], None]) -> None:
         self.services = services
         self.grant = grant
         self.emit = emit
@@ -115,7 +118,7 @@ class OutgoingMigration:
         finally:
             conn.close()
 
-    def _move(self, conn: Any, session: Any) -> dict:
+    def _move(self, conn: Any, session: SourceSession) -> dict:
         """Suspend, save while the disks stream, then the commit exchange (transfer.SourceCommit)."""
         from migsec import virt
         from migsec.transfer.commit import SourceCommit
@@ -177,7 +180,7 @@ class OutgoingMigration:
         self.step(f"{self.domain} is running at {self.dest_did}")
         return self.result()
 
-    def _transfer(self, session: Any, info: Any, saver: "_Background") -> tuple[Any, Any]:
+    def _transfer(self, session: SourceSession, info: DomainInfo, saver: "_Background") -> tuple[Any, Any]:
         """Stream everything, resuming on a new connection after a break; returns the SendResult."""
         from migsec.daemon import dataplane, link
 
@@ -228,7 +231,7 @@ class OutgoingMigration:
             raise IntegrityError(f"the save image {self.saved_image} changed after it was streamed "
                                  f"(stream digest {now[:16]}..., sent {str(sent)[:16]}...)")
 
-    def _expect(self, session: Any, kind: str) -> str:
+    def _expect(self, session: SourceSession, kind: str) -> str:
         """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
         message = session.control.recv_control(max(1.0, min(REPLY_TIMEOUT_S, self.remaining())))
         if message.get("t") == "abort":
@@ -238,7 +241,7 @@ class OutgoingMigration:
             raise TransferError(f"expected a {kind} from {self.dest_did}, got {message.get('t')!r}")
         return token
 
-    def _abort(self, commit: Any, session: Any, cause: BaseException) -> None:
+    def _abort(self, commit: Any, session: SourceSession, cause: BaseException) -> None:
         """Before the decision: SourceCommit journals the abort and runs the guest here again."""
         from migsec.transfer.commit import ROLLED_BACK
 
