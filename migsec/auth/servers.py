@@ -107,7 +107,7 @@ class AuthorizationServer:
         from migsec.policy import attributes as A
         from migsec.protocol.local import AuthorizationServer as ProtocolAZ
         from migsec.protocol.local import LocalMigrationRequest
-        from migsec.daemon.dataplane import enrich_options
+        from migsec.daemon.dataplane import enrich_options, plan_for
         from migsec.protocol.messages import MigrationRequest, Obligation
 
         services = self.services
@@ -153,7 +153,7 @@ class AuthorizationServer:
 
             options = live_options(options, info)
         mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,
-                               network_map=mig.network_map, options=options)
+                               network_map=mig.network_map, options=options, plan=plan_for(mig, info))
         checked = replace(checked, request=mig)
         ticket, token = az.issue(checked, obligations=[Obligation(o.id, _scalars(o.attributes)) for o in obligations])
         migration_id = uuid.uuid4().hex

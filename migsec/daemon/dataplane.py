@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from migsec.daemon.link import SourceSession
     from migsec.daemon.services import Services
     from migsec.protocol.messages import MigrationRequest
+    from migsec.protocol.plan import MigrationPlan
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.dataplane")
@@ -34,6 +35,9 @@ PLANE_TIMEOUT_S = 120
 
 # ---- the shared naming ---------------------------------------------------------------------
 def request_files(request: MigrationRequest) -> list[str]:
+    """The files to move, in stream order (``disk<i>``): from the plan, else the string options."""
+    if request.plan is not None:
+        return list(request.plan.files)
     return request_files_of(request.options)
 
 
@@ -56,6 +60,21 @@ def enrich_options(options: dict, info: DomainInfo) -> dict:
         # top images only: backing files may be shared with other VMs, never removed
         "top_files": "|".join(d.source for d in info.disks if d.type == "file" and d.source),
     }
+
+
+def plan_for(request: MigrationRequest, info: DomainInfo) -> MigrationPlan:
+    """The typed plan of ``request`` for the VM ``info`` describes (the AZ signs it with the request)."""
+    from migsec.protocol.plan import DiskPlan, MigrationPlan
+
+    disks = tuple(DiskPlan(target=d.target, type=d.type, source=d.source, format=d.format,
+                           virtual_size=int(d.virtual_size or 0),
+                           backing=d.files[1:],  # a file disk's backing files, nearest first
+                           readonly=d.readonly, shareable=d.shareable) for d in info.disks)
+    return MigrationPlan(vm_name=request.vm, vm_uuid=info.uuid, mode=request.mode, vcpus=int(info.vcpus),
+                         memory_bytes=int(info.memory_bytes), disks=disks,
+                         tags=tuple(t for t in info.tags if t),  # as the string options dropped empty ones
+                         paused=info.state.value == "paused", storage_map=request.storage_map,
+                         network_map=request.network_map)
 
 
 # ---- A ------------------------------------------------------------------------------------------
@@ -143,7 +162,7 @@ def expected_streams(services: Services, request: MigrationRequest) -> dict[str,
 
     files = request_files(request)
     targets = disk_map(services, files)
-    memory = int(request.options.get("memory_bytes", 0))
+    memory = request.plan.memory_bytes if request.plan else int(request.options.get("memory_bytes", 0))
     expected = {"domain.xml": Expected("xml", max_size=XML_MAX),
                 "memory": Expected("memory", max_size=memory_image_bound(memory))}
     for i, f in enumerate(files):

@@ -401,7 +401,12 @@ def _check_pin(services: Services, proposal: MigrationProposed) -> None:
 
 
 def vm_facts(request: MigrationRequest) -> dict:
-    """The VM attributes A's AZ put into the (signed) request options."""
+    """The VM attributes A's AZ vouched for in the (signed) request: its plan, else its options."""
+    if request.plan is not None:
+        attributes = request.plan.vm_attributes()
+        if not attributes["tags"]:
+            del attributes["tags"]  # as from the options: no tags, no attribute
+        return attributes
     o = request.options
     facts: dict[str, Any] = {"vm-name": request.vm}
     for key, short in (("vm_uuid", "vm-uuid"), ("vcpus", "vcpus"), ("memory_bytes", "memory-bytes"),

@@ -41,10 +41,10 @@ from migsec.errors import IntegrityError, MigrationFailed, MigsecError, Transfer
 if TYPE_CHECKING:
     from migsec.daemon.destination import IncomingMigration
     from migsec.daemon.journal import JournalEntry
-    from migsec.daemon.link import Accepted
-    from migsec.daemon.link import SourceSession
+    from migsec.daemon.link import Accepted, SourceSession
     from migsec.daemon.services import Services
     from migsec.daemon.source import OutgoingMigration
+    from migsec.protocol.messages import MigrationRequest
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.live")
@@ -72,6 +72,13 @@ def live_options(options: dict, info: DomainInfo) -> dict:
 
 def _split(options: Any, key: str) -> list[str]:
     return [v for v in str(options.get(key, "")).split("|") if v]
+
+
+def request_live_disks(request: MigrationRequest) -> list[tuple[str, str, str, int]]:
+    """``live_disks`` of a request: from its plan, else from its string options."""
+    if request.plan is None:
+        return live_disks(request.options)
+    return [(d.target, str(d.source), d.format or "raw", d.virtual_size) for d in request.plan.mirrored_disks]
 
 
 def live_disks(options: Any) -> list[tuple[str, str, str, int]]:
@@ -132,7 +139,7 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
                  "through the session")
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")), paused=job.was_paused)
-        targets = [t for t, *_ in live_disks(job.options)]
+        targets = [t for t, *_ in request_live_disks(job.request)]
         job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
         _watch(job, conn, mover, bridge)
@@ -406,7 +413,7 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
     opened: set[str] = set()
     bridge: Any = None
     try:
-        disks = live_disks(options)
+        disks = request_live_disks(request)
         dmap = disk_map(services, [src for _, src, _, _ in disks])
         paths = _uris(mid)
         make_run_dir(mid)

@@ -23,16 +23,18 @@ from migsec.protocol.codec import MAX_STRING, Fields, check_ident
 
 PLAN_VERSION = 1
 MODES = ("cold", "live")
-DISK_TYPES = ("file", "block", "network", "volume")
+LOCAL_TYPES = ("file", "block")  # a source is then a host path
 MAX_DISKS = 64
 MAX_BACKING = 64
 MAX_TAGS = 64
 MAX_MAP = 256
 MAX_BYTES = 2**63 - 1
 MAX_VCPUS = 4096
-_TARGET = re.compile(r"[a-z][a-z0-9]{0,31}")  # libvirt's <target dev>: vda, sdb, hdc, ...
-_FORMAT = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")  # raw, qcow2, vmdk, ...
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# names as libvirt spells them; lenient, so that no guest libvirt describes is refused here
+_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # <target dev>: vda, sdb, hdc, ...
+_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # <disk type>: file, block, network, volume, ...
+_FORMAT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # <driver type>: raw, qcow2, vmdk, ...
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _fail(what: str) -> None:
@@ -40,9 +42,9 @@ def _fail(what: str) -> None:
 
 
 def _check_path(value: Any, what: str) -> str:
-    """A host path: absolute, at most MAX_STRING characters, no NUL (any other character is fine)."""
-    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value or len(value) > MAX_STRING:
-        _fail(f"{what} must be an absolute path of at most {MAX_STRING} characters without NUL")
+    """A host path: 1..MAX_STRING characters, no NUL (any other character is fine)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_STRING or "\x00" in value:
+        _fail(f"{what} must be a path of 1-{MAX_STRING} characters without NUL")
     return value
 
 
@@ -95,10 +97,10 @@ class DiskPlan:
         if not isinstance(self.target, str) or not _TARGET.fullmatch(self.target):
             _fail(f"disk target {self.target!r} is not a device name such as 'vda'")
         what = f"disk {self.target}"
-        if self.type not in DISK_TYPES:
-            _fail(f"{what}: type {self.type!r} is not one of {DISK_TYPES}")
+        if not isinstance(self.type, str) or not _TYPE.fullmatch(self.type):
+            _fail(f"{what}: type {self.type!r} is not a disk type such as 'file'")
         if self.source is not None:
-            if self.type in ("file", "block"):
+            if self.type in LOCAL_TYPES:
                 _check_path(self.source, f"{what}: source")
             else:
                 _check_text(self.source, f"{what}: source", MAX_STRING)
@@ -140,7 +142,7 @@ class DiskPlan:
             _fail("disk source must be a string or null")
         if fmt is not None and not isinstance(fmt, str):
             _fail("disk format must be a string or null")
-        disk = cls(target=f.string("target", max_len=32), type=f.string("type", max_len=16),
+        disk = cls(target=f.string("target", max_len=64), type=f.string("type", max_len=32),
                    source=source, format=fmt, virtual_size=f.integer("virtual_size", 0, MAX_BYTES),
                    backing=tuple(_list(f, "backing", MAX_BACKING)),
                    readonly=f.boolean("readonly"), shareable=f.boolean("shareable"))
@@ -166,7 +168,7 @@ class MigrationPlan:
     def __post_init__(self) -> None:
         check_ident(self.vm_name, "migration plan: vm_name")
         if not isinstance(self.vm_uuid, str) or not _UUID.fullmatch(self.vm_uuid):
-            _fail(f"vm_uuid {self.vm_uuid!r} is not a lowercase UUID")
+            _fail(f"vm_uuid {self.vm_uuid!r} is not a UUID")
         if self.mode not in MODES:
             _fail(f"mode must be one of {MODES}, got {self.mode!r}")
         _check_int(self.vcpus, "vcpus", 1, MAX_VCPUS)
@@ -180,7 +182,7 @@ class MigrationPlan:
         if not isinstance(self.tags, tuple) or len(self.tags) > MAX_TAGS:
             _fail(f"tags must be a tuple of at most {MAX_TAGS} strings")
         for tag in self.tags:
-            _check_text(tag, "a tag")
+            _check_text(tag, "a tag", MAX_STRING)
         if not isinstance(self.paused, bool):
             _fail("paused must be true or false")
         object.__setattr__(self, "storage_map", _check_map(self.storage_map, "storage_map"))

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from migsec.errors import MalformedMessageError
 from migsec.protocol.codec import canonical_json, parse_json_object
+from migsec.protocol.messages import MigrationRequest
 from migsec.protocol.plan import MAX_BYTES, DiskPlan, MigrationPlan
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,7 +106,7 @@ def test_a_pipe_or_comma_in_a_path_or_tag_is_kept() -> None:
     ({"vcpus": True}, "vcpus"),
     ({"memory_bytes": -1}, "memory_bytes"),
     ({"memory_bytes": 1.5}, "memory_bytes"),
-    ({"vm_uuid": "0B1C6E4A-6F8E-4B59-9D43-5B3E2D0B7A11"}, "vm_uuid"),
+    ({"vm_uuid": "0b1c6e4a6f8e4b599d435b3e2d0b7a11"}, "vm_uuid"),
     ({"vm_name": "a b"}, "vm_name"),
     ({"tags": "gold"}, "tags"),
     ({"tags": [""]}, "tag"),
@@ -122,15 +123,15 @@ def test_a_malformed_plan_is_refused_naming_the_field(changes: dict, problem: st
 
 
 @pytest.mark.parametrize("disk_changes, problem", [
-    ({"target": "VDA"}, "target"),
-    ({"type": "nfs"}, "type"),
-    ({"source": "relative/path"}, "absolute path"),
+    ({"target": "v d a"}, "target"),
+    ({"type": "File!"}, "type"),
+    ({"source": ""}, "path of 1-"),
     ({"source": "/a\x00b"}, "without NUL"),
     ({"source": 7}, "source"),
-    ({"format": "QCOW2"}, "format"),
+    ({"format": "qcow 2"}, "format"),
     ({"virtual_size": MAX_BYTES + 1}, "virtual_size"),
     ({"backing": "/img/base"}, "backing"),
-    ({"backing": ["base.qcow2"]}, "absolute path"),
+    ({"backing": [""]}, "path of 1-"),
     ({"readonly": 1}, "readonly"),
     ({"bus": "virtio"}, "unknown field"),
 ])
@@ -161,3 +162,42 @@ def test_a_plan_is_immutable() -> None:
         plan.mode = "live"  # type: ignore[misc]
     with pytest.raises(TypeError):
         plan.storage_map["/x"] = "/y"  # type: ignore[index]
+
+
+# ---- carried and signed inside Mig_Rqst ------------------------------------------------------------
+def _request(plan: MigrationPlan | None, **changes: object) -> MigrationRequest:
+    fields: dict = {"vm": "vm1", "mode": "cold", "dest_did": "cloud-b.example", "options": {"persistent": True}}
+    fields.update(changes)
+    return MigrationRequest(plan=plan, **fields)
+
+
+def test_the_request_carries_its_plan_and_its_digest_covers_it() -> None:
+    plan = MigrationPlan.from_dict(_plan())
+    req = _request(plan)
+    wire = parse_json_object(canonical_json(req.claims()), "Mig_Rqst")
+    back = MigrationRequest.from_claims(wire)
+    assert back == req and back.plan == plan
+    assert back.plan is not None and back.plan.files == ("/img/a|b.qcow2", "/img/base,1.qcow2")
+    other = MigrationPlan.from_dict(_plan(vcpus=3))
+    assert _request(other).digest() != req.digest()
+    # a request without a plan (the user's, recovery's) has no "plan" claim: its digest is as before
+    bare = _request(None)
+    assert "plan" not in bare.claims()
+    assert MigrationRequest.from_claims(bare.claims()) == bare
+
+
+@pytest.mark.parametrize("changes", [{"vm": "vm2"}, {"mode": "live"}, {"storage_map": {"/a": "/b"}},
+                                     {"network_map": {"default": "br0"}}])
+def test_a_plan_for_another_vm_mode_or_mapping_is_refused(changes: dict) -> None:
+    with pytest.raises(MalformedMessageError, match="plan names another"):
+        _request(MigrationPlan.from_dict(_plan()), **changes)
+
+
+def test_a_malformed_plan_claim_is_refused() -> None:
+    claims = _request(MigrationPlan.from_dict(_plan())).claims()
+    claims["plan"]["disks"][0]["virtual_size"] = -1
+    with pytest.raises(MalformedMessageError, match="virtual_size"):
+        MigrationRequest.from_claims(claims)
+    claims["plan"] = "vda=/img/x"
+    with pytest.raises(MalformedMessageError, match="expected an object"):
+        MigrationRequest.from_claims(claims)
