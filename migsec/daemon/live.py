@@ -311,7 +311,8 @@ def _release_source(job: OutgoingMigration, conn: Any) -> None:
     or the definition kept here is marked as given away (the same release as a cold move's)."""
     from migsec.daemon.release import release_source
 
-    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did)
+    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did,
+                                  plan=job.request.plan)
     for disk in job.released["disks_not_removed"]:
         job.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
 
@@ -580,7 +581,7 @@ def recover_source(services: Services, entry: JournalEntry) -> str | None:
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.release import release_source
+    from migsec.daemon.release import journal_plan, release_source
     from migsec.daemon.source import domain_state
 
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
@@ -591,7 +592,7 @@ def recover_source(services: Services, entry: JournalEntry) -> str | None:
             return None
         record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
         release_source(services, conn, mid, domain, dict(entry.data.get("options") or {}),
-                       str(entry.data.get("peer")))
+                       str(entry.data.get("peer")), plan=journal_plan(entry))
     record(services, mid, "source", "released")
     record(services, mid, "source", "done")
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"

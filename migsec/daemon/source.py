@@ -91,7 +91,8 @@ class OutgoingMigration:
         if not dry_run:
             self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
                          user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
-                         save_image=str(self.saved_image))
+                         save_image=str(self.saved_image),
+                         plan=self.request.plan.to_dict() if self.request.plan else None)
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
@@ -276,7 +277,7 @@ class OutgoingMigration:
 
         # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
         self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
-                                       self.dest_did)
+                                       self.dest_did, plan=self.request.plan)
         for disk in self.released["disks_not_removed"]:
             self.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -34,3 +34,24 @@ def test_plan_and_string_options_agree(info, mode):
     assert with_plan.plan.top_files == tuple(request_files_of(options, "top_files"))
     assert with_plan.plan.paused == options["paused"]
     assert with_plan.plan.memory_bytes == options["memory_bytes"]
+
+
+def test_undefinesource_removes_the_plans_top_images_even_with_a_pipe_in_the_name(tmp_path):
+    from migsec.daemon.journal import Journal
+    from migsec.daemon.release import journal_plan, remove_moved_disks
+    from migsec.protocol.plan import DiskPlan, MigrationPlan
+
+    top, base, bystander = tmp_path / "vm|1.qcow2", tmp_path / "base.qcow2", tmp_path / "vm"
+    for f in (top, base, bystander):
+        f.write_bytes(b"x")
+    plan = MigrationPlan(vm_name="vm1", vm_uuid="0b1c6e4a-6f8e-4b59-9d43-5b3e2d0b7a11", mode="cold", vcpus=1,
+                         memory_bytes=1 << 20, disks=(DiskPlan("vda", "file", str(top), "qcow2", 1 << 20, (str(base),)),))
+    journal = Journal(tmp_path / "state")
+    journal.create("m1", "source", {"domain": "vm1", "plan": plan.to_dict()})
+    recorded = journal_plan(journal.get("m1"))
+    assert recorded == plan
+    # the string options would split the name at "|": the plan removes exactly the top image
+    assert remove_moved_disks({"top_files": str(top)}, recorded) == []
+    assert not top.exists() and base.exists() and bystander.exists()
+    journal.create("m2", "source", {"domain": "vm1"})
+    assert journal_plan(journal.get("m2")) is None
