@@ -77,7 +77,7 @@ def migration_message(creds: Any, request: dict, conn: Any) -> dict:
 
     dest = conn.request({"op": "resolve", "host": request["destination"]["host"],
                          "port": request["destination"]["port"]})
-    options = {
+    options: dict[str, bool | int] = {
         "persistent": bool(request.get("persistent")),
         "undefine_source": bool(request.get("undefine_source")),
         "dry_run": bool(request.get("dry_run")),

@@ -18,9 +18,15 @@ import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import AuthenticationError, AuthorizationDenied, MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
+    from migsec.protocol.local import PasswordKey
+    from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.auth")
 MIB = 1024 * 1024
@@ -38,7 +44,7 @@ class _Decoy:
 
 
 class AuthenticationServer:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
 
     def handle(self, request_text: str) -> dict:
@@ -64,7 +70,7 @@ class AuthenticationServer:
             reply = make_auth_reply(request, sk3=services.sk3, ssh_verify=verify, lifetime=lifetime,
                                     clock=services.clock)
         else:
-            password_key = user.password if user is not None else None
+            password_key: PasswordKey | None = user.password if user is not None else None
             if password_key is None:
                 # same shape as a real reply; the salt is stable per name so probing learns nothing
                 salt = hmac.new(services.sk3, b"decoy-salt " + request.user_id.encode(), "sha256").digest()[:16]
@@ -82,15 +88,15 @@ class Grant:
     migration_id: str
     user: str
     roles: tuple[str, ...]
-    request: Any  # migsec.protocol.messages.MigrationRequest
-    ticket: Any  # AuthorizationTicket
+    request: MigrationRequest
+    ticket: AuthorizationTicket
     token: str  # its compact JWS
     destination_did: str
     max_bandwidth: int | None  # bytes/s, from an obligation
 
 
 class AuthorizationServer:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
 
     def authorize(self, request_text: str) -> Grant:
@@ -101,7 +107,7 @@ class AuthorizationServer:
         from migsec.policy import attributes as A
         from migsec.protocol.local import AuthorizationServer as ProtocolAZ
         from migsec.protocol.local import LocalMigrationRequest
-        from migsec.daemon.dataplane import enrich_options
+        from migsec.daemon.dataplane import enrich_options, plan_for
         from migsec.protocol.messages import MigrationRequest, Obligation
 
         services = self.services
@@ -147,7 +153,7 @@ class AuthorizationServer:
 
             options = live_options(options, info)
         mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,
-                               network_map=mig.network_map, options=options)
+                               network_map=mig.network_map, options=options, plan=plan_for(mig, info))
         checked = replace(checked, request=mig)
         ticket, token = az.issue(checked, obligations=[Obligation(o.id, _scalars(o.attributes)) for o in obligations])
         migration_id = uuid.uuid4().hex
@@ -156,7 +162,7 @@ class AuthorizationServer:
         return Grant(migration_id, checked.user_id, roles, mig, ticket, token, mig.dest_did, max_bandwidth)
 
 
-def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, vm: dict) -> tuple[int | None, list]:
+def admit_incoming(services: Services, *, src_did: str, user_id: str, request: MigrationRequest, vm: dict) -> tuple[int | None, list]:
     """Step 6 at the destination: PDP (receive-migration) + capacity; AuthorizationDenied otherwise.
 
     ``vm`` is what the source declared about the VM (name, uuid, vcpus, memory, disks).
@@ -182,7 +188,7 @@ def admit_incoming(services: Any, *, src_did: str, user_id: str, request: Any, v
     return apply_obligations(decision, request, where="destination")
 
 
-def check_capacity(services: Any, vm: dict) -> None:
+def check_capacity(services: Services, vm: dict) -> None:
     """Configured limits and the host's free memory; AuthorizationDenied naming what is short."""
     from migsec import virt
 
@@ -201,7 +207,7 @@ def check_capacity(services: Any, vm: dict) -> None:
                                   f"free, {memory // MIB} MiB needed)", where="destination", decision="Capacity")
 
 
-def vm_attributes(info: Any) -> dict:
+def vm_attributes(info: DomainInfo) -> dict:
     """The resource attributes of a VM for the PDP (and for the destination's check)."""
     return {
         "vm-name": info.name,
@@ -213,7 +219,7 @@ def vm_attributes(info: Any) -> dict:
     }
 
 
-def apply_obligations(decision: Any, request: Any, *, where: str) -> tuple[int | None, list]:
+def apply_obligations(decision: Any, request: MigrationRequest, *, where: str) -> tuple[int | None, list]:
     """The obligations this PEP understands; any other makes the Permit unusable."""
     from migsec.policy import attributes as A
 

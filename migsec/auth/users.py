@@ -39,6 +39,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SALT_SIZE = 16
 _USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}$")
 _ROLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}$")
+# a module-level name: inside UserDatabase, ``list`` is its method
+Roles = tuple[str, ...] | list[str]
 
 
 class UserError(MigsecError):
@@ -90,7 +92,7 @@ def parse_ssh_public_key(text: str) -> str:
 
 def _ssh_key(line: str) -> paramiko.PKey:
     try:
-        blob = paramiko.PublicBlob.from_string(line)
+        blob = paramiko.pkey.PublicBlob.from_string(line)
         key = paramiko.PKey.from_type_string(blob.key_type, blob.key_blob)
         # paramiko reads short fields leniently; a key that does not re-encode to the same
         # blob was truncated or padded
@@ -112,7 +114,7 @@ def check_password(password: str | bytes, min_length: int = 0) -> None:
                         f"needed ([users].min_password_length)")
 
 
-def _check_roles(roles: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def _check_roles(roles: Roles) -> tuple[str, ...]:
     roles = tuple(roles)
     for role in roles:
         if not isinstance(role, str) or not _ROLE_NAME.match(role):
@@ -183,7 +185,7 @@ class UserDatabase:
         return user  # type: ignore[return-value]
 
     # --- changes
-    def add(self, name: str, password: str | bytes | None = None, roles: tuple[str, ...] | list[str] = (),
+    def add(self, name: str, password: str | bytes | None = None, roles: Roles = (),
             ssh_public_key: str | None = None, *, min_length: int = 0) -> User:
         """Add a user with roles and a password and/or an OpenSSH public key. ``min_length``:
         the shortest password accepted (the CLI passes ``[users].min_password_length``)."""
@@ -211,8 +213,8 @@ class UserDatabase:
         verifier = self._verifier(password, min_length)
         return self._change(name, lambda entry: entry.update(password=verifier))
 
-    def modify(self, name: str, *, roles: tuple[str, ...] | list[str] | None = None,
-               add_roles: tuple[str, ...] | list[str] = (), remove_roles: tuple[str, ...] | list[str] = (),
+    def modify(self, name: str, *, roles: Roles | None = None,
+               add_roles: Roles = (), remove_roles: Roles = (),
                ssh_public_key: str | None = None, remove_ssh_key: bool = False,
                remove_password: bool = False) -> User:
         """Change a user's roles (replace, add, remove) and login methods (``migsec user mod``);

@@ -45,7 +45,7 @@ from migsec.errors import (
 )
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
-from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE
+from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
 from migsec.crypto import TAG_SIZE
 
 log = logging.getLogger("migsecd.bridge")
@@ -503,7 +503,7 @@ class ChannelBridge:
             raise ProtocolError(f"data on channel {channel}, which was never opened")
         return conn
 
-    def _deliver(self, channel: int, data: memoryview, reply_out: bytearray) -> None:
+    def _deliver(self, channel: int, data: Buffer, reply_out: bytearray) -> None:
         conn = self._channel(channel)
         if conn.in_ended:
             raise ProtocolError(f"data on channel {channel} after its END")
@@ -519,7 +519,7 @@ class ChannelBridge:
         if local:
             self._write_local(conn, local)
 
-    def _write_local(self, conn: _Conn, data: bytes | memoryview) -> None:
+    def _write_local(self, conn: _Conn, data: Buffer) -> None:
         if conn.sock is None or conn.target_broken:
             return  # hashed and counted; the target is gone (its END tells the peer)
         try:

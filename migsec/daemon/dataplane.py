@@ -16,9 +16,16 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from migsec.errors import MappingError, MigsecError, TransferError
+
+if TYPE_CHECKING:
+    from migsec.daemon.link import SourceSession
+    from migsec.daemon.services import Services
+    from migsec.protocol.messages import MigrationRequest
+    from migsec.protocol.plan import MigrationPlan
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.dataplane")
 MIB = 1024 * 1024
@@ -27,7 +34,10 @@ PLANE_TIMEOUT_S = 120
 
 
 # ---- the shared naming ---------------------------------------------------------------------
-def request_files(request: Any) -> list[str]:
+def request_files(request: MigrationRequest) -> list[str]:
+    """The files to move, in stream order (``disk<i>``): from the plan, else the string options."""
+    if request.plan is not None:
+        return list(request.plan.files)
     return request_files_of(request.options)
 
 
@@ -36,7 +46,7 @@ def request_files_of(options: Any, key: str = "files") -> list[str]:
     return [f for f in files.split("|") if f]
 
 
-def enrich_options(options: dict, info: Any) -> dict:
+def enrich_options(options: dict, info: DomainInfo) -> dict:
     """The VM facts the source AZ vouches for (B's PDP, capacity check and stream plan use them)."""
     return {
         **options,
@@ -52,6 +62,21 @@ def enrich_options(options: dict, info: Any) -> dict:
     }
 
 
+def plan_for(request: MigrationRequest, info: DomainInfo) -> MigrationPlan:
+    """The typed plan of ``request`` for the VM ``info`` describes (the AZ signs it with the request)."""
+    from migsec.protocol.plan import DiskPlan, MigrationPlan
+
+    disks = tuple(DiskPlan(target=d.target, type=d.type, source=d.source, format=d.format,
+                           virtual_size=int(d.virtual_size or 0),
+                           backing=d.files[1:],  # a file disk's backing files, nearest first
+                           readonly=d.readonly, shareable=d.shareable) for d in info.disks)
+    return MigrationPlan(vm_name=request.vm, vm_uuid=info.uuid, mode=request.mode, vcpus=int(info.vcpus),
+                         memory_bytes=int(info.memory_bytes), disks=disks,
+                         tags=tuple(t for t in info.tags if t),  # as the string options dropped empty ones
+                         paused=info.state.value == "paused", storage_map=request.storage_map,
+                         network_map=request.network_map)
+
+
 # ---- A ------------------------------------------------------------------------------------------
 def memory_image_bound(memory_bytes: int) -> int:
     """The largest save image B accepts for a guest of ``memory_bytes`` (A streams within it)."""
@@ -65,7 +90,7 @@ SAVE_MAGIC_PARTIAL = b"LibvirtQemudPart"
 SAVE_MAGIC = b"LibvirtQemudSave"
 
 
-def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
+def source_streams(info: DomainInfo, files: list[str], saver: Any, memory_path: Path) -> Iterator[Any]:
     """The streams in sending order: the XML, the disks, then the memory image while it is saved.
 
     The disks' digests start at once, so hashing overlaps the memory save. The memory
@@ -90,7 +115,7 @@ def source_streams(info: Any, files: list[str], saver: Any, memory_path: Path) -
     yield memory
 
 
-def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
+def send(session: SourceSession, streams: Iterator[Any], *, bandwidth: int | None,
          progress: Callable[[str, int, int], None], timeout: float = PLANE_TIMEOUT_S) -> Any:
     """Run the plane on A's session; returns the SendResult. ``timeout``: longest silence of B."""
     from migsec.transfer.plane import send_streams
@@ -108,7 +133,7 @@ def send(session: Any, streams: Iterator[Any], *, bandwidth: int | None,
 
 
 # ---- B ------------------------------------------------------------------------------------------
-def disk_map(services: Any, files: list[str]) -> dict[str, str]:
+def disk_map(services: Services, files: list[str]) -> dict[str, str]:
     """Source file -> destination path, from B's [storage] settings (map, else image_dir)."""
     storage = services.config.storage
     out: dict[str, str] = {}
@@ -132,12 +157,12 @@ def disk_map(services: Any, files: list[str]) -> dict[str, str]:
     return out
 
 
-def expected_streams(services: Any, request: Any) -> dict[str, Any]:
+def expected_streams(services: Services, request: MigrationRequest) -> dict[str, Any]:
     from migsec.transfer.plane import Expected
 
     files = request_files(request)
     targets = disk_map(services, files)
-    memory = int(request.options.get("memory_bytes", 0))
+    memory = request.plan.memory_bytes if request.plan else int(request.options.get("memory_bytes", 0))
     expected = {"domain.xml": Expected("xml", max_size=XML_MAX),
                 "memory": Expected("memory", max_size=memory_image_bound(memory))}
     for i, f in enumerate(files):
@@ -155,7 +180,7 @@ class Received:
     wire_bytes: int
 
 
-def staging_dir(services: Any, migration_id: str) -> Path:
+def staging_dir(services: Services, migration_id: str) -> Path:
     return Path(services.config.paths.staging_dir) / f"in-{migration_id}"
 
 
@@ -185,7 +210,7 @@ class _ThrottledSocket:
         return getattr(self._sock, name)
 
 
-def receive(services: Any, sock: socket.socket, records: Any, request: Any, migration_id: str,
+def receive(services: Services, sock: socket.socket, records: Any, request: MigrationRequest, migration_id: str,
             *, bandwidth: int | None = None) -> Received:
     """Receive into staging, install the disks, and prepare the restore XML (B's mappings).
 
@@ -213,7 +238,7 @@ def receive(services: Any, sock: socket.socket, records: Any, request: Any, migr
     return Received(memory.path, xml, result.manifest, result.manifest_json, result.wire_bytes)
 
 
-def discard(services: Any, migration_id: str) -> None:
+def discard(services: Services, migration_id: str) -> None:
     """Remove every partial and installed file of an incoming migration (before its commit)."""
     from migsec.transfer.sink import Staging
 

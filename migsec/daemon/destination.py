@@ -17,10 +17,14 @@ import logging
 import shutil
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import DomainNotFoundError, MigsecError
 from migsec.protocol.errors import peer_reason
+
+if TYPE_CHECKING:
+    from migsec.daemon.link import Accepted
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.destination")
 HANDSHAKE_TIMEOUT_S = 30
@@ -67,7 +71,7 @@ def active_incoming() -> int:
         return len(_busy)
 
 
-def run_accepted(services: Any, conn: socket.socket, accepted: Any) -> None:
+def run_accepted(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """Thread body for an accepted connection: a new or resumed migration, or a recovery exchange."""
     mid = accepted.keys.migration_id
     if accepted.purpose == "recover":
@@ -94,11 +98,11 @@ class IncomingMigration:
     gives it the hypervisor actions and the journal, and moves its messages.
     """
 
-    def __init__(self, services: Any, migration_id: str) -> None:
+    def __init__(self, services: Services, migration_id: str) -> None:
         self.services = services
         self.mid = migration_id
 
-    def serve(self, conn: socket.socket, accepted: Any) -> None:
+    def serve(self, conn: socket.socket, accepted: Accepted) -> None:
         from migsec.daemon import dataplane
         from migsec.daemon.channel import ControlLink
         from migsec.protocol import RecordLayer

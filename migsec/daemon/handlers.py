@@ -99,7 +99,8 @@ def abort(daemon, message: dict, emit: Emit) -> dict:
     wait = message.get("wait", 0)
     if not isinstance(wait, (int, float)) or not 0 <= wait <= 3600:
         raise MalformedMessageError("local request: 'wait' must be 0..3600 seconds")
-    how = message.get("by") if isinstance(message.get("by"), str) else "migsec jobs abort"
+    by = message.get("by")
+    how = by if isinstance(by, str) else "migsec jobs abort"
     return abort_running(daemon.services, migration_id=mid if isinstance(mid, str) else None,
                          domain=domain if isinstance(domain, str) else None,
                          reason=f"aborted by the operator ({how[:64]})", wait=float(wait))

@@ -8,15 +8,19 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from migsec.daemon.journal import DECISION
 from migsec.errors import JournalError, MigsecError, TransferError
 
+if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.services import Services
+
 log = logging.getLogger("migsecd.jobs")
 
 
-def record(services: Any, migration_id: str, role: str, phase: str, **fields: Any) -> None:
+def record(services: Services, migration_id: str, role: str, phase: str, **fields: Any) -> None:
     """Advance (creating on first use) a migration's journal entry to ``phase``."""
     journal = services.journal
     clean = {k: v for k, v in fields.items() if v is not None}
@@ -30,7 +34,7 @@ def record(services: Any, migration_id: str, role: str, phase: str, **fields: An
     journal.advance(migration_id, phase, **clean)
 
 
-def describe(entry: Any) -> dict:
+def describe(entry: JournalEntry) -> dict:
     data = dict(entry.data)
     return {
         "migration_id": entry.migration_id,
@@ -137,7 +141,7 @@ class ProgressTracker:
                     "rate": round(rate, 1), "eta": None if eta is None else round(eta, 1)}
 
 
-def find_running(services: Any, *, migration_id: str | None = None, domain: str | None = None) -> Any:
+def find_running(services: Services, *, migration_id: str | None = None, domain: str | None = None) -> Any:
     """The running outgoing job named by its id (or a unique prefix of it) or by its domain."""
     with services.lock:
         jobs = dict(services.running)
@@ -154,7 +158,7 @@ def find_running(services: Any, *, migration_id: str | None = None, domain: str 
     return found[0]
 
 
-def _explain_not_running(services: Any, migration_id: str) -> None:
+def _explain_not_running(services: Services, migration_id: str) -> None:
     entries = [e for e in services.journal.list() if e.migration_id.startswith(migration_id)]
     if not entries:
         raise AbortRefusedError(f"no migration {migration_id} in the journal (`migsec jobs --all` lists them)")
@@ -171,7 +175,7 @@ def _explain_not_running(services: Any, migration_id: str) -> None:
                             f"phase {entry.phase}): `migsec recover` rolls it back")
 
 
-def abort_running(services: Any, *, migration_id: str | None, domain: str | None, reason: str,
+def abort_running(services: Services, *, migration_id: str | None, domain: str | None, reason: str,
                   wait: float = 0.0) -> dict:
     """Ask a running outgoing migration to roll back; with ``wait``, until it has (seconds)."""
     job = find_running(services, migration_id=migration_id, domain=domain)

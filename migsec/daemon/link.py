@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from migsec.errors import (
     AuthorizationDenied,
@@ -25,6 +25,14 @@ from migsec.errors import (
 )
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason, refusal_decision
 from migsec.protocol.framing import HEADER_SIZE, parse_header
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
+    from migsec.pki import Peer
+    from migsec.protocol import RecordLayer
+    from migsec.protocol.handshake import MigrationProposed
+    from migsec.protocol.messages import MigrationRequest
+    from migsec.protocol.session import SessionKeys
 
 log = logging.getLogger("migsecd.link")
 CONNECT_TIMEOUT_S = 15
@@ -47,7 +55,7 @@ def _frame_cert(payload: bytes) -> bytes:
     return str(json.loads(payload)["cert"]).encode("ascii")
 
 
-def trust_hint(services: Any) -> str:
+def trust_hint(services: Services) -> str:
     """Where an operator adds a CA this domain should trust (named in untrusted-CA errors)."""
     config = services.config
     stores = ", ".join(str(p) for p in config.domain.trust) or "none"
@@ -74,11 +82,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class SourceSession:
     """A keyed connection from A to B (after B's Ack)."""
 
-    services: Any
+    services: Services
     sock: socket.socket
-    keys: Any
+    keys: SessionKeys
     peer: PeerCert  # B, as verified in the handshake
-    records: Any = None
+    records: RecordLayer = field(init=False)
     bytes_on_wire: int = 0
     _control: Any = None
 
@@ -106,7 +114,7 @@ class SourceSession:
             pass
 
 
-def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id: str,
+def connect(services: Services, peer: Peer, request: MigrationRequest, token: str, *, migration_id: str,
             resume_of: str | None = None) -> SourceSession:
     """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
     from migsec.daemon.peers import split_address
@@ -114,6 +122,7 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
 
     if peer.cert_pem is None:
         peer = fetch_pinned_certificate(services, peer)
+    assert peer.cert_pem is not None  # fetch_pinned_certificate stored it
     hs = SourceHandshake(services.identity, services.trust, peer_did=peer.did, peer_cert_pem=peer.cert_pem,
                          clock=services.clock)
     try:
@@ -148,6 +157,9 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
     except BaseException:
         sock.close()
         raise
+    if not isinstance(event, (MigrationAccepted, MigrationRefused)):
+        sock.close()
+        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
     peer_cert = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
     if isinstance(event, MigrationRefused):
         sock.close()
@@ -157,16 +169,13 @@ def connect(services: Any, peer: Any, request: Any, token: str, *, migration_id:
         code = parse_peer_reason(event.reason)
         raise AuthorizationDenied(f"{peer.did} refused: {peer_error_text(code)}", where="destination",
                                   decision=refusal_decision(code))
-    if not isinstance(event, MigrationAccepted):
-        sock.close()
-        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
     services.audit("mig-resp", migration_id, role="source", outcome="accepted",
                    peer_token=event.signed_response, peer_cert_pem=peer_cert.cert_pem, peer_did=peer.did)
     sock.settimeout(None)
     return SourceSession(services, sock, event.keys, peer_cert)
 
 
-def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
+def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
     """First contact with a peer known only by a pinned fingerprint: ask it for its certificate
     (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
     store, then store it in the peer directory. Returns the updated peer."""
@@ -205,7 +214,7 @@ def fetch_pinned_certificate(services: Any, peer: Any) -> Any:
     return stored
 
 
-def _store_pinned_source(services: Any, peer: "PeerCert", fingerprint: str) -> None:
+def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) -> None:
     """B's side of a first contact: a source listed by a pinned fingerprint only, whose MigReq
     verified with the pinned certificate, gets that certificate stored."""
     from migsec.errors import ConfigError
@@ -230,15 +239,15 @@ def _store_pinned_source(services: Any, peer: "PeerCert", fingerprint: str) -> N
 class Accepted:
     """What B hands the data-plane thread after sending its Ack."""
 
-    keys: Any
-    proposal: Any  # migsec.protocol.handshake.MigrationProposed
+    keys: SessionKeys
+    proposal: MigrationProposed
     purpose: str  # "migrate" | "resume" | "recover" | "dry-run"
     peer: PeerCert
     bandwidth: int | None = None
     leftover: bytes = b""
 
     @property
-    def request(self) -> Any:
+    def request(self) -> MigrationRequest:
         return self.proposal.request
 
     @property
@@ -250,7 +259,7 @@ class Accepted:
         return self.proposal.user_id
 
 
-async def accept_async(services: Any, conn: socket.socket, loop: asyncio.AbstractEventLoop,
+async def accept_async(services: Services, conn: socket.socket, loop: asyncio.AbstractEventLoop,
                        executor: Any) -> Accepted | None:
     """B's side of the handshake. Returns None when nothing follows (dry run, refusal)."""
     from migsec.protocol.handshake import DestinationHandshake, MigrationProposed
@@ -304,6 +313,7 @@ async def accept_async(services: Any, conn: socket.socket, loop: asyncio.Abstrac
                    outcome="accepted", purpose=purpose)
     if purpose == "dry-run":
         return None
+    assert hs.keys is not None  # accept() derived them
     return Accepted(hs.keys, event, purpose, peer, bandwidth, hs.trailing_data())
 
 
@@ -328,7 +338,7 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
     return bytes(buf)
 
 
-def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
+def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | None]:
     """B's decision on a verified MigReq (in a worker thread: policy, libvirt, journal)."""
     from migsec.auth.servers import admit_incoming
     from migsec.errors import JournalError
@@ -374,7 +384,7 @@ def decide(services: Any, proposal: Any) -> tuple[str, int | None]:
     return "migrate", bandwidth
 
 
-def _check_targets_free(services: Any, request: Any) -> None:
+def _check_targets_free(services: Services, request: MigrationRequest) -> None:
     """Refuse before any byte moves when a disk's target here exists already: typically the VM's
     old copy, left when it moved away without --undefinesource and now coming back."""
     import os
@@ -393,7 +403,7 @@ def _check_targets_free(services: Any, request: Any) -> None:
             where="destination", decision="Conflict")
 
 
-def _check_pin(services: Any, proposal: Any) -> None:
+def _check_pin(services: Services, proposal: MigrationProposed) -> None:
     """A source listed in B's peer directory must present the certificate recorded there."""
     from migsec.errors import ConfigError
 
@@ -406,10 +416,15 @@ def _check_pin(services: Any, proposal: Any) -> None:
                                   f"not the one in the peer directory ({known.fingerprint})")
 
 
-def vm_facts(request: Any) -> dict:
-    """The VM attributes A's AZ put into the (signed) request options."""
+def vm_facts(request: MigrationRequest) -> dict:
+    """The VM attributes A's AZ vouched for in the (signed) request: its plan, else its options."""
+    if request.plan is not None:
+        attributes = request.plan.vm_attributes()
+        if not attributes["tags"]:
+            del attributes["tags"]  # as from the options: no tags, no attribute
+        return attributes
     o = request.options
-    facts = {"vm-name": request.vm}
+    facts: dict[str, Any] = {"vm-name": request.vm}
     for key, short in (("vm_uuid", "vm-uuid"), ("vcpus", "vcpus"), ("memory_bytes", "memory-bytes"),
                        ("disk_bytes", "disk-bytes")):
         if key in o:

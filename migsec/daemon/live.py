@@ -32,12 +32,21 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from migsec.daemon.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
+
+if TYPE_CHECKING:
+    from migsec.daemon.destination import IncomingMigration
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.link import Accepted, SourceSession
+    from migsec.daemon.services import Services
+    from migsec.daemon.source import OutgoingMigration
+    from migsec.protocol.messages import MigrationRequest
+    from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -50,7 +59,7 @@ LIVE_STATE = "running-live"
 
 
 # ---- shared -----------------------------------------------------------------------------------
-def live_options(options: dict, info: Any) -> dict:
+def live_options(options: dict, info: DomainInfo) -> dict:
     """The disk facts B needs to pre-create sparse images (the AZ signs them with the request)."""
     disks = [d for d in info.disks if d.type == "file" and d.source and not d.readonly and not d.shareable]
     return {
@@ -64,6 +73,13 @@ def live_options(options: dict, info: Any) -> dict:
 
 def _split(options: Any, key: str) -> list[str]:
     return [v for v in str(options.get(key, "")).split("|") if v]
+
+
+def request_live_disks(request: MigrationRequest) -> list[tuple[str, str, str, int]]:
+    """``live_disks`` of a request: from its plan, else from its string options."""
+    if request.plan is None:
+        return live_disks(request.options)
+    return [(d.target, str(d.source), d.format or "raw", d.virtual_size) for d in request.plan.mirrored_disks]
 
 
 def live_disks(options: Any) -> list[tuple[str, str, str, int]]:
@@ -101,7 +117,7 @@ def _uris(migration_id: str) -> dict[str, str]:
 
 
 # ---- A: the source ------------------------------------------------------------------------------
-def run_source(job: Any, conn: Any, session: Any) -> dict:
+def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dict:
     """A's side after the handshake (``job`` is the OutgoingMigration)."""
     from migsec import virt
     from migsec.daemon.bridge import ChannelBridge
@@ -124,7 +140,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
                  "through the session")
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")), paused=job.was_paused)
-        targets = [t for t, *_ in live_disks(job.options)]
+        targets = [t for t, *_ in request_live_disks(job.request)]
         job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
         _watch(job, conn, mover, bridge)
@@ -139,7 +155,8 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
         token = message.get("jws")
         if message.get("t") != "receipt" or not isinstance(token, str):
             raise TransferError(f"expected a receipt from {job.dest_did}, got {message.get('t')!r}")
-        stats = message.get("job") if isinstance(message.get("job"), dict) else {}
+        b_stats = message.get("job")
+        stats: dict[str, Any] = b_stats if isinstance(b_stats, dict) else {}
         services.audit("receipt", mid, role="source", mode="live", peer_token=token,
                        peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
         receipt = Receipt.verify(token, session.peer.public_key, migration_id=mid)
@@ -188,7 +205,7 @@ def run_source(job: Any, conn: Any, session: Any) -> dict:
     return result
 
 
-def _migrate(services: Any, domain: str, paths: dict, flags: int, bandwidth: int | None,
+def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth: int | None,
              targets: list[str]) -> None:
     from migsec import virt
     from migsec.virt import migrate as vmig
@@ -199,7 +216,7 @@ def _migrate(services: Any, domain: str, paths: dict, flags: int, bandwidth: int
                           flags=flags, bandwidth=bandwidth, disks=targets or None)
 
 
-def _watch(job: Any, conn: Any, mover: "_Call", bridge: Any) -> None:
+def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> None:
     """Progress from libvirt's job while it migrates; --timeout, an operator's abort (`migsec jobs
     abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job: libvirt rolls back."""
     from migsec.virt import migrate as vmig
@@ -227,7 +244,7 @@ def _watch(job: Any, conn: Any, mover: "_Call", bridge: Any) -> None:
                       "total": int(stats.data_total)})
 
 
-def _receipt_problems(receipt: Any, job: Any, session: Any, mine: dict) -> list[str]:
+def _receipt_problems(receipt: Any, job: OutgoingMigration, session: SourceSession, mine: dict) -> list[str]:
     problems = []
     if (receipt.src_did, receipt.dest_did) != (job.services.did, job.dest_did):
         problems.append(f"it is between {receipt.src_did} and {receipt.dest_did}")
@@ -246,7 +263,7 @@ def _short(digest: bytes | None) -> str:
     return "none" if digest is None else digest.hex()[:16] + "..."
 
 
-def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
+def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> Any:
     message = bridge.recv_control(timeout)
     if message.get("t") == "abort":
         raise TransferError(f"{job.dest_did} aborted: {peer_error_text(parse_peer_reason(message.get('reason')))}")
@@ -255,7 +272,7 @@ def _expect(bridge: Any, job: Any, kind: str, timeout: float) -> Any:
     return message.get("jws", message)
 
 
-def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
+def _rollback(job: OutgoingMigration, conn: Any, cause: BaseException, bridge: Any) -> None:
     """Before libvirt's commit: libvirt resumed the guest here; make sure, journal, tell B."""
     from migsec.daemon.source import restart_at_source
     from migsec.protocol import Decision
@@ -291,12 +308,13 @@ def _rollback(job: Any, conn: Any, cause: BaseException, bridge: Any) -> None:
                               rolled_back=True) from cause
 
 
-def _release_source(job: Any, conn: Any) -> None:
+def _release_source(job: OutgoingMigration, conn: Any) -> None:
     """libvirt stopped (and with --undefinesource undefined) the source copy: its disks go too,
     or the definition kept here is marked as given away (the same release as a cold move's)."""
     from migsec.daemon.release import release_source
 
-    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did)
+    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did,
+                                  plan=job.request.plan)
     for disk in job.released["disks_not_removed"]:
         job.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
 
@@ -339,7 +357,7 @@ def libvirt_socket(uri: str) -> str:
 class _RpcChannel:
     """B's libvirt RPC proxy on one channel: live-rpc's RpcFilter, its refusals audited."""
 
-    def __init__(self, services: Any, mid: str, policy: Any, state: dict) -> None:
+    def __init__(self, services: Services, mid: str, policy: Any, state: dict) -> None:
         from migsec.protocol.libvirt_rpc import RpcFilter
 
         self.services, self.mid, self.state = services, mid, state
@@ -383,7 +401,7 @@ def _connect_unix(path: str, wait: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None:
+def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted: Accepted) -> None:
     """B's side of a live move (``incoming`` is the IncomingMigration, journaled ``accepted``)."""
     from migsec.daemon.bridge import ChannelBridge
     from migsec.daemon.dataplane import disk_map
@@ -398,7 +416,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
     opened: set[str] = set()
     bridge: Any = None
     try:
-        disks = live_disks(options)
+        disks = request_live_disks(request)
         dmap = disk_map(services, [src for _, src, _, _ in disks])
         paths = _uris(mid)
         make_run_dir(mid)
@@ -452,7 +470,7 @@ def serve_destination(incoming: Any, conn: socket.socket, accepted: Any) -> None
     bridge.close()
 
 
-def _precreate(incoming: Any, disks: list, dmap: dict) -> list[str]:
+def _precreate(incoming: IncomingMigration, disks: list, dmap: dict) -> list[str]:
     from migsec.virt.migrate import create_sparse_image
 
     created: list[str] = []
@@ -467,7 +485,7 @@ def _precreate(incoming: Any, disks: list, dmap: dict) -> list[str]:
     return created
 
 
-def _commit_here(incoming: Any, bridge: Any, accepted: Any, state: dict) -> None:
+def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, state: dict) -> None:
     """libvirt finished here: check the guest, sign the receipt, wait for A's commit, confirm."""
     from migsec import virt
     from migsec.protocol import Decision, Receipt, Resumed, token_hash
@@ -514,14 +532,14 @@ def _commit_here(incoming: Any, bridge: Any, accepted: Any, state: dict) -> None
     log.info("migration %s: %s runs here (live)", mid, request.vm)
 
 
-def _abort_decision(incoming: Any, message: dict, accepted: Any) -> None:
+def _abort_decision(incoming: IncomingMigration, message: dict, accepted: Accepted) -> None:
     token = message.get("jws")
     if isinstance(token, str):
         incoming.services.audit("decision", incoming.mid, role="destination", peer_token=token,
                                 peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
 
 
-def discard_destination(services: Any, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
+def discard_destination(services: Services, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
     """Before the commit: no incoming guest left, B's pre-created disks and sockets removed."""
     from migsec import virt
     from migsec.daemon.jobs import record
@@ -559,13 +577,13 @@ def discard_destination(services: Any, mid: str, *, reason: str = "", record_pha
 
 
 # ---- after a crash (``migsec recover``): libvirt's own outcome decides ---------------------------------
-def recover_source(services: Any, entry: Any) -> str | None:
+def recover_source(services: Services, entry: JournalEntry) -> str | None:
     """A live move A did not see through. libvirt's Confirm is the commit: a guest no longer
     active here went to B (journal it committed and released); one still active here stays
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.release import release_source
+    from migsec.daemon.release import journal_plan, release_source
     from migsec.daemon.source import domain_state
 
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
@@ -576,13 +594,13 @@ def recover_source(services: Any, entry: Any) -> str | None:
             return None
         record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
         release_source(services, conn, mid, domain, dict(entry.data.get("options") or {}),
-                       str(entry.data.get("peer")))
+                       str(entry.data.get("peer")), plan=journal_plan(entry))
     record(services, mid, "source", "released")
     record(services, mid, "source", "done")
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
 
 
-def recover_destination(services: Any, entry: Any) -> str | None:
+def recover_destination(services: Services, entry: JournalEntry) -> str | None:
     """A live move B did not see through: a guest libvirt finished here runs here (journal the
     commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
     from migsec import virt
@@ -606,11 +624,11 @@ def recover_destination(services: Any, entry: Any) -> str | None:
 
 
 # ---- the hook's permit (B) ------------------------------------------------------------------------
-def permit_dir(services: Any) -> Path:
+def permit_dir(services: Services) -> Path:
     return Path(services.config.paths.state_dir) / "permits"
 
 
-def write_permit(services: Any, mid: str, uuid: str, name: str) -> None:
+def write_permit(services: Services, mid: str, uuid: str, name: str) -> None:
     """A short-lived permit the ``migrate begin`` hook checks and consumes: libvirt's incoming
     migration of this uuid is migsec's own (bound to the migration id, not a global switch)."""
     from migsec.hooks.permit import write_permit as write
@@ -618,7 +636,7 @@ def write_permit(services: Any, mid: str, uuid: str, name: str) -> None:
     write(permit_dir(services), migration_id=mid, uuid=uuid, name=name, ttl=PERMIT_TTL_S)
 
 
-def consume_permit(services: Any, uuid: str) -> None:
+def consume_permit(services: Services, uuid: str) -> None:
     from migsec.hooks.permit import remove_permit
 
     if uuid:

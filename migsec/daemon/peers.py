@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from migsec.errors import ConfigError
 
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
+    from migsec.pki import Peer
+
 
 def _addresses(host: str) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except OSError:
         return set()
 
@@ -24,7 +28,7 @@ def split_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 7443
 
 
-def find_peer(services: Any, host: str, port: int) -> Any:
+def find_peer(services: Services, host: str, port: int) -> Peer:
     """The peer whose DID is ``host`` or whose directory address is ``host:port``."""
     peers = services.peers.list()
     for peer in peers:

@@ -25,9 +25,14 @@ import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from migsec.errors import MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.link import Accepted
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.recovery")
 ANSWER_TIMEOUT_S = 120
@@ -35,7 +40,7 @@ SYSTEM_USER = "migsecd"
 _pass_lock = threading.Lock()  # one recovery pass at a time (automatic at start, or `migsec recover`)
 
 
-def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
+def list_jobs(services: Services, *, show_all: bool = False) -> list[dict]:
     from migsec.daemon.jobs import describe
 
     import time
@@ -49,12 +54,12 @@ def list_jobs(services: Any, *, show_all: bool = False) -> list[dict]:
     return rows
 
 
-def recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+def recover_all(services: Services, emit: Callable[[dict], None]) -> list[dict]:
     with _pass_lock:
         return _recover_all(services, emit)
 
 
-def auto_recover(services: Any) -> list[dict]:
+def auto_recover(services: Services) -> list[dict]:
     """The pass migsecd runs at start (``[recovery] auto``): logged and audited per migration."""
     actions = recover_all(services, lambda event: None)
     for action in actions:
@@ -73,7 +78,7 @@ def auto_recover(services: Any) -> list[dict]:
     return actions
 
 
-def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
+def _recover_all(services: Services, emit: Callable[[dict], None]) -> list[dict]:
     actions = []
     for entry in services.journal.list(active_only=True):
         if entry.migration_id in services.running:
@@ -89,27 +94,28 @@ def _recover_all(services: Any, emit: Callable[[dict], None]) -> list[dict]:
     return actions
 
 
-def recover_one(services: Any, entry: Any) -> str:
+def recover_one(services: Services, entry: JournalEntry) -> str:
     if entry.role == "source":
         return _recover_source(services, entry)
     return _recover_destination(services, entry)
 
 
 # ---- A -----------------------------------------------------------------------------------------
-def _abort_decision(services: Any, entry: Any, reason: str) -> str:
+def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str:
     from migsec.protocol import Decision
 
     return Decision(migration_id=entry.migration_id, src_did=services.did, dest_did=str(entry.data.get("peer")),
                     decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
 
 
-def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str:
+def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.release import release_source
+    from migsec.daemon.release import journal_plan, release_source
     from migsec.daemon.source import restart_at_source
 
-    mid, domain = entry.migration_id, entry.data.get("domain")
+    # every source journal is created naming its domain and peer (jobs.record)
+    mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
     if not entry.decided and entry.data.get("mode") == "live":
         from migsec.daemon.live import recover_source
@@ -134,7 +140,8 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
     # committed: the destination copy wins; make sure ours is released, then tell B
     options = entry.data.get("options") or {}
     with virt.connect(services.config.libvirt.uri) as conn:
-        released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")))
+        released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")),
+                                  plan=journal_plan(entry))
     if released["errors"]:
         raise MigsecError(f"{domain} is committed to {entry.data.get('peer')} but releasing it here failed: "
                           + "; ".join(released["errors"]))
@@ -153,7 +160,7 @@ def _recover_source(services: Any, entry: Any, *, tell_peer: bool = True) -> str
 
 
 # ---- B -----------------------------------------------------------------------------------------
-def _recover_destination(services: Any, entry: Any) -> str:
+def _recover_destination(services: Services, entry: JournalEntry) -> str:
     from migsec.daemon.destination import IncomingMigration
 
     mid = entry.migration_id
@@ -183,12 +190,12 @@ def _recover_destination(services: Any, entry: Any) -> str:
 
 
 # ---- talking to the peer --------------------------------------------------------------------------
-def _session(services: Any, entry: Any) -> Any:
+def _session(services: Services, entry: JournalEntry) -> Any:
     from migsec.crypto import random_bytes
     from migsec.daemon import link
     from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
 
-    peer = services.peers.get(entry.data.get("peer"))
+    peer = services.peers.get(cast(str, entry.data.get("peer")))
     request = MigrationRequest(vm=str(entry.data.get("domain")), mode="cold", dest_did=peer.did,
                                options={"purpose": "recover"})
     now = services.clock()
@@ -200,7 +207,7 @@ def _session(services: Any, entry: Any) -> Any:
     return link.connect(services, peer, request, token, migration_id=entry.migration_id)
 
 
-def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = False) -> Any:
+def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False) -> Any:
     from migsec.protocol import Resumed, token_hash
 
     try:
@@ -225,14 +232,14 @@ def _ask_peer(services: Any, entry: Any, message: dict, *, want_key: bool = Fals
         session.close()
 
 
-def _tell_peer(services: Any, entry: Any, message: dict) -> str:
+def _tell_peer(services: Services, entry: JournalEntry, message: dict) -> str:
     answer = _ask_peer(services, entry, message)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable (it will ask when it recovers)"
     return f"{entry.data.get('peer')} answered {answer.get('t')}"
 
 
-def answer_recovery(services: Any, conn: socket.socket, accepted: Any) -> None:
+def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
     from migsec.daemon.channel import ControlLink
     from migsec.daemon.destination import IncomingMigration

@@ -12,17 +12,23 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from migsec.errors import MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
+    from migsec.daemon.services import Services
+    from migsec.protocol.plan import MigrationPlan
 
 log = logging.getLogger("migsecd.release")
 
 
-def release_source(services: Any, conn: Any, migration_id: str, domain: str, options: dict,
-                   destination: str) -> dict:
+def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
+                   destination: str, *, plan: MigrationPlan | None = None) -> dict:
     """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
-    "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``."""
+    "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``. The disks
+    removed (--undefinesource) are the ``plan``'s top images, else the options' ``top_files``."""
     from migsec import virt
     from migsec.daemon.jobs import record
     from migsec.daemon.source import domain_state
@@ -49,7 +55,7 @@ def release_source(services: Any, conn: Any, migration_id: str, domain: str, opt
         except MigsecError as exc:
             log.error("auditing that %s was given away: %s", domain, exc)
     if undefine:
-        report["disks_not_removed"] = remove_moved_disks(options)
+        report["disks_not_removed"] = remove_moved_disks(options, plan)
     fields = {k: v for k, v in report.items() if v}
     if fields:
         try:
@@ -60,13 +66,14 @@ def release_source(services: Any, conn: Any, migration_id: str, domain: str, opt
     return report
 
 
-def remove_moved_disks(options: dict) -> list[dict]:
+def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = None) -> list[dict]:
     """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too.
     Returns the ones that could not be removed, each with why."""
     from migsec.daemon.dataplane import request_files_of
 
     failed = []
-    for path in request_files_of(options, "top_files"):
+    paths = list(plan.top_files) if plan is not None else request_files_of(options, "top_files")
+    for path in paths:
         try:
             Path(path).unlink()
         except FileNotFoundError:
@@ -75,6 +82,14 @@ def remove_moved_disks(options: dict) -> list[dict]:
             log.error("removing the moved disk %s: %s", path, exc.strerror or exc)
             failed.append({"path": path, "error": exc.strerror or str(exc)})
     return failed
+
+
+def journal_plan(entry: JournalEntry) -> MigrationPlan | None:
+    """The plan a source journal recorded when authorized (None for an entry written without one)."""
+    from migsec.protocol.plan import MigrationPlan
+
+    raw = entry.data.get("plan")
+    return MigrationPlan.from_dict(raw) if raw is not None else None
 
 
 def release_domain(config: Any, domain: str, *, operator: str) -> Any:

@@ -19,11 +19,14 @@ import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
 
 from migsec.daemon import wire
 from migsec.daemon.notify import sd_notify
 from migsec.errors import ConfigError, MalformedMessageError, MigsecError
+
+if TYPE_CHECKING:
+    from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd")
 
@@ -31,7 +34,7 @@ log = logging.getLogger("migsecd")
 class Daemon:
     """One migsecd: owns the sockets and dispatches to the components."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
         self.config = services.config
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="migsecd")
@@ -48,7 +51,6 @@ class Daemon:
         await self._start_unix()
         self._start_tcp()
         loop = asyncio.get_running_loop()
-        self.services.loop = loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)

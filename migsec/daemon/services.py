@@ -14,9 +14,21 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from migsec.errors import ConfigError, MigsecError
+
+if TYPE_CHECKING:
+    from migsec.audit import Ledger
+    from migsec.auth.users import UserDatabase
+    from migsec.daemon.config import Config
+    from migsec.daemon.journal import Journal
+    from migsec.daemon.source import OutgoingMigration
+    from migsec.pki import DomainIdentity, PeerDirectory, TrustStore
+    from migsec.policy import PDP
+    from migsec.protocol import ReplayCache
+
+T = TypeVar("T")
 
 log = logging.getLogger("migsecd")
 
@@ -54,30 +66,38 @@ def load_or_create_sk3(path: Path) -> bytes:
     return key
 
 
-@dataclass
+@dataclass(eq=False)
 class Services:
-    """The daemon's loaded state; attributes are swapped, never mutated, on reload."""
+    """The daemon's loaded state, shared by every handler and migration thread.
 
-    config: Any
-    identity: Any
-    trust: Any
-    peers: Any
-    pdp_source: Any
-    pdp_destination: Any
-    users: Any
-    journal: Any
-    ledger: Any
+    Set once by ``load()`` and never reassigned: ``config`` to ``replay``, ``clock`` and the
+    locks (``replay``, ``journal`` and ``ledger`` are stateful objects with their own locking).
+    Mutable, and only so:
+
+    - ``peers``, ``pdp_source``, ``pdp_destination``: swapped together under ``lock`` by
+      ``reload()`` (SIGHUP); a running migration keeps the objects it read at its start.
+    - ``running``: the outgoing migrations of this migsecd by id, changed under ``lock``.
+    """
+
+    config: Config
+    identity: DomainIdentity
+    trust: TrustStore
+    peers: PeerDirectory
+    pdp_source: PDP
+    pdp_destination: PDP
+    users: UserDatabase
+    journal: Journal
+    ledger: Ledger
     sk3: bytes
+    replay: ReplayCache
     clock: Callable[[], datetime] = utcnow
-    loop: Any = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     ledger_lock: threading.Lock = field(default_factory=threading.Lock)
-    running: dict[str, Any] = field(default_factory=dict)
-    replay: Any = None
+    running: dict[str, OutgoingMigration] = field(default_factory=dict)
 
     # ---- loading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, config: Any, *, clock: Callable[[], datetime] = utcnow) -> "Services":
+    def load(cls, config: Config, *, clock: Callable[[], datetime] = utcnow) -> "Services":
         from migsec.audit import Ledger
         from migsec.auth.users import UserDatabase
         from migsec.daemon.journal import Journal
@@ -104,32 +124,16 @@ class Services:
         ledger = _setting("[paths].state_dir (ledger)", lambda: Ledger(config.paths.ledger, identity, clock=clock))
         users = _setting("[paths].users", lambda: UserDatabase(config.paths.users))
         sk3 = load_or_create_sk3(Path(config.paths.sk3))
-        services = cls(
-            config=config, identity=identity, trust=trust, peers=None, pdp_source=None,
-            pdp_destination=None, users=users, journal=journal, ledger=ledger, sk3=sk3,
-            clock=clock,
+        peers, source, dest = _load_peers_and_policies(config)
+        return cls(
+            config=config, identity=identity, trust=trust, peers=peers, pdp_source=source,
+            pdp_destination=dest, users=users, journal=journal, ledger=ledger, sk3=sk3,
+            replay=ReplayCache(clock=clock), clock=clock,
         )
-        services.replay = ReplayCache(clock=clock)
-        services.reload()
-        return services
 
     def reload(self) -> None:
-        """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure.
-
-        ``policy_dir`` holds either ``source/`` and ``destination/`` (one PDP each) or, as
-        ``migsec policy init-defaults`` writes it, one policy set that serves both actions
-        (``migsec.policy.loader.load_policy_dir``: one root, every policy reachable from it).
-        """
-        from migsec.pki import PeerDirectory
-        from migsec.policy import PDP
-        from migsec.policy.loader import load_policy_dir
-
-        cfg = self.config
-        peers = _setting("[paths].peers", lambda: PeerDirectory(cfg.paths.peers))
-        _setting("[paths].peers", peers.list)  # a corrupt directory is refused now, not mid-migration
-        policies = _setting("[paths].policy_dir", lambda: load_policy_dir(cfg.paths.policy_dir))
-        source = PDP(policies.source)
-        dest = PDP(policies.destination) if policies.split else source
+        """(Re)load policies and peers; raises ConfigError and keeps the old ones on failure."""
+        peers, source, dest = _load_peers_and_policies(self.config)
         with self.lock:
             self.peers, self.pdp_source, self.pdp_destination = peers, source, dest
 
@@ -164,7 +168,7 @@ class Services:
 
     def audit(self, kind: str, migration_id: str | None = None, *, token: str | None = None,
               peer_token: str | None = None, peer_cert_pem: bytes | None = None,
-              peer_did: str | None = None, **fields: Any) -> None:
+              peer_did: str | None = None, **fields: object) -> None:
         """Append to the audit ledger: ``token`` is a message we signed, ``peer_token`` one the
         peer signed (kept with the certificate it was made with, so it can be checked later)."""
         body = {k: v for k, v in fields.items() if v is not None}
@@ -176,7 +180,26 @@ class Services:
                                peer_did=peer_did if peer_token else None)
 
 
-def _setting(setting: str, build: Callable[[], Any]) -> Any:
+def _load_peers_and_policies(config: Config) -> tuple[PeerDirectory, PDP, PDP]:
+    """The peer directory and the (source, destination) PDPs; raises ConfigError.
+
+    ``policy_dir`` holds either ``source/`` and ``destination/`` (one PDP each) or, as
+    ``migsec policy init-defaults`` writes it, one policy set that serves both actions
+    (``migsec.policy.loader.load_policy_dir``: one root, every policy reachable from it).
+    """
+    from migsec.pki import PeerDirectory
+    from migsec.policy import PDP
+    from migsec.policy.loader import load_policy_dir
+
+    peers = _setting("[paths].peers", lambda: PeerDirectory(config.paths.peers))
+    _setting("[paths].peers", peers.list)  # a corrupt directory is refused now, not mid-migration
+    policies = _setting("[paths].policy_dir", lambda: load_policy_dir(config.paths.policy_dir))
+    source = PDP(policies.source)
+    dest = PDP(policies.destination) if policies.split else source
+    return peers, source, dest
+
+
+def _setting(setting: str, build: Callable[[], T]) -> T:
     try:
         return build()
     except ConfigError:

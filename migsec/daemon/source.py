@@ -28,7 +28,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from migsec.errors import (
     DomainNotFoundError,
@@ -42,6 +42,13 @@ from migsec.errors import (
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
 from migsec.transfer.source import WriterOutcome
 
+if TYPE_CHECKING:
+    from migsec.auth.servers import Grant
+    from migsec.daemon.jobs import ProgressTracker
+    from migsec.daemon.link import SourceSession
+    from migsec.daemon.services import Services
+    from migsec.virt.describe import DomainInfo
+
 log = logging.getLogger("migsecd.source")
 MAX_RESUMES = 3
 RESUME_BACKOFF_S = (0.5, 1.0, 2.0)
@@ -51,7 +58,7 @@ REPLY_TIMEOUT_S = 120
 class OutgoingMigration:
     """Drives one authorized migration from this host to a peer domain."""
 
-    def __init__(self, services: Any, grant: Any, emit: Callable[[dict], None]) -> None:
+    def __init__(self, services: Services, grant: Grant, emit: Callable[[dict], None]) -> None:
         self.services = services
         self.grant = grant
         self.emit = emit
@@ -71,6 +78,7 @@ class OutgoingMigration:
         self.downtime_started: float | None = None
         self.was_paused = False
         self.released: dict = {}
+        self.tracker: ProgressTracker | None = None  # set by the `migrate` handler, read by `jobs`
         from migsec.daemon.jobs import AbortSwitch
 
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
@@ -86,7 +94,8 @@ class OutgoingMigration:
         if not dry_run:
             self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
                          user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
-                         save_image=str(self.saved_image))
+                         save_image=str(self.saved_image),
+                         plan=self.request.plan.to_dict() if self.request.plan else None)
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
@@ -113,7 +122,7 @@ class OutgoingMigration:
         finally:
             conn.close()
 
-    def _move(self, conn: Any, session: Any) -> dict:
+    def _move(self, conn: Any, session: SourceSession) -> dict:
         """Suspend, save while the disks stream, then the commit exchange (transfer.SourceCommit)."""
         from migsec import virt
         from migsec.transfer.commit import SourceCommit
@@ -178,7 +187,7 @@ class OutgoingMigration:
         self.step(f"{self.domain} is running at {self.dest_did}")
         return self.result()
 
-    def _transfer(self, session: Any, info: Any, saver: "_Background") -> tuple[Any, Any]:
+    def _transfer(self, session: SourceSession, info: DomainInfo, saver: "_Background") -> tuple[Any, Any]:
         """Stream everything, resuming on a new connection after a break; returns the SendResult."""
         from migsec.daemon import dataplane, link
 
@@ -229,7 +238,7 @@ class OutgoingMigration:
             raise IntegrityError(f"the save image {self.saved_image} changed after it was streamed "
                                  f"(stream digest {now[:16]}..., sent {str(sent)[:16]}...)")
 
-    def _expect(self, session: Any, kind: str) -> str:
+    def _expect(self, session: SourceSession, kind: str) -> str:
         """The next commit message of ``kind`` from B (its compact JWS); B's abort is an error."""
         message = session.control.recv_control(max(1.0, min(REPLY_TIMEOUT_S, self.remaining())))
         if message.get("t") == "abort":  # B's code, in our words (its log has the detail)
@@ -239,7 +248,7 @@ class OutgoingMigration:
             raise TransferError(f"expected a {kind} from {self.dest_did}, got {message.get('t')!r}")
         return token
 
-    def _abort(self, commit: Any, session: Any, cause: BaseException) -> None:
+    def _abort(self, commit: Any, session: SourceSession, cause: BaseException) -> None:
         """Before the decision: SourceCommit journals the abort and runs the guest here again."""
         from migsec.transfer.commit import ROLLED_BACK
 
@@ -275,7 +284,7 @@ class OutgoingMigration:
 
         # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
         self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
-                                       self.dest_did)
+                                       self.dest_did, plan=self.request.plan)
         for disk in self.released["disks_not_removed"]:
             self.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
+from typing import Any
 
 from migsec import safexml
 from migsec.errors import MappingError
@@ -58,9 +59,9 @@ def parse_domain(xml: bytes):
     return safexml.parse_domain(xml, max_size=MAX_XML, error=MappingError, where=" on stdin")
 
 
-def _path_nodes(root) -> list[tuple[object, str | None, str]]:
+def _path_nodes(root: Any) -> list[tuple[Any, str | None, str]]:
     """(element, attribute or None for text, label) for every host path in the XML."""
-    nodes: list[tuple[object, str | None, str]] = []
+    nodes: list[tuple[Any, str | None, str]] = []  # lxml elements (lxml is untyped)
     for disk in root.iterfind("devices/disk"):
         target = disk.find("target")
         label = f"disk {target.get('dev')}" if target is not None else "disk"
@@ -85,7 +86,7 @@ def map_restore_xml(xml: bytes, *, storage_map: Mapping[str, str],
 
     root = parse_domain(xml)
     paths = StorageMap(storage_map)
-    changes: list[tuple[object, str | None, str]] = []
+    changes: list[tuple[Any, str | None, str]] = []
     foreign = False
     for elem, attr, label in _path_nodes(root):
         current = elem.get(attr) if attr else elem.text.strip()
@@ -103,15 +104,17 @@ def map_restore_xml(xml: bytes, *, storage_map: Mapping[str, str],
             elem.set(attr, mapped)
         else:
             elem.text = mapped
+    networks: Mapping[str, str] = network_map or {}
+    bridges: Mapping[str, str] = bridge_map or {}
     for iface in root.iterfind("devices/interface"):
         src = iface.find("source")
         if src is None:
             continue
-        if iface.get("type") == "network" and src.get("network") in (network_map or {}):
-            src.set("network", network_map[src.get("network")])
+        if iface.get("type") == "network" and src.get("network") in networks:
+            src.set("network", networks[src.get("network")])
             # the source host's port and bridge; libvirt allocates new ones here
             for runtime in ("bridge", "portid"):
                 src.attrib.pop(runtime, None)
-        elif iface.get("type") == "bridge" and src.get("bridge") in (bridge_map or {}):
-            src.set("bridge", bridge_map[src.get("bridge")])
+        elif iface.get("type") == "bridge" and src.get("bridge") in bridges:
+            src.set("bridge", bridges[src.get("bridge")])
     return etree.tostring(root, encoding="unicode")

@@ -74,7 +74,8 @@ def dispatch(call: HookCall, stdin: IO[bytes], config_path: str, stderr: IO[str]
     """Handle one call; returns what to print (a replacement XML) or None."""
     key = (call.operation, call.sub_operation)
     if key == ("migrate", "begin"):
-        return incoming_migration(call, stdin.read(), config_path, stderr)
+        incoming_migration(call, stdin.read(), config_path, stderr)  # admits or raises HookRefused
+        return None
     if key == ("restore", "begin"):
         return restore(call, stdin.read(), config_path)
     if key == ("start", "begin"):

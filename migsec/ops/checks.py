@@ -7,6 +7,7 @@ a certificate expiring within 30 days, an unreachable peer, migsecd not running)
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import socket
 import stat
@@ -187,7 +188,7 @@ def _image_directories(config: Any, state: Path) -> Iterator[Check]:
             yield Check(name, FAIL, f"{what} does not exist", f"mkdir -p {directory}")
             continue
         yield _guard(name, f"let migsecd's user write {directory}",
-                     lambda d=directory, w=what, n=name: _stage_and_rename(n, d, w, state))
+                     functools.partial(_stage_and_rename, name, directory, what, state))
 
 
 def _stage_and_rename(name: str, directory: Path, what: str, state: Path) -> Check:

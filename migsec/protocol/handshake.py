@@ -61,19 +61,25 @@ _LIMITS = {MIG_REQ: CONTROL_MAX, MIG_RESP: CONTROL_MAX, RECORD: RECORD_MAX}
 
 
 class Identity(Protocol):
-    """This domain: migsec.pki.DomainIdentity fits."""
+    """This domain: migsec.pki.DomainIdentity fits (read-only members, as frozen dataclasses have)."""
 
-    did: str
-    key: SigningKey
-    cert_pem: bytes
+    @property
+    def did(self) -> str: ...
+    @property
+    def key(self) -> SigningKey: ...
+    @property
+    def cert_pem(self) -> bytes: ...
 
 
 class Peer(Protocol):
     """migsec.pki.VerifiedPeer fits."""
 
-    did: str
-    public_key: VerifyingKey
-    not_after: datetime
+    @property
+    def did(self) -> str: ...
+    @property
+    def public_key(self) -> VerifyingKey: ...
+    @property
+    def not_after(self) -> datetime: ...
 
 
 class Trust(Protocol):

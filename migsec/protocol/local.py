@@ -256,13 +256,20 @@ def make_migration_request(creds: Credentials, request: MigrationRequest, *,
 
 # --- AS side ---------------------------------------------------------------------------------------
 class PasswordKey(Protocol):
-    """The AS's record of a password user (migsec.auth.users.PasswordVerifier fits)."""
+    """The AS's record of a password user (migsec.auth.users.PasswordVerifier fits).
 
-    key: bytes
-    salt: bytes
-    n: int
-    r: int
-    p: int
+    Read-only members, so that frozen dataclasses fit too."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def salt(self) -> bytes: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def r(self) -> int: ...
+    @property
+    def p(self) -> int: ...
 
 
 def make_auth_reply(request: AuthRequest, *, sk3: bytes, password_key: PasswordKey | None = None,

@@ -28,6 +28,7 @@ from migsec.protocol.codec import (
     check_ident,
     check_scalar_map,
 )
+from migsec.protocol.plan import MigrationPlan
 
 MODES = ("cold", "live")
 MAX_TOKEN = 60 * 1024
@@ -56,7 +57,11 @@ def _frozen_map(value: Mapping[str, Any]) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class MigrationRequest:
-    """Mig_Rqst: which VM, how (cold/live), where its disks and networks go, to which domain."""
+    """Mig_Rqst: which VM, how (cold/live), where its disks and networks go, to which domain.
+
+    ``plan`` is the typed migration plan A's AZ vouches for (the VM's facts and disks); a
+    request as the user sends it has none. It must name the same VM, mode and mappings.
+    """
 
     vm: str
     mode: str
@@ -64,6 +69,7 @@ class MigrationRequest:
     storage_map: Mapping[str, str] = field(default_factory=dict)
     network_map: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    plan: MigrationPlan | None = None
 
     def __post_init__(self) -> None:
         check_ident(self.vm, "MigrationRequest.vm")
@@ -79,13 +85,23 @@ class MigrationRequest:
             object.__setattr__(self, name, _frozen_map(value))
         check_scalar_map(self.options, "MigrationRequest.options")
         object.__setattr__(self, "options", _frozen_map(self.options))
+        p = self.plan
+        if p is not None:
+            if not isinstance(p, MigrationPlan):
+                raise MalformedMessageError("MigrationRequest.plan must be a MigrationPlan")
+            if (p.vm_name, p.mode, dict(p.storage_map), dict(p.network_map)) != \
+                    (self.vm, self.mode, dict(self.storage_map), dict(self.network_map)):
+                raise MalformedMessageError("MigrationRequest.plan names another VM, mode or mapping than the request")
 
     def claims(self) -> dict[str, Any]:
-        return {
+        claims = {
             "v": VERSION, "t": "mig-rqst", "vm": self.vm, "mode": self.mode, "dest": self.dest_did,
             "storage": dict(self.storage_map), "network": dict(self.network_map),
             "options": dict(self.options),
         }
+        if self.plan is not None:  # absent, not null: a request without one keeps its digest
+            claims["plan"] = self.plan.to_dict()
+        return claims
 
     def digest(self) -> bytes:
         """SHA-256 over the canonical JSON: the digest(Mig_Rqst) an AuthorizationTicket carries."""
@@ -97,9 +113,13 @@ class MigrationRequest:
         f.header("mig-rqst")
         req = cls(vm=f.ident("vm"), mode=f.choice("mode", MODES), dest_did=f.ident("dest"),
                   storage_map=f.string_map("storage"), network_map=f.string_map("network"),
-                  options=f.scalar_map("options"))
+                  options=f.scalar_map("options"), plan=_plan_of(f.raw("plan", optional=True)))
         f.done()
         return req
+
+
+def _plan_of(obj: Any) -> MigrationPlan | None:
+    return None if obj is None else MigrationPlan.from_dict(obj)
 
 
 @dataclass(frozen=True)

@@ -433,12 +433,12 @@ class RecordLayer:
             ch.ended, ch.total = True, offset
             return End(channel, offset, bytes(plain))
         if rtype == ACK:
-            ch = self._sent.get(channel)
-            limit = (ch.total if ch.ended else ch.position) if ch else -1
-            if ch is None or offset > limit or offset < ch.acked:
+            sent = self._sent.get(channel)
+            limit = (sent.total if sent.ended else sent.position) if sent else -1
+            if sent is None or offset > limit or offset < sent.acked:
                 raise RecordSequenceError(
                     f"ACK for channel {channel} at {offset} does not match what was sent")
-            ch.acked = offset
+            sent.acked = offset
             return Ack(channel, offset)
         # CLOSE
         if channel != 0 or offset != 0 or length != 0:

@@ -93,12 +93,12 @@ def scan_blocks(fd: int, start: int, end: int, buf: bytearray | None = None
             got = os.preadv(fd, [view[:want]], pos)
             if got != want:
                 raise TransferError(f"short read at offset {pos}: file shrank while reading")
-            run_kind, run_start = None, 0
+            run_kind, run_start = "", 0  # "": no run yet
             for b in range(0, got, BLOCK):
                 n = min(BLOCK, got - b)
                 kind = "hole" if is_zero(buf, b, n) else "data"
                 if kind != run_kind:
-                    if run_kind is not None:
+                    if run_kind:
                         yield run_kind, pos + run_start, b - run_start, (
                             view[run_start:b] if run_kind == "data" else None)
                     run_kind, run_start = kind, b
@@ -182,6 +182,7 @@ class StreamDigest:
             if stop is not None and stop.is_set():
                 return
             if kind == "data":
+                assert view is not None  # scan_blocks gives every data piece its view
                 self.data(off, view)
             else:
                 self.hole(off, length)

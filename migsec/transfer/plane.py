@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from migsec.errors import (
     IntegrityError,
@@ -47,7 +48,7 @@ from migsec.protocol.records import OVERHEAD
 from migsec.transfer.extents import READ_SIZE, bytes_digest
 from migsec.transfer.manifest import Manifest, ManifestEntry
 from migsec.transfer.sink import Staging
-from migsec.transfer.source import KINDS, StreamSource, StreamSpec
+from migsec.transfer.source import KINDS, Source, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class _Sender:
             self._last_progress = now
             self.progress(Progress(name, done, total, self.all_done, self.all_total, self.wire.sent))
 
-    def send_stream(self, src: StreamSource, start: int) -> None:
+    def send_stream(self, src: Source, start: int) -> None:
         ch, records, out = src.channel, self.records, self.out
         opening = {"type": "open", "name": src.name, "kind": src.spec.kind, "size": src.size,
                    "start": start}
@@ -273,6 +274,7 @@ class _Sender:
                 self.idle()
                 continue
             if kind == "data":
+                assert view is not None  # every data piece has its view
                 n = records.seal_data_into(ch, off, view, out)
                 self.send(memoryview(out)[:n])
                 self.data_bytes += length
@@ -294,7 +296,7 @@ class _Sender:
             self.send(self.records.send_control(CONTROL_CHANNEL, {"type": "keepalive"}))
         self.pump()
 
-    def hold_for_hash(self, src: StreamSource, sent: int) -> None:
+    def hold_for_hash(self, src: Source, sent: int) -> None:
         """Keep the background hash within MAX_HASH_LAG of what was sent: SHA-256 may be slower
         than the link, and a long wait for the digest at END would look like a dead peer."""
         last = time.monotonic()
@@ -305,7 +307,7 @@ class _Sender:
                 self.send(self.records.send_control(CONTROL_CHANNEL, {"type": "keepalive"}))
                 self.pump()
 
-    def end_stream(self, src: StreamSource) -> ManifestEntry:
+    def end_stream(self, src: Source) -> ManifestEntry:
         self.hold_for_hash(src, src.size + MAX_HASH_LAG)  # i.e. until the digest is ready
         entry = _entry(src)
         self.send(self.records.send_end(src.channel, src.size, bytes.fromhex(entry.digest)))
@@ -324,7 +326,7 @@ class _Sender:
             self.pump(wait=left, until=all_acked)
 
 
-def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[StreamSource], *,
+def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[Source], *,
                  bandwidth_limit: float | None = None,
                  progress: Callable[[Progress], None] | None = None,
                  timeout: float | None = 60.0) -> SendResult:
@@ -338,7 +340,7 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     while s.resume is None:
         s.pump(wait=timeout or 3600.0)
     entries: list[ManifestEntry] = []
-    waiting: list[StreamSource] = []  # sent, END pending until its digest thread finishes
+    waiting: list[Source] = []  # sent, END pending until its digest thread finishes
     targets: dict[int, int] = {}
     seen: set[str | int] = {CONTROL_CHANNEL, MANIFEST_CHANNEL}
     for src in _with_keepalive(sources, s, s.keepalive):
@@ -373,7 +375,7 @@ def send_streams(sock: socket.socket, records: RecordLayer, sources: Iterable[St
     return SendResult(manifest, body, s.wire.sent, s.all_total, s.data_bytes)
 
 
-def _with_keepalive(sources: Iterable[StreamSource], s: _Sender, interval: float) -> Iterator[StreamSource]:
+def _with_keepalive(sources: Iterable[Source], s: _Sender, interval: float) -> Iterator[Source]:
     """Iterate ``sources`` in a helper thread; while the next one is not ready (the memory image
     is still being saved) keep the session alive so B's idle timeout does not fire."""
     it = iter(sources)
@@ -402,7 +404,7 @@ def _with_keepalive(sources: Iterable[StreamSource], s: _Sender, interval: float
         yield box["value"]  # type: ignore[misc]
 
 
-def _entry(src: StreamSource) -> ManifestEntry:
+def _entry(src: Source) -> ManifestEntry:
     digest, allocated = src.digest()
     return ManifestEntry(src.channel, src.name, src.spec.kind, src.size, allocated, digest, src.spec.target)
 
@@ -522,7 +524,7 @@ class _Receiver:
                 (want.max_size is not None and size > want.max_size):
             raise StreamRefusedError(f"stream {name!r}: size {size} not accepted "
                                      f"(expected {want.size}, at most {want.max_size})")
-        sink = self.staging.add(StreamSpec(ch, name, kind, size, want.target, growing))
+        sink = self.staging.add(StreamSpec(ch, cast(str, name), kind, size, want.target, growing))  # a str: expected
         resume_at = sink.spec.size if sink.done else sink.acked
         if start != resume_at:
             raise ResumeError(f"stream {name!r}: source starts at {start}, destination has {resume_at}")

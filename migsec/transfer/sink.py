@@ -340,7 +340,7 @@ class Staging:
         """Per stream name, the offset the sender must (re)start from."""
         return {s.spec.name: (s.spec.size if s.done else s.acked) for s in self.sinks.values()}
 
-    def checkpoint(self) -> dict[int, int]:
+    def checkpoint(self) -> dict[str, int]:
         """fdatasync every stream with new data, persist the offsets; returns resume offsets."""
         for s in self.sinks.values():
             s.sync()

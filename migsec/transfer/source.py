@@ -66,7 +66,9 @@ class _BackgroundDigest:
     descriptor; hashlib releases the GIL, so hashing overlaps encryption and sending.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
 
     def _init_digest(self) -> None:
         self._digest: str | None = None
@@ -161,6 +163,11 @@ class StreamSource(_BackgroundDigest):
 
     @property
     def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def bound(self) -> int:
+        """The size the stream is opened with: its size (only a growing source differs)."""
         return self.spec.size
 
     def _digest_walk(self) -> Generator[tuple[str, int, int, Any], None, None]:
@@ -366,7 +373,7 @@ class GrowingFileSource(_BackgroundDigest):
             view[:n] = self.head[1]
         sent_head[:] = view[:BLOCK]
 
-    def _follow(self, start: int, buf: bytearray) -> Iterator[tuple[str, int, int, memoryview | None]]:
+    def _follow(self, start: int, buf: bytearray) -> Generator[tuple[str, int, int, memoryview | None], None, None]:
         """Pieces from ``start`` as the file grows; ("wait", pos, 0, None) while nothing is new."""
         fd = self._open_when_created()
         try:
@@ -426,3 +433,7 @@ class GrowingFileSource(_BackgroundDigest):
     def _digest_walk(self) -> Generator[tuple[str, int, int, Any], None, None]:
         # the digest thread follows the file too, so hashing overlaps the writer
         return self._follow(0, bytearray(READ_SIZE))
+
+
+Source = StreamSource | GrowingFileSource
+"""What ``send_streams`` sends: a stream of known size, or a file still being written."""
