@@ -39,3 +39,13 @@ def minimal() -> str:
 
 
 MINIMAL = domain_and_paths("cloud-a.example")
+
+
+@pytest.fixture
+def p(tmp_path):
+    """Two in-process domains (tests/daemon/orchestration.py): A's Services and B's endpoint."""
+    from orchestration import pair
+
+    pr = pair(tmp_path)
+    yield pr
+    pr.close()

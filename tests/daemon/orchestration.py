@@ -242,3 +242,8 @@ def pair(tmp_path: Path) -> Pair:
     conn = virt.connect(TEST_URI)
     assert conn.list_domains() == ["test"], "test driver state leaked from another connection"
     return Pair(a, b, Endpoint(b, port_b), tmp_path, conn)
+
+
+def phases(services: Any, mid: str) -> list[str]:
+    """The journal phases of migration ``mid`` at one side, in order."""
+    return [ph for ph, _ in services.journal.get(mid).history]

@@ -15,18 +15,7 @@ from migsec import virt
 from migsec.daemon import dataplane, link
 from migsec.errors import IntegrityError, MigsecError
 from migsec.transfer.source import StreamSource
-from orchestration import B_DID, pair
-
-
-@pytest.fixture
-def p(tmp_path):
-    pr = pair(tmp_path)
-    yield pr
-    pr.close()
-
-
-def phases(services, mid):
-    return [ph for ph, _ in services.journal.get(mid).history]
+from orchestration import B_DID, phases
 
 
 def prepared(p, name="vm1", disk_bytes=256 * 1024):

@@ -16,18 +16,7 @@ from migsec.audit import Ledger
 from migsec.daemon.jobs import record
 from migsec.daemon.recovery import auto_recover, recover_all, recover_one
 from migsec.protocol import Decision, Receipt, token_hash
-from orchestration import A_DID, B_DID, Endpoint, pair
-
-
-@pytest.fixture
-def p(tmp_path):
-    pr = pair(tmp_path)
-    yield pr
-    pr.close()
-
-
-def phases(services, mid):
-    return [ph for ph, _ in services.journal.get(mid).history]
+from orchestration import A_DID, B_DID, Endpoint, phases
 
 
 def kinds(services, mid):

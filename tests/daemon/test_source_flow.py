@@ -14,18 +14,7 @@ from migsec.audit import Ledger
 from migsec.daemon.jobs import MigrationAborted
 from migsec.daemon.source import OutgoingMigration
 from migsec.errors import AuthorizationDenied, HandshakeError, MigrationFailed
-from orchestration import pair
-
-
-@pytest.fixture
-def p(tmp_path):
-    pr = pair(tmp_path)
-    yield pr
-    pr.close()
-
-
-def phases(services, mid):
-    return [ph for ph, _ in services.journal.get(mid).history]
+from orchestration import phases
 
 
 def kinds(services, mid):
