@@ -23,6 +23,7 @@ from tests.e2e.test_migration import (
     journal,
     ledger_entries,
     migrate_in_background,
+    peer_through_cutting_relay,
     wait_for,
 )
 
@@ -205,34 +206,13 @@ def interrupt_live_move(dep, guest, act, *, after=None) -> tuple[int, str, str]:
 
 def test_live_connection_cut_mid_migration_rolls_back(dep, guest):
     """A relay resets the session after 24 MiB of QEMU's stream: libvirt rolls back, the guest stays at A."""
-    import sys
-    from pathlib import Path
-
-    from tests.e2e.deploy import run
-
     a, b = dep["a"], dep["b"]
     before = guest.console("a").counters[-1]
-    relay_port = PORT + 1
-    relay = dep.lab.host("a").popen(
-        [sys.executable, str(Path(__file__).with_name("relay.py")), f"{a.address}:{relay_port}",
-         f"{b.address}:{PORT}", str(24 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
-    cfg = str(a.config)
-    try:
-        assert relay.stdout.readline().strip() == "listening"
-        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
-        run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}",
-             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+    with peer_through_cutting_relay(dep) as relay:
         code, result, err = migrate_from(dep, "a", guest.name, "--live", "--bandwidth", "30",
                                          "--persistent", "--undefinesource",
                                          destination=f"migsec://{b.did}:{PORT}")
-    finally:
-        run([MIGSEC, "peer", "del", b.did, "--config", cfg])
-        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
-             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
-        relay.kill()
-        events = relay.stdout.read()
-        relay.wait()
-    assert "cut" in events
+    assert "cut" in relay.events
     assert code == 4, (err, result)
     assert result["rolled_back"] is True
     assert_clean_failure(dep, guest, before)

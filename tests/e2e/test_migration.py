@@ -6,12 +6,14 @@ both hosts, and the audit ledgers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -190,30 +192,39 @@ def test_unknown_peer_certificate(dep, guest, tmp_path):
     assert not leftovers(b, guest.name)
 
 
-def test_connection_cut_mid_transfer_resumes(dep, guest):
-    """A relay on A's side resets the connection after 24 MiB; the transfer resumes and completes."""
+@contextlib.contextmanager
+def peer_through_cutting_relay(dep, cut_after: int = 24 * 1024 * 1024):
+    """A reaches B through a relay inside A (tests/e2e/relay.py) that resets the connection
+    after ``cut_after`` bytes; the peer entry is restored on exit, when the yielded object's
+    ``events`` gets what the relay printed."""
     a, b = dep["a"], dep["b"]
     relay_port = PORT + 1
     relay = dep.lab.host("a").popen(
         [sys.executable, str(Path(__file__).with_name("relay.py")), f"{a.address}:{relay_port}",
-         f"{b.address}:{PORT}", str(24 * 1024 * 1024)], stdout=subprocess.PIPE, text=True)
-    cfg = str(a.config)
+         f"{b.address}:{PORT}", str(cut_after)], stdout=subprocess.PIPE, text=True)
+    cfg, cert = str(a.config), str(b.base / "pki" / "domain-cert.pem")
+    seen = SimpleNamespace(events="")
     try:
         assert relay.stdout.readline().strip() == "listening"
         run([MIGSEC, "peer", "del", b.did, "--config", cfg])
-        run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}",
-             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
-        code, result, err = migrate(dep, guest.name, "--undefinesource",
-                                    destination=f"migsec://{b.did}:{PORT}")
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{a.address}:{relay_port}", "--cert", cert, "--config", cfg])
+        yield seen
     finally:
         run([MIGSEC, "peer", "del", b.did, "--config", cfg])
-        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}",
-             "--cert", str(b.base / "pki" / "domain-cert.pem"), "--config", cfg])
+        run([MIGSEC, "peer", "add", b.did, "--address", f"{b.address}:{PORT}", "--cert", cert, "--config", cfg])
         relay.kill()
-        events = relay.stdout.read()
+        seen.events = relay.stdout.read()
         relay.wait()
-    assert "cut" in events, "the relay never cut the connection (transfer smaller than the cut?)"
-    assert events.count("connection") >= 1
+
+
+def test_connection_cut_mid_transfer_resumes(dep, guest):
+    """A relay on A's side resets the connection after 24 MiB; the transfer resumes and completes."""
+    a, b = dep["a"], dep["b"]
+    with peer_through_cutting_relay(dep) as relay:
+        code, result, err = migrate(dep, guest.name, "--undefinesource",
+                                    destination=f"migsec://{b.did}:{PORT}")
+    assert "cut" in relay.events, "the relay never cut the connection (transfer smaller than the cut?)"
+    assert relay.events.count("connection") >= 1
     assert code == 0, err
     guest.assert_runs_only_on("b")
     assert_state_intact(guest, "b", guest.console("a").counters[-1])
