@@ -200,8 +200,8 @@ class TrustStore:
             if "not valid at validation time" in str(exc):
                 raise CertificateExpiredError(f"a certificate in the chain is not valid at {at.isoformat()}") from exc
             raise UnknownIssuerError(
-                f"certificate {leaf.subject.rfc4514_string() or '(empty subject)'} issued by "
-                f"{leaf.issuer.rfc4514_string() or '(empty issuer)'} (fingerprint {certificate_fingerprint(leaf)}) "
+                f"certificate {_dn(leaf, 'subject')} issued by "
+                f"{_dn(leaf, 'issuer')} (fingerprint {certificate_fingerprint(leaf)}) "
                 f"does not chain to a trusted CA: {exc}") from exc
         if "did" not in found:  # the SAN validator must have run; never accept without it
             raise DidMismatchError("certificate domain id was not checked")
@@ -234,3 +234,13 @@ class TrustStore:
 def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     # CA keys are EC or RSA (migsec.crypto.certs), both issuer key types
     return crl.issuer == ca.subject and crl.is_signature_valid(cast(CertificateIssuerPublicKeyTypes, ca.public_key()))
+
+
+def _dn(cert: x509.Certificate, which: str) -> str:
+    """A certificate's subject or issuer for a message; a peer's certificate may carry a name
+    that cryptography parses only when it is read (and then raises ValueError)."""
+    try:
+        name = getattr(cert, which).rfc4514_string()
+    except ValueError:
+        return f"(unparseable {which})"
+    return name or f"(empty {which})"

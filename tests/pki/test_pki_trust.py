@@ -5,6 +5,7 @@ import datetime as dt
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from migsec.crypto import SigningKey
@@ -158,3 +159,17 @@ def test_rsa_ca_and_rsa_domain(tmp_path, now):
     pem = ca.issue_domain("cloud-r.example", tmp_path / "r", key_kind="rsa-3072", now=now).read_bytes()
     peer = TrustStore.from_pem([ca.cert_pem]).verify(pem, expected_did="cloud-r.example", at=now)
     assert peer.public_key.kind == "rsa-3072"
+
+
+def test_certificate_with_a_broken_subject_is_refused_not_crashed(domain_b, store, now):
+    """A peer's certificate whose subject is not valid UTF-8 parses, but reading the subject
+    raises ValueError; the refusal must still be a certificate error naming the problem."""
+    der = x509.load_pem_x509_certificate(domain_b[1]).public_bytes(serialization.Encoding.DER)
+    at = der.index(b"cloud-b.example")  # the subject's CN (UTF8String) comes before the SAN
+    broken = der[:at + 5] + b"\xed" + der[at + 6:]  # "cloud\xedb.example": a lone surrogate lead
+    cert = x509.load_der_x509_certificate(broken)
+    with pytest.raises(ValueError):
+        cert.subject.rfc4514_string()  # the condition under test really holds
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(UnknownIssuerError, match=r"\(unparseable subject\)"):
+        store.verify(pem, at=now)
