@@ -194,7 +194,8 @@ class MigrationPlan:
     # ---- what the consumers read ---------------------------------------------------------
     @property
     def files(self) -> tuple[str, ...]:
-        """Every local file to move (each disk's top image, then its backing files), once each."""
+        """Every local file to move (each disk's top image, then its backing files), once each:
+        the one definition of what a migration moves (``disk<i>`` is the i-th)."""
         seen: dict[str, None] = {}
         for disk in self.disks:
             for f in disk.files:

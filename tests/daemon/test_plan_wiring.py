@@ -27,7 +27,7 @@ def test_the_plan_carries_what_libvirt_describes(info, mode):
                                plan=plan)
     assert (plan.vm_uuid, plan.vcpus, plan.memory_bytes, plan.mode) == (info.uuid, info.vcpus, info.memory_bytes, mode)
     assert plan.paused is (info.state.value == "paused")
-    assert request_files(request) == list(info.files)
+    assert request_files(request) == list(dict.fromkeys(f for d in info.disks for f in d.files))
     assert [d.target for d in plan.disks] == [d.target for d in info.disks]
     assert plan.disk_bytes == sum(d.virtual_size or 0 for d in info.disks)
     assert vm_attributes(plan)["vm-uuid"] == info.uuid and dict(plan.storage_map) == {"/a": "/b"}
