@@ -9,9 +9,9 @@ AZ (steps 3-4) at the source: opens the ticket and request, builds the typed
 migration plan from libvirt's description of the VM (``plan_for``), asks the source
 PDP (action ``migrate``) and, on Permit, signs the AuthorizationTicket over the
 request with its plan. At the destination: ``admit_incoming`` asks the destination
-PDP (``receive-migration``) and checks capacity, both from the signed plan. The
-plan's PDP attributes come from one mapping (``vm_attributes``) on both sides. Obligations the PEP cannot fulfil turn a Permit into a
-denial (XACML 3.0 §7.18).
+PDP (``receive-migration``) and checks capacity, both from the signed plan. Both
+PDPs get the plan's attributes through one mapping (``vm_attributes``). Obligations
+the PEP cannot fulfil turn a Permit into a denial (XACML 3.0 §7.18).
 """
 from __future__ import annotations
 
