@@ -130,6 +130,7 @@ class AuthorizationServer:
         if info.state.value not in ("running", "paused", "blocked"):
             raise virt.DomainStateError(f"{mig.vm} is {info.state.value}: migsec moves a running or paused "
                                         f"guest (start it, or copy a stopped one's disks)")
+        mig = replace(mig, vm=info.name)  # libvirt's name, however the user named it (a UUID, say)
         plan = plan_for(mig, info)  # the AZ vouches for these facts: both PDPs and both data paths use them
         decision = authorize(
             services.pdp_source,

@@ -124,3 +124,27 @@ def test_a_malformed_plan_fails_bs_handshake_naming_the_field(p, caplog):
     assert "handshake failed" in caplog.text and "migration plan disk" in caplog.text
     assert "virtual_size" in caplog.text
     assert p.b.journal.list() == []
+
+
+def test_the_az_builds_and_signs_the_plan_naming_the_vm_as_libvirt_does(p):
+    """Steps 1-4 at A (the AS and the AZ of migsecd, the client's side of the local exchange):
+    the request names the guest by its UUID; the grant's request names it by libvirt's name,
+    carries the plan libvirt's description gives, and the ticket covers it."""
+    from migsec.auth.servers import AuthenticationServer, AuthorizationServer
+    from migsec.protocol.local import AuthReply, ClientLogin, make_migration_request
+
+    p.a.users.add(USER, "correct horse battery staple", roles=("migration-admin",))
+    p.guest("vm1")
+    info = virt.describe_domain(p.conn, "vm1")
+    login = ClientLogin(USER, clock=p.a.clock)
+    reply = AuthenticationServer(p.a).handle(login.request.encode().decode())["reply"]
+    creds = login.finish(AuthReply.decode(reply.encode()), password="correct horse battery staple")
+    asked = MigrationRequest(vm=info.uuid, mode="cold", dest_did=B_DID, options={"persistent": True})
+    sealed = make_migration_request(creds, asked, clock=p.a.clock).encode().decode()
+    grant = AuthorizationServer(p.a).authorize(sealed)
+    plan = grant.request.require_plan()
+    assert grant.request.vm == plan.vm_name == grant.ticket.vm == "vm1"
+    assert (plan.vm_uuid, plan.vcpus, plan.memory_bytes) == (info.uuid, info.vcpus, info.memory_bytes)
+    assert plan.files == (str(p.root / "a" / "src" / "vm1.img"),)
+    assert dict(grant.request.options) == {"persistent": True}  # the user's options, no VM facts
+    assert grant.ticket.request_digest == grant.request.digest()
