@@ -5,11 +5,13 @@ AS (paper steps 1-2): looks the user up, answers with E_SK1(...) and Auth_Tkt. A
 unknown user gets a decoy reply that cannot be opened, so that the client cannot
 tell an unknown name from a wrong password.
 
-AZ (steps 3-4) at the source: opens the ticket and request, asks the source PDP
-(action ``migrate``) and, on Permit, signs the AuthorizationTicket. At the
-destination: ``admit_incoming`` asks the destination PDP (``receive-migration``)
-and checks capacity. Obligations the PEP cannot fulfil turn a Permit into a
-denial (XACML 3.0 §7.18).
+AZ (steps 3-4) at the source: opens the ticket and request, builds the typed
+migration plan from libvirt's description of the VM (``plan_for``), asks the source
+PDP (action ``migrate``) and, on Permit, signs the AuthorizationTicket over the
+request with its plan. At the destination: ``admit_incoming`` asks the destination
+PDP (``receive-migration``) and checks capacity, both from the signed plan. Both
+PDPs get the plan's attributes through one mapping (``vm_attributes``). Obligations
+the PEP cannot fulfil turn a Permit into a denial (XACML 3.0 §7.18).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from migsec.daemon.services import Services
     from migsec.protocol.local import PasswordKey
     from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
+    from migsec.protocol.plan import MigrationPlan
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.auth")
@@ -107,7 +110,6 @@ class AuthorizationServer:
         from migsec.policy import attributes as A
         from migsec.protocol.local import AuthorizationServer as ProtocolAZ
         from migsec.protocol.local import LocalMigrationRequest
-        from migsec.daemon.dataplane import enrich_options, plan_for
         from migsec.protocol.messages import MigrationRequest, Obligation
 
         services = self.services
@@ -128,10 +130,12 @@ class AuthorizationServer:
         if info.state.value not in ("running", "paused", "blocked"):
             raise virt.DomainStateError(f"{mig.vm} is {info.state.value}: migsec moves a running or paused "
                                         f"guest (start it, or copy a stopped one's disks)")
+        mig = replace(mig, vm=info.name)  # libvirt's name, however the user named it (a UUID, say)
+        plan = plan_for(mig, info)  # the AZ vouches for these facts: both PDPs and both data paths use them
         decision = authorize(
             services.pdp_source,
             subject={"user-id": checked.user_id, "roles": list(roles), "source-domain": services.did},
-            resource=vm_attributes(info),
+            resource=vm_attributes(plan),
             action=A.ACTION_MIGRATE,
             environment={"source-domain": services.did, "destination-domain": mig.dest_did,
                          "migration-mode": mig.mode, "current-dateTime": services.clock()},
@@ -145,15 +149,9 @@ class AuthorizationServer:
                 f"{mig.vm!r} to {mig.dest_did!r}{': ' + reason if reason else ''}",
                 where="source", decision=decision.decision)
         max_bandwidth, obligations = apply_obligations(decision, mig, where="source")
-        # the AZ vouches for the VM's facts: B's policy, capacity check and stream plan use them
         virt.check_migratable(info)
-        options = enrich_options(dict(mig.options), info)
-        if mig.mode == "live":
-            from migsec.daemon.live import live_options
-
-            options = live_options(options, info)
         mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,
-                               network_map=mig.network_map, options=options, plan=plan_for(mig, info))
+                               network_map=mig.network_map, options=mig.options, plan=plan)
         checked = replace(checked, request=mig)
         ticket, token = az.issue(checked, obligations=[Obligation(o.id, _scalars(o.attributes)) for o in obligations])
         migration_id = uuid.uuid4().hex
@@ -162,19 +160,35 @@ class AuthorizationServer:
         return Grant(migration_id, checked.user_id, roles, mig, ticket, token, mig.dest_did, max_bandwidth)
 
 
-def admit_incoming(services: Services, *, src_did: str, user_id: str, request: MigrationRequest, vm: dict) -> tuple[int | None, list]:
-    """Step 6 at the destination: PDP (receive-migration) + capacity; AuthorizationDenied otherwise.
+def plan_for(request: MigrationRequest, info: DomainInfo) -> MigrationPlan:
+    """The typed plan of ``request`` for the VM ``info`` describes (the AZ signs it with the request)."""
+    from migsec.protocol.plan import DiskPlan, MigrationPlan
 
-    ``vm`` is what the source declared about the VM (name, uuid, vcpus, memory, disks).
+    disks = tuple(DiskPlan(target=d.target, type=d.type, source=d.source, format=d.format,
+                           virtual_size=int(d.virtual_size or 0),
+                           backing=d.files[1:],  # a file disk's backing files, nearest first
+                           readonly=d.readonly, shareable=d.shareable) for d in info.disks)
+    return MigrationPlan(vm_name=request.vm, vm_uuid=info.uuid, mode=request.mode, vcpus=int(info.vcpus),
+                         memory_bytes=int(info.memory_bytes), disks=disks,
+                         tags=tuple(t for t in info.tags if t), paused=info.state.value == "paused",
+                         storage_map=request.storage_map, network_map=request.network_map)
+
+
+def admit_incoming(services: Services, *, src_did: str, user_id: str,
+                   request: MigrationRequest) -> tuple[int | None, list]:
+    """Step 6 at the destination: PDP (receive-migration) + capacity, from the request's signed
+    plan; AuthorizationDenied otherwise (MalformedMessageError for a request without a plan).
+
     Returns the bandwidth limit obligations ask for and the obligations.
     """
     from migsec.policy import authorize
     from migsec.policy import attributes as A
 
+    plan = request.require_plan()
     decision = authorize(
         services.pdp_destination,
         subject={"user-id": user_id, "source-domain": src_did},
-        resource={k: v for k, v in vm.items() if k in ("vm-name", "vm-uuid", "vcpus", "memory-bytes", "disk-bytes", "tags")},
+        resource=vm_attributes(plan),
         action=A.ACTION_RECEIVE,
         environment={"source-domain": src_did, "destination-domain": services.did,
                      "migration-mode": request.mode, "current-dateTime": services.clock()},
@@ -182,18 +196,18 @@ def admit_incoming(services: Services, *, src_did: str, user_id: str, request: M
     if not decision.permitted:
         reason = _reason(decision)
         raise AuthorizationDenied(
-            f"{services.did} policy: {decision.decision} for receiving {vm.get('vm-name')!r} from "
+            f"{services.did} policy: {decision.decision} for receiving {plan.vm_name!r} from "
             f"{src_did!r}{': ' + reason if reason else ''}", where="destination", decision=decision.decision)
-    check_capacity(services, vm)
+    check_capacity(services, plan)
     return apply_obligations(decision, request, where="destination")
 
 
-def check_capacity(services: Services, vm: dict) -> None:
+def check_capacity(services: Services, plan: MigrationPlan) -> None:
     """Configured limits and the host's free memory; AuthorizationDenied naming what is short."""
     from migsec import virt
 
     limits = services.config.limits
-    vcpus, memory = int(vm.get("vcpus", 0)), int(vm.get("memory-bytes", 0))
+    vcpus, memory = plan.vcpus, plan.memory_bytes
     if limits.max_vcpus and vcpus > limits.max_vcpus:
         raise AuthorizationDenied(f"{services.did}: {vcpus} vCPUs exceed [limits].max_vcpus = {limits.max_vcpus}",
                                   where="destination", decision="Capacity")
@@ -207,16 +221,13 @@ def check_capacity(services: Services, vm: dict) -> None:
                                   f"free, {memory // MIB} MiB needed)", where="destination", decision="Capacity")
 
 
-def vm_attributes(info: DomainInfo) -> dict:
-    """The resource attributes of a VM for the PDP (and for the destination's check)."""
-    return {
-        "vm-name": info.name,
-        "vm-uuid": info.uuid,
-        "vcpus": int(info.vcpus),
-        "memory-bytes": int(info.memory_bytes),
-        "disk-bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
-        "tags": list(info.tags),
-    }
+def vm_attributes(plan: MigrationPlan) -> dict[str, Any]:
+    """The VM's resource attributes for a PDP: the one mapping A's and B's policies both see."""
+    attributes: dict[str, Any] = {"vm-name": plan.vm_name, "vm-uuid": plan.vm_uuid, "vcpus": plan.vcpus,
+                                  "memory-bytes": plan.memory_bytes, "disk-bytes": plan.disk_bytes}
+    if plan.tags:  # no tags: no attribute (an empty bag, as XACML reads an absent one)
+        attributes["tags"] = list(plan.tags)
+    return attributes
 
 
 def apply_obligations(decision: Any, request: MigrationRequest, *, where: str) -> tuple[int | None, list]:

@@ -1,9 +1,9 @@
 """What moves: the VM's streams as both daemons name them, on top of ``migsec.transfer``.
 
-Streams (names agreed through the signed request's options, never chosen by B
-from what A sends): ``domain.xml`` (kind xml), ``disk<i>`` for the i-th file of
-``options["files"]`` (kind disk; B picks the target path from its own storage
-mapping), ``memory`` (the libvirt save image, kind memory; it stays in staging
+Streams (names agreed through the signed request's migration plan, never chosen
+by B from what A sends): ``domain.xml`` (kind xml), ``disk<i>`` for the i-th file of
+``plan.files`` (kind disk; B picks the target path from its own storage mapping),
+``memory`` (the libvirt save image, kind memory; it stays in staging
 and B restores from it). The manifest follows as the plane's last stream.
 
 The memory image is streamed while libvirt is still saving it (a growing stream,
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from migsec.daemon.link import SourceSession
     from migsec.daemon.services import Services
     from migsec.protocol.messages import MigrationRequest
-    from migsec.protocol.plan import MigrationPlan
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.dataplane")
@@ -35,46 +34,9 @@ PLANE_TIMEOUT_S = 120
 
 # ---- the shared naming ---------------------------------------------------------------------
 def request_files(request: MigrationRequest) -> list[str]:
-    """The files to move, in stream order (``disk<i>``): from the plan, else the string options."""
-    if request.plan is not None:
-        return list(request.plan.files)
-    return request_files_of(request.options)
-
-
-def request_files_of(options: Any, key: str = "files") -> list[str]:
-    files = str(options.get(key, ""))
-    return [f for f in files.split("|") if f]
-
-
-def enrich_options(options: dict, info: DomainInfo) -> dict:
-    """The VM facts the source AZ vouches for (B's PDP, capacity check and stream plan use them)."""
-    return {
-        **options,
-        "vm_uuid": info.uuid,
-        "vcpus": int(info.vcpus),
-        "memory_bytes": int(info.memory_bytes),
-        "disk_bytes": int(sum(d.virtual_size or 0 for d in info.disks)),
-        "tags": ",".join(info.tags),
-        "paused": info.state.value == "paused",  # a guest paused at A stays paused at B
-        "files": "|".join(info.files),
-        # top images only: backing files may be shared with other VMs, never removed
-        "top_files": "|".join(d.source for d in info.disks if d.type == "file" and d.source),
-    }
-
-
-def plan_for(request: MigrationRequest, info: DomainInfo) -> MigrationPlan:
-    """The typed plan of ``request`` for the VM ``info`` describes (the AZ signs it with the request)."""
-    from migsec.protocol.plan import DiskPlan, MigrationPlan
-
-    disks = tuple(DiskPlan(target=d.target, type=d.type, source=d.source, format=d.format,
-                           virtual_size=int(d.virtual_size or 0),
-                           backing=d.files[1:],  # a file disk's backing files, nearest first
-                           readonly=d.readonly, shareable=d.shareable) for d in info.disks)
-    return MigrationPlan(vm_name=request.vm, vm_uuid=info.uuid, mode=request.mode, vcpus=int(info.vcpus),
-                         memory_bytes=int(info.memory_bytes), disks=disks,
-                         tags=tuple(t for t in info.tags if t),  # as the string options dropped empty ones
-                         paused=info.state.value == "paused", storage_map=request.storage_map,
-                         network_map=request.network_map)
+    """The files to move, in stream order (``disk<i>``): the signed plan's (MalformedMessageError
+    for a request without one)."""
+    return list(request.require_plan().files)
 
 
 # ---- A ------------------------------------------------------------------------------------------
@@ -160,11 +122,11 @@ def disk_map(services: Services, files: list[str]) -> dict[str, str]:
 def expected_streams(services: Services, request: MigrationRequest) -> dict[str, Any]:
     from migsec.transfer.plane import Expected
 
-    files = request_files(request)
+    plan = request.require_plan()
+    files = list(plan.files)
     targets = disk_map(services, files)
-    memory = request.plan.memory_bytes if request.plan else int(request.options.get("memory_bytes", 0))
     expected = {"domain.xml": Expected("xml", max_size=XML_MAX),
-                "memory": Expected("memory", max_size=memory_image_bound(memory))}
+                "memory": Expected("memory", max_size=memory_image_bound(plan.memory_bytes))}
     for i, f in enumerate(files):
         Path(targets[f]).parent.mkdir(parents=True, exist_ok=True)
         expected[f"disk{i}"] = Expected("disk", target=targets[f])
@@ -228,12 +190,11 @@ def receive(services: Services, sock: socket.socket, records: Any, request: Migr
     memory = staging.by_name("memory")
     if memory is None:
         raise TransferError("no memory image arrived")
-    files = request_files(request)
+    plan = request.require_plan()
     network = services.config.network
     with virt.connect(services.config.libvirt.uri) as conn:
         xml = virt.save_image_restore_xml(
-            conn, memory.path, uuid=str(request.options.get("vm_uuid")),
-            disk_map=disk_map(services, files),
+            conn, memory.path, uuid=plan.vm_uuid, disk_map=disk_map(services, list(plan.files)),
             network_map=dict(network.map) or None, bridge_map=dict(network.bridge_map) or None)
     return Received(memory.path, xml, result.manifest, result.manifest_json, result.wire_bytes)
 

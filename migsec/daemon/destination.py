@@ -111,8 +111,8 @@ class IncomingMigration:
         services, request = self.services, accepted.request
         if accepted.purpose == "migrate":
             self.journal("accepted", domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
-                         options=dict(request.options), staging=str(dataplane.staging_dir(services, self.mid)),
-                         bandwidth=accepted.bandwidth)
+                         options=dict(request.options), plan=request.require_plan().to_dict(),
+                         staging=str(dataplane.staging_dir(services, self.mid)), bandwidth=accepted.bandwidth)
         bandwidth = accepted.bandwidth or services.journal.get(self.mid).data.get("bandwidth")
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
@@ -185,7 +185,7 @@ class IncomingMigration:
         name = str(entry.data.get("restored") or entry.data.get("domain"))
         options = dict(entry.data.get("options") or {})
         with virt.connect(self.services.config.libvirt.uri) as conn:
-            if virt.domain_state(conn, name).value == "paused" and not options.get("paused"):
+            if virt.domain_state(conn, name).value == "paused" and not entry.plan().paused:
                 virt.resume_domain(conn, name)
             if options.get("persistent"):
                 virt.define_domain(conn, virt.domain_xml(conn, name))
@@ -217,7 +217,7 @@ class IncomingMigration:
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
-        if (entry.data.get("options") or {}).get("live_targets") is not None:
+        if entry.plan().mode == "live":
             from migsec.daemon.live import discard_destination
 
             discard_destination(self.services, self.mid, record_phase=False)

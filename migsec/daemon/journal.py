@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping
 
 from migsec.errors import JournalError
 from migsec.fsutil import atomic_write, fsync_dir
+from migsec.protocol.plan import MigrationPlan
 
 SOURCE_PHASES = ("requested", "authorized", "handshaken", "suspended", "saved", "streaming",
                  "streamed", "receipt-received", "committed", "released", "done")
@@ -88,6 +89,15 @@ class JournalEntry:
     def decided(self) -> bool:
         """True once the commit decision is durable on this side (the destination copy wins)."""
         return any(p == DECISION[self.role] for p, _ in self.history)
+
+    def plan(self) -> MigrationPlan:
+        """The signed request's migration plan, as recorded when A authorized the migration or B
+        accepted it (``plan`` field); JournalError when the entry records none."""
+        raw = self.data.get("plan")
+        if raw is None:
+            raise JournalError(f"migration {self.migration_id}: its journal entry records no migration plan "
+                               f"(written by a migsec older than Mig_Rqst version 2?): finish it by hand")
+        return MigrationPlan.from_dict(raw)
 
 
 def allowed_next(role: str, history: tuple[str, ...]) -> tuple[str, ...]:

@@ -354,15 +354,16 @@ def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | 
         if entry.data.get("peer") != proposal.src_did:
             raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}", decision="Invalid")
         if proposal.resume_of is not None:
-            if proposal.request.mode == "live" or (entry.data.get("options") or {}).get("live_targets") is not None:
-                raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)", decision="Invalid")
             if entry.role != "destination" or proposal.resume_of != mid or \
                     entry.phase not in ("accepted", "receiving", "received"):
                 raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})", decision="Invalid")
+            if proposal.request.require_plan().mode == "live" or entry.plan().mode == "live":
+                raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)", decision="Invalid")
             return "resume", None
         return "recover", None
     if options.get("purpose", "migrate") != "migrate":
         raise AuthorizationDenied(f"unknown purpose {options.get('purpose')!r}", decision="Invalid")
+    proposal.request.require_plan()  # the VM's facts come only from the signed plan: none, no migration
     try:
         services.journal.get(mid)
     except JournalError:
@@ -377,7 +378,7 @@ def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | 
                                   f"([limits].max_incoming = {limit}); try again later",
                                   where="destination", decision="Capacity")
     bandwidth, _ = admit_incoming(services, src_did=proposal.src_did, user_id=proposal.user_id,
-                                  request=proposal.request, vm=vm_facts(proposal.request))
+                                  request=proposal.request)
     _check_targets_free(services, proposal.request)
     if options.get("dry_run"):
         return "dry-run", bandwidth
@@ -414,21 +415,3 @@ def _check_pin(services: Services, proposal: MigrationProposed) -> None:
     if known.fingerprint and known.fingerprint != proposal.peer.fingerprint:
         raise AuthorizationDenied(f"{proposal.src_did} presented certificate {proposal.peer.fingerprint}, "
                                   f"not the one in the peer directory ({known.fingerprint})")
-
-
-def vm_facts(request: MigrationRequest) -> dict:
-    """The VM attributes A's AZ vouched for in the (signed) request: its plan, else its options."""
-    if request.plan is not None:
-        attributes = request.plan.vm_attributes()
-        if not attributes["tags"]:
-            del attributes["tags"]  # as from the options: no tags, no attribute
-        return attributes
-    o = request.options
-    facts: dict[str, Any] = {"vm-name": request.vm}
-    for key, short in (("vm_uuid", "vm-uuid"), ("vcpus", "vcpus"), ("memory_bytes", "memory-bytes"),
-                       ("disk_bytes", "disk-bytes")):
-        if key in o:
-            facts[short] = o[key]
-    if o.get("tags"):
-        facts["tags"] = [t for t in str(o["tags"]).split(",") if t]
-    return facts

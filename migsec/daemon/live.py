@@ -45,8 +45,7 @@ if TYPE_CHECKING:
     from migsec.daemon.link import Accepted, SourceSession
     from migsec.daemon.services import Services
     from migsec.daemon.source import OutgoingMigration
-    from migsec.protocol.messages import MigrationRequest
-    from migsec.virt.describe import DomainInfo
+    from migsec.protocol.plan import DiskPlan
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -59,41 +58,6 @@ LIVE_STATE = "running-live"
 
 
 # ---- shared -----------------------------------------------------------------------------------
-def live_options(options: dict, info: DomainInfo) -> dict:
-    """The disk facts B needs to pre-create sparse images (the AZ signs them with the request)."""
-    disks = [d for d in info.disks if d.type == "file" and d.source and not d.readonly and not d.shareable]
-    return {
-        **options,
-        "live_targets": "|".join(d.target for d in disks),
-        "live_formats": "|".join(d.format or "raw" for d in disks),
-        "live_sizes": "|".join(str(int(d.virtual_size or 0)) for d in disks),
-        "live_sources": "|".join(str(d.source) for d in disks),
-    }
-
-
-def _split(options: Any, key: str) -> list[str]:
-    return [v for v in str(options.get(key, "")).split("|") if v]
-
-
-def request_live_disks(request: MigrationRequest) -> list[tuple[str, str, str, int]]:
-    """``live_disks`` of a request: from its plan, else from its string options."""
-    if request.plan is None:
-        return live_disks(request.options)
-    return [(d.target, str(d.source), d.format or "raw", d.virtual_size) for d in request.plan.mirrored_disks]
-
-
-def live_disks(options: Any) -> list[tuple[str, str, str, int]]:
-    """(target, source path, format, virtual size) of each disk the live move mirrors."""
-    targets, sources = _split(options, "live_targets"), _split(options, "live_sources")
-    formats, sizes = _split(options, "live_formats"), _split(options, "live_sizes")
-    if not len(targets) == len(sources) == len(formats) == len(sizes):
-        raise MigsecError("live migration request: the disk lists do not match in length")
-    try:
-        return [(t, s, f, int(z)) for t, s, f, z in zip(targets, sources, formats, sizes)]
-    except ValueError as exc:
-        raise MigsecError("live migration request: a disk size is not an integer") from exc
-
-
 def run_dir(migration_id: str) -> Path:
     return RUN_ROOT / migration_id
 
@@ -140,7 +104,7 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
                  "through the session")
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")), paused=job.was_paused)
-        targets = [t for t, *_ in request_live_disks(job.request)]
+        targets = [d.target for d in job.request.require_plan().mirrored_disks]
         job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
         _watch(job, conn, mover, bridge)
@@ -314,7 +278,7 @@ def _release_source(job: OutgoingMigration, conn: Any) -> None:
     from migsec.daemon.release import release_source
 
     job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did,
-                                  plan=job.request.plan)
+                                  plan=job.request.require_plan())
     for disk in job.released["disks_not_removed"]:
         job.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
 
@@ -410,26 +374,26 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
     from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
 
     services, mid, request = incoming.services, incoming.mid, accepted.request
-    options = request.options
     records = RecordLayer(accepted.keys, "destination")
     state: dict = {}
     opened: set[str] = set()
     bridge: Any = None
     try:
-        disks = request_live_disks(request)
-        dmap = disk_map(services, [src for _, src, _, _ in disks])
+        plan = request.require_plan()
+        disks = plan.mirrored_disks
+        dmap = disk_map(services, [str(d.source) for d in disks])
         paths = _uris(mid)
         make_run_dir(mid)
         incoming.journal("receiving", attempt="live", mode="live", run_dir=str(run_dir(mid)), created_disks=[])
         created = _precreate(incoming, disks, dmap)
-        write_permit(services, mid, str(options.get("vm_uuid", "")), request.vm)
+        write_permit(services, mid, plan.vm_uuid, request.vm)
         network = services.config.network
         policy = RpcPolicy(
-            domain_name=request.vm, domain_uuid=str(options.get("vm_uuid", "")),
+            domain_name=request.vm, domain_uuid=plan.vm_uuid,
             migrate_uri=f"unix://{paths['qemu']}", disks_uri=f"unix://{paths['nbd']}",
             rewrite_xml=partial(incoming_domain_xml, disk_map=dmap, network_map=dict(network.map) or None,
                                 bridge_map=dict(network.bridge_map) or None, expected_name=request.vm,
-                                expected_uuid=str(options.get("vm_uuid", "")),
+                                expected_uuid=plan.vm_uuid,
                                 boot_dirs=FIRMWARE_DIRS + tuple(services.config.storage.boot_dirs)))
         libvirtd = libvirt_socket(services.config.libvirt.uri)
 
@@ -470,16 +434,17 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
     bridge.close()
 
 
-def _precreate(incoming: IncomingMigration, disks: list, dmap: dict) -> list[str]:
+def _precreate(incoming: IncomingMigration, disks: tuple[DiskPlan, ...], dmap: dict) -> list[str]:
     from migsec.virt.migrate import create_sparse_image
 
     created: list[str] = []
-    for _target, src, fmt, size in disks:
+    for disk in disks:
+        src = str(disk.source)
         path = dmap[src]
         if os.path.realpath(path) == os.path.realpath(src):
             raise MigsecError(f"disk {src}: the destination path is the source's own image; refusing")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        create_sparse_image(path, format=fmt, virtual_size=size)
+        create_sparse_image(path, format=disk.format or "raw", virtual_size=disk.virtual_size)
         created.append(path)
         incoming.journal("receiving", created_disks=list(created))  # recovery removes only these
     return created
@@ -492,11 +457,12 @@ def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, s
     from migsec.virt import migrate as vmig
 
     services, mid, request = incoming.services, incoming.mid, accepted.request
-    uuid = str(request.options.get("vm_uuid", ""))
+    plan = request.require_plan()
+    uuid = plan.vm_uuid
     with virt.connect(services.config.libvirt.uri) as conn:
         running = virt.domain_state(conn, uuid).value
         stats = vmig.job_stats(conn, uuid, completed=True)
-    wanted = "paused" if request.options.get("paused") else "running"
+    wanted = "paused" if plan.paused else "running"
     if running != wanted:
         raise MigsecError(f"libvirt reports {request.vm} {running} here after the migration, not {wanted}")
     if state.get("finish") and not state["finish"][0]:
@@ -547,7 +513,7 @@ def discard_destination(services: Services, mid: str, *, reason: str = "", recor
     entry = services.journal.get(mid)
     if entry.decided:
         raise MigsecError(f"migration {mid} is committed here; refusing to discard it")
-    uuid = str((entry.data.get("options") or {}).get("vm_uuid", ""))
+    uuid = entry.plan().vm_uuid
     if uuid:
         # libvirt's own rollback removes the incoming domain when its source connection drops
         deadline = time.monotonic() + 30
@@ -583,7 +549,7 @@ def recover_source(services: Services, entry: JournalEntry) -> str | None:
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.release import journal_plan, release_source
+    from migsec.daemon.release import release_source
     from migsec.daemon.source import domain_state
 
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
@@ -594,7 +560,7 @@ def recover_source(services: Services, entry: JournalEntry) -> str | None:
             return None
         record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
         release_source(services, conn, mid, domain, dict(entry.data.get("options") or {}),
-                       str(entry.data.get("peer")), plan=journal_plan(entry))
+                       str(entry.data.get("peer")), plan=entry.plan())
     record(services, mid, "source", "released")
     record(services, mid, "source", "done")
     return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
@@ -607,10 +573,10 @@ def recover_destination(services: Services, entry: JournalEntry) -> str | None:
     from migsec.daemon.jobs import record
 
     mid = entry.migration_id
-    uuid = str((entry.data.get("options") or {}).get("vm_uuid", ""))
+    uuid = entry.plan().vm_uuid
     try:
         with virt.connect(services.config.libvirt.uri) as conn:
-            state = virt.domain_state(conn, uuid).value if uuid else "absent"
+            state = virt.domain_state(conn, uuid).value
     except MigsecError:
         state = "absent"
     if state != "running":

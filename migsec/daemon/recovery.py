@@ -111,7 +111,7 @@ def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str
 def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
     from migsec import virt
     from migsec.daemon.jobs import record
-    from migsec.daemon.release import journal_plan, release_source
+    from migsec.daemon.release import release_source
     from migsec.daemon.source import restart_at_source
 
     # every source journal is created naming its domain and peer (jobs.record)
@@ -141,7 +141,7 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
     options = entry.data.get("options") or {}
     with virt.connect(services.config.libvirt.uri) as conn:
         released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")),
-                                  plan=journal_plan(entry))
+                                  plan=entry.plan())
     if released["errors"]:
         raise MigsecError(f"{domain} is committed to {entry.data.get('peer')} but releasing it here failed: "
                           + "; ".join(released["errors"]))

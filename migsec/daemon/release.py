@@ -17,18 +17,17 @@ from typing import TYPE_CHECKING, Any, Mapping
 from migsec.errors import MigsecError
 
 if TYPE_CHECKING:
-    from migsec.daemon.journal import JournalEntry
     from migsec.daemon.services import Services
     from migsec.protocol.plan import MigrationPlan
 
 log = logging.getLogger("migsecd.release")
 
 
-def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
-                   destination: str, *, plan: MigrationPlan | None = None) -> dict:
+def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: Mapping[str, Any],
+                   destination: str, *, plan: MigrationPlan) -> dict:
     """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
     "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``. The disks
-    removed (--undefinesource) are the ``plan``'s top images, else the options' ``top_files``."""
+    removed (``options["undefine_source"]``) are the ``plan``'s top images."""
     from migsec import virt
     from migsec.daemon.jobs import record
     from migsec.daemon.source import domain_state
@@ -55,7 +54,7 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
         except MigsecError as exc:
             log.error("auditing that %s was given away: %s", domain, exc)
     if undefine:
-        report["disks_not_removed"] = remove_moved_disks(options, plan)
+        report["disks_not_removed"] = remove_moved_disks(plan)
     fields = {k: v for k, v in report.items() if v}
     if fields:
         try:
@@ -66,14 +65,12 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
     return report
 
 
-def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = None) -> list[dict]:
-    """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too.
-    Returns the ones that could not be removed, each with why."""
-    from migsec.daemon.dataplane import request_files_of
-
+def remove_moved_disks(plan: MigrationPlan) -> list[dict]:
+    """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too,
+    never a backing file (it may be shared). Returns the ones that could not be removed, each
+    with why."""
     failed = []
-    paths = list(plan.top_files) if plan is not None else request_files_of(options, "top_files")
-    for path in paths:
+    for path in plan.top_files:
         try:
             Path(path).unlink()
         except FileNotFoundError:
@@ -82,14 +79,6 @@ def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = 
             log.error("removing the moved disk %s: %s", path, exc.strerror or exc)
             failed.append({"path": path, "error": exc.strerror or str(exc)})
     return failed
-
-
-def journal_plan(entry: JournalEntry) -> MigrationPlan | None:
-    """The plan a source journal recorded when authorized (None for an entry written without one)."""
-    from migsec.protocol.plan import MigrationPlan
-
-    raw = entry.data.get("plan")
-    return MigrationPlan.from_dict(raw) if raw is not None else None
 
 
 def release_domain(config: Any, domain: str, *, operator: str) -> Any:

@@ -90,12 +90,12 @@ class OutgoingMigration:
 
         services = self.services
         dry_run = bool(self.options.get("dry_run"))
+        plan = self.request.require_plan()  # the AZ signed one: B refuses a request without it
         peer = services.peers.get(self.dest_did)
         if not dry_run:
             self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
                          user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
-                         save_image=str(self.saved_image),
-                         plan=self.request.plan.to_dict() if self.request.plan else None)
+                         save_image=str(self.saved_image), plan=plan.to_dict())
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
@@ -284,7 +284,7 @@ class OutgoingMigration:
 
         # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
         self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
-                                       self.dest_did, plan=self.request.plan)
+                                       self.dest_did, plan=self.request.require_plan())
         for disk in self.released["disks_not_removed"]:
             self.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
         shutil.rmtree(self.work_dir, ignore_errors=True)

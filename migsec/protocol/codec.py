@@ -117,11 +117,12 @@ class Fields:
             raise MalformedMessageError(f"{self.what}: missing field {key!r}")
         return value
 
-    def header(self, typ: str) -> None:
-        """Check the ``v`` and ``t`` fields every migsec message carries."""
-        version = self.integer("v", 0, 255)
-        if version != VERSION:
-            raise MalformedMessageError(f"{self.what}: unsupported version {version}, expected {VERSION}")
+    def header(self, typ: str, version: int = VERSION) -> None:
+        """Check the ``v`` and ``t`` fields every migsec message carries (``version``: the
+        message's own, where it has one of its own)."""
+        got_version = self.integer("v", 0, 255)
+        if got_version != version:
+            raise MalformedMessageError(f"{self.what}: unsupported version {got_version}, expected {version}")
         got = self.string("t")
         if got != typ:
             raise MalformedMessageError(f"{self.what}: message type {got!r}, expected {typ!r}")

@@ -31,6 +31,10 @@ from migsec.protocol.codec import (
 from migsec.protocol.plan import MigrationPlan
 
 MODES = ("cold", "live")
+# Mig_Rqst's own version. 2: the VM's facts travel only in the typed ``plan`` (version 1 also
+# carried them as ``|``/``,``-joined string options, which a ``|`` in a disk path broke); a
+# version-1 request is refused by name, never read as if it had no facts.
+REQUEST_VERSION = 2
 MAX_TOKEN = 60 * 1024
 
 
@@ -60,7 +64,9 @@ class MigrationRequest:
     """Mig_Rqst: which VM, how (cold/live), where its disks and networks go, to which domain.
 
     ``plan`` is the typed migration plan A's AZ vouches for (the VM's facts and disks); a
-    request as the user sends it has none. It must name the same VM, mode and mappings.
+    request as the user sends it has none, nor has a recovery conversation's. It must name the
+    same VM, mode and mappings. ``options`` carry only what the user asked for (persistent,
+    undefine_source, bandwidth, timeout, dry_run) or the conversation's purpose, never VM facts.
     """
 
     vm: str
@@ -95,13 +101,22 @@ class MigrationRequest:
 
     def claims(self) -> dict[str, Any]:
         claims = {
-            "v": VERSION, "t": "mig-rqst", "vm": self.vm, "mode": self.mode, "dest": self.dest_did,
+            "v": REQUEST_VERSION, "t": "mig-rqst", "vm": self.vm, "mode": self.mode, "dest": self.dest_did,
             "storage": dict(self.storage_map), "network": dict(self.network_map),
             "options": dict(self.options),
         }
         if self.plan is not None:  # absent, not null: a request without one keeps its digest
             claims["plan"] = self.plan.to_dict()
         return claims
+
+    def require_plan(self) -> MigrationPlan:
+        """The plan; MalformedMessageError for a request without one (a migration moves only
+        what a signed plan names: there is no other source of the VM's facts)."""
+        if self.plan is None:
+            raise MalformedMessageError(
+                f"Mig_Rqst for {self.vm!r} carries no migration plan (the VM's facts and disks, which "
+                f"the source's AZ signs): refusing it")
+        return self.plan
 
     def digest(self) -> bytes:
         """SHA-256 over the canonical JSON: the digest(Mig_Rqst) an AuthorizationTicket carries."""
@@ -110,7 +125,7 @@ class MigrationRequest:
     @classmethod
     def from_claims(cls, obj: Any) -> "MigrationRequest":
         f = Fields(obj, "MigrationRequest")
-        f.header("mig-rqst")
+        f.header("mig-rqst", REQUEST_VERSION)
         req = cls(vm=f.ident("vm"), mode=f.choice("mode", MODES), dest_did=f.ident("dest"),
                   storage_map=f.string_map("storage"), network_map=f.string_map("network"),
                   options=f.scalar_map("options"), plan=_plan_of(f.raw("plan", optional=True)))

@@ -1,15 +1,16 @@
 """The migration plan: what A's AZ vouches for about one migration, as typed data.
 
-Today's request carries these facts as strings in ``MigrationRequest.options`` (files joined
-with ``|``, tags with ``,``), which breaks on a path holding a ``|``. A ``MigrationPlan`` is the
-structured form: the VM's facts, every disk with its size, format and paths, the mode and the
-mappings asked for. It is immutable, validates itself on construction (as h11's events do) and
+A ``MigrationPlan`` is the one carrier of the VM's facts between the domains (Mig_Rqst version
+2; version 1 joined them into string options with ``|`` and ``,``, which a ``|`` in a disk path
+broke): the VM's facts, every disk with its size, format and paths, the mode and the mappings
+asked for. A's AZ builds it, B's PDP, capacity check and both data paths read it. It is immutable, validates itself on construction (as h11's events do) and
 has a strict ``to_dict()`` / ``from_dict()`` pair for the signed request: ``from_dict`` rejects
 unknown or missing fields, wrong types and out-of-range values with MalformedMessageError, and
 ``from_dict(p.to_dict()) == p`` for every valid plan. Any string a path may hold (``|``, ``,``,
 spaces, non-ASCII) round-trips unchanged.
 
-Sans-IO: nothing here reads libvirt; the daemon builds a plan from ``virt.DomainInfo``.
+Sans-IO: nothing here reads libvirt; A's AZ builds a plan from ``virt.DomainInfo``
+(``migsec.auth.servers.plan_for``).
 """
 from __future__ import annotations
 
@@ -193,7 +194,8 @@ class MigrationPlan:
     # ---- what the consumers read ---------------------------------------------------------
     @property
     def files(self) -> tuple[str, ...]:
-        """Every local file to move (each disk's top image, then its backing files), once each."""
+        """Every local file to move (each disk's top image, then its backing files), once each:
+        the one definition of what a migration moves (``disk<i>`` is the i-th)."""
         seen: dict[str, None] = {}
         for disk in self.disks:
             for f in disk.files:
@@ -213,11 +215,6 @@ class MigrationPlan:
     def mirrored_disks(self) -> tuple[DiskPlan, ...]:
         """The disks a live move mirrors (B pre-creates each)."""
         return tuple(d for d in self.disks if d.mirrored)
-
-    def vm_attributes(self) -> dict[str, Any]:
-        """The VM's resource attributes for a PDP and the capacity check."""
-        return {"vm-name": self.vm_name, "vm-uuid": self.vm_uuid, "vcpus": self.vcpus,
-                "memory-bytes": self.memory_bytes, "disk-bytes": self.disk_bytes, "tags": list(self.tags)}
 
     # ---- the wire form ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

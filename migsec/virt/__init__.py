@@ -19,7 +19,7 @@ Describing (frozen dataclasses)::
                          chain_source: "libvirt"|"qemu-img"|"unavailable",
                          virtual_size, allocated_size)
         .interfaces: InterfaceInfo(type, source, mac, model)
-        .files      every image file to move (top images and backing files)
+    (which files a migration moves is the migration plan's ``files``, built from ``.disks``)
     check_migratable(info, disk_map=None)   UnsupportedDeviceError / MappingError naming devices
 
 Tags live in ``<metadata>`` as ``<migsec:tags xmlns:migsec="https://migsec.example/xmlns/1">

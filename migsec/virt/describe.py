@@ -80,15 +80,6 @@ class DomainInfo:
     unmovable: tuple[str, ...]
     xml: str
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        """Every file-backed image to move (top images, then their backing files), once each."""
-        seen: dict[str, None] = {}
-        for disk in self.disks:
-            for f in disk.files:
-                seen.setdefault(f, None)
-        return tuple(seen)
-
 
 def _with_sizes(dom: libvirt.virDomain, disk: DiskInfo, local_files: bool, name: str) -> DiskInfo:
     label = f"domain '{name}' disk '{disk.target}'"

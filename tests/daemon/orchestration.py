@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from migsec import virt
-from migsec.auth.servers import Grant
+from migsec.auth.servers import Grant, plan_for
 from migsec.crypto import random_bytes
 from migsec.daemon.config import load_config
-from migsec.daemon.dataplane import enrich_options
 from migsec.daemon.server import Daemon
 from migsec.daemon.services import Services
 from migsec.pki import CertificateAuthority, PeerDirectory
@@ -175,10 +174,10 @@ class Pair:
     events: list[dict] = field(default_factory=list)
 
     def grant(self, vm: str = "test", **options: Any) -> Grant:
-        """What A's AZ hands the VMM agent for ``vm`` (the request carries the VM facts, signed)."""
-        info = virt.describe_domain(self.conn, vm)
-        request = MigrationRequest(vm=vm, mode="cold", dest_did=B_DID,
-                                   options=enrich_options(dict(options), info))
+        """What A's AZ hands the VMM agent for ``vm`` (the request carries the VM's plan, signed)."""
+        bare = MigrationRequest(vm=vm, mode="cold", dest_did=B_DID, options=options)
+        request = MigrationRequest(vm=vm, mode="cold", dest_did=B_DID, options=options,
+                                   plan=plan_for(bare, virt.describe_domain(self.conn, vm)))
         now = self.a.clock()
         ticket = AuthorizationTicket(src_did=A_DID, dest_did=B_DID, user_id=USER, vm=vm,
                                      request_digest=request.digest(), nonce4=random_bytes(16), issued_at=now,

@@ -12,26 +12,6 @@ from migsec.errors import MigsecError
 from migsec.virt import migrate as vmig
 
 
-def disk(target, source, fmt="qcow2", size=1 << 30, **kw):
-    return SimpleNamespace(target=target, source=source, format=fmt, virtual_size=size, type="file",
-                           readonly=kw.get("readonly", False), shareable=kw.get("shareable", False))
-
-
-def test_live_options_name_each_writable_file_disk_and_round_trip():
-    info = SimpleNamespace(disks=[disk("vda", "/img/a.qcow2"), disk("vdb", "/img/b.raw", "raw", 4096),
-                                  disk("hdc", "/iso/x.iso", "raw", 10, readonly=True)])
-    options = live.live_options({"persistent": True}, info)
-    assert options["persistent"] is True
-    assert live.live_disks(options) == [("vda", "/img/a.qcow2", "qcow2", 1 << 30), ("vdb", "/img/b.raw", "raw", 4096)]
-
-
-def test_live_disks_refuses_lists_that_do_not_line_up():
-    with pytest.raises(MigsecError, match="do not match"):
-        live.live_disks({"live_targets": "vda|vdb", "live_sources": "/a", "live_formats": "raw", "live_sizes": "1"})
-    with pytest.raises(MigsecError, match="not an integer"):
-        live.live_disks({"live_targets": "vda", "live_sources": "/a", "live_formats": "raw", "live_sizes": "x"})
-
-
 def test_libvirt_socket_of_the_local_daemon_only():
     assert live.libvirt_socket("qemu:///system") == "/run/libvirt/libvirt-sock"
     assert live.libvirt_socket("qemu+unix:///system?socket=/x/sock") == "/x/sock"

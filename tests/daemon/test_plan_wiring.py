@@ -1,13 +1,16 @@
-"""The AZ's typed plan says what the string options said, for a real libvirt domain description."""
+"""The AZ's typed plan for a real libvirt domain description, and the plan as the journal keeps it."""
 from __future__ import annotations
 
 import pytest
 
 from migsec import virt
-from migsec.daemon.dataplane import enrich_options, plan_for, request_files, request_files_of
-from migsec.daemon.link import vm_facts
-from migsec.daemon.live import live_disks, live_options, request_live_disks
+from migsec.auth.servers import plan_for, vm_attributes
+from migsec.daemon.dataplane import request_files
+from migsec.errors import JournalError, MalformedMessageError
 from migsec.protocol.messages import MigrationRequest
+from migsec.protocol.plan import DiskPlan, MigrationPlan
+
+UUID = "0b1c6e4a-6f8e-4b59-9d43-5b3e2d0b7a11"
 
 
 @pytest.fixture
@@ -17,41 +20,51 @@ def info():
 
 
 @pytest.mark.parametrize("mode", ["cold", "live"])
-def test_plan_and_string_options_agree(info, mode):
+def test_the_plan_carries_what_libvirt_describes(info, mode):
     bare = MigrationRequest(vm=info.name, mode=mode, dest_did="cloud-b.example", storage_map={"/a": "/b"})
-    options = enrich_options({}, info)
-    if mode == "live":
-        options = live_options(options, info)
-    with_plan = MigrationRequest(vm=bare.vm, mode=mode, dest_did=bare.dest_did, storage_map=bare.storage_map,
-                                 options=options, plan=plan_for(bare, info))
-    strings_only = MigrationRequest(vm=bare.vm, mode=mode, dest_did=bare.dest_did,
-                                    storage_map=bare.storage_map, options=options)
-    assert with_plan.plan is not None
-    assert request_files(with_plan) == request_files_of(options) == list(info.files)
-    assert request_files(strings_only) == request_files(with_plan)
-    assert vm_facts(with_plan) == vm_facts(strings_only)
-    assert request_live_disks(with_plan) == live_disks(live_options({}, info))
-    assert with_plan.plan.top_files == tuple(request_files_of(options, "top_files"))
-    assert with_plan.plan.paused == options["paused"]
-    assert with_plan.plan.memory_bytes == options["memory_bytes"]
+    plan = plan_for(bare, info)
+    request = MigrationRequest(vm=bare.vm, mode=mode, dest_did=bare.dest_did, storage_map=bare.storage_map,
+                               plan=plan)
+    assert (plan.vm_uuid, plan.vcpus, plan.memory_bytes, plan.mode) == (info.uuid, info.vcpus, info.memory_bytes, mode)
+    assert plan.paused is (info.state.value == "paused")
+    assert request_files(request) == list(dict.fromkeys(f for d in info.disks for f in d.files))
+    assert [d.target for d in plan.disks] == [d.target for d in info.disks]
+    assert plan.disk_bytes == sum(d.virtual_size or 0 for d in info.disks)
+    assert vm_attributes(plan)["vm-uuid"] == info.uuid and dict(plan.storage_map) == {"/a": "/b"}
+
+
+def test_a_request_without_a_plan_has_no_files_to_move():
+    with pytest.raises(MalformedMessageError, match="carries no migration plan"):
+        request_files(MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-b.example"))
 
 
 def test_undefinesource_removes_the_plans_top_images_even_with_a_pipe_in_the_name(tmp_path):
     from migsec.daemon.journal import Journal
-    from migsec.daemon.release import journal_plan, remove_moved_disks
-    from migsec.protocol.plan import DiskPlan, MigrationPlan
+    from migsec.daemon.release import remove_moved_disks
 
-    top, base, bystander = tmp_path / "vm|1.qcow2", tmp_path / "base.qcow2", tmp_path / "vm"
+    top, base, bystander = tmp_path / "vm|1,a.qcow2", tmp_path / "base.qcow2", tmp_path / "vm"
     for f in (top, base, bystander):
         f.write_bytes(b"x")
-    plan = MigrationPlan(vm_name="vm1", vm_uuid="0b1c6e4a-6f8e-4b59-9d43-5b3e2d0b7a11", mode="cold", vcpus=1,
-                         memory_bytes=1 << 20, disks=(DiskPlan("vda", "file", str(top), "qcow2", 1 << 20, (str(base),)),))
+    plan = MigrationPlan(vm_name="vm1", vm_uuid=UUID, mode="cold", vcpus=1, memory_bytes=1 << 20,
+                         disks=(DiskPlan("vda", "file", str(top), "qcow2", 1 << 20, (str(base),)),))
     journal = Journal(tmp_path / "state")
     journal.create("m1", "source", {"domain": "vm1", "plan": plan.to_dict()})
-    recorded = journal_plan(journal.get("m1"))
+    recorded = journal.get("m1").plan()
     assert recorded == plan
-    # the string options would split the name at "|": the plan removes exactly the top image
-    assert remove_moved_disks({"top_files": str(top)}, recorded) == []
+    # the old string options split the name at "|": the plan removes exactly the top image
+    assert remove_moved_disks(recorded) == []
     assert not top.exists() and base.exists() and bystander.exists()
-    journal.create("m2", "source", {"domain": "vm1"})
-    assert journal_plan(journal.get("m2")) is None
+
+
+def test_a_journal_entry_without_a_plan_is_named_not_guessed(tmp_path):
+    from migsec.daemon.journal import Journal
+
+    journal = Journal(tmp_path / "state")
+    journal.create("m2", "destination", {"domain": "vm1", "options": {"vm_uuid": UUID, "files": "/a"}})
+    with pytest.raises(JournalError, match="m2: its journal entry records no migration plan"):
+        journal.get("m2").plan()
+    bad = MigrationPlan(vm_name="vm1", vm_uuid=UUID, mode="cold", vcpus=1, memory_bytes=1).to_dict()
+    bad["vcpus"] = 0
+    journal.create("m3", "destination", {"domain": "vm1", "plan": bad})
+    with pytest.raises(MalformedMessageError, match="vcpus"):
+        journal.get("m3").plan()

@@ -36,6 +36,7 @@ class Crash:
         if a_state == "shutoff":  # saved: what a save leaves
             virt.save_domain(p.conn, "vm1", str(p.root / "a" / "vm1.save"))
         options = dict(self.grant.request.options)
+        plan = self.grant.request.require_plan().to_dict()  # both orchestrators journal the signed plan
         self.staging = p.root / "b/state/staging" / f"in-{mid}"
         self.receipt = Receipt(migration_id=mid, src_did=A_DID, dest_did=B_DID, streams={"memory": b"\1" * 32},
                                transcript_hash=b"\2" * 32, issued_at=p.a.clock()).sign(p.b.identity.key)
@@ -45,7 +46,7 @@ class Crash:
             work = p.root / "a/state/staging" / f"out-{mid}"
             work.mkdir(parents=True)
             record(p.a, mid, "source", "authorized", domain="vm1", peer=B_DID, user="alice", options=options,
-                   work_dir=str(work), save_image=str(p.root / "a" / "vm1.save"))
+                   plan=plan, work_dir=str(work), save_image=str(p.root / "a" / "vm1.save"))
             for phase in ("handshaken", "suspended", "streaming", "streamed", "receipt-received", "committed"):
                 fields = {"was_paused": False} if phase == "suspended" else {}
                 if phase == "committed":
@@ -59,7 +60,7 @@ class Crash:
             self.staging.mkdir(parents=True)
             (self.staging / "part").write_bytes(b"staged")
             record(p.b, mid, "destination", "accepted", domain="vm1", peer=A_DID, user="alice", options=options,
-                   staging=str(self.staging))
+                   plan=plan, staging=str(self.staging))
             for phase in ("receiving", "received", "restored-paused", "commit-received"):
                 fields = {"restored": "vm1b"} if phase == "received" and b_state != "absent" else {}
                 if phase == "restored-paused":

@@ -1,20 +1,29 @@
-"""Pure pieces of the daemon: storage mapping, obligations, VM facts, peer lookup."""
+"""Pure pieces of the daemon: storage mapping, obligations, the plan's PDP attributes, peer lookup."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 
-from migsec.auth.servers import apply_obligations, check_capacity
-from migsec.daemon.dataplane import disk_map, request_files_of
-from migsec.daemon.link import vm_facts
+from migsec.auth.servers import apply_obligations, check_capacity, vm_attributes
+from migsec.daemon.dataplane import disk_map
 from migsec.daemon.peers import find_peer, split_address
 from migsec.errors import AuthorizationDenied, ConfigError, MappingError
 from migsec.policy import attributes as A
 from migsec.policy.api import Decision, Obligation
 from migsec.protocol.messages import MigrationRequest
+from migsec.protocol.plan import DiskPlan, MigrationPlan
 
 MIB = 1024 * 1024
+UUID = "0b1c6e4a-6f8e-4b59-9d43-5b3e2d0b7a11"
+
+
+def plan(*paths, vcpus=1, memory=MIB, tags=()):
+    """A cold plan for vm1 with one qcow2 file disk per path."""
+    disks = tuple(DiskPlan(f"vd{chr(ord('a') + i)}", "file", str(path), "qcow2", 1 << 20)
+                  for i, path in enumerate(paths))
+    return MigrationPlan(vm_name="vm1", vm_uuid=UUID, mode="cold", vcpus=vcpus, memory_bytes=memory, disks=disks,
+                         tags=tuple(tags))
 
 
 def services(**limits):
@@ -42,11 +51,6 @@ def test_disk_map_refuses_two_disks_on_one_target():
         disk_map(services(), ["/x/vm.qcow2", "/y/vm.qcow2"])
 
 
-def test_request_files_round_trip():
-    assert request_files_of({"files": "/a|/b", "top_files": "/a"}, "top_files") == ["/a"]
-    assert request_files_of({}) == []
-
-
 def _request(mode="cold"):
     return MigrationRequest(vm="vm1", mode=mode, dest_did="cloud-b.example")
 
@@ -70,17 +74,17 @@ def test_require_live_denies_a_cold_move_and_unknown_obligations_deny():
 
 def test_capacity_limits_name_the_setting():
     with pytest.raises(AuthorizationDenied, match=r"\[limits\].max_vcpus"):
-        check_capacity(services(max_vcpus=2), {"vcpus": 4, "memory-bytes": MIB})
+        check_capacity(services(max_vcpus=2), plan(vcpus=4))
     with pytest.raises(AuthorizationDenied, match=r"\[limits\].max_memory_mib"):
-        check_capacity(services(max_memory_mib=64), {"vcpus": 1, "memory-bytes": 128 * MIB})
-    check_capacity(services(), {"vcpus": 1, "memory-bytes": MIB})  # the test driver has room for 1 MiB
+        check_capacity(services(max_memory_mib=64), plan(memory=128 * MIB))
+    check_capacity(services(), plan())  # the test driver has room for 1 MiB
 
 
-def test_vm_facts_from_the_signed_options():
-    req = MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-b.example",
-                           options={"vm_uuid": "u", "vcpus": 2, "memory_bytes": 5, "disk_bytes": 7, "tags": "x,y"})
-    assert vm_facts(req) == {"vm-name": "vm1", "vm-uuid": "u", "vcpus": 2, "memory-bytes": 5, "disk-bytes": 7,
-                             "tags": ["x", "y"]}
+def test_the_pdp_attributes_of_a_plan():
+    attributes = vm_attributes(plan("/a/x|y.qcow2", "/a/z,w.qcow2", vcpus=2, memory=5, tags=("x,y", "z")))
+    assert attributes == {"vm-name": "vm1", "vm-uuid": UUID, "vcpus": 2, "memory-bytes": 5,
+                          "disk-bytes": 2 << 20, "tags": ["x,y", "z"]}
+    assert "tags" not in vm_attributes(plan())  # no tags: no attribute
 
 
 def test_find_peer_by_did_or_address():
@@ -151,7 +155,7 @@ def test_moved_disks_that_cannot_be_removed_are_reported(tmp_path):
     gone, stuck, absent = tmp_path / "vm.qcow2", tmp_path / "stuck.qcow2", tmp_path / "absent.qcow2"
     gone.write_bytes(b"x")
     stuck.mkdir()  # unlink() of a directory fails, whoever runs the test
-    failed = remove_moved_disks({"top_files": "|".join(map(str, (gone, stuck, absent)))})
+    failed = remove_moved_disks(plan(gone, stuck, absent))
     assert not gone.exists() and stuck.exists()
     assert [d["path"] for d in failed] == [str(stuck)] and failed[0]["error"]
 
@@ -181,8 +185,7 @@ def test_a_disk_target_that_exists_refuses_the_move_and_says_what_to_do(tmp_path
 
     cfg = SimpleNamespace(storage=SimpleNamespace(image_dir=str(tmp_path), map={}))
     svc = SimpleNamespace(config=cfg, did="cloud-a.example")
-    request = MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-a.example",
-                               options={"files": "/b/images/vm1.qcow2"})
+    request = MigrationRequest(vm="vm1", mode="cold", dest_did="cloud-a.example", plan=plan("/b/images/vm1.qcow2"))
     _check_targets_free(svc, request)  # nothing there yet
     (tmp_path / "vm1.qcow2").write_bytes(b"old copy")
     with pytest.raises(AuthorizationDenied) as info:

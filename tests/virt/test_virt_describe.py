@@ -72,10 +72,11 @@ def test_defined_domain_from_file(conn) -> None:
         ("bridge", "br-front", "52:54:00:6b:3c:02", "e1000"),
     ]
     assert info.boot.kernel == "/var/lib/migsec-test/images/vmlinuz"
-    assert info.files == (
-        "/var/lib/migsec-test/images/web1.qcow2",
-        "/var/lib/migsec-test/data/web1-data.raw",
-    )
+    assert [d.files for d in info.disks] == [
+        ("/var/lib/migsec-test/images/web1.qcow2",),
+        ("/var/lib/migsec-test/data/web1-data.raw",),
+        (),  # an empty cdrom has no file
+    ]
 
 
 def test_set_tags_round_trip(conn) -> None:
@@ -93,7 +94,7 @@ def test_backing_chain_from_libvirt_xml(conn) -> None:
         ("/var/lib/migsec-test/images/chain1-mid.qcow2", "qcow2"),
         ("/var/lib/migsec-test/base/debian-base.raw", "raw"),
     ]
-    assert info.files[1:] == tuple(b.path for b in disk.backing_chain)
+    assert disk.files[1:] == tuple(b.path for b in disk.backing_chain)
     assert info.boot.nvram == "/var/lib/migsec-test/nvram/chain1_VARS.fd"
 
 
@@ -117,7 +118,7 @@ def test_backing_chain_and_sizes_from_qemu_img(conn, tmp_path: Path) -> None:
     assert vda.virtual_size == 64 * MiB and vda.backing_chain[1].virtual_size == 64 * MiB
     assert vda.allocated_size is not None and vda.allocated_size < MiB  # fresh qcow2: metadata only
     assert vdb.virtual_size == 3 * MiB and vdb.backing_chain == ()
-    assert info.files == (str(top), str(mid), str(base), str(data / "web1-data.raw"))
+    assert (vda.files, vdb.files) == ((str(top), str(mid), str(base)), (str(data / "web1-data.raw"),))
 
 
 def test_raw_disk_holding_a_qcow2_header_is_not_probed(conn, tmp_path: Path) -> None:
