@@ -27,6 +27,7 @@ def outgoing(tmp_path) -> OutgoingMigration:
         config=SimpleNamespace(paths=SimpleNamespace(staging_dir=str(tmp_path)),
                                limits=SimpleNamespace(bandwidth_mib_s=0)),
         peers=SimpleNamespace(get=lambda did: SimpleNamespace(did=did, address="127.0.0.1:1")),
+        did="cloud-a.example", identity=SimpleNamespace(key=None), clock=None,  # the commit machine's
     )
     request = SimpleNamespace(vm="vm1", options={}, mode="cold")
     grant = SimpleNamespace(request=request, migration_id="m-resume-1", destination_did="cloud-b.example",
