@@ -3,7 +3,8 @@
 Each test writes the journals a crash would leave (through ``jobs.record``, the writer the
 orchestrators use), puts the guests in the matching state in libvirt's test driver, runs
 ``recover_one`` on one side and lets the other side answer with migsecd's own code (its peer
-endpoint: ``answer_recovery``). Asserted: the journal phases on both sides, the guests' states,
+endpoint: ``answer_recovery``). Recovery rebuilds each side's commit machine from that journal;
+the in-session branches that leave work for recovery are in test_commit_flow.py. Asserted: the journal phases on both sides, the guests' states,
 the staged files, the given-away mark and the ledger. The two sides share one test driver, so
 A's guest is ``vm1`` and B's restored copy of it ``vm1b``.
 """
@@ -84,6 +85,8 @@ def test_source_before_committed_rolls_back_and_b_discards(p, a_phase):
     assert p.b.journal.get(c.mid).phase == "discarded"
     assert p.state("vm1b") == "shutoff" and not c.staging.exists()  # B's paused copy destroyed
     assert "decision" in kinds(p.a, c.mid) and "decision" in kinds(p.b, c.mid)
+    # B applied the one abort A's machine made and journaled
+    assert p.b.journal.get(c.mid).data["decision"] == p.a.journal.get(c.mid).data["abort_decision"]
 
 
 def test_source_before_committed_with_b_unreachable_still_rolls_back(p):
@@ -189,6 +192,7 @@ def test_destination_undecided_asks_a_which_rolls_back_then_aborts(p, a_phase, b
     assert p.state("vm1b") in ("shutoff", "absent") and not c.staging.exists()
     # A answered only after finishing its own side: presumed abort, the guest runs at A again
     assert phases(p.a, c.mid)[-2:] == ["aborted", "rolled-back"] and p.state("vm1") == "running"
+    assert p.b.journal.get(c.mid).data["decision"] == p.a.journal.get(c.mid).data["abort_decision"]
 
 
 def test_destination_undecided_with_a_unreachable_stays_paused(p):
