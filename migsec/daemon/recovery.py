@@ -144,7 +144,6 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
     if not commit.committed:
         # presumed abort: no commit is durable, so the source copy wins
         abort = commit.fail("recovered after a crash (no decision)")
-        assert abort is not None
         services.audit("decision", mid, role="source", token=abort, outcome="abort", reason="recovery")
         how = source.how or "rolled back"
         if not tell_peer:

@@ -187,7 +187,7 @@ class SourceCommit(_Machine):
     @property
     def committed(self) -> bool:
         """True once the commit decision is durable: from then on A must never resume."""
-        return self.decision_token is not None and self.state in (AWAIT_RESUMED, RELEASED, DONE)
+        return self.state in (AWAIT_RESUMED, RELEASED, DONE)  # only reached with the decision journaled
 
     # ---- progress before the streams are sent (journaled, the state stays AWAIT_STREAMS) ----
     def authorized(self, **facts: Any) -> None:

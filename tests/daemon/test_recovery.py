@@ -144,6 +144,18 @@ def test_a_commit_b_cannot_accept_changes_nothing_at_b(p, bad):
     assert p.state("vm1b") == "paused"  # never resumed on a decision B could not accept
 
 
+def test_source_committed_without_a_decision_token_releases_and_never_rolls_back(p):
+    # a live move libvirt committed whose exchange then failed journals "committed" (how=libvirt)
+    # without a signed decision: it is still committed, so recovery releases and never resumes A
+    c = Crash(p, a_phase="receipt-received", b_phase="restored-paused", a_state="shutoff")
+    record(p.a, c.mid, "source", "committed", how="libvirt", problem="the link broke")
+    outcome = recover_one(p.a, p.a.journal.get(c.mid))
+    p.endpoint.wait_idle()
+    assert outcome == f"committed: vm1 released here; {B_DID} has not confirmed yet (run recover again)"
+    assert phases(p.a, c.mid)[-2:] == ["committed", "released"] and p.state("vm1") == "shutoff"
+    assert p.b.journal.get(c.mid).phase == "restored-paused" and p.state("vm1b") == "paused"
+
+
 def test_source_before_committed_whose_saved_guest_cannot_be_restored_reports_it(p):
     # before the decision, a guest already saved (shut off) is restored from its save image; the
     # test driver refuses the running/paused restore flag: recovery fails, saying so, and keeps
