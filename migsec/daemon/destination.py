@@ -27,6 +27,7 @@ from migsec.protocol.errors import peer_reason
 from migsec.transfer.commit import (
     AWAIT_DECISION,
     COMMITTED,
+    DISCARDED,
     IN_DOUBT,
     RUNNING,
     DestinationCommit,
@@ -163,7 +164,7 @@ class IncomingMigration:
                             self.mid, exc)
                 return
             log.error("migration %s failed at the destination: %s", self.mid, exc)
-            if commit.state not in ("DISCARDED", "IN_DOUBT"):
+            if commit.state not in (DISCARDED, IN_DOUBT):
                 commit.fail(str(exc))  # before the receipt: remove everything
             _send_quietly(control, {"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
             return
