@@ -87,6 +87,7 @@ class Endpoint:
         self.threads: list[threading.Thread] = []
         self.connections = 0
         self.drop_after: int | None = None
+        self.drop_once = False  # cut only the next connection after drop_after bytes
         self.cut = threading.Event()  # set: every open connection is cut, as a broken network would
         self.cuttable = False  # relay connections so that ``cut`` can cut them
         self.delay = 0.0
@@ -104,6 +105,8 @@ class Endpoint:
             self.connections += 1
             if self.drop_after is not None:
                 conn = _cut_after(conn, self.drop_after)
+                if self.drop_once:
+                    self.drop_after = None
             elif self.cuttable:
                 conn = _cut_when(conn, self.cut)
             conn.setblocking(False)

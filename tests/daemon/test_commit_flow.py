@@ -227,3 +227,19 @@ def test_a_save_that_fails_after_its_image_was_streamed_never_commits(p, qemu, m
     assert not entry.decided and p.state("vm1-b") in ("absent", "paused")
     if entry.phase == "discarded":
         assert p.state("vm1-b") == "absent"
+
+
+def test_a_cut_while_streaming_resumes_on_a_new_connection_and_commits(p, qemu):
+    disk = p.guest("vm1", disk_bytes=4 * 1024 * 1024)
+    p.endpoint.drop_after, p.endpoint.drop_once = 256 * 1024, True  # the first connection only
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    run(p, grant)
+    assert p.endpoint.connections == 2
+    a = phases(p.a, mid)
+    assert a == A_COMMITTED + ["released", "done"]  # "streaming" re-entered by the second attempt
+    assert p.a.journal.get(mid).data["attempt"] == 1
+    assert phases(p.b, mid) == B_RESTORED + ["commit-received", "resumed", "done"]
+    assert p.b.journal.get(mid).data["attempt"] == "resume"
+    assert (p.root / "b" / "images" / disk.name).read_bytes() == disk.read_bytes()
+    assert p.state("vm1-b") == "running" and p.state("vm1") == "shutoff"
