@@ -121,7 +121,8 @@ class OutgoingMigration:
         if dry_run:
             session.close()
             return self.result(dry_run=True)
-        self.commit.handshaken(session.peer.public_key, mode=self.request.mode)
+        self.commit.handshaken(session.peer.public_key, transcript_hash=session.keys.transcript_hash,
+                               mode=self.request.mode)
         conn = self.conn = virt.connect(services.config.libvirt.uri)
         try:
             if self.request.mode == "live":
@@ -201,7 +202,7 @@ class OutgoingMigration:
         while True:
             try:
                 self.check_deadline()
-                self.commit.streaming(attempt=attempt)
+                self.commit.streaming(attempt=attempt, transcript_hash=session.keys.transcript_hash)
                 result = dataplane.send(session, dataplane.source_streams(info, files, saver, self.saved_image),
                                         bandwidth=self.bandwidth(), progress=self.progress,
                                         timeout=self.remaining())

@@ -68,7 +68,9 @@ Data plane -- ``plane.py``
 
 Commit exchange -- ``commit.py`` (DESIGN §3.4)
     ``SourceCommit(migration_id, src_did, dest_did, key, peer_key, journal, resume_vm,
-    release_vm)`` (``peer_key`` may be None until ``handshaken(peer_key)``): progress
+    release_vm, transcript_hash=None)`` (``peer_key`` and ``transcript_hash`` may be None until
+    ``handshaken(peer_key, transcript_hash=)``; ``streaming(transcript_hash=)`` gives a resumed
+    session's; no receipt is accepted without both, nor one naming another session): progress
     ``authorized/handshaken/suspended/streaming(**fields)``, ``streams_sent(manifest,
     manifest_json)``, ``saved(**fields)``, ``receipt_received(token) -> decision token``
     (journals "committed" before returning it), ``release()`` (recovery),

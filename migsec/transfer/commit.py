@@ -127,7 +127,10 @@ class SourceCommit(_Machine):
     """A's side. ``resume_vm`` runs the VM at A again, ``release_vm`` destroys A's copy.
 
     ``peer_key`` (B's, as the handshake verified it) may be given later, by ``handshaken`` or,
-    in recovery, by setting ``peer_key`` once the recovery session is open.
+    in recovery, by setting ``peer_key`` once the recovery session is open. ``transcript_hash``
+    is the current session's (``SessionKeys.transcript_hash``), given likewise by ``handshaken``
+    and by ``streaming`` after a resume: B's receipt must name the session it was sent on, and
+    without a key or a transcript hash no receipt is accepted.
     """
 
     TRANSITIONS = {
@@ -151,10 +154,11 @@ class SourceCommit(_Machine):
 
     def __init__(self, *, migration_id: str, src_did: str, dest_did: str, key: SigningKey,
                  peer_key: VerifyingKey | None, journal: Journal, resume_vm: Outcome, release_vm: Outcome,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], datetime] = _utc_now, transcript_hash: bytes | None = None) -> None:
         super().__init__(AWAIT_STREAMS)
         self.migration_id, self.src_did, self.dest_did = migration_id, src_did, dest_did
         self._key, self.peer_key, self._clock = key, peer_key, clock
+        self.transcript_hash = transcript_hash
         self._journal_fn, self._resume_vm, self._release_vm = journal, resume_vm, release_vm
         self._expected: dict[str, bytes] | None = None
         self.decision_token: str | None = None  # the commit Decision, once durable
@@ -194,18 +198,25 @@ class SourceCommit(_Machine):
         """A's AZ granted the migration: the journal entry starts, with the facts recovery needs."""
         self._note("authorized", "authorized", facts)
 
-    def handshaken(self, peer_key: VerifyingKey | None = None, **fields: Any) -> None:
-        """B accepted; ``peer_key`` is B's key as the handshake verified it."""
+    def handshaken(self, peer_key: VerifyingKey | None = None, *, transcript_hash: bytes | None = None,
+                   **fields: Any) -> None:
+        """B accepted; ``peer_key`` is B's key as the handshake verified it, ``transcript_hash``
+        the session's (neither is journaled)."""
         self._note("handshaken", "handshaken", fields)
         if peer_key is not None:
             self.peer_key = peer_key
+        if transcript_hash is not None:
+            self.transcript_hash = transcript_hash
 
     def suspended(self, **fields: Any) -> None:
         self._note("suspended", "suspended", fields)
 
-    def streaming(self, **fields: Any) -> None:
-        """A transfer attempt starts (again after a resume)."""
+    def streaming(self, *, transcript_hash: bytes | None = None, **fields: Any) -> None:
+        """A transfer attempt starts (again after a resume, on a new session: its
+        ``transcript_hash``, not journaled, is the one B's receipt must then name)."""
         self._note("streaming", "streaming", fields)
+        if transcript_hash is not None:
+            self.transcript_hash = transcript_hash
 
     def streams_sent(self, manifest: Manifest, manifest_json: bytes) -> None:
         """Every stream was acknowledged; the receipt must vouch for exactly these digests."""
@@ -225,15 +236,20 @@ class SourceCommit(_Machine):
     def receipt_received(self, token: str) -> str:
         """Check B's receipt, journal the commit decision durably, return the Decision to send.
 
-        A receipt that does not verify or vouches for other data leads to ``fail`` (abort).
+        A receipt that does not verify, names another session (transcript hash) or vouches for
+        other data leads to ``fail`` (abort).
         """
         nxt = self._move("receipt")
         try:
             if self.peer_key is None:
                 raise TicketError("no key of the destination to verify its receipt with")
+            if self.transcript_hash is None:
+                raise TicketError("no transcript hash of the session to check the receipt against")
             receipt = Receipt.verify(token, self.peer_key, migration_id=self.migration_id)
             if (receipt.src_did, receipt.dest_did) != (self.src_did, self.dest_did):
                 raise TicketError(f"receipt is between {receipt.src_did} and {receipt.dest_did}")
+            if receipt.transcript_hash != self.transcript_hash:
+                raise TicketError("receipt names another session (transcript hash)")
             if receipt.state != "restored-paused":
                 raise IntegrityError(f"receipt says {receipt.state!r}, not restored-paused (a cold move)")
             if dict(receipt.streams) != self._expected:

@@ -10,6 +10,8 @@ is run and must finish it with the same decision.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from migsec import virt
@@ -106,6 +108,24 @@ def test_a_receipt_a_cannot_verify_aborts_once_and_b_discards_its_paused_copy(p,
     ledgered = [e.body["token"] for e in Ledger(p.a.config.paths.ledger).entries()
                 if e.migration_id == mid and e.kind == "decision"]
     assert ledgered == [abort]
+
+
+def test_a_receipt_for_another_session_is_refused_and_b_discards_its_paused_copy(p, qemu, monkeypatch):
+    # B's key signs a receipt for the right streams but another session's transcript hash (a
+    # receipt replayed from, or relayed to, another session): A must abort, as for other digests
+    p.guest("vm1")
+    real_sign = Receipt.sign
+    monkeypatch.setattr(Receipt, "sign", lambda self, key: real_sign(
+        dataclasses.replace(self, transcript_hash=bytes(b ^ 1 for b in self.transcript_hash)), key))
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    with pytest.raises(MigrationFailed, match="rolled back.*another session"):
+        run(p, grant)
+    assert phases(p.a, mid) == A_COMMITTED[:-2] + ["aborted", "rolled-back"]
+    assert not p.a.journal.get(mid).decided and p.state("vm1") == "running"
+    assert phases(p.b, mid) == B_RESTORED + ["discarded"] and p.state("vm1-b") == "absent"
+    assert p.b.journal.get(mid).data["decision"] == p.a.journal.get(mid).data["abort_decision"]
+    assert ("decision", "abort") in kinds(p.a, mid) and ("decision", "commit") not in kinds(p.a, mid)
 
 
 def test_an_operator_abort_while_b_restores_wins_over_the_commit(p, qemu, monkeypatch):

@@ -30,6 +30,7 @@ from migsec.transfer.commit import (
 from transfer_helpers import A_DID, B_DID, MiB, Relay, Run, layers, make_sparse
 
 MID = "mig-commit-1"
+TH = os.urandom(32)  # the transcript hash of the session both machines' messages travel on
 
 
 class Host:
@@ -64,11 +65,11 @@ def manifest(xml_digest: str = "ab" * 32) -> tuple[Manifest, bytes]:
     return m, m.to_json()
 
 
-def machines(domains, a_host: Host, b_host: Host, *, b_key=None):
+def machines(domains, a_host: Host, b_host: Host, *, b_key=None, b_transcript_hash=TH):
     a = SourceCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
                      peer_key=domains.b.public_key, journal=a_host.journal,
-                     resume_vm=a_host.action("resume"), release_vm=a_host.action("release"))
-    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=os.urandom(32),
+                     resume_vm=a_host.action("resume"), release_vm=a_host.action("release"), transcript_hash=TH)
+    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=b_transcript_hash,
                           key=b_key or domains.b.key, peer_key=domains.a.public_key, journal=b_host.journal,
                           restore_paused=b_host.action("restore"), resume_vm=b_host.action("resume"),
                           discard=b_host.action("discard"))
@@ -136,6 +137,39 @@ def test_receipt_signed_by_another_key_aborts(domains):
     with pytest.raises(TicketError):
         a.receipt_received(b.restore())
     assert a.state == ROLLED_BACK and ha.count("resume") == 1
+
+
+def test_a_receipt_for_another_session_aborts_once_and_b_discards(domains):
+    # B's genuine receipt for the same streams, but bound to another session's transcript
+    # (a replayed or relayed receipt): A refuses it as it refuses one for other digests
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb, b_transcript_hash=os.urandom(32))
+    with pytest.raises(TicketError, match="another session"):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and not a.committed and a.decision_token is None
+    assert ha.count("resume") == 1 and "journal:receipt-received" not in ha.log
+    abort = a.fail("the caller's rollback")
+    assert abort == a.abort_token and ha.count("resume") == 1
+    assert b.decision_received(abort) is None and b.state == DISCARDED
+
+
+def test_a_without_the_session_s_transcript_hash_accepts_no_receipt(domains):
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb)
+    a.transcript_hash = None
+    with pytest.raises(TicketError, match="no transcript hash"):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and not a.committed
+    # handshaken gives it, and a resumed session's streaming replaces it: the last one counts
+    ha2, hb2 = Host(), Host()
+    a2, b2 = machines(domains, ha2, hb2)
+    a2.transcript_hash = None
+    a2.handshaken(transcript_hash=os.urandom(32), mode="cold")
+    a2.streaming(attempt=1, transcript_hash=TH)
+    m, raw = manifest()
+    a2.streams_sent(m, raw)
+    b2.streams_verified(m, raw)
+    assert a2.receipt_received(b2.restore()) and a2.committed
 
 
 def test_commit_not_durable_means_abort(domains):
@@ -234,7 +268,8 @@ def test_data_plane_then_commit_on_the_same_session(tmp_path, domains, keys):
     def source():
         a = SourceCommit(migration_id=mid, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
                          peer_key=domains.b.public_key, journal=ha.journal,
-                         resume_vm=ha.action("resume"), release_vm=ha.action("release"))
+                         resume_vm=ha.action("resume"), release_vm=ha.action("release"),
+                         transcript_hash=keys.transcript_hash)
         sent = send_streams(src_sock, la, [StreamSource(1, "disk0", "disk", path=image)], timeout=30)
         a.streams_sent(sent.manifest, sent.manifest_json)
         msg = recv_control(src_sock, la)
