@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from migsec.crypto import VerifyingKey
 from migsec.errors import DomainNotFoundError, MigsecError
 from migsec.protocol.errors import peer_reason
+from migsec.transfer import SourceDecision
 from migsec.transfer.commit import (
     AWAIT_DECISION,
     COMMITTED,
@@ -158,6 +159,9 @@ class IncomingMigration:
             prepared.update(memory=received.memory_path, xml=received.restore_xml)
             commit.streams_verified(received.manifest, received.manifest_json)
             receipt = commit.restore()  # restores paused, signs, journals restored-paused
+        except SourceDecision as exc:  # A gave up while the streams flowed: its signed abort
+            self._decided_while_receiving(commit, exc.token, accepted)
+            return
         except (MigsecError, OSError) as exc:  # an OSError here is local (a disk): final, not a break
             if _connection_lost(exc):
                 log.warning("migration %s: connection lost (%s); staged data kept for a resume",
@@ -189,6 +193,22 @@ class IncomingMigration:
         services.audit("resumed", self.mid, role="destination", token=resumed)
         _send_quietly(control, as_control("resumed", resumed))
         commit.finish()
+
+    def _decided_while_receiving(self, commit: DestinationCommit, token: str, accepted: Accepted) -> None:
+        """A's decision came inside the data session: audited and fed to the machine like any
+        other (an abort discards and is journaled with its token); one that does not verify,
+        or a commit (nothing was receipted), fails the machine, which discards all the same."""
+        self.services.audit("decision", self.mid, role="destination", peer_token=token,
+                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
+        try:
+            commit.decision_received(token)
+        except MigsecError as exc:
+            log.error("migration %s: refused the decision %s sent while receiving: %s", self.mid,
+                      accepted.src_did, exc)
+            if commit.state not in (DISCARDED, IN_DOUBT):
+                commit.fail(f"refused the source's decision while receiving: {exc}")
+            return
+        log.info("migration %s: %s decided abort while sending; discarded", self.mid, accepted.src_did)
 
     # ---- the hypervisor actions the commit machine calls ---------------------------------
     def restore(self, memory_path: str, xml: str) -> dict:

@@ -42,6 +42,7 @@ from migsec.errors import (
 from migsec.daemon.release import SourceCopy, domain_state, journal_fields, restart_at_source
 from migsec.protocol.errors import parse_peer_reason, peer_error_text
 from migsec.transfer.commit import SourceCommit, as_control
+from migsec.transfer.plane import linger
 from migsec.transfer.source import WriterOutcome
 
 __all__ = ["OutgoingMigration", "domain_state", "restart_at_source"]  # the last two: release's
@@ -267,7 +268,10 @@ class OutgoingMigration:
         try:
             session.control.send_control(as_control("decision", decision))  # B discards at once
         except MigsecError:
-            pass  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
+            return  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
+        # B may still be sending ACKs: a close now, with them unread, would reset the connection
+        # and could destroy the decision before B read it (B closes once it applied it)
+        linger(session.sock)
 
     # ---- A's copy, as the commit machine's actions ------------------------------------------
     def copy(self) -> SourceCopy:

@@ -96,6 +96,7 @@ from migsec.transfer.plane import (
     Progress,
     ReceiveResult,
     SendResult,
+    SourceDecision,
     TokenBucket,
     receive_streams,
     send_streams,
@@ -106,7 +107,7 @@ from migsec.transfer.source import KINDS, GrowingFileSource, StreamSource, Strea
 __all__ = [
     "ACK_INTERVAL", "BLOCK", "KINDS", "MANIFEST_CHANNEL",
     "DestinationCommit", "Expected", "Extent", "GrowingFileSource", "Manifest", "ManifestEntry", "PeerConnectionError",
-    "Progress", "ReceiveResult", "SendResult", "SourceCommit", "Staging", "StreamDigest",
+    "Progress", "ReceiveResult", "SendResult", "SourceCommit", "SourceDecision", "Staging", "StreamDigest",
     "StreamSink", "StreamSource", "StreamSpec", "TokenBucket",
     "as_control", "bytes_digest", "file_digest", "iter_extents", "receive_streams", "send_streams",
 ]

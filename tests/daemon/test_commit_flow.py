@@ -153,6 +153,39 @@ def test_an_operator_abort_while_b_restores_wins_over_the_commit(p, qemu, monkey
     assert phases(p.b, mid) == B_RESTORED + ["discarded"] and p.state("vm1-b") == "absent"
 
 
+def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, qemu):
+    # the abort comes while the streams flow (A's first progress report, before the manifest):
+    # A's abort Decision reaches B inside its data session; B applies it as the decision it is
+    p.guest("vm1")
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    holder: dict = {}
+
+    def emit(event):
+        if event.get("event") == "progress":
+            holder["job"].abort.request("aborted by the operator (test)")
+
+    job = holder["job"] = OutgoingMigration(p.a, grant, emit)
+    with pytest.raises(MigrationFailed, match="by the operator"):
+        try:
+            job.run()
+        finally:
+            p.endpoint.wait_idle()
+    assert phases(p.a, mid) == ["requested", "authorized", "handshaken", "suspended", "streaming",
+                                "aborted", "rolled-back"]
+    assert p.state("vm1") == "running"
+    # B journaled A's signed abort (not a failure of its own), ledgered it, and removed its files
+    assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
+    b_entry = p.b.journal.get(mid)
+    abort = p.a.journal.get(mid).data["abort_decision"]
+    assert b_entry.data["decision"] == abort and "reason" not in b_entry.data
+    assert Decision.verify(abort, p.a.identity.public_key, migration_id=mid).decision == "abort"
+    b_decisions = [e.peer["token"] for e in Ledger(p.b.config.paths.ledger).entries()
+                   if e.migration_id == mid and e.kind == "decision"]
+    assert b_decisions == [abort]
+    assert not (p.root / "b/state/staging" / f"in-{mid}").exists() and qemu.restored == []
+
+
 def test_a_resume_that_fails_at_b_after_the_commit_is_finished_by_recovery(p, qemu, monkeypatch):
     p.guest("vm1")
     grant = p.grant("vm1")
