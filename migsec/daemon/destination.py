@@ -7,6 +7,8 @@ socket for bulk data).
 
 Journal phases at B: accepted -> receiving -> received -> restored-paused
 -> commit-received -> resumed -> done; or discarded (only before commit-received).
+On a cold move ``migsec.transfer.commit.DestinationCommit`` writes them all and applies A's
+decision, in the session and when recovery brings it (``decision_from_source``).
 A connection lost before the decision leaves B's staged files for a resume, and a
 paused guest in doubt: it never runs here without A's signed commit.
 """
@@ -19,8 +21,19 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from migsec.crypto import VerifyingKey
 from migsec.errors import DomainNotFoundError, MigsecError
 from migsec.protocol.errors import peer_reason
+from migsec.transfer import SourceDecision
+from migsec.transfer.commit import (
+    AWAIT_DECISION,
+    COMMITTED,
+    DISCARDED,
+    IN_DOUBT,
+    RUNNING,
+    DestinationCommit,
+    as_control,
+)
 
 if TYPE_CHECKING:
     from migsec.daemon.link import Accepted
@@ -101,18 +114,36 @@ class IncomingMigration:
     def __init__(self, services: Services, migration_id: str) -> None:
         self.services = services
         self.mid = migration_id
+        self.restored: str | None = None  # the restored domain's name, before it is journaled
+
+    def machine_from_journal(self, peer_key: VerifyingKey | None) -> DestinationCommit:
+        """B's commit machine as this migration's journal left it (recovery, A's answer)."""
+        def no_restore() -> None:
+            raise MigsecError(f"migration {self.mid}: nothing to restore outside the session")
+
+        return DestinationCommit.from_journal(
+            self.services.journal.get(self.mid), dest_did=self.services.did, key=self.services.identity.key,
+            peer_key=peer_key, journal=self.journal, restore_paused=no_restore, resume_vm=self.resume_here,
+            discard=self.discard_here, cleanup=self.cleanup, clock=self.services.clock)
 
     def serve(self, conn: socket.socket, accepted: Accepted) -> None:
         from migsec.daemon import dataplane
         from migsec.daemon.channel import ControlLink
         from migsec.protocol import RecordLayer
-        from migsec.transfer.commit import DestinationCommit, as_control
 
         services, request = self.services, accepted.request
+        prepared: dict[str, str] = {}
+        commit = DestinationCommit(
+            migration_id=self.mid, src_did=accepted.src_did, dest_did=services.did,
+            transcript_hash=accepted.keys.transcript_hash, key=services.identity.key,
+            peer_key=accepted.peer.public_key, journal=self.journal,
+            restore_paused=lambda: self.restore(prepared["memory"], prepared["xml"]),
+            resume_vm=self.resume_here, discard=self.discard_here, cleanup=self.cleanup, clock=services.clock)
         if accepted.purpose == "migrate":
-            self.journal("accepted", domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
-                         options=dict(request.options), plan=request.require_plan().to_dict(),
-                         staging=str(dataplane.staging_dir(services, self.mid)), bandwidth=accepted.bandwidth)
+            commit.accepted(domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
+                            options=dict(request.options), plan=request.require_plan().to_dict(),
+                            staging=str(dataplane.staging_dir(services, self.mid)),
+                            bandwidth=accepted.bandwidth)
         bandwidth = accepted.bandwidth or services.journal.get(self.mid).data.get("bandwidth")
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
@@ -123,26 +154,22 @@ class IncomingMigration:
             return
         records = RecordLayer(accepted.keys, "destination")
         control = ControlLink(conn, records, accepted.src_did)
-        prepared: dict[str, str] = {}
-        commit = DestinationCommit(
-            migration_id=self.mid, src_did=accepted.src_did, dest_did=services.did,
-            transcript_hash=accepted.keys.transcript_hash, key=services.identity.key,
-            peer_key=accepted.peer.public_key, journal=self.journal,
-            restore_paused=lambda: self.restore(prepared["memory"], prepared["xml"]),
-            resume_vm=self.resume_here, discard=self.discard_here, clock=services.clock)
         try:
-            self.journal("receiving", attempt=accepted.purpose)
+            commit.receiving(attempt=accepted.purpose)
             received = dataplane.receive(services, conn, records, request, self.mid, bandwidth=bandwidth)
             prepared.update(memory=received.memory_path, xml=received.restore_xml)
             commit.streams_verified(received.manifest, received.manifest_json)
             receipt = commit.restore()  # restores paused, signs, journals restored-paused
+        except SourceDecision as exc:  # A gave up while the streams flowed: its signed abort
+            self._decided_while_receiving(commit, exc.token, accepted)
+            return
         except (MigsecError, OSError) as exc:  # an OSError here is local (a disk): final, not a break
             if _connection_lost(exc):
                 log.warning("migration %s: connection lost (%s); staged data kept for a resume",
                             self.mid, exc)
                 return
             log.error("migration %s failed at the destination: %s", self.mid, exc)
-            if commit.state not in ("DISCARDED", "IN_DOUBT"):
+            if commit.state not in (DISCARDED, IN_DOUBT):
                 commit.fail(str(exc))  # before the receipt: remove everything
             _send_quietly(control, {"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
             return
@@ -166,16 +193,33 @@ class IncomingMigration:
             return
         services.audit("resumed", self.mid, role="destination", token=resumed)
         _send_quietly(control, as_control("resumed", resumed))
-        self.finish()
+        commit.finish()
+
+    def _decided_while_receiving(self, commit: DestinationCommit, token: str, accepted: Accepted) -> None:
+        """A's decision came inside the data session: audited and fed to the machine like any
+        other (an abort discards and is journaled with its token); one that does not verify,
+        or a commit (nothing was receipted), fails the machine, which discards all the same."""
+        self.services.audit("decision", self.mid, role="destination", peer_token=token,
+                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
+        try:
+            commit.decision_received(token)
+        except MigsecError as exc:
+            log.error("migration %s: refused the decision %s sent while receiving: %s", self.mid,
+                      accepted.src_did, exc)
+            if commit.state not in (DISCARDED, IN_DOUBT):
+                commit.fail(f"refused the source's decision while receiving: {exc}")
+            return
+        log.info("migration %s: %s decided abort while sending; discarded", self.mid, accepted.src_did)
 
     # ---- the hypervisor actions the commit machine calls ---------------------------------
-    def restore(self, memory_path: str, xml: str) -> None:
+    def restore(self, memory_path: str, xml: str) -> dict:
+        """Restore paused; returns what the machine journals with "restored-paused"."""
         from migsec import virt
 
         with virt.connect(self.services.config.libvirt.uri) as conn:
-            name = virt.restore_domain(conn, memory_path, xml=xml, paused=True)
-        self.journal("received", restored=name)
+            self.restored = name = virt.restore_domain(conn, memory_path, xml=xml, paused=True)
         log.info("migration %s: %s restored paused", self.mid, name)
+        return {"restored": name}
 
     def resume_here(self) -> None:
         """After the commit decision: the guest must run here (idempotent)."""
@@ -222,7 +266,7 @@ class IncomingMigration:
 
             discard_destination(self.services, self.mid, record_phase=False)
             return
-        name = entry.data.get("restored")
+        name = entry.data.get("restored") or self.restored  # restored, but not yet journaled
         if name:
             with virt.connect(self.services.config.libvirt.uri) as conn:
                 try:
@@ -232,50 +276,44 @@ class IncomingMigration:
                     pass
         dataplane.discard(self.services, self.mid)
 
-    def finish(self) -> None:
+    def cleanup(self) -> None:
+        """The guest runs here: the staging directory goes."""
         from migsec.daemon import dataplane
 
         shutil.rmtree(dataplane.staging_dir(self.services, self.mid), ignore_errors=True)
-        if self.services.journal.get(self.mid).phase != "done":
-            self.journal("done")
 
-    # ---- recovery (the commit machine's state is rebuilt from the journal) ------------------
-    def apply_decision(self, message: dict, peer: Any) -> dict:
-        """Act on A's signed decision outside a live session; returns the reply for A."""
-        from migsec.protocol import Decision, Resumed, token_hash
-
+    # ---- A's decision outside the session (recovery): fed to the machine rebuilt from the journal ----
+    def decision_from_source(self, message: dict, peer: Any) -> dict:
+        """A's signed decision, brought by a recovery conversation; returns the reply for A."""
         token = message.get("jws")
         if message.get("t") != "decision" or not isinstance(token, str):
             raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
-        decision = Decision.verify(token, peer.public_key, migration_id=self.mid)
-        if (decision.src_did, decision.dest_did) != (peer.did, self.services.did):
-            raise MigsecError(f"decision is between {decision.src_did} and {decision.dest_did}")
         self.services.audit("decision", self.mid, role="destination", peer_token=token,
                             peer_cert_pem=peer.cert_pem, peer_did=peer.did)
-        entry = self.services.journal.get(self.mid)
-        if decision.decision == "abort":
-            if entry.phase != "discarded":
-                self.discard_here()
-                self.journal("discarded", decision=token)
+        commit = self.machine_from_journal(peer.public_key)
+        before = commit.state
+        resumed = commit.decision_received(token)
+        if resumed is None:
             return {"t": "discarded"}
-        if entry.phase == "discarded":
-            raise MigsecError(f"migration {self.mid} was discarded here; cannot commit")
-        receipt = entry.data.get("receipt")
-        if not receipt or decision.receipt_hash != token_hash(receipt):
-            raise MigsecError("commit decision names a receipt this domain did not issue")
-        if not entry.decided:
-            self.journal("commit-received", decision=token)
-        self.resume_here()
-        resumed = entry.data.get("resumed") or Resumed(
-            migration_id=self.mid, src_did=peer.did, dest_did=self.services.did,
-            decision_hash=token_hash(token), issued_at=self.services.clock()).sign(self.services.identity.key)
-        if self.services.journal.get(self.mid).phase == "commit-received":
-            self.journal("resumed", resumed=resumed)
+        if before in (AWAIT_DECISION, IN_DOUBT, COMMITTED):
             self.services.audit("resumed", self.mid, role="destination", token=resumed)
-        self.finish()
+        if commit.state == RUNNING:
+            commit.finish()
         return {"t": "resumed", "jws": resumed}
 
+    def resume_committed(self) -> None:
+        """The commit decision is durable here (recovery): run the guest, finish."""
+        commit = self.machine_from_journal(None)
+        if commit.state in (COMMITTED, RUNNING):
+            before = commit.state
+            resumed = commit.resume()
+            if before == COMMITTED:
+                self.services.audit("resumed", self.mid, role="destination", token=resumed)
+        if commit.state == RUNNING:
+            commit.finish()
+
     def journal(self, phase: str, **fields: Any) -> None:
+        """B's journal: the commit machine's writer (and the live flow's)."""
         from migsec.daemon.jobs import record
 
         record(self.services, self.mid, "destination", phase, **fields)

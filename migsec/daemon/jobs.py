@@ -1,4 +1,4 @@
-"""Journal helpers shared by the source, destination and recovery code, and the operator's
+"""The journal store's writer (``record``: what each side's commit machine is given), and the operator's
 handles on a running outgoing migration: ``AbortSwitch`` (``migsec jobs abort``) and
 ``ProgressTracker`` (bytes, rate and ETA in ``migsec jobs``)."""
 from __future__ import annotations
@@ -32,6 +32,14 @@ def record(services: Services, migration_id: str, role: str, phase: str, **field
         if phase == first:
             return
     journal.advance(migration_id, phase, **clean)
+
+
+def journal_writer(services: Services, migration_id: str, role: str) -> Callable[..., None]:
+    """The journal of one side of one migration, as its commit machine writes it."""
+    def write(phase: str, **fields: Any) -> None:
+        record(services, migration_id, role, phase, **fields)
+
+    return write
 
 
 def describe(entry: JournalEntry) -> dict:

@@ -12,9 +12,10 @@ source (coordinator of the two-phase commit)
   authorized        local PDP permitted it, Authr_Tkt issued
   handshaken        the peer accepted (MigResp verified), traffic keys exist
   suspended         the VM is paused at the source
-  saved             its memory image is on disk at the source
-  streaming         data is flowing (re-entered with progress fields / after a resume)
+  streaming         data is flowing (re-entered with progress fields / after a resume); the
+                    memory is saved meanwhile, and streamed as libvirt writes it
   streamed          every stream acknowledged by the destination
+  saved             libvirt's save succeeded and the image re-read matches what was streamed
   receipt-received  the destination's signed receipt (restored paused there) is held
   committed         THE DECISION: from here the VM belongs to the destination
   released          the source copy is destroyed/undefined
@@ -51,8 +52,8 @@ from migsec.errors import JournalError
 from migsec.fsutil import atomic_write, fsync_dir
 from migsec.protocol.plan import MigrationPlan
 
-SOURCE_PHASES = ("requested", "authorized", "handshaken", "suspended", "saved", "streaming",
-                 "streamed", "receipt-received", "committed", "released", "done")
+SOURCE_PHASES = ("requested", "authorized", "handshaken", "suspended", "streaming", "streamed",
+                 "saved", "receipt-received", "committed", "released", "done")
 SOURCE_ABORT_PHASES = ("aborted", "rolled-back")
 DESTINATION_PHASES = ("accepted", "receiving", "received", "restored-paused", "commit-received",
                       "resumed", "done")

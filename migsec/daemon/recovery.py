@@ -1,7 +1,11 @@
 """``migsec recover`` and ``migsec jobs``: finishing migrations a crash interrupted.
 
 The rule (DESIGN §3.4, journal docstring): before A's durable ``committed`` the
-source copy wins, after it the destination copy wins. A decides; B asks A.
+source copy wins, after it the destination copy wins. A decides; B asks A. The rules are
+the commit machines' (``migsec.transfer.commit``): recovery rebuilds them from the journal
+(``from_journal``) and feeds them the same events as a session does: ``fail`` (A,
+undecided), B's Resumed, A's decision (B); the machines make and sign every decision and
+write the journal.
 
 - A, undecided: decide abort (durably), restart the guest at A, tell B to discard.
 - A, committed: make sure A's copy is released, send B the commit, B resumes.
@@ -20,14 +24,15 @@ a time: a ``migsec recover`` during it waits for it.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import threading
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
+from migsec.daemon.jobs import journal_writer
+from migsec.daemon.release import SourceCopy, journal_fields
 from migsec.errors import MigsecError
+from migsec.transfer.commit import SourceCommit
 
 if TYPE_CHECKING:
     from migsec.daemon.journal import JournalEntry
@@ -101,59 +106,55 @@ def recover_one(services: Services, entry: JournalEntry) -> str:
 
 
 # ---- A -----------------------------------------------------------------------------------------
-def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str:
-    from migsec.protocol import Decision
+class _Source:
+    """A's commit machine as the journal left it, with A's copy (``SourceCopy``) as its actions."""
 
-    return Decision(migration_id=entry.migration_id, src_did=services.did, dest_did=str(entry.data.get("peer")),
-                    decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
+    def __init__(self, services: Services, entry: JournalEntry) -> None:
+        self.copy = SourceCopy.from_journal(services, entry)
+        self.how: str | None = None
+        self.report: dict = {}
+        self.machine = SourceCommit.from_journal(
+            entry, src_did=services.did, key=services.identity.key, peer_key=None,
+            journal=journal_writer(services, entry.migration_id, "source"), resume_vm=self._restart,
+            release_vm=self._release, clock=services.clock)
+
+    def _restart(self) -> str:
+        self.how = self.copy.restart()
+        return self.how
+
+    def _release(self) -> dict:
+        self.report = self.copy.release()
+        if self.report["errors"]:  # the machine stays committed: recover tries again
+            raise MigsecError(f"{self.copy.domain} is committed to {self.copy.destination} but releasing it "
+                              "here failed: " + "; ".join(self.report["errors"]))
+        return journal_fields(self.report)
 
 
 def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
-    from migsec import virt
-    from migsec.daemon.jobs import record
-    from migsec.daemon.release import release_source
-    from migsec.daemon.source import restart_at_source
-
-    # every source journal is created naming its domain and peer (jobs.record)
     mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
-    save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
     if not entry.decided and entry.data.get("mode") == "live":
         from migsec.daemon.live import recover_source
 
         outcome = recover_source(services, entry)
         if outcome is not None:
             return outcome
-    if not entry.decided:
+        entry = services.journal.get(mid)
+    source = _Source(services, entry)
+    commit = source.machine
+    if not commit.committed:
         # presumed abort: no commit is durable, so the source copy wins
-        if entry.phase != "aborted":
-            record(services, mid, "source", "aborted", reason="recovered after a crash (no decision)")
-        abort = _abort_decision(services, entry, "recovered after a crash before the decision")
+        abort = commit.fail("recovered after a crash (no decision)")
         services.audit("decision", mid, role="source", token=abort, outcome="abort", reason="recovery")
-        with virt.connect(services.config.libvirt.uri) as conn:
-            how = restart_at_source(conn, domain, save_image, paused=bool(entry.data.get("was_paused")))
-        if entry.data.get("work_dir"):
-            shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
-        record(services, mid, "source", "rolled-back", how=how)
+        how = source.how or "rolled back"
         if not tell_peer:
             return f"rolled back: {domain} {how} here"
         return f"rolled back: {domain} {how} here; " + _tell_peer(services, entry, {"t": "decision", "jws": abort})
     # committed: the destination copy wins; make sure ours is released, then tell B
-    options = entry.data.get("options") or {}
-    with virt.connect(services.config.libvirt.uri) as conn:
-        released = release_source(services, conn, mid, str(domain), options, str(entry.data.get("peer")),
-                                  plan=entry.plan())
-    if released["errors"]:
-        raise MigsecError(f"{domain} is committed to {entry.data.get('peer')} but releasing it here failed: "
-                          + "; ".join(released["errors"]))
+    commit.release()
     kept = "".join(f"; the moved disk {d['path']} could not be removed ({d['error']})"
-                   for d in released["disks_not_removed"])
-    if entry.data.get("work_dir"):
-        shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
-    if entry.phase == "committed":
-        record(services, mid, "source", "released")
-    answer = _ask_peer(services, entry, {"t": "decision", "jws": entry.data.get("decision")})
+                   for d in source.report["disks_not_removed"])
+    answer = _ask_peer(services, entry, {"t": "decision", "jws": commit.decision_token}, source=commit)
     if answer is not None and answer.get("t") == "resumed":
-        record(services, mid, "source", "done", resumed=answer.get("jws"))
         return f"committed: {domain} runs at {entry.data.get('peer')}{kept}"
     return (f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet "
             f"(run recover again){kept}")
@@ -172,10 +173,7 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
         if outcome is not None:
             return outcome
     if entry.decided:
-        job.resume_here()
-        if services.journal.get(mid).phase == "commit-received":
-            job.journal("resumed")
-        job.finish()
+        job.resume_committed()
         return f"committed: {entry.data.get('domain')} runs here"
     answer = _ask_peer(services, entry, {"t": "query"}, want_key=True)
     if answer is None:
@@ -183,7 +181,7 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
     message, peer = answer
     if message.get("t") == "pending":
         return f"{entry.data.get('peer')} says the migration is still in progress"
-    reply = job.apply_decision(message, peer)
+    reply = job.decision_from_source(message, peer)
     if reply.get("t") == "resumed":
         return f"committed by {entry.data.get('peer')}: {entry.data.get('domain')} runs here"
     return f"aborted by {entry.data.get('peer')}: partial files and any paused copy removed here"
@@ -207,9 +205,10 @@ def _session(services: Services, entry: JournalEntry) -> Any:
     return link.connect(services, peer, request, token, migration_id=entry.migration_id)
 
 
-def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False) -> Any:
-    from migsec.protocol import Resumed, token_hash
-
+def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False,
+              source: SourceCommit | None = None) -> Any:
+    """Send ``message`` to the peer on a recovery session, return its answer (None if there is
+    none). A Resumed answer is fed to A's machine ``source`` (which checks it and journals it)."""
     try:
         session = _session(services, entry)
     except MigsecError as exc:
@@ -218,10 +217,9 @@ def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_ke
     try:
         session.control.send_control(message)
         answer = session.control.recv_control(ANSWER_TIMEOUT_S)
-        if answer.get("t") == "resumed":
-            resumed = Resumed.verify(answer.get("jws"), session.peer.public_key, migration_id=entry.migration_id)
-            if resumed.decision_hash != token_hash(str(message.get("jws"))):
-                raise MigsecError(f"{session.peer.did}'s Resumed answers another decision")
+        if answer.get("t") == "resumed" and source is not None:
+            source.peer_key = session.peer.public_key
+            source.resumed_received(str(answer.get("jws")))
             services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["jws"],
                            peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
         return (answer, session.peer) if want_key else answer
@@ -252,21 +250,19 @@ def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted)
         entry = services.journal.get(mid)
         if entry.role == "destination":
             # A tells us its decision
-            reply = IncomingMigration(services, mid).apply_decision(message, accepted.peer)
+            reply = IncomingMigration(services, mid).decision_from_source(message, accepted.peer)
+        elif mid in services.running:  # B asks what A decided
+            reply = {"t": "pending"}
         else:
-            # B asks what A decided
-            if mid in services.running:
-                reply = {"t": "pending"}
-            elif entry.decided:
-                reply = {"t": "decision", "jws": entry.data.get("decision")}
-            else:
+            if not entry.decided and not entry.terminal:
                 # presumed abort: A finishes its own side first, then answers
-                outcome = (_recover_source(services, entry, tell_peer=False)
-                           if not entry.terminal else entry.phase)
+                outcome = _recover_source(services, entry, tell_peer=False)
                 log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
-                token = _abort_decision(services, entry, "no commit decision at the source")
-                services.audit("decision", mid, role="source", token=token, outcome="abort")
-                reply = {"t": "decision", "jws": token}
+                entry = services.journal.get(mid)
+            # the machine's decision: the commit, or the abort it journaled (the same every time)
+            commit = _Source(services, entry).machine
+            token = commit.decision_token if commit.committed else commit.fail(f"asked by {accepted.src_did}")
+            reply = {"t": "decision", "jws": token}
         control.send_control(reply)
     except MigsecError as exc:
         log.warning("recovery conversation for %s with %s failed: %s", mid, accepted.src_did, exc)

@@ -1,36 +1,111 @@
-"""After the commit: what happens to the source's copy, and ``migsec release``.
+"""A's copy of the guest in one migration: run it again (before the commit) or release it
+(after), and ``migsec release``.
 
-``release_source`` runs where the source releases its copy (the live flow and ``migsec
-recover``): the guest is destroyed here; with ``--undefinesource`` its definition is
-undefined and its top disk images removed, and a disk that could not be removed is
-reported (result, journal, ``migsec jobs``), not only logged; without it the kept
-definition is marked as given away (``migsec.handover``), so the libvirt hook refuses to
-start it until an operator runs ``migsec release DOMAIN``.
+``SourceCopy`` is what the source's commit machine (``migsec.transfer.commit.SourceCommit``) is
+given as its ``resume_vm`` / ``release_vm``, built from the running migration
+(``OutgoingMigration.copy``) or from its journal (``migsec recover``), so both do the same.
+``release_copy`` destroys the guest here; with ``--undefinesource`` its definition is undefined
+and its top disk images removed, and a disk that could not be removed is reported (result,
+journal, ``migsec jobs``), not only logged; without it the kept definition is marked as given
+away (``migsec.handover``), so the libvirt hook refuses to start it until an operator runs
+``migsec release DOMAIN``.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from migsec.errors import MigsecError
+from migsec.errors import DomainNotFoundError, MigrationFailed, MigsecError
 
 if TYPE_CHECKING:
+    from migsec.daemon.journal import JournalEntry
     from migsec.daemon.services import Services
     from migsec.protocol.plan import MigrationPlan
 
 log = logging.getLogger("migsecd.release")
 
 
-def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: Mapping[str, Any],
-                   destination: str, *, plan: MigrationPlan) -> dict:
+@dataclass
+class SourceCopy:
+    """The guest at A in one migration, and where its save image and work files are."""
+
+    services: Services
+    migration_id: str
+    domain: str
+    destination: str
+    options: Mapping[str, Any]
+    plan: MigrationPlan
+    work_dir: Path | None = None
+    save_image: Path | None = None
+    was_paused: bool = False
+
+    @classmethod
+    def from_journal(cls, services: Services, entry: JournalEntry) -> SourceCopy:
+        """As the source journal recorded it (every source journal names its domain and peer)."""
+        data = entry.data
+        return cls(services, entry.migration_id, str(data.get("domain")), str(data.get("peer")),
+                   dict(data.get("options") or {}), entry.plan(),
+                   Path(data["work_dir"]) if data.get("work_dir") else None,
+                   Path(data["save_image"]) if data.get("save_image") else None,
+                   bool(data.get("was_paused")))
+
+    def restart(self, conn: Any = None) -> str:
+        """Before the decision: the guest runs here again as it was; returns how."""
+        with _connection(self.services, conn) as c:
+            how = restart_at_source(c, self.domain, self.save_image, paused=self.was_paused)
+        self._remove_work_dir()
+        return how
+
+    def release(self, conn: Any = None) -> dict:
+        """After the decision: destroy (and undefine / mark) the copy here; returns the report
+        of ``release_copy``."""
+        with _connection(self.services, conn) as c:
+            report = release_copy(self.services, c, self.migration_id, self.domain, self.options,
+                                  self.destination, plan=self.plan)
+        self._remove_work_dir()
+        return report
+
+    def _remove_work_dir(self) -> None:
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+class _connection:
+    """``conn`` as is, or a new connection to this host's libvirt, closed afterwards."""
+
+    def __init__(self, services: Services, conn: Any) -> None:
+        self.services, self.conn = services, conn
+        self.own: Any = None
+
+    def __enter__(self) -> Any:
+        if self.conn is not None:
+            return self.conn
+        from migsec import virt
+
+        self.own = virt.connect(self.services.config.libvirt.uri)
+        return self.own
+
+    def __exit__(self, *exc: object) -> None:
+        if self.own is not None:
+            self.own.close()
+
+
+def journal_fields(report: Mapping[str, Any]) -> dict:
+    """What of a release report goes into the journal (only what is not empty)."""
+    return {k: v for k, v in report.items() if v}
+
+
+def release_copy(services: Services, conn: Any, migration_id: str, domain: str, options: Mapping[str, Any],
+                 destination: str, *, plan: MigrationPlan) -> dict:
     """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
     "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``. The disks
-    removed (``options["undefine_source"]``) are the ``plan``'s top images."""
+    removed (--undefinesource) are the ``plan``'s top images.
+    Writes no journal: the caller's commit machine journals the report with "released"."""
     from migsec import virt
-    from migsec.daemon.jobs import record
-    from migsec.daemon.source import domain_state
     from migsec.handover import MovedMark
 
     report: dict[str, Any] = {"disks_not_removed": [], "marked": False, "errors": []}
@@ -55,7 +130,17 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
             log.error("auditing that %s was given away: %s", domain, exc)
     if undefine:
         report["disks_not_removed"] = remove_moved_disks(plan)
-    fields = {k: v for k, v in report.items() if v}
+    return report
+
+
+def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
+                   destination: str, *, plan: MigrationPlan) -> dict:
+    """``release_copy``, its report added to the journal's current phase (the live flow, which
+    does not use the commit machine yet)."""
+    from migsec.daemon.jobs import record
+
+    report = release_copy(services, conn, migration_id, domain, options, destination, plan=plan)
+    fields = journal_fields(report)
     if fields:
         try:
             phase = services.journal.get(migration_id).phase
@@ -63,6 +148,35 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
         except MigsecError as exc:
             log.error("journalling the release of %s: %s", domain, exc)
     return report
+
+
+def domain_state(conn: Any, domain: str) -> str:
+    """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
+    from migsec import virt
+
+    try:
+        return virt.domain_state(conn, domain).value
+    except DomainNotFoundError:
+        return "absent"
+
+
+def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, paused: bool = False) -> str:
+    """Put the guest back in its state at A (running, or paused if it was), whatever point the
+    source side reached."""
+    from migsec import virt
+
+    state = domain_state(conn, domain)
+    if state == "running":
+        return "kept running"
+    if state == "paused":
+        if paused:
+            return "kept paused (as it was)"
+        virt.resume_domain(conn, domain)
+        return "resumed"
+    if saved_image is not None and Path(saved_image).exists():
+        virt.restore_domain(conn, str(saved_image), paused=paused)
+        return "restored from its save image" + (" (paused, as it was)" if paused else "")
+    raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
 
 
 def remove_moved_disks(plan: MigrationPlan) -> list[dict]:

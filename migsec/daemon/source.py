@@ -1,16 +1,17 @@
 """The source side of one migration (the VMM agent at A), run in a worker thread.
 
-Journal phases (``migsec.daemon.journal``), each written before it takes effect::
+Journal phases (``migsec.daemon.journal``)::
 
-    requested -> authorized -> handshaken -> suspended -> saved/streaming -> streamed
+    requested -> authorized -> handshaken -> suspended -> streaming -> streamed -> saved
       -> receipt-received -> committed (point of no return) -> released -> done
     any failure before ``committed`` -> aborted -> rolled-back (the guest runs at A again)
 
 A is the coordinator: after B's signed receipt A writes its decision durably and
 tells B to resume; once B's signed Resumed arrives A releases its copy (the guest
-is already stopped at A: saved). The exchange itself is
-``migsec.transfer.commit.SourceCommit``; ``migsec recover`` finishes whatever a
-crash interrupted, from the same journal.
+is already stopped at A: saved). The rules and the journal are
+``migsec.transfer.commit.SourceCommit``'s (its only writer, on a cold move): this class
+feeds it events and gives it A's copy (``migsec.daemon.release.SourceCopy``);
+``migsec recover`` rebuilds the machine from the same journal.
 
 Downtime: after the suspend, libvirt saves the memory in a background thread while
 the disks stream, and the save image itself streams while libvirt writes it
@@ -24,7 +25,6 @@ commit, if the two differ.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -39,8 +39,13 @@ from migsec.errors import (
     NetworkError,
     TransferError,
 )
-from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
+from migsec.daemon.release import SourceCopy, domain_state, journal_fields, restart_at_source
+from migsec.protocol.errors import parse_peer_reason, peer_error_text
+from migsec.transfer.commit import SourceCommit, as_control
+from migsec.transfer.plane import linger
 from migsec.transfer.source import WriterOutcome
+
+__all__ = ["OutgoingMigration", "domain_state", "restart_at_source"]  # the last two: release's
 
 if TYPE_CHECKING:
     from migsec.auth.servers import Grant
@@ -82,6 +87,13 @@ class OutgoingMigration:
         from migsec.daemon.jobs import AbortSwitch
 
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
+        self.conn: Any = None  # this host's libvirt, once the handshake succeeded
+        self.saver: _Background | None = None
+        # the commit rules and A's journal; B's key comes with the handshake
+        self.commit = SourceCommit(
+            migration_id=self.mid, src_did=services.did, dest_did=self.dest_did, key=services.identity.key,
+            peer_key=None, journal=self._commit_journal, resume_vm=self._restart_here,
+            release_vm=self._release, clock=services.clock)
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -93,17 +105,16 @@ class OutgoingMigration:
         plan = self.request.require_plan()  # the AZ signed one: B refuses a request without it
         peer = services.peers.get(self.dest_did)
         if not dry_run:
-            self.journal("authorized", domain=self.domain, peer=self.dest_did, address=peer.address,
-                         user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
-                         save_image=str(self.saved_image), plan=plan.to_dict())
+            self.commit.authorized(domain=self.domain, peer=self.dest_did, address=peer.address,
+                                   user=self.grant.user, options=self.options, work_dir=str(self.work_dir),
+                                   save_image=str(self.saved_image), plan=plan.to_dict())
         self.step(f"connecting to {self.dest_did} at {peer.address}")
         try:
             session = link.connect(services, peer, self.request, self.grant.token, migration_id=self.mid)
         except MigsecError as exc:
-            # nothing was touched yet: the guest never stopped running here
+            # nothing was touched yet: the guest never stopped running here (no conn: _restart_here)
             if not dry_run:
-                self.journal("aborted", reason=str(exc))
-                self.journal("rolled-back", how="never stopped")
+                self.commit.fail(str(exc))
             if isinstance(exc, NetworkError):
                 raise MigrationFailed(f"{exc}; {self.domain} was not touched") from exc
             raise
@@ -111,8 +122,9 @@ class OutgoingMigration:
         if dry_run:
             session.close()
             return self.result(dry_run=True)
-        self.journal("handshaken", mode=self.request.mode)
-        conn = virt.connect(services.config.libvirt.uri)
+        self.commit.handshaken(session.peer.public_key, transcript_hash=session.keys.transcript_hash,
+                               mode=self.request.mode)
+        conn = self.conn = virt.connect(services.config.libvirt.uri)
         try:
             if self.request.mode == "live":
                 from migsec.daemon.live import run_source
@@ -125,14 +137,8 @@ class OutgoingMigration:
     def _move(self, conn: Any, session: SourceSession) -> dict:
         """Suspend, save while the disks stream, then the commit exchange (transfer.SourceCommit)."""
         from migsec import virt
-        from migsec.transfer.commit import SourceCommit
 
-        self.saver: _Background | None = None
-        commit = SourceCommit(
-            migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
-            key=self.services.identity.key, peer_key=session.peer.public_key, journal=self._commit_journal,
-            resume_vm=lambda: self._resume_here(conn), release_vm=lambda: self._release(conn),
-            clock=self.services.clock)
+        commit = self.commit
         try:
             self.check_deadline()  # an abort (or --timeout) during the handshake: never suspend
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,7 @@ class OutgoingMigration:
             if not self.was_paused:
                 virt.suspend_domain(conn, self.domain)
             self.downtime_started = time.monotonic()
-            self.journal("suspended", was_paused=self.was_paused)
+            commit.suspended(was_paused=self.was_paused)
             self.step(f"suspended {self.domain}; saving its memory while the disks stream")
             self.saver = _Background(lambda: virt.save_domain(conn, self.domain, str(self.saved_image),
                                                               paused=True))
@@ -156,12 +162,13 @@ class OutgoingMigration:
             # never commit before libvirt said the save succeeded
             self.saver.join()
             recheck.join()
+            commit.saved(memory_sha256=_memory_digest(result.manifest))
             self.services.audit("receipt", self.mid, role="source", manifest=result.manifest_json.decode(),
                                 peer_token=receipt, peer_cert_pem=session.peer.cert_pem, peer_did=self.dest_did)
             # verifies the receipt against the manifest, then journals "committed": no way back
             decision = commit.receipt_received(receipt)
         except BaseException as exc:
-            self._abort(commit, session, exc)
+            self._abort(session, exc)
             session.close()
             if isinstance(exc, MigsecError) and not isinstance(exc, MigrationFailed):
                 raise MigrationFailed(f"migration of {self.domain} failed and was rolled back: {exc}",
@@ -173,7 +180,7 @@ class OutgoingMigration:
         self.services.audit("decision", self.mid, role="source", token=decision, outcome="commit")
         self.step(f"{self.dest_did} restored {self.domain} paused and signed a receipt; decided: commit")
         try:
-            session.control.send_control(_control("decision", decision))
+            session.control.send_control(as_control("decision", decision))
             resumed = self._expect(session, "resumed")
             commit.resumed_received(resumed)  # releases A's copy, journals released + done
             self.services.audit("resumed", self.mid, role="source", peer_token=resumed,
@@ -196,7 +203,7 @@ class OutgoingMigration:
         while True:
             try:
                 self.check_deadline()
-                self.journal("streaming", attempt=attempt)
+                self.commit.streaming(attempt=attempt, transcript_hash=session.keys.transcript_hash)
                 result = dataplane.send(session, dataplane.source_streams(info, files, saver, self.saved_image),
                                         bandwidth=self.bandwidth(), progress=self.progress,
                                         timeout=self.remaining())
@@ -229,7 +236,7 @@ class OutgoingMigration:
     def _recheck_saved_image(self, manifest: Any) -> None:
         from migsec.transfer.extents import file_digest
 
-        sent = next((e.digest for e in manifest.streams if e.name == "memory"), None)
+        sent = _memory_digest(manifest)
         try:
             now = file_digest(self.saved_image)
         except OSError as exc:
@@ -248,46 +255,44 @@ class OutgoingMigration:
             raise TransferError(f"expected a {kind} from {self.dest_did}, got {message.get('t')!r}")
         return token
 
-    def _abort(self, commit: Any, session: SourceSession, cause: BaseException) -> None:
-        """Before the decision: SourceCommit journals the abort and runs the guest here again."""
-        from migsec.transfer.commit import ROLLED_BACK
-
+    def _abort(self, session: SourceSession, cause: BaseException) -> None:
+        """Before the decision: SourceCommit journals the abort, runs the guest here again and
+        signs the abort Decision (the same one if it already aborted on a refused receipt)."""
         reason = str(cause) or type(cause).__name__
         log.warning("migration %s of %s failed, rolling back: %s", self.mid, self.domain, reason)
         code = "integrity" if isinstance(cause, IntegrityError) else "aborted"  # all B learns of the cause
-        if commit.state == ROLLED_BACK:
-            # the commit machine already aborted (a receipt it refused); only B needs telling
-            from migsec.protocol import Decision
-
-            decision = Decision(migration_id=self.mid, src_did=self.services.did, dest_did=self.dest_did,
-                                decision="abort", issued_at=self.services.clock(),
-                                reason=peer_reason(code)).sign(self.services.identity.key)
-        else:
-            decision = commit.fail(reason, code=code)
-        if decision is None:
+        decision = self.commit.fail(reason, code=code)
+        if decision is None or self.commit.committed:
             return
         self.services.audit("decision", self.mid, role="source", token=decision, outcome="abort", reason=reason)
         try:
-            session.control.send_control(_control("decision", decision))  # B discards at once
+            session.control.send_control(as_control("decision", decision))  # B discards at once
         except MigsecError:
-            pass  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+            return  # B learns it when it asks (`migsec recover`); it never runs the guest without a commit
+        # B may still be sending ACKs: a close now, with them unread, would reset the connection
+        # and could destroy the decision before B read it (B closes once it applied it)
+        linger(session.sock)
 
-    def _resume_here(self, conn: Any) -> None:
+    # ---- A's copy, as the commit machine's actions ------------------------------------------
+    def copy(self) -> SourceCopy:
+        return SourceCopy(self.services, self.mid, self.domain, self.dest_did, self.options, self.request.require_plan(),
+                          self.work_dir, self.saved_image, self.was_paused)
+
+    def _restart_here(self) -> str:
+        if self.conn is None:
+            return "never stopped"  # the handshake failed: nothing here was touched
         if self.saver is not None:
             self.saver.wait()  # a save in progress must end before the guest can run again
-        how = restart_at_source(conn, self.domain, self.saved_image, paused=self.was_paused)
+        how = self.copy().restart(self.conn)
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
+        return how
 
-    def _release(self, conn: Any) -> None:
-        from migsec.daemon.release import release_source
-
+    def _release(self) -> dict:
         # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
-        self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
-                                       self.dest_did, plan=self.request.require_plan())
+        self.released = self.copy().release(self.conn)
         for disk in self.released["disks_not_removed"]:
             self.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return journal_fields(self.released)
 
     # ---- helpers ------------------------------------------------------------------------
     def bandwidth(self) -> int | None:
@@ -316,6 +321,7 @@ class OutgoingMigration:
         self.emit({"event": "step", "message": message})
 
     def journal(self, phase: str, **fields: Any) -> None:
+        """The live flow's journal writes (a cold move's are the commit machine's)."""
         from migsec.daemon.jobs import record
 
         self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
@@ -344,39 +350,8 @@ class OutgoingMigration:
         }
 
 
-def _control(kind: str, token: str) -> dict:
-    from migsec.transfer.commit import as_control
-
-    return as_control(kind, token)
-
-
-def domain_state(conn: Any, domain: str) -> str:
-    """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
-    from migsec import virt
-
-    try:
-        return virt.domain_state(conn, domain).value
-    except DomainNotFoundError:
-        return "absent"
-
-
-def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, paused: bool = False) -> str:
-    """Put the guest back in its state at A (running, or paused if it was), whatever point the
-    source side reached."""
-    from migsec import virt
-
-    state = domain_state(conn, domain)
-    if state == "running":
-        return "kept running"
-    if state == "paused":
-        if paused:
-            return "kept paused (as it was)"
-        virt.resume_domain(conn, domain)
-        return "resumed"
-    if saved_image is not None and Path(saved_image).exists():
-        virt.restore_domain(conn, str(saved_image), paused=paused)
-        return "restored from its save image" + (" (paused, as it was)" if paused else "")
-    raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
+def _memory_digest(manifest: Any) -> str | None:
+    return next((e.digest for e in manifest.streams if e.name == "memory"), None)
 
 
 class _Background(WriterOutcome):

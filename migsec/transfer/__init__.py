@@ -68,14 +68,21 @@ Data plane -- ``plane.py``
 
 Commit exchange -- ``commit.py`` (DESIGN §3.4)
     ``SourceCommit(migration_id, src_did, dest_did, key, peer_key, journal, resume_vm,
-    release_vm)``: ``streams_sent(manifest, manifest_json)``, ``receipt_received(token) ->
-    decision token`` (journals "committed" before returning it), ``resumed_received(token)``,
-    ``fail(reason) -> abort Decision`` (resumes A) or, after the commit, the commit Decision to
-    resend (A never resumes then). ``DestinationCommit(..., transcript_hash, restore_paused,
-    resume_vm, discard)``: ``streams_verified(manifest, manifest_json)``, ``restore() ->
-    Receipt token``, ``decision_received(token) -> Resumed token | None``, ``fail(reason)``
-    (DISCARDED before the receipt, IN_DOUBT after it: never resumes without A's signed
-    commit). ``journal(phase, **fields)`` uses the phase names of ``migsec.daemon.journal``.
+    release_vm, transcript_hash=None)`` (``peer_key`` and ``transcript_hash`` may be None until
+    ``handshaken(peer_key, transcript_hash=)``; ``streaming(transcript_hash=)`` gives a resumed
+    session's; no receipt is accepted without both, nor one naming another session): progress
+    ``authorized/handshaken/suspended/streaming(**fields)``, ``streams_sent(manifest,
+    manifest_json)``, ``saved(**fields)``, ``receipt_received(token) -> decision token``
+    (journals "committed" before returning it), ``release()`` (recovery),
+    ``resumed_received(token)``, ``fail(reason) -> abort Decision`` (resumes A; the same
+    Decision on every later call) or, after the commit, the commit Decision to resend (A never
+    resumes then). ``DestinationCommit(..., transcript_hash, restore_paused, resume_vm, discard,
+    cleanup=None)``: ``accepted/receiving(**fields)``, ``streams_verified(manifest,
+    manifest_json)``, ``restore() -> Receipt token``, ``decision_received(token) -> Resumed
+    token | None`` (again: the same answer), ``resume()`` (recovery), ``finish()``,
+    ``fail(reason)`` (DISCARDED before the receipt, IN_DOUBT after it: never resumes without
+    A's signed commit). ``X.from_journal(entry, ...)`` rebuilds either from a journal entry.
+    ``journal(phase, **fields)`` uses the phase names of ``migsec.daemon.journal``.
     ``as_control(kind, token)`` is the channel-0 CONTROL body.
 """
 from migsec.transfer.commit import DestinationCommit, SourceCommit, as_control
@@ -89,6 +96,7 @@ from migsec.transfer.plane import (
     Progress,
     ReceiveResult,
     SendResult,
+    SourceDecision,
     TokenBucket,
     receive_streams,
     send_streams,
@@ -99,7 +107,7 @@ from migsec.transfer.source import KINDS, GrowingFileSource, StreamSource, Strea
 __all__ = [
     "ACK_INTERVAL", "BLOCK", "KINDS", "MANIFEST_CHANNEL",
     "DestinationCommit", "Expected", "Extent", "GrowingFileSource", "Manifest", "ManifestEntry", "PeerConnectionError",
-    "Progress", "ReceiveResult", "SendResult", "SourceCommit", "Staging", "StreamDigest",
+    "Progress", "ReceiveResult", "SendResult", "SourceCommit", "SourceDecision", "Staging", "StreamDigest",
     "StreamSink", "StreamSource", "StreamSpec", "TokenBucket",
     "as_control", "bytes_digest", "file_digest", "iter_extents", "receive_streams", "send_streams",
 ]

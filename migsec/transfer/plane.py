@@ -10,6 +10,8 @@ Session on the wire (channel 0 carries control, ``MANIFEST_CHANNEL`` the manifes
             (after the digest of the written file matched)
     A -> B  the manifest as a stream on MANIFEST_CHANNEL; B checks it against what it verified
     B -> A  ACK(MANIFEST_CHANNEL, size); on any failure B sends CONTROL(0, {"type": "error"})
+    A -> B  at any point, if A gives up: CONTROL(0, {"t": "decision", "jws": ...}), A's signed
+            abort (``migsec.transfer.commit``); B stops receiving and raises SourceDecision
 
 The sender never buffers: on resume it re-reads the file from B's offset. Hashing runs
 in background threads (hashlib releases the GIL); sealing and I/O stay in the calling
@@ -130,6 +132,38 @@ class TokenBucket:
 PeerConnectionError = NetworkError
 
 
+class SourceDecision(TransferError):
+    """The source sent its signed decision (an abort: it gave up) while the streams flowed.
+    ``token`` is the Decision's compact JWS, not verified here: the commit machine checks it."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("the source sent its decision during the transfer")
+        self.token = token
+
+
+def _decision(ev: object) -> str | None:
+    """The token of a commit-layer decision on channel 0 (``commit.as_control``), else None."""
+    if isinstance(ev, Control) and ev.channel == CONTROL_CHANNEL and ev.message.get("t") == "decision":
+        token = ev.message.get("jws")
+        if isinstance(token, str):
+            return token
+    return None
+
+
+def linger(sock: socket.socket, seconds: float = 2.0) -> None:
+    """Half-close and drain: closing with unread data would reset the connection and
+    destroy the message just sent before the peer could read it."""
+    deadline = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1024 * 1024):
+                return
+    except OSError:
+        return
+
+
 class _Wire:
     """A blocking socket with byte counting and exact reads; OSError -> NetworkError."""
 
@@ -160,17 +194,7 @@ class _Wire:
         return data
 
     def linger(self, seconds: float = 2.0) -> None:
-        """Half-close and drain: closing with unread data would reset the connection and
-        destroy the error message just sent before the peer could read it."""
-        deadline = time.monotonic() + seconds
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            while (left := deadline - time.monotonic()) > 0:
-                self.sock.settimeout(left)
-                if not self.sock.recv(1024 * 1024):
-                    return
-        except OSError:
-            return
+        linger(self.sock, seconds)
 
     def recv_exact(self, view: memoryview) -> None:
         pos, n = 0, len(view)
@@ -496,6 +520,9 @@ class _Receiver:
             if self.error is not None:
                 raise self.error
             ev = self.next_event(buf)
+            if (token := _decision(ev)) is not None:  # A gave up: nothing more comes
+                self.free.put(buf)
+                raise SourceDecision(token)
             self.work.put((ev, buf) if isinstance(ev, Data) else (ev, None))
             if not isinstance(ev, Data):
                 self.free.put(buf)
@@ -616,7 +643,8 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
 
     Reopens existing staging state (resume). On failure, everything written is made durable
     (so the next attempt resumes from it), the source is told why, and the error is raised;
-    call ``Staging.open(dir).discard()`` to give up instead.
+    call ``Staging.open(dir).discard()`` to give up instead. The source's decision arriving
+    instead of the next record raises SourceDecision (the source is told nothing).
     """
     for name, want in expected.items():
         StreamSpec(1, name, want.kind, 0, want.target)  # validates name and kind
@@ -648,7 +676,7 @@ def receive_streams(sock: socket.socket, records: RecordLayer, staging_dir: str 
         # The writer's error explains a connection the source then closed; the reader's own
         # protocol error (a tampered record) explains the writer's failure to ACK after it.
         error = r.error if r.error is not None and isinstance(exc, PeerConnectionError) else exc
-        if r.error is None:
+        if r.error is None and not isinstance(exc, SourceDecision):
             _tell_source(r, exc)
         if r.told:
             r.wire.linger()  # only this thread reads the socket; the writer has stopped

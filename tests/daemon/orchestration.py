@@ -86,6 +86,9 @@ class Endpoint:
         self.threads: list[threading.Thread] = []
         self.connections = 0
         self.drop_after: int | None = None
+        self.drop_once = False  # cut only the next connection after drop_after bytes
+        self.cut = threading.Event()  # set: every open connection is cut, as a broken network would
+        self.cuttable = False  # relay connections so that ``cut`` can cut them
         self.delay = 0.0
         self.thread = threading.Thread(target=self._accept, daemon=True, name="test-endpoint")
         self.thread.start()
@@ -101,6 +104,10 @@ class Endpoint:
             self.connections += 1
             if self.drop_after is not None:
                 conn = _cut_after(conn, self.drop_after)
+                if self.drop_once:
+                    self.drop_after = None
+            elif self.cuttable:
+                conn = _cut_when(conn, self.cut)
             conn.setblocking(False)
             t = threading.Thread(target=asyncio.run, args=(self._serve(conn, address),), daemon=True)
             t.start()
@@ -120,6 +127,7 @@ class Endpoint:
 
     def close(self) -> None:
         self.stopping.set()
+        self.cut.set()
         self.sock.close()
         self.thread.join(5)
         self.wait_idle()
@@ -161,6 +169,34 @@ def _cut_after(conn: socket.socket, limit: int) -> socket.socket:
 
     threading.Thread(target=a_to_b, daemon=True).start()
     threading.Thread(target=b_to_a, daemon=True).start()
+    return near
+
+
+def _cut_when(conn: socket.socket, cut: threading.Event) -> socket.socket:
+    """A relay between A's connection and B that cuts both ways once ``cut`` is set."""
+    near, far = socket.socketpair()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or cut.is_set():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def watch() -> None:
+        cut.wait()
+        for s in (conn, far):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    threading.Thread(target=pump, args=(conn, far), daemon=True).start()
+    threading.Thread(target=pump, args=(far, conn), daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
     return near
 
 
@@ -246,3 +282,86 @@ def pair(tmp_path: Path) -> Pair:
 def phases(services: Any, mid: str) -> list[str]:
     """The journal phases of migration ``mid`` at one side, in order."""
     return [ph for ph, _ in services.journal.get(mid).history]
+
+
+# ---- the seam: what QEMU does and the test driver cannot ---------------------------------------------
+class QemuLike:
+    """The three hypervisor operations a cold move needs that libvirt's test driver lacks, done
+    as QEMU's driver does them, on the test driver; everything else stays real.
+
+    - ``save_domain(..., paused=True)``: the test driver refuses the flag; it saves without it
+      and the image is framed as libvirt's QEMU driver writes it (``LibvirtQemudPart`` at
+      offset 0 while writing, rewritten to ``LibvirtQemudSave`` as the last write), which A's
+      growing memory stream follows.
+    - ``save_image_xml``: reads the test driver's image inside that frame (B's check of the
+      image's UUID, ``check_save_image``, stays real).
+    - ``restore_domain(..., xml=..., paused=True)``: the test driver cannot restore with an XML
+      or paused; B's copy is created paused from that XML (B's own mapping) under another name
+      and UUID (``<name>-b``), since both sides share the one test hypervisor. Without an XML
+      (A restarting its guest from its save image) the image is restored, then paused if asked.
+
+    ``fail_save``: A's save fails; ``fail_restore``: B's restore fails (rollback branches).
+    """
+
+    def __init__(self, monkeypatch: Any) -> None:
+        from migsec.virt import ops
+
+        self._real_save, self._real_restore, self._real_xml = virt.save_domain, virt.restore_domain, ops.save_image_xml
+        self.fail_save = self.fail_restore = False
+        self.restored: list[str] = []
+        monkeypatch.setattr(virt, "save_domain", self.save_domain)
+        monkeypatch.setattr(virt, "restore_domain", self.restore_domain)
+        monkeypatch.setattr(ops, "save_image_xml", self.save_image_xml)
+
+    def save_domain(self, conn: Any, name: str, path: str, *, bypass_cache: bool = False,
+                    paused: bool | None = None) -> None:
+        from migsec.daemon.dataplane import SAVE_MAGIC, SAVE_MAGIC_PARTIAL
+        from migsec.errors import VirtError
+
+        if self.fail_save:
+            raise VirtError(f"save of {name} failed (test seam)")
+        plain = Path(path + ".test")
+        self._real_save(conn, name, str(plain))
+        with open(path, "wb") as out:
+            out.write(SAVE_MAGIC_PARTIAL + plain.read_bytes())
+            out.flush()
+            out.seek(0)
+            out.write(SAVE_MAGIC)  # libvirt's last write
+        plain.unlink()
+
+    def _inner(self, path: str) -> str:
+        from migsec.daemon.dataplane import SAVE_MAGIC
+
+        data = Path(path).read_bytes()
+        if not data.startswith(SAVE_MAGIC):
+            return path
+        inner = Path(path + ".inner")
+        inner.write_bytes(data[len(SAVE_MAGIC):])
+        return str(inner)
+
+    def save_image_xml(self, conn: Any, path: str) -> str:
+        return self._real_xml(conn, self._inner(path))
+
+    def restore_domain(self, conn: Any, path: str, *, xml: str | None = None, paused: bool | None = None,
+                       bypass_cache: bool = False) -> str:
+        import uuid as _uuid
+        import xml.etree.ElementTree as ET
+
+        from migsec.errors import VirtError
+
+        if xml is None:
+            name = self._real_restore(conn, self._inner(path))
+            if paused:
+                virt.suspend_domain(conn, name)
+            return name
+        if self.fail_restore:
+            raise VirtError("restore failed (test seam)")
+        root = ET.fromstring(xml)
+        name = f"{root.findtext('name')}-b"
+        root.find("name").text = name  # type: ignore[union-attr]
+        root.find("uuid").text = str(_uuid.uuid4())  # type: ignore[union-attr]
+        conn.raw.createXML(ET.tostring(root, encoding="unicode"), 0)  # the test driver has no START_PAUSED
+        if paused:
+            virt.suspend_domain(conn, name)
+        self.restored.append(name)
+        return name

@@ -4,8 +4,8 @@ A's side is migsec's own code (``link.connect``, the record layer and ``dataplan
 streams built here from a test-driver save image, so B runs exactly what it runs in migsecd:
 handshake, receive into staging, integrity, the save image's check, the restore. The test
 driver refuses libvirt's paused-restore flag, so B's restore always fails: B must then discard
-everything and tell A; the branches after the receipt are in test_recovery.py
-(``apply_decision``).
+everything and tell A; the branches after the receipt are in test_commit_flow.py (the seam
+that restores paused) and test_recovery.py (A's decision brought by recovery).
 """
 from __future__ import annotations
 

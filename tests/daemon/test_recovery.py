@@ -3,7 +3,8 @@
 Each test writes the journals a crash would leave (through ``jobs.record``, the writer the
 orchestrators use), puts the guests in the matching state in libvirt's test driver, runs
 ``recover_one`` on one side and lets the other side answer with migsecd's own code (its peer
-endpoint: ``answer_recovery``). Asserted: the journal phases on both sides, the guests' states,
+endpoint: ``answer_recovery``). Recovery rebuilds each side's commit machine from that journal;
+the in-session branches that leave work for recovery are in test_commit_flow.py. Asserted: the journal phases on both sides, the guests' states,
 the staged files, the given-away mark and the ledger. The two sides share one test driver, so
 A's guest is ``vm1`` and B's restored copy of it ``vm1b``.
 """
@@ -85,6 +86,8 @@ def test_source_before_committed_rolls_back_and_b_discards(p, a_phase):
     assert p.b.journal.get(c.mid).phase == "discarded"
     assert p.state("vm1b") == "shutoff" and not c.staging.exists()  # B's paused copy destroyed
     assert "decision" in kinds(p.a, c.mid) and "decision" in kinds(p.b, c.mid)
+    # B applied the one abort A's machine made and journaled
+    assert p.b.journal.get(c.mid).data["decision"] == p.a.journal.get(c.mid).data["abort_decision"]
 
 
 def test_source_before_committed_with_b_unreachable_still_rolls_back(p):
@@ -142,6 +145,18 @@ def test_a_commit_b_cannot_accept_changes_nothing_at_b(p, bad):
     assert p.state("vm1b") == "paused"  # never resumed on a decision B could not accept
 
 
+def test_source_committed_without_a_decision_token_releases_and_never_rolls_back(p):
+    # a live move libvirt committed whose exchange then failed journals "committed" (how=libvirt)
+    # without a signed decision: it is still committed, so recovery releases and never resumes A
+    c = Crash(p, a_phase="receipt-received", b_phase="restored-paused", a_state="shutoff")
+    record(p.a, c.mid, "source", "committed", how="libvirt", problem="the link broke")
+    outcome = recover_one(p.a, p.a.journal.get(c.mid))
+    p.endpoint.wait_idle()
+    assert outcome == f"committed: vm1 released here; {B_DID} has not confirmed yet (run recover again)"
+    assert phases(p.a, c.mid)[-2:] == ["committed", "released"] and p.state("vm1") == "shutoff"
+    assert p.b.journal.get(c.mid).phase == "restored-paused" and p.state("vm1b") == "paused"
+
+
 def test_source_before_committed_whose_saved_guest_cannot_be_restored_reports_it(p):
     # before the decision, a guest already saved (shut off) is restored from its save image; the
     # test driver refuses the running/paused restore flag: recovery fails, saying so, and keeps
@@ -190,6 +205,7 @@ def test_destination_undecided_asks_a_which_rolls_back_then_aborts(p, a_phase, b
     assert p.state("vm1b") in ("shutoff", "absent") and not c.staging.exists()
     # A answered only after finishing its own side: presumed abort, the guest runs at A again
     assert phases(p.a, c.mid)[-2:] == ["aborted", "rolled-back"] and p.state("vm1") == "running"
+    assert p.b.journal.get(c.mid).data["decision"] == p.a.journal.get(c.mid).data["abort_decision"]
 
 
 def test_destination_undecided_with_a_unreachable_stays_paused(p):

@@ -3,8 +3,8 @@
 Every test runs A's real orchestrator against B's real peer endpoint (``orchestration.pair``)
 and asserts on what is left: A's journal phases, the guest's state in the test driver, A's
 staging directory and the ledger. The test driver refuses libvirt's paused-save flag, so A's
-memory save always fails there: the flow never reaches B's receipt (see test_recovery.py and
-test_destination_flow.py for the branches after it).
+memory save always fails there: the flow never reaches B's receipt (test_commit_flow.py does,
+through a seam for the paused save and restore; test_recovery.py has recovery's branches).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from migsec.protocol.errors import peer_error_text
 class Session:
     def __init__(self, name: str) -> None:
         self.name, self.bytes_on_wire, self.closed = name, 0, False
+        self.keys = SimpleNamespace(transcript_hash=name.encode())  # each session its own
 
     def close(self) -> None:
         self.closed = True
@@ -27,6 +28,7 @@ def outgoing(tmp_path) -> OutgoingMigration:
         config=SimpleNamespace(paths=SimpleNamespace(staging_dir=str(tmp_path)),
                                limits=SimpleNamespace(bandwidth_mib_s=0)),
         peers=SimpleNamespace(get=lambda did: SimpleNamespace(did=did, address="127.0.0.1:1")),
+        did="cloud-a.example", identity=SimpleNamespace(key=None), clock=None,  # the commit machine's
     )
     request = SimpleNamespace(vm="vm1", options={}, mode="cold")
     grant = SimpleNamespace(request=request, migration_id="m-resume-1", destination_did="cloud-b.example",
@@ -80,6 +82,8 @@ def test_a_cut_connection_resumes_on_a_new_one(wired, fault):
     assert wired.connects == [{"migration_id": "m-resume-1", "resume_of": "m-resume-1"}]
     assert session.name == "resumed-1" and wired.sessions[0].closed and result.logical_bytes == 2
     assert [p for p, _ in wired.job.journaled] == ["streaming", "streaming"]
+    # B's receipt must now name the resumed session, not the first one
+    assert wired.job.commit.transcript_hash == b"resumed-1"
 
 
 @pytest.mark.parametrize("fault", [

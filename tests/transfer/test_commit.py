@@ -15,9 +15,12 @@ from migsec.protocol import NEED_DATA, Ack, Control, Decision, Resumed, token_ha
 from migsec.transfer import Expected, Manifest, ManifestEntry, StreamSource, receive_streams, send_streams
 from migsec.transfer.commit import (
     AWAIT_RESUMED,
+    COMMITTED,
     DISCARDED,
     DONE,
+    FINISHED,
     IN_DOUBT,
+    RELEASED,
     ROLLED_BACK,
     RUNNING,
     DestinationCommit,
@@ -27,6 +30,7 @@ from migsec.transfer.commit import (
 from transfer_helpers import A_DID, B_DID, MiB, Relay, Run, layers, make_sparse
 
 MID = "mig-commit-1"
+TH = os.urandom(32)  # the transcript hash of the session both machines' messages travel on
 
 
 class Host:
@@ -61,11 +65,11 @@ def manifest(xml_digest: str = "ab" * 32) -> tuple[Manifest, bytes]:
     return m, m.to_json()
 
 
-def machines(domains, a_host: Host, b_host: Host, *, b_key=None):
+def machines(domains, a_host: Host, b_host: Host, *, b_key=None, b_transcript_hash=TH):
     a = SourceCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
                      peer_key=domains.b.public_key, journal=a_host.journal,
-                     resume_vm=a_host.action("resume"), release_vm=a_host.action("release"))
-    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=os.urandom(32),
+                     resume_vm=a_host.action("resume"), release_vm=a_host.action("release"), transcript_hash=TH)
+    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=b_transcript_hash,
                           key=b_key or domains.b.key, peer_key=domains.a.public_key, journal=b_host.journal,
                           restore_paused=b_host.action("restore"), resume_vm=b_host.action("resume"),
                           discard=b_host.action("discard"))
@@ -133,6 +137,39 @@ def test_receipt_signed_by_another_key_aborts(domains):
     with pytest.raises(TicketError):
         a.receipt_received(b.restore())
     assert a.state == ROLLED_BACK and ha.count("resume") == 1
+
+
+def test_a_receipt_for_another_session_aborts_once_and_b_discards(domains):
+    # B's genuine receipt for the same streams, but bound to another session's transcript
+    # (a replayed or relayed receipt): A refuses it as it refuses one for other digests
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb, b_transcript_hash=os.urandom(32))
+    with pytest.raises(TicketError, match="another session"):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and not a.committed and a.decision_token is None
+    assert ha.count("resume") == 1 and "journal:receipt-received" not in ha.log
+    abort = a.fail("the caller's rollback")
+    assert abort == a.abort_token and ha.count("resume") == 1
+    assert b.decision_received(abort) is None and b.state == DISCARDED
+
+
+def test_a_without_the_session_s_transcript_hash_accepts_no_receipt(domains):
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb)
+    a.transcript_hash = None
+    with pytest.raises(TicketError, match="no transcript hash"):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and not a.committed
+    # handshaken gives it, and a resumed session's streaming replaces it: the last one counts
+    ha2, hb2 = Host(), Host()
+    a2, b2 = machines(domains, ha2, hb2)
+    a2.transcript_hash = None
+    a2.handshaken(transcript_hash=os.urandom(32), mode="cold")
+    a2.streaming(attempt=1, transcript_hash=TH)
+    m, raw = manifest()
+    a2.streams_sent(m, raw)
+    b2.streams_verified(m, raw)
+    assert a2.receipt_received(b2.restore()) and a2.committed
 
 
 def test_commit_not_durable_means_abort(domains):
@@ -231,7 +268,8 @@ def test_data_plane_then_commit_on_the_same_session(tmp_path, domains, keys):
     def source():
         a = SourceCommit(migration_id=mid, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
                          peer_key=domains.b.public_key, journal=ha.journal,
-                         resume_vm=ha.action("resume"), release_vm=ha.action("release"))
+                         resume_vm=ha.action("resume"), release_vm=ha.action("release"),
+                         transcript_hash=keys.transcript_hash)
         sent = send_streams(src_sock, la, [StreamSource(1, "disk0", "disk", path=image)], timeout=30)
         a.streams_sent(sent.manifest, sent.manifest_json)
         msg = recv_control(src_sock, la)
@@ -262,3 +300,248 @@ def test_data_plane_then_commit_on_the_same_session(tmp_path, domains, keys):
     assert side_b.value() == RUNNING
     assert (ha.count("resume"), ha.count("release"), hb.count("resume")) == (0, 1, 1)
     assert open(tmp_path / "out.img", "rb").read() == open(image, "rb").read()
+
+
+# --- one decision per migration, and the machines rebuilt from a journal --------------------------
+class Entry:
+    """A journal entry as ``migsec.daemon.journal`` returns it (what ``from_journal`` reads)."""
+
+    def __init__(self, history, **data) -> None:
+        self.migration_id, self.phase, self.data = MID, history[-1], data
+        self.history = tuple((ph, float(i)) for i, ph in enumerate(history))
+
+
+class Recorder(Host):
+    """A Host that keeps each journal write's fields, so the journal can be rebuilt from it."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        super().__init__(fail_on)
+        self.writes: list[tuple[str, dict]] = []
+
+    def journal(self, phase: str, **fields) -> None:
+        super().journal(phase, **fields)
+        self.writes.append((phase, fields))
+
+    def entry(self, **data) -> Entry:
+        merged: dict = dict(data)
+        history: list[str] = []
+        for phase, fields in self.writes:
+            merged.update(fields)
+            if not history or history[-1] != phase:
+                history.append(phase)
+        return Entry(history, **merged)
+
+
+def source_from(domains, entry, host: Host, *, peer=True):
+    return SourceCommit.from_journal(entry, src_did=A_DID, key=domains.a.key,
+                                     peer_key=domains.b.public_key if peer else None, journal=host.journal,
+                                     resume_vm=host.action("resume"), release_vm=host.action("release"))
+
+
+def destination_from(domains, entry, host: Host, *, peer=True):
+    return DestinationCommit.from_journal(entry, dest_did=B_DID, key=domains.b.key,
+                                          peer_key=domains.a.public_key if peer else None, journal=host.journal,
+                                          restore_paused=host.action("restore"), resume_vm=host.action("resume"),
+                                          discard=host.action("discard"), cleanup=host.action("cleanup"))
+
+
+def test_every_later_failure_returns_the_one_abort_decision(domains):
+    ha, hb = Recorder(), Host()
+    a, b = streamed(domains, ha, hb)
+    b.restore()
+    first = a.fail("link broke")
+    assert a.fail("and again") == first and ha.count("resume") == 1  # no second resume, no second abort
+    assert ("aborted", {"reason": "link broke", "abort_decision": first}) in ha.writes
+    assert Decision.verify(first, domains.a.public_key, migration_id=MID).decision == "abort"
+    # rebuilt from its journal (recovery, or B asking), A answers the same decision again
+    again = source_from(domains, ha.entry(peer=B_DID), Host())
+    assert again.state == ROLLED_BACK and again.fail("asked by B") == first
+
+
+def test_a_refused_receipt_aborts_once_and_the_caller_gets_that_abort(domains):
+    ha, hb = Host(), Host()
+    a, b = streamed(domains, ha, hb, b_key=domains.a.key)
+    with pytest.raises(TicketError):
+        a.receipt_received(b.restore())
+    abort = a.fail("the caller's rollback")
+    assert abort == a.abort_token and ha.count("resume") == 1 and ha.log.count("journal:aborted") == 1
+    assert b.decision_received(abort) is None and b.state == DISCARDED
+
+
+def test_no_receipt_is_accepted_before_the_handshake_gave_the_peer_key(domains):
+    ha = Host()
+    a = SourceCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, key=domains.a.key, peer_key=None,
+                     journal=ha.journal, resume_vm=ha.action("resume"), release_vm=ha.action("release"))
+    _, hb = Host(), Host()
+    _, b = machines(domains, Host(), hb)
+    m, raw = manifest()
+    a.authorized(domain="vm1", peer=B_DID)
+    a.streams_sent(m, raw)
+    b.streams_verified(m, raw)
+    with pytest.raises(TicketError, match="no key"):
+        a.receipt_received(b.restore())
+    assert a.state == ROLLED_BACK and not a.committed
+    # given by handshaken, the key makes the same exchange commit
+    ha2, hb2 = Host(), Host()
+    a2, b2 = machines(domains, ha2, hb2)
+    a2.peer_key = None
+    a2.handshaken(domains.b.public_key, mode="cold")
+    a2.streams_sent(m, raw)
+    b2.streams_verified(m, raw)
+    assert a2.receipt_received(b2.restore()) and a2.committed
+    assert ha2.log[:2] == ["journal:handshaken", "journal:streamed"]
+
+
+def test_progress_events_are_journaled_only_before_the_streams_are_sent(domains):
+    ha = Host()
+    a, _ = machines(domains, ha, Host())
+    a.authorized(domain="vm1")
+    a.handshaken(mode="cold")
+    a.suspended(was_paused=False)
+    a.streaming(attempt=0)
+    a.streaming(attempt=1)
+    m, raw = manifest()
+    a.streams_sent(m, raw)
+    a.saved(memory_sha256="ab" * 32)
+    with pytest.raises(UnexpectedMessageError):
+        a.suspended(was_paused=False)
+    assert ha.log == ["journal:authorized", "journal:handshaken", "journal:suspended", "journal:streaming",
+                      "journal:streaming", "journal:streamed", "journal:saved"]
+
+
+def test_recovery_releases_first_then_b_s_resumed_finishes_without_a_second_release(domains):
+    ha, hb = Recorder(), Host()
+    a, b = streamed(domains, ha, hb)
+    decision = a.receipt_received(b.restore())
+    # crash: A restarts from its journal ("committed"), releases, then hears B's Resumed
+    ra = source_from(domains, ha.entry(peer=B_DID), ha, peer=False)
+    assert ra.state == AWAIT_RESUMED and ra.committed and ra.decision_token == decision
+    assert ra.fail("recovering") == decision and ha.count("resume") == 0  # A never resumes now
+    ra.release()
+    assert ra.state == RELEASED and ha.count("release") == 1
+    resumed = b.decision_received(decision)
+    with pytest.raises(TicketError, match="no key"):  # the recovery session gives the key
+        ra.resumed_received(resumed)
+    ra.peer_key = domains.b.public_key
+    ra.resumed_received(resumed)
+    assert ra.state == DONE and ha.count("release") == 1 and ha.log[-1] == "journal:done"
+
+
+@pytest.mark.parametrize("history, state", [
+    (["requested", "authorized", "handshaken"], "AWAIT_STREAMS"),
+    (["requested", "authorized", "handshaken", "suspended", "streaming", "aborted"], "AWAIT_STREAMS"),
+    (["requested", "suspended", "streaming", "streamed"], "AWAIT_RECEIPT"),
+    (["requested", "streamed", "saved", "receipt-received"], "AWAIT_RECEIPT"),
+    (["requested", "streamed", "receipt-received", "committed"], "AWAIT_RESUMED"),
+    (["requested", "committed", "released"], "RELEASED"),
+    (["requested", "committed", "released", "done"], "DONE"),
+    (["requested", "aborted", "rolled-back"], "ROLLED_BACK"),
+])
+def test_the_source_machine_is_rebuilt_in_the_state_its_journal_says(domains, history, state):
+    a = source_from(domains, Entry(history, peer=B_DID, decision="d", abort_decision="x"), Host())
+    assert a.state == state and a.dest_did == B_DID
+    assert a.committed is ("committed" in history)
+    assert a.decision_token == ("d" if "committed" in history else None)
+
+
+def test_a_source_undecided_after_a_crash_aborts_once_and_never_commits(domains):
+    ha = Host()
+    a = source_from(domains, Entry(["requested", "streamed", "receipt-received"], peer=B_DID), ha)
+    abort = a.fail("recovered after a crash")
+    assert a.state == ROLLED_BACK and ha.log == ["journal:aborted", "resume", "journal:rolled-back"]
+    assert Decision.verify(abort, domains.a.public_key, migration_id=MID).decision == "abort"
+    with pytest.raises(UnexpectedMessageError):
+        a.receipt_received("any")  # no receipt is even looked at after the abort
+
+
+@pytest.mark.parametrize("history, state", [
+    (["accepted", "receiving"], "RECEIVING"),
+    (["accepted", "receiving", "received"], "RECEIVED"),
+    (["accepted", "receiving", "received", "restored-paused"], "IN_DOUBT"),
+    (["accepted", "received", "restored-paused", "commit-received"], "COMMITTED"),
+    (["accepted", "restored-paused", "commit-received", "resumed"], "RUNNING"),
+    (["accepted", "commit-received", "resumed", "done"], "FINISHED"),
+    (["accepted", "receiving", "discarded"], "DISCARDED"),
+])
+def test_the_destination_machine_is_rebuilt_in_the_state_its_journal_says(domains, history, state):
+    b = destination_from(domains, Entry(history, peer=A_DID, receipt="r", decision="d"), Host())
+    assert b.state == state and b.src_did == A_DID
+    assert b.decision_token == ("d" if "commit-received" in history else None)
+
+
+def test_b_in_doubt_after_a_crash_applies_a_s_commit_exactly_once(domains):
+    ha, hb = Host(), Recorder()
+    a, b = streamed(domains, ha, hb)
+    decision = a.receipt_received(b.restore())
+    # B crashed after its receipt: rebuilt from its journal, A's decision arrives (recovery)
+    hb2 = Recorder()
+    rb = destination_from(domains, hb.entry(peer=A_DID), hb2)
+    assert rb.state == IN_DOUBT
+    resumed = rb.decision_received(decision)
+    assert rb.state == RUNNING and hb2.log == ["journal:commit-received", "resume", "journal:resumed"]
+    # A sends it again (its Resumed was lost): the same Resumed, no new journal, still resumed
+    assert rb.decision_received(decision) == resumed and hb2.log.count("journal:resumed") == 1
+    rb.finish()
+    assert rb.state == FINISHED and hb2.log[-2:] == ["cleanup", "journal:done"]
+    assert rb.decision_received(decision) == resumed  # even after it finished
+    a.resumed_received(resumed)
+    assert a.state == DONE
+
+
+def test_b_committed_before_a_crash_resumes_from_its_journal_without_asking(domains):
+    ha, hb = Host(), Recorder(fail_on="resume")
+    a, b = streamed(domains, ha, hb)
+    decision = a.receipt_received(b.restore())
+    with pytest.raises(VirtError):
+        b.decision_received(decision)  # commit-received journaled, then resuming failed
+    assert b.state == COMMITTED
+    b.fail("resume failed")
+    assert b.state == COMMITTED and hb.count("discard") == 0  # a failure never undoes a commit here
+    forged_abort = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="abort",
+                            issued_at=datetime.now(timezone.utc), reason="aborted: x").sign(domains.a.key)
+    with pytest.raises(UnexpectedMessageError):
+        b.decision_received(forged_abort)  # A never aborts after its commit; an abort then is refused
+    assert hb.count("discard") == 0
+    hb2 = Host()
+    rb = destination_from(domains, hb.entry(peer=A_DID), hb2, peer=False)  # no session, no peer key
+    assert rb.state == COMMITTED
+    resumed = rb.resume()
+    assert rb.state == RUNNING and hb2.log == ["resume", "journal:resumed"]
+    a.resumed_received(resumed)  # the Resumed signed in recovery answers A's decision
+
+
+@pytest.mark.parametrize("history", [["accepted", "receiving"], ["accepted", "receiving", "received"],
+                                     ["accepted", "receiving", "received", "restored-paused"]])
+def test_a_s_abort_discards_b_at_any_point_before_the_commit_and_only_once(domains, history):
+    ha = Host()
+    a, _ = machines(domains, ha, Host())
+    abort = a.fail("crash")
+    hb = Host()
+    rb = destination_from(domains, Entry(history, peer=A_DID), hb)
+    assert rb.decision_received(abort) is None and rb.state == DISCARDED
+    assert rb.decision_received(abort) is None and hb.log == ["discard", "journal:discarded"]
+    commit = signed_decision(domains.a.key, os.urandom(32))
+    with pytest.raises(UnexpectedMessageError):
+        rb.decision_received(commit)  # nothing commits what was discarded
+
+
+def test_b_refuses_a_decision_without_a_key_to_verify_it(domains):
+    hb = Host()
+    rb = destination_from(domains, Entry(["accepted", "restored-paused"], peer=A_DID, receipt="r"), hb,
+                          peer=False)
+    with pytest.raises(TicketError, match="no key"):
+        rb.decision_received(signed_decision(domains.a.key, token_hash("r")))
+    assert rb.state == IN_DOUBT and hb.log == []
+
+
+def test_b_journals_received_once_and_the_restored_name_with_its_receipt(domains):
+    hb = Recorder()
+    _, b = machines(domains, Host(), hb)
+    b._restore = lambda: {"restored": "vm1-b"}
+    b.accepted(domain="vm1")
+    b.receiving(attempt="migrate")
+    m, raw = manifest()
+    b.streams_verified(m, raw)
+    receipt = b.restore()
+    assert [ph for ph, _ in hb.writes] == ["accepted", "receiving", "received", "restored-paused"]
+    assert hb.writes[-1][1] == {"receipt": receipt, "restored": "vm1-b"}
