@@ -197,8 +197,9 @@ def run_native(lab: Lab, name: str, work: Path, *, tls: bool) -> dict:
 
 
 # ---- the bridge alone, on loopback ---------------------------------------------------------------
-def bridge_loopback(total: int = 1 * GiB) -> dict:
-    """unix -> ChannelBridge(A) -> TCP -> ChannelBridge(B) -> unix, one channel, ``total`` bytes."""
+def _bridge_pair(tmp: Path, target) -> tuple:
+    """Two ChannelBridges over a loopback TCP pair with real session keys; B's targets are
+    unix connections to ``target(kind)`` (a path)."""
     from datetime import datetime, timedelta, timezone
 
     from migsec.crypto import random_bytes
@@ -207,7 +208,6 @@ def bridge_loopback(total: int = 1 * GiB) -> dict:
     from migsec.protocol import (AuthorizationTicket, DestinationHandshake, MigrationRequest, RecordLayer,
                                  ReplayCache, SourceHandshake)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
     ca = CertificateAuthority.create(tmp / "ca", "bench CA")
     ids = {}
     for did in ("cloud-a.example", "cloud-b.example"):
@@ -229,6 +229,24 @@ def bridge_loopback(total: int = 1 * GiB) -> dict:
     server = socket.create_server(("127.0.0.1", 0))
     ta = socket.create_connection(server.getsockname())
     tb, _ = server.accept()
+    server.close()
+
+    def connect(kind: str, ch: int):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(target(kind))
+        return s, None
+
+    a = ChannelBridge(ta, RecordLayer(keys, "source"), role="source", peer_name="B")
+    b = ChannelBridge(tb, RecordLayer(keys, "destination"), role="destination", peer_name="A", connect_target=connect)
+    return a, b
+
+
+def bridge_loopback(total: int = 1 * GiB, write_size: int = 4 * MiB) -> dict:
+    """unix -> ChannelBridge(A) -> TCP -> ChannelBridge(B) -> unix, one channel, ``total`` bytes
+    written ``write_size`` at a time (QEMU's migration stream arrives in ~200 KiB reads)."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sink.bind(str(tmp / "sink"))
     sink.listen(1)
@@ -242,34 +260,78 @@ def bridge_loopback(total: int = 1 * GiB) -> dict:
         c.close()
 
     threading.Thread(target=drain, daemon=True).start()
-
-    def target(kind: str, ch: int):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(tmp / "sink"))
-        return s, None
-
-    a = ChannelBridge(ta, RecordLayer(keys, "source"), role="source", peer_name="B")
-    b = ChannelBridge(tb, RecordLayer(keys, "destination"), role="destination", peer_name="A", connect_target=target)
+    a, b = _bridge_pair(tmp, lambda kind: str(tmp / "sink"))
     a.listen("qemu", str(tmp / "qemu.sock"))
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(str(tmp / "qemu.sock"))
-    block = os.urandom(4 * MiB)
+    block = memoryview(os.urandom(4 * MiB))
     cpu0, t0 = time.process_time(), time.monotonic()
     sent = 0
     while sent < total:
-        c.sendall(block)
-        sent += len(block)
+        c.sendall(block[:write_size])
+        sent += write_size
     c.shutdown(socket.SHUT_WR)
     c.recv(1)
     b.wait_channels_done(600)
     wall = time.monotonic() - t0
     cpu = time.process_time() - cpu0
-    a.close()
+    a.close(clean=True)
     b.close()
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return {"bytes": got[0], "wall_s": wall, "mib_s": got[0] / wall / MiB, "cpu_s": cpu}
+
+
+def bridge_round_trips(n: int = 1000, request: int = 64 * 1024, reply: int = 16, *, depth: int = 1,
+                       nagle_at_b: bool = False) -> dict:
+    """``depth`` requests sent back to back, then their ``depth`` replies awaited, through both
+    bridges (NBD writes in flight and their 16-byte replies, an RPC call and its answer): the
+    latency small messages add at the switchover. ``nagle_at_b`` turns TCP_NODELAY off again on
+    B's session socket (what an accepted socket has by default)."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="br-", dir="/tmp"))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp / "nbd"))
+    server.listen(1)
+
+    def answer() -> None:
+        c, _ = server.accept()
+        buf = bytearray(request)
+        view = memoryview(buf)
+        while True:
+            pos = 0
+            while pos < request:
+                got = c.recv_into(view[pos:])
+                if not got:
+                    c.close()
+                    return
+                pos += got
+            c.sendall(b"r" * reply)
+
+    threading.Thread(target=answer, daemon=True).start()
+    a, b = _bridge_pair(tmp, lambda kind: str(tmp / "nbd"))
+    if nagle_at_b:
+        b.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    a.listen("nbd", str(tmp / "nbd.sock"))
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(tmp / "nbd.sock"))
+    payload = os.urandom(request) * depth
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.sendall(payload)
+        left = reply * depth
+        while left:
+            left -= len(c.recv(left))
+        times.append(time.perf_counter() - t0)
+    c.close()
+    b.wait_channels_done(60)
+    a.close(clean=True)
+    b.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+    times.sort()
+    return {"median_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[int(0.99 * len(times))],
+            "max_ms": 1000 * times[-1]}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -362,7 +424,7 @@ def libvirt_events(lab: Lab, t0: float, t1: float) -> list[tuple[float, str]]:
                     continue
                 what = hit.group(1)
                 if pattern is TIMELINE_PATTERNS[0]:
-                    status = re.search(r'"status": ?"(\w+)"', hit.group(2) or "")
+                    status = re.search(r'"status": ?"([\w-]+)"', hit.group(2) or "")
                     what = f"QEMU event {what}" + (f" {status.group(1)}" if status else "")
                 elif pattern is TIMELINE_PATTERNS[1]:
                     if what == "query-migrate":
@@ -418,11 +480,21 @@ def main() -> None:
     parser.add_argument("--methods", default="migsec,native-plain,native-tls")
     parser.add_argument("--quick", action="store_true", help="a 512 MiB disk with 64 MiB written")
     parser.add_argument("--no-loopback", action="store_true")
+    parser.add_argument("--loopback-only", action="store_true", help="only the bridge on loopback (no lab)")
     args = parser.parse_args()
     if not args.no_loopback:
-        lb = bridge_loopback()
-        log(f"bridge loopback: {lb['bytes'] / MiB:.0f} MiB in {lb['wall_s']:.2f} s = {lb['mib_s']:.0f} MiB/s "
-            f"(both bridges in this process: {lb['cpu_s']:.2f} s CPU, {load()})")
+        for size in (4 * MiB, 208 * 1024):
+            lb = bridge_loopback(write_size=size)
+            log(f"bridge loopback, {size // 1024} KiB writes: {lb['bytes'] / MiB:.0f} MiB in {lb['wall_s']:.2f} s = "
+                f"{lb['mib_s']:.0f} MiB/s (both bridges in this process: {lb['cpu_s']:.2f} s CPU, {load()})")
+        for depth in (1, 8):
+            for nagle in (False, True):
+                rt = bridge_round_trips(depth=depth, nagle_at_b=nagle)
+                log(f"bridge round trips, {depth} x (64 KiB request, 16-byte reply) in flight"
+                    f"{', Nagle on at B' if nagle else ''}: median {rt['median_ms']:.2f} ms, p99 {rt['p99_ms']:.2f} ms, "
+                    f"max {rt['max_ms']:.1f} ms ({load()})")
+        if args.loopback_only:
+            return
     work = Path(tempfile.mkdtemp(prefix="bench-live-"))
     lab = Lab(work / "lab", "bl" + secrets.token_hex(2))
     dep = None

@@ -167,14 +167,18 @@ class _Conn:
     last_sent: float = 0.0
     first_received: float = 0.0
     last_received: float = 0.0
+    records_sent: int = 0  # DATA records each way (bytes / records = the mean read size)
+    records_received: int = 0
 
     def note_sent(self) -> None:
         self.last_sent = time.time()
+        self.records_sent += 1
         if not self.first_sent:
             self.first_sent = self.last_sent
 
     def note_received(self) -> None:
         self.last_received = time.time()
+        self.records_received += 1
         if not self.first_received:
             self.first_received = self.last_received
 
@@ -278,9 +282,10 @@ class ChannelBridge:
         for c in list(self.channels.values()):
             mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
             name = f"{c.kind}.{c.channel}"
-            for t, what in ((c.first_sent, f"{name}.{mine} first sent"), (c.last_sent, f"{name}.{mine} last sent"),
+            for t, what in ((c.first_sent, f"{name}.{mine} first sent"),
+                            (c.last_sent, f"{name}.{mine} last sent ({c.records_sent} records)"),
                             (c.first_received, f"{name}.{theirs} first received"),
-                            (c.last_received, f"{name}.{theirs} last received")):
+                            (c.last_received, f"{name}.{theirs} last received ({c.records_received} records)")):
                 if t:
                     events.append((t, what))
         return sorted(events)
