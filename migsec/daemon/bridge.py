@@ -163,6 +163,24 @@ class _Conn:
     lock: threading.Lock = field(default_factory=threading.Lock)  # offset + hash + filter order
     tx: _Ring | None = None  # unfiltered channels: hashing of what we send, in its own thread
     rx: _Ring | None = None  # ... and hashing + local writing of what we receive
+    first_sent: float = 0.0  # wall-clock times of the first and last DATA each way (the timeline)
+    last_sent: float = 0.0
+    first_received: float = 0.0
+    last_received: float = 0.0
+    records_sent: int = 0  # DATA records each way (bytes / records = the mean read size)
+    records_received: int = 0
+
+    def note_sent(self) -> None:
+        self.last_sent = time.time()
+        self.records_sent += 1
+        if not self.first_sent:
+            self.first_sent = self.last_sent
+
+    def note_received(self) -> None:
+        self.last_received = time.time()
+        self.records_received += 1
+        if not self.first_received:
+            self.first_received = self.last_received
 
     def sent_digest(self) -> bytes:
         return self.tx.digest() if self.tx is not None else self.sent_hash.digest()
@@ -209,9 +227,16 @@ class ChannelBridge:
         self.wire_sent = 0
         self.wire_received = 0
         self._last_send = time.monotonic()
+        self._marks: list[tuple[float, str]] = []  # (wall-clock time, what happened): the timeline
+        self._timeline_logged = False
         # socket buffers stay the kernel's (TCP autotuning): every MiB buffered between the two
         # QEMUs is a MiB the guest waits for after QEMU stopped it (downtime)
         sock.settimeout(None)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # every record goes out as one send(); Nagle would hold a small one (an NBD reply, an
+            # RPC reply's last segment) until the peer ACKs the previous, up to its delayed-ACK
+            # timeout (40 ms) when the peer sends nothing back. B's accepted socket has it on.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._spawn(self._read_session, "migsec-bridge-rx")
         self._spawn(self._keepalive, "migsec-bridge-ka")
 
@@ -243,6 +268,34 @@ class ChannelBridge:
             except OSError:
                 pass
 
+    # ---- the timeline -----------------------------------------------------------------------
+    def mark(self, what: str) -> None:
+        """Note ``what`` happened now (wall clock) in this session's timeline."""
+        self._marks.append((time.time(), what))
+
+    def timeline(self) -> list[tuple[float, str]]:
+        """(wall-clock time, event) of this session so far, in order: the marks (channel opens,
+        ENDs, control messages, RPC procedures on B) and each channel's first and last DATA per
+        direction, named as in ``digests``. Both hosts' clocks agree in the lab, so A's and B's
+        timelines merge into one (bench/bench_live.py --timeline)."""
+        events = list(self._marks)
+        for c in list(self.channels.values()):
+            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
+            name = f"{c.kind}.{c.channel}"
+            for t, what in ((c.first_sent, f"{name}.{mine} first sent"),
+                            (c.last_sent, f"{name}.{mine} last sent ({c.records_sent} records)"),
+                            (c.first_received, f"{name}.{theirs} first received"),
+                            (c.last_received, f"{name}.{theirs} last received ({c.records_received} records)")):
+                if t:
+                    events.append((t, what))
+        return sorted(events)
+
+    def log_timeline(self) -> None:
+        """One log line with the timeline (UTC, ms), for the switchover analysis."""
+        line = "; ".join(f"{time.strftime('%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d} {what}"
+                         for t, what in self.timeline())
+        log.info("timeline (%s) of the session with %s: %s", self.role, self.peer_name, line)
+
     # ---- sending ------------------------------------------------------------------------
     def _send_frame(self, frame: bytes | memoryview) -> None:
         try:
@@ -262,6 +315,7 @@ class ChannelBridge:
             with self._send_lock:
                 n = self.records.seal_data_into(conn.channel, conn.sent, piece, out)
                 self._send_frame(memoryview(out)[:n])
+            conn.note_sent()
             conn.sent += len(piece)
             pos += len(piece)
 
@@ -272,6 +326,7 @@ class ChannelBridge:
             with self._send_lock:
                 self._send_frame(self.records.send_end(conn.channel, conn.sent, conn.sent_digest()))
             conn.out_ended = True
+            self.mark(f"END sent on {conn.kind}.{conn.channel} ({conn.sent} bytes)")
         self._maybe_done(conn)
 
     def send_control(self, message: dict) -> None:
@@ -280,6 +335,8 @@ class ChannelBridge:
             raise BridgeError(f"the session to {self.peer_name} failed: {self.error}")
         with self._send_lock:
             self._send_frame(self.records.send_control(CONTROL_CHANNEL, message))
+        if message.get("t") != "keepalive":
+            self.mark(f"control {message.get('t')} sent")
 
     def _keepalive(self) -> None:
         while not self._closing and self.error is None:
@@ -435,6 +492,7 @@ class ChannelBridge:
                     event = self.records.open_record_into(pview[:length], conn.rx.bufs[slot])
                     assert isinstance(event, Data)
                     conn.received += len(event.data)
+                    conn.note_received()
                     conn.rx.submit(slot, len(event.data))  # hashed and written by the ring's thread
                     continue
                 event = self.records.open_record_into(pview[:length], out)
@@ -446,6 +504,8 @@ class ChannelBridge:
                     if event.channel != CONTROL_CHANNEL:
                         raise UnexpectedMessageError(f"control message on channel {event.channel}")
                     t = event.message.get("t")
+                    if t != "keepalive":
+                        self.mark(f"control {t} received")
                     if t == "open":
                         self._open_target(dict(event.message))
                     elif t != "keepalive":
@@ -509,6 +569,7 @@ class ChannelBridge:
             raise ProtocolError(f"data on channel {channel} after its END")
         conn.received_hash.update(data)
         conn.received += len(data)
+        conn.note_received()
         if conn.filter is None:
             self._write_local(conn, data)
             return
@@ -535,6 +596,7 @@ class ChannelBridge:
                                  f"{event.total_length} bytes with a SHA-256 that differs from the "
                                  f"{conn.received} bytes received here")
         conn.in_ended = True
+        self.mark(f"END received on {conn.kind}.{conn.channel} ({conn.received} bytes)")
         if conn.sock is not None:
             try:
                 conn.sock.shutdown(socket.SHUT_WR)
@@ -624,6 +686,9 @@ class ChannelBridge:
                 if ring is not None:
                     ring.digest()  # what was queued is hashed, so digests() stays complete
                     ring.close()
+        if not self._timeline_logged and self.channels:
+            self._timeline_logged = True
+            self.log_timeline()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -321,16 +321,21 @@ def libvirt_socket(uri: str) -> str:
 class _RpcChannel:
     """B's libvirt RPC proxy on one channel: live-rpc's RpcFilter, its refusals audited."""
 
-    def __init__(self, services: Services, mid: str, policy: Any, state: dict) -> None:
+    def __init__(self, services: Services, mid: str, policy: Any, state: dict,
+                 mark: Any = None) -> None:
         from migsec.protocol.libvirt_rpc import RpcFilter
 
         self.services, self.mid, self.state = services, mid, state
         self.filter = RpcFilter(policy)
+        self.mark = mark  # the bridge's timeline (ChannelBridge.mark), or None
 
     def _events(self, events: list) -> None:
         from migsec.protocol import libvirt_rpc as rpc
 
         for event in events:
+            procedure = getattr(event, "procedure", "")
+            if self.mark is not None and not procedure.startswith("KEEPALIVE"):
+                self.mark(f"rpc {type(event).__name__} {procedure}".rstrip())
             if isinstance(event, rpc.Refused):
                 log.warning("migration %s: refused libvirt RPC %s (serial %s): %s", self.mid,
                             event.procedure, event.serial, event.reason)
@@ -402,7 +407,7 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
                 raise TransferError("a second libvirt connection in one migration")
             opened.add(kind)
             if kind == "libvirt":
-                return _connect_unix(libvirtd, 5), _RpcChannel(services, mid, policy, state)
+                return _connect_unix(libvirtd, 5), _RpcChannel(services, mid, policy, state, bridge.mark)
             return _connect_unix(paths[kind], TARGET_WAIT_S), None
 
         bridge = ChannelBridge(conn, records, role="destination", peer_name=accepted.src_did,

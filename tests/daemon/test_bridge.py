@@ -170,3 +170,57 @@ def test_the_source_never_accepts_an_open_and_unknown_kinds_are_refused(domains,
         a.recv_control(10)
     a.close()
     b.close()
+
+
+def test_both_ends_of_the_session_send_small_records_at_once(domains, short_dir):
+    # B's socket comes from accept() with Nagle on; a 16-byte NBD reply or the last segment of
+    # an RPC reply would wait for the peer's (delayed) ACK
+    keys = handshake(domains)
+    ra, rb = layers(keys)
+    sa, sb = tcp_pair()
+    sb.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    a = ChannelBridge(sa, ra, role="source", peer_name="B")
+    b = ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None))
+    assert sa.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert sb.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    a.close()
+    b.close()
+
+
+def _at(names: list[str], prefix: str) -> int:
+    hits = [i for i, name in enumerate(names) if name.startswith(prefix)]
+    assert len(hits) == 1, (prefix, names)
+    return hits[0]
+
+
+def test_the_timeline_names_each_channel_end_and_control_message_in_order(domains, short_dir):
+    a, b, targets = pair(domains, short_dir)
+    target = Target(short_dir / "t-qemu", lambda d: b"ok")
+    targets["qemu"] = target.path
+    a.listen("qemu", str(short_dir / "qemu.sock"))
+    payload = os.urandom(3 * 1024 * 1024)
+    assert client_exchange(str(short_dir / "qemu.sock"), payload) == b"ok"
+    a.wait_channels_done(10)
+    b.wait_channels_done(10)
+    a.send_control({"t": "channels-done"})
+    assert b.recv_control(5) == {"t": "channels-done"}
+    for bridge, mine, theirs in ((a, "a2b", "b2a"), (b, "b2a", "a2b")):
+        events = bridge.timeline()
+        times = [t for t, _ in events]
+        assert times == sorted(times)
+        names = [what for _, what in events]
+        assert _at(names, f"qemu.1.{mine} first sent") <= _at(names, f"qemu.1.{mine} last sent")
+        assert _at(names, f"qemu.1.{theirs} first received") <= _at(names, f"qemu.1.{theirs} last received")
+    a_names = [what for _, what in a.timeline()]
+    b_names = [what for _, what in b.timeline()]
+    # at least 3 DATA records of at most 1 MiB carried the 3 MiB; the 2-byte answer took one
+    records = int(a_names[_at(a_names, "qemu.1.a2b last sent")].split("(")[1].split()[0])
+    assert records >= 3
+    assert b_names[_at(b_names, "qemu.1.a2b last received")].endswith(f"({records} records)")
+    assert b_names[_at(b_names, "qemu.1.b2a last sent")].endswith("(1 records)")
+    end = "END sent on qemu.1 (%d bytes)" % len(payload)
+    assert _at(a_names, "qemu.1.a2b last sent") < _at(a_names, end)
+    assert _at(b_names, "qemu.1.a2b last received") < _at(b_names, "END received on qemu.1 (%d bytes)" % len(payload))
+    assert "control channels-done sent" in a_names and "control channels-done received" in b_names
+    a.close()
+    b.close()
