@@ -22,6 +22,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import time
 import tty
 from pathlib import Path
@@ -322,11 +323,17 @@ class Lab:
                 continue
             pid_file = h.dir / "run" / f"{daemon}.pid"
             pid_file.unlink(missing_ok=True)  # left by a crash; must not be mistaken for the new one
+            started = h.dir / "run" / f"{daemon}.started"
+            started.unlink(missing_ok=True)
+            # under a prompt reaper of its orphans (QEMU), as a real host's init is: migsec.lab.reaper
             with open(h.dir / "log" / f"{daemon}.out", "ab") as out:
-                proc = subprocess.run(h.nsenter() + [daemon, *args], stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=out, check=False, timeout=timeout)
-            if proc.returncode != 0:
-                raise LabError(f"host {h.name}: {daemon} failed to start (exit {proc.returncode}); "
+                subprocess.run([sys.executable, "-m", "migsec.lab.reaper", str(started), "--",
+                                *h.nsenter(), daemon, *args], stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=out, check=True, timeout=timeout)
+            status = ns.wait_for(lambda: started.read_text().split() if started.exists() else None, timeout,
+                                 f"host {h.name}: {daemon} did not start (no {started})")
+            if status[0] != "0":
+                raise LabError(f"host {h.name}: {daemon} failed to start (exit {status[0]}); "
                                f"see {h.dir / 'log'}")
             pid = ns.wait_for(lambda: ns.read_pid(pid_file), 10,
                               f"host {h.name}: {daemon} wrote no pid file")
