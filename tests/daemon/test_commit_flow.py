@@ -255,6 +255,57 @@ def test_a_link_cut_after_b_restored_leaves_b_in_doubt_until_a_answers_its_abort
     assert p.a.journal.get(mid).phase == "rolled-back"  # A's side was finished already
 
 
+def test_b_crashing_between_its_restore_and_journaling_it_leaves_a_copy_recovery_finds(p, qemu, monkeypatch):
+    # B's migsecd dies right after libvirt restored the guest paused, before "restored-paused"
+    # (its name, receipt) is durable: the journal says only "received", with the name B was
+    # about to restore under, and recovery's abort must destroy the paused copy found under it
+    from migsec.daemon.destination import IncomingMigration
+
+    p.guest("vm1")
+    real_journal = IncomingMigration.journal
+
+    def crash_at_restored_paused(self, phase, **fields):
+        if phase == "restored-paused":
+            raise RuntimeError("B's migsecd killed (test)")  # no handler of migsecd's catches it
+        real_journal(self, phase, **fields)
+
+    monkeypatch.setattr(IncomingMigration, "journal", crash_at_restored_paused)
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    with pytest.raises(MigrationFailed, match="rolled back"):
+        run(p, grant)
+    assert phases(p.a, mid)[-2:] == ["aborted", "rolled-back"] and p.state("vm1") == "running"
+    entry = p.b.journal.get(mid)
+    assert phases(p.b, mid) == ["accepted", "receiving", "received"] and "restored" not in entry.data
+    assert entry.data["restoring"] == "vm1-b" == qemu.restored[0] and p.state("vm1-b") == "paused"
+    # B restarts (a fresh IncomingMigration, nothing in memory): its recovery asks A
+    monkeypatch.setattr(IncomingMigration, "journal", real_journal)
+    listener = Endpoint(p.a, p.a.listen[1])
+    try:
+        outcome = recover_one(p.b, p.b.journal.get(mid))
+    finally:
+        listener.close()
+    assert outcome == f"aborted by {A_DID}: partial files and any paused copy removed here"
+    assert phases(p.b, mid) == ["accepted", "receiving", "received", "discarded"]
+    assert p.state("vm1-b") == "absent" and p.state("vm1") == "running"
+    assert p.b.journal.get(mid).data["decision"] == p.a.journal.get(mid).data["abort_decision"]
+    assert not (p.root / "b/state/staging" / f"in-{mid}").exists()
+
+
+def test_b_refuses_to_restore_under_the_name_of_a_guest_active_here(p, qemu):
+    # a guest of that name already runs at B: B refuses before it journals the name or restores,
+    # so that discarding this migration can never destroy that other guest
+    p.guest("vm1")
+    p.guest("vm1-b", disk_bytes=4096)  # B's own guest, under the name B would restore vm1 as
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    with pytest.raises(MigrationFailed, match="rolled back"):
+        run(p, grant)
+    assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
+    assert "restoring" not in p.b.journal.get(mid).data and qemu.restored == []
+    assert p.state("vm1-b") == "running" and p.state("vm1") == "running"
+
+
 def test_a_save_that_fails_after_its_image_was_streamed_never_commits(p, qemu, monkeypatch):
     # libvirt can report a failed save after the image's final magic (QEMU stopping): A must
     # not commit to an image libvirt did not vouch for, even with B's receipt in hand
