@@ -200,9 +200,9 @@ class IncomingMigration:
         """A's decision came inside the data session: audited and fed to the machine like any
         other (an abort discards and is journaled with its token); one that does not verify,
         or a commit (nothing was receipted), fails the machine, which discards all the same."""
-        self.services.audit("decision", self.mid, role="destination", peer_token=token,
-                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
         try:
+            self.services.audit("decision", self.mid, role="destination", peer_token=token,
+                                peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
             commit.decision_received(token)
         except MigsecError as exc:
             log.error("migration %s: refused the decision %s sent while receiving: %s", self.mid,

@@ -186,6 +186,32 @@ def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, 
     assert not (p.root / "b/state/staging" / f"in-{mid}").exists() and qemu.restored == []
 
 
+def test_a_decision_b_cannot_verify_while_it_receives_is_refused_and_b_discards_on_its_own(p, qemu, monkeypatch):
+    p.guest("vm1")
+    real_sign = Decision.sign
+    monkeypatch.setattr(Decision, "sign", lambda self, key: real_sign(self, p.b.identity.key))  # not A's key
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    holder: dict = {}
+
+    def emit(event):
+        if event.get("event") == "progress":
+            holder["job"].abort.request("aborted by the operator (test)")
+
+    job = holder["job"] = OutgoingMigration(p.a, grant, emit)
+    with pytest.raises(MigrationFailed, match="by the operator"):
+        try:
+            job.run()
+        finally:
+            p.endpoint.wait_idle()
+    assert p.state("vm1") == "running"
+    # B does not take it for A's word: no decision journaled, its own discard with why
+    assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
+    b_entry = p.b.journal.get(mid)
+    assert "decision" not in b_entry.data and "refused the source's decision" in b_entry.data["reason"]
+    assert not (p.root / "b/state/staging" / f"in-{mid}").exists()
+
+
 def test_a_resume_that_fails_at_b_after_the_commit_is_finished_by_recovery(p, qemu, monkeypatch):
     p.guest("vm1")
     grant = p.grant("vm1")
