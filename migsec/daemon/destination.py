@@ -158,7 +158,9 @@ class IncomingMigration:
             commit.receiving(attempt=accepted.purpose)
             received = dataplane.receive(services, conn, records, request, self.mid, bandwidth=bandwidth)
             prepared.update(memory=received.memory_path, xml=received.restore_xml)
-            commit.streams_verified(received.manifest, received.manifest_json)
+            # the name goes into the journal before the restore can create the paused copy
+            commit.streams_verified(received.manifest, received.manifest_json,
+                                    restoring=self.restore_target(received.restore_xml))
             receipt = commit.restore()  # restores paused, signs, journals restored-paused
         except SourceDecision as exc:  # A gave up while the streams flowed: its signed abort
             self._decided_while_receiving(commit, exc.token, accepted)
@@ -199,9 +201,9 @@ class IncomingMigration:
         """A's decision came inside the data session: audited and fed to the machine like any
         other (an abort discards and is journaled with its token); one that does not verify,
         or a commit (nothing was receipted), fails the machine, which discards all the same."""
-        self.services.audit("decision", self.mid, role="destination", peer_token=token,
-                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
         try:
+            self.services.audit("decision", self.mid, role="destination", peer_token=token,
+                                peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
             commit.decision_received(token)
         except MigsecError as exc:
             log.error("migration %s: refused the decision %s sent while receiving: %s", self.mid,
@@ -212,6 +214,22 @@ class IncomingMigration:
         log.info("migration %s: %s decided abort while sending; discarded", self.mid, accepted.src_did)
 
     # ---- the hypervisor actions the commit machine calls ---------------------------------
+    def restore_target(self, xml: str) -> str:
+        """The name the guest will be restored under (B's mapped XML). A domain of that name
+        that runs (or is paused) here already is refused now: a discard of this migration, which
+        destroys a paused copy found under the name, must never touch another guest."""
+        from migsec import virt
+
+        name = virt.restore_name(xml)
+        with virt.connect(self.services.config.libvirt.uri) as conn:
+            try:
+                active = virt.domain_state(conn, name).active
+            except DomainNotFoundError:
+                active = False
+        if active:
+            raise MigsecError(f"a domain named {name!r} is already active here; refusing to restore over it")
+        return name
+
     def restore(self, memory_path: str, xml: str) -> dict:
         """Restore paused; returns what the machine journals with "restored-paused"."""
         from migsec import virt
@@ -267,13 +285,19 @@ class IncomingMigration:
             discard_destination(self.services, self.mid, record_phase=False)
             return
         name = entry.data.get("restored") or self.restored  # restored, but not yet journaled
-        if name:
+        target = name or entry.data.get("restoring")
+        if target:
             with virt.connect(self.services.config.libvirt.uri) as conn:
                 try:
-                    if virt.domain_state(conn, name).active:
-                        virt.destroy_domain(conn, name)
+                    state = virt.domain_state(conn, target)
                 except DomainNotFoundError:
-                    pass
+                    state = None
+                # after the restore whatever is active under its name is this migration's copy;
+                # under the name journaled before it (a crash may have come between the restore
+                # and "restored-paused") only a paused one is: restore_target refused the name
+                # while anything else was active under it
+                if state is not None and (state.active if name else state.value == "paused"):
+                    virt.destroy_domain(conn, target)
         dataplane.discard(self.services, self.mid)
 
     def cleanup(self) -> None:

@@ -25,7 +25,8 @@ source (coordinator of the two-phase commit)
 destination
   accepted          MigReq verified and permitted, capacity reserved
   receiving         data is being written to staging (re-entered with progress)
-  received          every stream written and its SHA-256 verified
+  received          every stream written and its SHA-256 verified (with the name the VM will be
+                    restored under, journaled before the restore runs)
   restored-paused   the VM is restored paused; receipt signed and sent
   commit-received   the source's commit decision is held: the VM must run here
   resumed           the VM runs here

@@ -394,13 +394,16 @@ class DestinationCommit(_Machine):
     def receiving(self, **fields: Any) -> None:
         self._note("receiving", "receiving", fields)
 
-    def streams_verified(self, manifest: Manifest, manifest_json: bytes) -> None:
-        """Every stream was written and its digest checked (``receive_streams`` returned)."""
+    def streams_verified(self, manifest: Manifest, manifest_json: bytes, **fields: Any) -> None:
+        """Every stream was written and its digest checked (``receive_streams`` returned).
+        ``fields`` are journaled with "received": what a recovery needs to know before the
+        restore runs, such as the name the VM will be restored under (a crash between the
+        restore and its "restored-paused" must not leave a paused copy nobody can find)."""
         nxt = self._move("streams verified")
         if manifest.migration_id != self.migration_id:
             raise IntegrityError(f"manifest is for migration {manifest.migration_id!r}")
         self._streams = receipt_streams(manifest, manifest_json)
-        self._journal("received", manifest_sha256=sha256(manifest_json).hex())
+        self._journal("received", manifest_sha256=sha256(manifest_json).hex(), **fields)
         self.state = nxt
 
     def restore(self) -> str:

@@ -36,6 +36,7 @@ Operations (name_or_uuid everywhere)::
     save_image_xml(conn, path), check_save_image(conn, path, uuid=, name=None) -> xml,
     save_image_restore_xml(conn, path, uuid=, disk_map=, network_map=, bridge_map=) -> xml,
     restore_domain(conn, path, xml=None, paused=None, bypass_cache=False) -> name,
+    restore_name(xml) -> the name that restore gives the domain (before restoring),
     define_domain(conn, xml) -> name, undefine_domain(conn, name, keep_nvram=False),
     destroy_domain, start_domain(paused=False)
 
@@ -85,6 +86,7 @@ from migsec.virt.ops import (
     domain_state,
     domain_xml,
     restore_domain,
+    restore_name,
     resume_domain,
     save_domain,
     save_image_restore_xml,
@@ -131,6 +133,7 @@ __all__ = [
     "parse_domain_xml",
     "rebase_image",
     "restore_domain",
+    "restore_name",
     "resume_domain",
     "rewrite_domain_xml",
     "save_domain",

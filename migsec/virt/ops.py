@@ -155,6 +155,11 @@ def save_image_restore_xml(
     return rewrite_domain_xml(xml, disk_map=disk_map, network_map=network_map, bridge_map=bridge_map)
 
 
+def restore_name(xml: str) -> str:
+    """The name ``restore_domain(conn, path, xml=xml)`` gives the domain (known before it runs)."""
+    return view(parse_domain_xml(xml)).name
+
+
 def restore_domain(
     conn: Connection,
     path: str,
@@ -170,7 +175,7 @@ def restore_domain(
     ABI-compatible with the image (same devices); libvirt checks that.
     """
     # Refuse unsafe or malformed replacement XML before libvirt sees it.
-    image_name = view(parse_domain_xml(xml)).name if xml is not None else None
+    image_name = restore_name(xml) if xml is not None else None
     action = _describe_action("restore", bypass_cache, paused, xml is not None)
     flags = _save_flags(bypass_cache, paused, action, conn.uri)
     with libvirt_call(action, uri=conn.uri, domain=image_name, path=path):
@@ -286,6 +291,7 @@ __all__ = [
     "domain_state",
     "domain_xml",
     "restore_domain",
+    "restore_name",
     "resume_domain",
     "save_domain",
     "save_image_restore_xml",

@@ -299,6 +299,7 @@ class QemuLike:
       or paused; B's copy is created paused from that XML (B's own mapping) under another name
       and UUID (``<name>-b``), since both sides share the one test hypervisor. Without an XML
       (A restarting its guest from its save image) the image is restored, then paused if asked.
+      ``restore_name`` (which B journals before it restores) says so too.
 
     ``fail_save``: A's save fails; ``fail_restore``: B's restore fails (rollback branches).
     """
@@ -307,10 +308,12 @@ class QemuLike:
         from migsec.virt import ops
 
         self._real_save, self._real_restore, self._real_xml = virt.save_domain, virt.restore_domain, ops.save_image_xml
+        self._real_name = virt.restore_name
         self.fail_save = self.fail_restore = False
         self.restored: list[str] = []
         monkeypatch.setattr(virt, "save_domain", self.save_domain)
         monkeypatch.setattr(virt, "restore_domain", self.restore_domain)
+        monkeypatch.setattr(virt, "restore_name", self.restore_name)
         monkeypatch.setattr(ops, "save_image_xml", self.save_image_xml)
 
     def save_domain(self, conn: Any, name: str, path: str, *, bypass_cache: bool = False,
@@ -342,6 +345,9 @@ class QemuLike:
     def save_image_xml(self, conn: Any, path: str) -> str:
         return self._real_xml(conn, self._inner(path))
 
+    def restore_name(self, xml: str) -> str:
+        return f"{self._real_name(xml)}-b"
+
     def restore_domain(self, conn: Any, path: str, *, xml: str | None = None, paused: bool | None = None,
                        bypass_cache: bool = False) -> str:
         import uuid as _uuid
@@ -357,7 +363,7 @@ class QemuLike:
         if self.fail_restore:
             raise VirtError("restore failed (test seam)")
         root = ET.fromstring(xml)
-        name = f"{root.findtext('name')}-b"
+        name = self.restore_name(xml)
         root.find("name").text = name  # type: ignore[union-attr]
         root.find("uuid").text = str(_uuid.uuid4())  # type: ignore[union-attr]
         conn.raw.createXML(ET.tostring(root, encoding="unicode"), 0)  # the test driver has no START_PAUSED

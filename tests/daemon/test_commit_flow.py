@@ -186,6 +186,32 @@ def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, 
     assert not (p.root / "b/state/staging" / f"in-{mid}").exists() and qemu.restored == []
 
 
+def test_a_decision_b_cannot_verify_while_it_receives_is_refused_and_b_discards_on_its_own(p, qemu, monkeypatch):
+    p.guest("vm1")
+    real_sign = Decision.sign
+    monkeypatch.setattr(Decision, "sign", lambda self, key: real_sign(self, p.b.identity.key))  # not A's key
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    holder: dict = {}
+
+    def emit(event):
+        if event.get("event") == "progress":
+            holder["job"].abort.request("aborted by the operator (test)")
+
+    job = holder["job"] = OutgoingMigration(p.a, grant, emit)
+    with pytest.raises(MigrationFailed, match="by the operator"):
+        try:
+            job.run()
+        finally:
+            p.endpoint.wait_idle()
+    assert p.state("vm1") == "running"
+    # B does not take it for A's word: no decision journaled, its own discard with why
+    assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
+    b_entry = p.b.journal.get(mid)
+    assert "decision" not in b_entry.data and "refused the source's decision" in b_entry.data["reason"]
+    assert not (p.root / "b/state/staging" / f"in-{mid}").exists()
+
+
 def test_a_resume_that_fails_at_b_after_the_commit_is_finished_by_recovery(p, qemu, monkeypatch):
     p.guest("vm1")
     grant = p.grant("vm1")
@@ -253,6 +279,57 @@ def test_a_link_cut_after_b_restored_leaves_b_in_doubt_until_a_answers_its_abort
     assert p.b.journal.get(mid).data["decision"] == p.a.journal.get(mid).data["abort_decision"]
     assert not (p.root / "b/state/staging" / f"in-{mid}").exists()
     assert p.a.journal.get(mid).phase == "rolled-back"  # A's side was finished already
+
+
+def test_b_crashing_between_its_restore_and_journaling_it_leaves_a_copy_recovery_finds(p, qemu, monkeypatch):
+    # B's migsecd dies right after libvirt restored the guest paused, before "restored-paused"
+    # (its name, receipt) is durable: the journal says only "received", with the name B was
+    # about to restore under, and recovery's abort must destroy the paused copy found under it
+    from migsec.daemon.destination import IncomingMigration
+
+    p.guest("vm1")
+    real_journal = IncomingMigration.journal
+
+    def crash_at_restored_paused(self, phase, **fields):
+        if phase == "restored-paused":
+            raise RuntimeError("B's migsecd killed (test)")  # no handler of migsecd's catches it
+        real_journal(self, phase, **fields)
+
+    monkeypatch.setattr(IncomingMigration, "journal", crash_at_restored_paused)
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    with pytest.raises(MigrationFailed, match="rolled back"):
+        run(p, grant)
+    assert phases(p.a, mid)[-2:] == ["aborted", "rolled-back"] and p.state("vm1") == "running"
+    entry = p.b.journal.get(mid)
+    assert phases(p.b, mid) == ["accepted", "receiving", "received"] and "restored" not in entry.data
+    assert entry.data["restoring"] == "vm1-b" == qemu.restored[0] and p.state("vm1-b") == "paused"
+    # B restarts (a fresh IncomingMigration, nothing in memory): its recovery asks A
+    monkeypatch.setattr(IncomingMigration, "journal", real_journal)
+    listener = Endpoint(p.a, p.a.listen[1])
+    try:
+        outcome = recover_one(p.b, p.b.journal.get(mid))
+    finally:
+        listener.close()
+    assert outcome == f"aborted by {A_DID}: partial files and any paused copy removed here"
+    assert phases(p.b, mid) == ["accepted", "receiving", "received", "discarded"]
+    assert p.state("vm1-b") == "absent" and p.state("vm1") == "running"
+    assert p.b.journal.get(mid).data["decision"] == p.a.journal.get(mid).data["abort_decision"]
+    assert not (p.root / "b/state/staging" / f"in-{mid}").exists()
+
+
+def test_b_refuses_to_restore_under_the_name_of_a_guest_active_here(p, qemu):
+    # a guest of that name already runs at B: B refuses before it journals the name or restores,
+    # so that discarding this migration can never destroy that other guest
+    p.guest("vm1")
+    p.guest("vm1-b", disk_bytes=4096)  # B's own guest, under the name B would restore vm1 as
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    with pytest.raises(MigrationFailed, match="rolled back"):
+        run(p, grant)
+    assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
+    assert "restoring" not in p.b.journal.get(mid).data and qemu.restored == []
+    assert p.state("vm1-b") == "running" and p.state("vm1") == "running"
 
 
 def test_a_save_that_fails_after_its_image_was_streamed_never_commits(p, qemu, monkeypatch):

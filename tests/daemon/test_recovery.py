@@ -63,9 +63,11 @@ class Crash:
             record(p.b, mid, "destination", "accepted", domain="vm1", peer=A_DID, user="alice", options=options,
                    plan=plan, staging=str(self.staging))
             for phase in ("receiving", "received", "restored-paused", "commit-received"):
-                fields = {"restored": "vm1b"} if phase == "received" and b_state != "absent" else {}
+                # as IncomingMigration journals them: the name to restore under with "received"
+                # (before the restore), the name restored under with "restored-paused"
+                fields = {"restoring": "vm1b"} if phase == "received" else {}
                 if phase == "restored-paused":
-                    fields["receipt"] = self.receipt
+                    fields.update(receipt=self.receipt, restored="vm1b")
                 if phase == "commit-received":
                     fields["decision"] = self.commit
                 record(p.b, mid, "destination", phase, **fields)

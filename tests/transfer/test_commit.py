@@ -534,14 +534,15 @@ def test_b_refuses_a_decision_without_a_key_to_verify_it(domains):
     assert rb.state == IN_DOUBT and hb.log == []
 
 
-def test_b_journals_received_once_and_the_restored_name_with_its_receipt(domains):
+def test_b_journals_received_once_with_the_name_to_restore_under_and_the_restored_name_with_its_receipt(domains):
     hb = Recorder()
     _, b = machines(domains, Host(), hb)
     b._restore = lambda: {"restored": "vm1-b"}
     b.accepted(domain="vm1")
     b.receiving(attempt="migrate")
     m, raw = manifest()
-    b.streams_verified(m, raw)
+    b.streams_verified(m, raw, restoring="vm1-b")  # the name, durable before the restore runs
     receipt = b.restore()
     assert [ph for ph, _ in hb.writes] == ["accepted", "receiving", "received", "restored-paused"]
+    assert hb.writes[2][1]["restoring"] == "vm1-b"
     assert hb.writes[-1][1] == {"receipt": receipt, "restored": "vm1-b"}
