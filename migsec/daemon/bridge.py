@@ -349,8 +349,10 @@ class ChannelBridge:
                     return
 
     # ---- A: listening -------------------------------------------------------------------
-    def listen(self, kind: str, path: str) -> None:
-        """Accept connections on the unix socket ``path`` (mode 0600); each becomes a channel."""
+    def listen(self, kind: str, path: str, *, group: int | None = None) -> None:
+        """Accept connections on the unix socket ``path`` (mode 0600); each becomes a channel.
+        ``group``: the socket is given to that group, mode 0660 (a non-root QEMU connects to
+        the NBD socket itself; libvirtd, root, makes the other connections)."""
         if self.role != "source":
             raise ProtocolError("only the source side listens")
         if kind not in KINDS:
@@ -362,6 +364,9 @@ class ChannelBridge:
         finally:
             os.umask(old)
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        if group is not None:
+            os.chown(path, -1, group)
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP)
         lsock.listen(8)
         self._listeners.append(lsock)
         self._spawn(self._accept, f"migsec-bridge-{kind}", kind, lsock)

@@ -224,3 +224,21 @@ def test_the_timeline_names_each_channel_end_and_control_message_in_order(domain
     assert "control channels-done sent" in a_names and "control channels-done received" in b_names
     a.close()
     b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another group needs root")
+def test_a_socket_for_a_non_root_qemu_is_given_to_its_group(domains, short_dir):
+    import grp
+    import stat
+
+    gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != 0), None)
+    if gid is None:
+        pytest.skip("no non-root group here")
+    a, b, _ = pair(domains, short_dir)
+    a.listen("nbd", str(short_dir / "nbd.sock"), group=gid)
+    a.listen("qemu", str(short_dir / "qemu.sock"))
+    nbd, qemu = os.stat(short_dir / "nbd.sock"), os.stat(short_dir / "qemu.sock")
+    assert (nbd.st_gid, stat.S_IMODE(nbd.st_mode)) == (gid, 0o660)
+    assert stat.S_IMODE(qemu.st_mode) == 0o600  # libvirtd (root) connects to the others
+    a.close()
+    b.close()
