@@ -242,3 +242,24 @@ def test_a_socket_for_a_non_root_qemu_is_given_to_its_group(domains, short_dir):
     assert stat.S_IMODE(qemu.st_mode) == 0o600  # libvirtd (root) connects to the others
     a.close()
     b.close()
+
+
+def test_the_session_buffers_in_the_bulk_direction_are_bounded(domains, short_dir):
+    # one TCP connection carries every channel: megabytes of QEMU's stream queued in autotuned
+    # buffers delay whatever record follows (the NBD flush at the switchover)
+    from migsec.daemon.bridge import SESSION_BUFFER
+
+    keys = handshake(domains)
+    ra, rb = layers(keys)
+    sa, sb = tcp_pair()
+    before_snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    before_rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    a = ChannelBridge(sa, ra, role="source", peer_name="B")
+    b = ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None))
+    snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux doubles the value set (bookkeeping), and net.core.[rw]mem_max may cap it
+    assert snd <= 2 * SESSION_BUFFER and rcv <= 2 * SESSION_BUFFER
+    assert (snd, rcv) != (before_snd, before_rcv)
+    a.close()
+    b.close()
