@@ -8,8 +8,8 @@ Run as root (prints figures, asserts nothing)::
 ``--runs N`` repeats every case and method N times, the methods interleaved within each
 repeat (so a burst of load from other users hits all three alike); the table gives the
 median and [min-max] of each figure and the load average (1 min) seen at the start of the
-runs. With the default 3 runs the whole benchmark takes about 25-40 min on the lab
-machine (a guest boots for every run). ``--timeline`` turns on libvirtd's debug log for
+runs. Each run boots a fresh guest (15-20 s per run in all): the default 3 runs take about
+8 min, ``--runs 5`` about 13 min, plus a minute for the loopback figures and the lab. ``--timeline`` turns on libvirtd's debug log for
 its migration and QEMU-monitor code on both hosts and prints, after each run, one merged
 timeline of the switchover: QEMU's events and commands on A and B, libvirt's migration
 phases, and (migsec) both bridges' channel ends, control messages and B's RPC proxy.
@@ -483,6 +483,9 @@ def main() -> None:
     parser.add_argument("--loopback-only", action="store_true", help="only the bridge on loopback (no lab)")
     args = parser.parse_args()
     if not args.no_loopback:
+        import logging
+
+        logging.getLogger("migsecd.bridge").setLevel(logging.ERROR)  # each pair's close is abrupt
         for size in (4 * MiB, 208 * 1024):
             lb = bridge_loopback(write_size=size)
             log(f"bridge loopback, {size // 1024} KiB writes: {lb['bytes'] / MiB:.0f} MiB in {lb['wall_s']:.2f} s = "
@@ -532,7 +535,8 @@ def main() -> None:
                         r.update(disk_alloc=disk_alloc, load=start_load, load_after=load1())
                         rows[method].append(r)
                         log(f"{case} {method} run {run + 1}: downtime {fmt(r.get('downtime_ms'))} ms"
-                            + (f" (pause {fmt(r['pause_ms'])} ms)" if r.get("pause_ms") is not None else "")
+                            + (f" (pause {fmt(r['pause_ms'])} ms, of it waiting for A's decision "
+                               f"{fmt(r.get('paused_wait_ms'))} ms)" if r.get("pause_ms") is not None else "")
                             + f", {fmt(r.get('memory_bps'), MiB)} MiB/s, job {fmt(r.get('job_ms'), 1000, '{:.2f}')} s, "
                             f"wall {r['wall_s']:.2f} s, wire {fmt(r.get('veth_bytes'), 1e6)} MB "
                             f"(load {start_load:.1f} -> {r['load_after']:.1f})"

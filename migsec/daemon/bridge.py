@@ -58,6 +58,7 @@ KINDS = ("libvirt", "qemu", "nbd")
 SMALL = 64 * 1024  # pieces below this are hashed/written in the caller's thread when the ring is idle
 RING_SLOTS = 3  # buffers per channel and direction: enough to overlap, little to drain at switchover
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
+SESSION_BUFFER = 512 * 1024  # A's SO_SNDBUF and B's SO_RCVBUF on the session (see ChannelBridge)
 
 
 class BridgeError(MigsecError):
@@ -229,14 +230,23 @@ class ChannelBridge:
         self._last_send = time.monotonic()
         self._marks: list[tuple[float, str]] = []  # (wall-clock time, what happened): the timeline
         self._timeline_logged = False
-        # socket buffers stay the kernel's (TCP autotuning): every MiB buffered between the two
-        # QEMUs is a MiB the guest waits for after QEMU stopped it (downtime)
+        # every MiB buffered between the two QEMUs is a MiB the guest waits for after QEMU
+        # stopped it (downtime): the unix sockets keep the kernel's default buffers, the session
+        # socket gets SESSION_BUFFER in the bulk direction
         sock.settimeout(None)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # every record goes out as one send(); Nagle would hold a small one (an NBD reply, an
             # RPC reply's last segment) until the peer ACKs the previous, up to its delayed-ACK
             # timeout (40 ms) when the peer sends nothing back. B's accepted socket has it on.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # all channels share this one TCP connection, read by one thread: whatever of QEMU's
+            # stream sits in the TCP buffers must reach B's QEMU before a record queued behind it
+            # does. Autotuned buffers grow to megabytes (tcp_rmem's maximum), so at the switchover
+            # the NBD flush QEMU sends when it stops the guest waited behind them (and the last
+            # pages drained from them): bound A's send and B's receive buffer (the kernel doubles
+            # the value; net.core.[rw]mem_max may cap it)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF if role == "source" else socket.SO_RCVBUF,
+                            SESSION_BUFFER)
         self._spawn(self._read_session, "migsec-bridge-rx")
         self._spawn(self._keepalive, "migsec-bridge-ka")
 
@@ -349,8 +359,10 @@ class ChannelBridge:
                     return
 
     # ---- A: listening -------------------------------------------------------------------
-    def listen(self, kind: str, path: str) -> None:
-        """Accept connections on the unix socket ``path`` (mode 0600); each becomes a channel."""
+    def listen(self, kind: str, path: str, *, group: int | None = None) -> None:
+        """Accept connections on the unix socket ``path`` (mode 0600); each becomes a channel.
+        ``group``: the socket is given to that group, mode 0660 (a non-root QEMU connects to
+        the NBD socket itself; libvirtd, root, makes the other connections)."""
         if self.role != "source":
             raise ProtocolError("only the source side listens")
         if kind not in KINDS:
@@ -362,6 +374,9 @@ class ChannelBridge:
         finally:
             os.umask(old)
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        if group is not None:
+            os.chown(path, -1, group)
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP)
         lsock.listen(8)
         self._listeners.append(lsock)
         self._spawn(self._accept, f"migsec-bridge-{kind}", kind, lsock)

@@ -62,13 +62,25 @@ def run_dir(migration_id: str) -> Path:
     return RUN_ROOT / migration_id
 
 
-def make_run_dir(migration_id: str) -> Path:
-    """``/run/migsec/<id>/``, mode 0700, new (a leftover of the same id is refused)."""
+def make_run_dir(migration_id: str, *, group: int | None = None, group_mode: int = 0) -> Path:
+    """``/run/migsec/<id>/``, mode 0700, new (a leftover of the same id is refused). ``group``
+    (QEMU's, when qemu.conf runs it as non-root) gets ``group_mode`` on it: search (0o010) at A,
+    where QEMU connects to the NBD socket, search + write (0o030) at B, where it creates its own."""
     RUN_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = run_dir(migration_id)
     path.mkdir(mode=0o700)
-    os.chmod(path, 0o700)
+    if group is not None:
+        os.chown(path, -1, group)
+    os.chmod(path, 0o700 | (group_mode if group is not None else 0))
     return path
+
+
+def _qemu_gid() -> int | None:
+    """QEMU's group when libvirt runs it as non-root (qemu.conf), else None (the lab: root)."""
+    from migsec.virt.migrate import system_qemu_owner
+
+    owner = system_qemu_owner()
+    return None if owner is None else owner.gid
 
 
 def remove_run_dir(migration_id: str) -> None:
@@ -95,10 +107,11 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
     bridge = ChannelBridge(session.sock, session.records, role="source", peer_name=job.dest_did)
     committed = False
     try:
-        make_run_dir(mid)
+        qemu_gid = _qemu_gid()
+        make_run_dir(mid, group=qemu_gid, group_mode=0o010)
         job.journal("streaming", attempt=0, mode="live", run_dir=str(run_dir(mid)))
         for kind, path in paths.items():
-            bridge.listen(kind, path)
+            bridge.listen(kind, path, group=qemu_gid if kind == "nbd" else None)  # QEMU connects to nbd.sock
         _expect(bridge, job, "ready", READY_TIMEOUT_S)  # B pre-created the disks, wrote the hook's permit
         job.step(f"{job.dest_did} is ready (disks pre-created sparse); libvirt migrates {domain} live "
                  "through the session")
@@ -196,11 +209,15 @@ def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> No
             except MigsecError:
                 pass
             mover.done.wait(60)
+            ours: BaseException | None = None
             if aborted and bridge.error is None:
-                mover.error = mover.error or MigrationAborted(str(job.abort.reason))
+                ours = MigrationAborted(str(job.abort.reason))
             elif job.deadline is not None and time.monotonic() > job.deadline and bridge.error is None:
-                mover.error = mover.error or TransferError(f"live migration of {job.domain} did not finish "
-                                                           f"within --timeout")
+                ours = TransferError(f"live migration of {job.domain} did not finish within --timeout")
+            if ours is not None:
+                # libvirt's own error is "job canceled by client": say why we canceled it
+                ours.__cause__ = mover.error
+                mover.error = ours
             return
         stats = vmig.job_stats(conn, job.domain)
         if stats is not None and stats.data_total:
@@ -388,7 +405,7 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
         disks = plan.mirrored_disks
         dmap = disk_map(services, [str(d.source) for d in disks])
         paths = _uris(mid)
-        make_run_dir(mid)
+        make_run_dir(mid, group=_qemu_gid(), group_mode=0o030)  # B's QEMU creates its sockets here
         incoming.journal("receiving", attempt="live", mode="live", run_dir=str(run_dir(mid)), created_disks=[])
         created = _precreate(incoming, disks, dmap)
         write_permit(services, mid, plan.vm_uuid, request.vm)

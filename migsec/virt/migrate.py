@@ -9,8 +9,12 @@ figures, and sparse pre-creation of the destination's disks with qemu-img.
 """
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -122,3 +126,58 @@ def create_sparse_image(path: str, *, format: str, virtual_size: int) -> None:
     if not isinstance(virtual_size, int) or virtual_size <= 0:
         raise OperationUnsupportedError(f"{what}: bad virtual size {virtual_size!r}")
     _run([QEMU_IMG, "create", "-q", "-f", _check_format(format, what), path, str(virtual_size)], what)
+
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+_SETTING = re.compile(r'^(#?)\s*(user|group)\s*=\s*"([^"]*)"\s*$')
+
+
+@dataclass(frozen=True)
+class QemuOwner:
+    """The uid and gid libvirt's system instance runs QEMU as (qemu.conf ``user``/``group``)."""
+
+    uid: int
+    gid: int
+
+
+def _resolve(value: str, by_name, field: str) -> int | None:
+    """libvirt's rule: a name first, then a number; ``+N`` is always a number."""
+    if value.startswith("+") and value[1:].isdigit():
+        return int(value[1:])
+    try:
+        return int(getattr(by_name(value), field))
+    except KeyError:
+        return int(value) if value.isdigit() else None
+
+
+def qemu_owner(text: str) -> QemuOwner | None:
+    """Who QEMU runs as according to a qemu.conf's ``text``; None when that is root.
+
+    A setting left commented out means libvirt's build-time default, which the packaged file
+    shows as the commented line (``#user = "libvirt-qemu"`` on Debian). An unresolvable
+    name is a MigsecError: the migration's sockets could not be given to the right user.
+    """
+    found: dict[str, str] = {}
+    defaults: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _SETTING.match(line.strip())
+        if m:
+            (defaults if m.group(1) else found)[m.group(2)] = m.group(3)
+    user = found.get("user", defaults.get("user", "root"))
+    group = found.get("group", defaults.get("group", "root"))
+    uid = _resolve(user, pwd.getpwnam, "pw_uid")
+    gid = _resolve(group, grp.getgrnam, "gr_gid")
+    if uid is None or gid is None:
+        raise MigsecError(f"qemu.conf: QEMU runs as user {user!r}, group {group!r}, which this host does not know")
+    if uid == 0 and gid == 0:
+        return None
+    return QemuOwner(uid, gid)
+
+
+def system_qemu_owner(path: Path = QEMU_CONF) -> QemuOwner | None:
+    """``qemu_owner`` of this host's qemu.conf (None if it runs QEMU as root or is unreadable)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return qemu_owner(text)

@@ -224,3 +224,42 @@ def test_the_timeline_names_each_channel_end_and_control_message_in_order(domain
     assert "control channels-done sent" in a_names and "control channels-done received" in b_names
     a.close()
     b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another group needs root")
+def test_a_socket_for_a_non_root_qemu_is_given_to_its_group(domains, short_dir):
+    import grp
+    import stat
+
+    gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != 0), None)
+    if gid is None:
+        pytest.skip("no non-root group here")
+    a, b, _ = pair(domains, short_dir)
+    a.listen("nbd", str(short_dir / "nbd.sock"), group=gid)
+    a.listen("qemu", str(short_dir / "qemu.sock"))
+    nbd, qemu = os.stat(short_dir / "nbd.sock"), os.stat(short_dir / "qemu.sock")
+    assert (nbd.st_gid, stat.S_IMODE(nbd.st_mode)) == (gid, 0o660)
+    assert stat.S_IMODE(qemu.st_mode) == 0o600  # libvirtd (root) connects to the others
+    a.close()
+    b.close()
+
+
+def test_the_session_buffers_in_the_bulk_direction_are_bounded(domains, short_dir):
+    # one TCP connection carries every channel: megabytes of QEMU's stream queued in autotuned
+    # buffers delay whatever record follows (the NBD flush at the switchover)
+    from migsec.daemon.bridge import SESSION_BUFFER
+
+    keys = handshake(domains)
+    ra, rb = layers(keys)
+    sa, sb = tcp_pair()
+    before_snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    before_rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    a = ChannelBridge(sa, ra, role="source", peer_name="B")
+    b = ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None))
+    snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux doubles the value set (bookkeeping), and net.core.[rw]mem_max may cap it
+    assert snd <= 2 * SESSION_BUFFER and rcv <= 2 * SESSION_BUFFER
+    assert (snd, rcv) != (before_snd, before_rcv)
+    a.close()
+    b.close()

@@ -252,6 +252,23 @@ def test_live_jobs_abort_rolls_back_and_ctrl_c_aborts_too(dep, guest):
         audit_ok(d)
 
 
+def test_live_timeout_rolls_back_cleanly(dep, guest):
+    """--timeout passing while libvirt migrates aborts libvirt's job: the guest runs on at A (same
+    boot), nothing of it is left at B. At 5 MiB/s (which also throttles the NBD mirror over the
+    disk's whole virtual size) the move cannot finish within the 20 s."""
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--bandwidth", "5", "--timeout", "20",
+                                     "--persistent", "--undefinesource")
+    assert code == 4, (err, result)
+    assert result["rolled_back"] is True and "--timeout" in result["message"], result
+    mid = result.get("migration_id") or _last_migration(a)
+    assert journal(a, mid)["phase"] == "rolled-back"
+    assert_clean_failure(dep, guest, before)
+    for d in (a, b):
+        audit_ok(d)
+
+
 def test_live_destination_daemon_killed_mid_migration(dep, guest):
     """B's migsecd dies while libvirt migrates: the guest stays at A; `migsec recover` cleans B."""
     a, b = dep["a"], dep["b"]
