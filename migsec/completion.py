@@ -14,7 +14,7 @@ from click.shell_completion import CompletionItem
 
 
 def _config(ctx: click.Context) -> Any:
-    from migsec.daemon.config import config_path, load_config
+    from migsec.config import config_path, load_config
 
     chosen = None
     node: click.Context | None = ctx
@@ -68,7 +68,7 @@ def complete_peers(ctx: click.Context, param: click.Parameter, incomplete: str) 
 def complete_running(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Ids of the migrations migsecd is running."""
     try:
-        from migsec.daemon.client import LocalConnection, socket_path
+        from migsec.client import LocalConnection, socket_path
 
         chosen = ctx.params.get("config_path") or (ctx.obj or {}).get("config")
         with LocalConnection(socket_path(chosen), timeout=5) as conn:

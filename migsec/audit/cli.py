@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from migsec.audit.ledger import SIGNER_KIND, Ledger
-from migsec.daemon.config import config_path, load_config
+from migsec.config import config_path, load_config
 from migsec.errors import ConfigError
 
 

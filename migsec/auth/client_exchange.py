@@ -56,7 +56,7 @@ def login(conn: Any, user: str, credential: str | AgentCredential) -> Any:
 
 
 def _exchange(conn: Any, request: bytes) -> bytes:
-    from migsec.daemon.client import DaemonError
+    from migsec.client import DaemonError
 
     try:
         answer = conn.request({"op": "login", "request": request.decode()})

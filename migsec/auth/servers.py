@@ -107,7 +107,7 @@ class AuthorizationServer:
         from migsec.policy import attributes as A
         from migsec.protocol.local import AuthorizationServer as ProtocolAZ
         from migsec.protocol.local import LocalMigrationRequest
-        from migsec.daemon.dataplane import enrich_options, plan_for
+        from migsec.migration.dataplane import enrich_options, plan_for
         from migsec.protocol.messages import MigrationRequest, Obligation
 
         services = self.services
@@ -149,7 +149,7 @@ class AuthorizationServer:
         virt.check_migratable(info)
         options = enrich_options(dict(mig.options), info)
         if mig.mode == "live":
-            from migsec.daemon.live import live_options
+            from migsec.migration.live import live_options
 
             options = live_options(options, info)
         mig = MigrationRequest(vm=mig.vm, mode=mig.mode, dest_did=mig.dest_did, storage_map=mig.storage_map,

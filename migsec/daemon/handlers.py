@@ -36,7 +36,7 @@ def login(daemon, message: dict, emit: Emit) -> dict:
 
 def resolve(daemon, message: dict, emit: Emit) -> dict:
     """Which peer domain a migsec://HOST:PORT names (the client needs Dest_DID for step 3)."""
-    from migsec.daemon.peers import find_peer
+    from migsec.migration.peers import find_peer
 
     peer = find_peer(daemon.services, _field(message, "host", str), _field(message, "port", int))
     return {"did": peer.did, "address": peer.address}
@@ -45,8 +45,8 @@ def resolve(daemon, message: dict, emit: Emit) -> dict:
 def migrate(daemon, message: dict, emit: Emit) -> dict:
     """Paper step 3-4 (the AZ), then the VMM agent runs the inter-domain migration."""
     from migsec.auth.servers import AuthorizationServer
-    from migsec.daemon.jobs import ProgressTracker
-    from migsec.daemon.source import OutgoingMigration
+    from migsec.migration.jobs import ProgressTracker
+    from migsec.migration.source import OutgoingMigration
 
     az = AuthorizationServer(daemon.services)
     grant = az.authorize(_field(message, "request", str))
@@ -75,7 +75,7 @@ def migrate(daemon, message: dict, emit: Emit) -> dict:
 
 
 def jobs(daemon, message: dict, emit: Emit) -> dict:
-    from migsec.daemon.recovery import list_jobs
+    from migsec.migration.recovery import list_jobs
 
     rows = list_jobs(daemon.services, show_all=bool(message.get("all")))
     for row in rows:
@@ -91,7 +91,7 @@ def abort(daemon, message: dict, emit: Emit) -> dict:
 
     ``migration_id`` (or a unique prefix) or ``domain``; ``wait`` = seconds to wait for the
     rollback to finish (0: return at once, the migration's own client reports it)."""
-    from migsec.daemon.jobs import abort_running
+    from migsec.migration.jobs import abort_running
 
     mid, domain = message.get("migration_id"), message.get("domain")
     if not (isinstance(mid, str) and mid) and not (isinstance(domain, str) and domain):
@@ -107,7 +107,7 @@ def abort(daemon, message: dict, emit: Emit) -> dict:
 
 
 def recover(daemon, message: dict, emit: Emit) -> dict:
-    from migsec.daemon.recovery import recover_all
+    from migsec.migration.recovery import recover_all
 
     return {"actions": recover_all(daemon.services, emit)}
 

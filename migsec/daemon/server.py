@@ -5,8 +5,8 @@ event loop; anything that blocks (libvirt, the bulk data plane, durable journal
 writes) runs in threads. Components:
 
 - authentication server (AS) and authorization server (AZ): ``migsec.auth``;
-- inter-domain endpoint: ``migsec.daemon.destination`` (incoming) and
-  ``migsec.daemon.source`` (outgoing, driven by the VMM agent);
+- inter-domain endpoint: ``migsec.migration.destination`` (incoming) and
+  ``migsec.migration.source`` (outgoing, driven by the VMM agent);
 - VMM agent: ``migsec.virt`` calls made from those threads.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Daemon:
             threading.Thread(target=self._auto_recover, name="migsecd-recover", daemon=True).start()
 
     def _auto_recover(self) -> None:
-        from migsec.daemon.recovery import auto_recover
+        from migsec.migration.recovery import auto_recover
 
         try:
             auto_recover(self.services)
@@ -173,7 +173,7 @@ class Daemon:
         self._peer_task = asyncio.get_running_loop().create_task(self._accept_peers(sock))
 
     async def _accept_peers(self, listener: socket.socket) -> None:
-        from migsec.daemon.destination import serve_peer
+        from migsec.migration.destination import serve_peer
 
         loop = asyncio.get_running_loop()
         while True:

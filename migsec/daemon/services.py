@@ -21,9 +21,9 @@ from migsec.errors import ConfigError, MigsecError
 if TYPE_CHECKING:
     from migsec.audit import Ledger
     from migsec.auth.users import UserDatabase
-    from migsec.daemon.config import Config
-    from migsec.daemon.journal import Journal
-    from migsec.daemon.source import OutgoingMigration
+    from migsec.config import Config
+    from migsec.migration.journal import Journal
+    from migsec.migration.source import OutgoingMigration
     from migsec.pki import DomainIdentity, PeerDirectory, TrustStore
     from migsec.policy import PDP
     from migsec.protocol import ReplayCache
@@ -100,7 +100,7 @@ class Services:
     def load(cls, config: Config, *, clock: Callable[[], datetime] = utcnow) -> "Services":
         from migsec.audit import Ledger
         from migsec.auth.users import UserDatabase
-        from migsec.daemon.journal import Journal
+        from migsec.migration.journal import Journal
         from migsec.pki import DomainIdentity, TrustStore
         from migsec.protocol import ReplayCache
 

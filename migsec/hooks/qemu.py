@@ -14,10 +14,9 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH
 from migsec.errors import MigsecError
 
-DEFAULT_CONFIG = "/etc/migsec/migsecd.toml"
-CONFIG_ENV = "MIGSEC_CONFIG"
 PREFIX = "migsec hook"
 
 # (operation, sub-operation) -> ledger entry kind for lifecycle records
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None, *, stdin: IO[bytes] | None = None,
     env = os.environ if environ is None else environ
     try:
         call = HookCall.from_argv(sys.argv[1:] if argv is None else argv)
-        out = dispatch(call, stdin, env.get(CONFIG_ENV) or DEFAULT_CONFIG, stderr)
+        out = dispatch(call, stdin, env.get(CONFIG_ENV) or str(DEFAULT_CONFIG_PATH), stderr)
     except MigsecError as exc:
         print(f"{PREFIX}: {exc}", file=stderr)
         return 1
@@ -87,7 +86,7 @@ def dispatch(call: HookCall, stdin: IO[bytes], config_path: str, stderr: IO[str]
 
 
 def load(config_path: str) -> Any:
-    from migsec.daemon.config import load_config
+    from migsec.config import load_config
 
     # key files are checked when the ledger signs; syntax and maps are what the hook needs
     return load_config(config_path, check_files=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from migsec.config import DEFAULT_CONFIG_PATH
 from migsec.errors import MigsecError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -44,7 +45,7 @@ def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"
     ``libvirtd_pid_file``: the libvirtd that uses ``hooks_dir``; when given, a hook newer than
     that libvirtd's start warns (libvirtd looks for hooks only when it starts).
     """
-    from migsec.daemon.config import load_config
+    from migsec.config import load_config
 
     now = now or dt.datetime.now(dt.timezone.utc)
     try:
@@ -283,7 +284,7 @@ def _hook_config(hook: Path) -> str:
                 and getattr(node.targets[0], "id", None) == "CONFIG"
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
             return node.value.value
-    return "/etc/migsec/migsecd.toml"
+    return str(DEFAULT_CONFIG_PATH)
 
 
 START_TIME_SLACK = 2.0  # seconds
@@ -341,7 +342,7 @@ def _peer_trust(config: Any, peer: Any, now: dt.datetime) -> Check | None:
 
 
 def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Iterator[Check]:
-    from migsec.pki import PeerDirectory
+    from migsec.pki.peers import DEFAULT_PORT, PeerDirectory
 
     try:
         peers = PeerDirectory(config.paths.peers).list()
@@ -350,7 +351,7 @@ def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Itera
         return
     if not peers:
         yield Check("peers", WARN, f"no peer domains in {config.paths.peers}: nothing to migrate to",
-                    "migsec peer add DID --address HOST:7443 --cert CERT (or --fingerprint SHA256:...)")
+                    f"migsec peer add DID --address HOST:{DEFAULT_PORT} --cert CERT (or --fingerprint SHA256:...)")
         return
     for peer in peers:
         untrusted = _peer_trust(config, peer, now or dt.datetime.now(dt.timezone.utc))
@@ -366,6 +367,6 @@ def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Itera
             yield Check(f"peer {peer.did}", WARN, f"{peer.address} unreachable "
                         f"({getattr(exc, 'strerror', None) or exc}): migrations there will fail",
                         "check the peer's migsecd, routing and firewall (TCP port "
-                        f"{port or 7443})")
+                        f"{port or DEFAULT_PORT})")
         else:
             yield Check(f"peer {peer.did}", OK, f"{peer.address} accepts TCP connections")

@@ -61,7 +61,7 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
               show_default=True, help="Seconds to wait for each peer's TCP port.")
 def doctor(config: Path | None, hooks_dir: Path, unit: Path, peer_timeout: float) -> None:
     """Check this host's migsec setup; one line per check, exit 1 on any FAIL."""
-    from migsec.daemon.config import config_path
+    from migsec.config import config_path
     from migsec.ops.checks import FAIL, run_checks
 
     # the host's own libvirtd, when the hooks checked are the host's own

@@ -151,7 +151,7 @@ def _write_dirs(layout: Layout) -> tuple[Path, list[Path]]:
     state, images = Path("/var/lib/migsec"), [Path("/var/lib/libvirt/images")]
     cfg_file = layout.under_root(layout.config)
     if cfg_file.is_file():
-        from migsec.daemon.config import load_config
+        from migsec.config import load_config
 
         config = load_config(cfg_file, check_files=False)
         state = config.paths.state_dir

@@ -75,7 +75,7 @@ Commit exchange -- ``commit.py`` (DESIGN §3.4)
     resume_vm, discard)``: ``streams_verified(manifest, manifest_json)``, ``restore() ->
     Receipt token``, ``decision_received(token) -> Resumed token | None``, ``fail(reason)``
     (DISCARDED before the receipt, IN_DOUBT after it: never resumes without A's signed
-    commit). ``journal(phase, **fields)`` uses the phase names of ``migsec.daemon.journal``.
+    commit). ``journal(phase, **fields)`` uses the phase names of ``migsec.migration.journal``.
     ``as_control(kind, token)`` is the channel-0 CONTROL body.
 """
 from migsec.transfer.commit import DestinationCommit, SourceCommit, as_control

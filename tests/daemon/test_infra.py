@@ -11,7 +11,7 @@ import pytest
 from migsec.daemon import wire
 from migsec.daemon.logsetup import JournalFormatter
 from migsec.daemon.notify import sd_notify
-from migsec.daemon.progress import Progress
+from migsec.progress import Progress
 from migsec.errors import FrameTooLargeError, MalformedMessageError, ProtocolError
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from migsec.audit import Ledger
-from migsec.daemon.jobs import MigrationAborted
-from migsec.daemon.source import OutgoingMigration
+from migsec.migration.jobs import MigrationAborted
+from migsec.migration.source import OutgoingMigration
 from migsec.errors import AuthorizationDenied, HandshakeError, MigrationFailed
 from orchestration import phases
 

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from migsec.auth.servers import apply_obligations, check_capacity
-from migsec.daemon.dataplane import disk_map, request_files_of
-from migsec.daemon.link import vm_facts
-from migsec.daemon.peers import find_peer, split_address
+from migsec.migration.dataplane import disk_map, request_files_of
+from migsec.migration.link import vm_facts
+from migsec.migration.peers import find_peer, split_address
 from migsec.errors import AuthorizationDenied, ConfigError, MappingError
 from migsec.policy import attributes as A
 from migsec.policy.api import Decision, Obligation
@@ -97,7 +97,7 @@ def test_throttled_socket_passes_data_through_and_polls():
     import select
     import socket
 
-    from migsec.daemon.dataplane import _ThrottledSocket
+    from migsec.migration.dataplane import _ThrottledSocket
 
     a, b = socket.socketpair()
     with a, b:
@@ -119,8 +119,8 @@ def test_throttled_socket_passes_data_through_and_polls():
 def test_memory_image_streams_during_the_save_within_the_bound_b_accepts(tmp_path):
     import threading
 
-    from migsec.daemon.dataplane import SAVE_MAGIC, SAVE_MAGIC_PARTIAL, memory_image_bound, source_streams
-    from migsec.daemon.source import _Background
+    from migsec.migration.dataplane import SAVE_MAGIC, SAVE_MAGIC_PARTIAL, memory_image_bound, source_streams
+    from migsec.migration.source import _Background
     from migsec.transfer import file_digest
 
     image = tmp_path / "memory.save"
@@ -146,7 +146,7 @@ def test_memory_image_streams_during_the_save_within_the_bound_b_accepts(tmp_pat
 
 
 def test_moved_disks_that_cannot_be_removed_are_reported(tmp_path):
-    from migsec.daemon.release import remove_moved_disks
+    from migsec.migration.release import remove_moved_disks
 
     gone, stuck, absent = tmp_path / "vm.qcow2", tmp_path / "stuck.qcow2", tmp_path / "absent.qcow2"
     gone.write_bytes(b"x")
@@ -157,7 +157,7 @@ def test_moved_disks_that_cannot_be_removed_are_reported(tmp_path):
 
 
 def test_discard_with_an_unreadable_staging_state_still_finds_the_parts_beside_targets(tmp_path):
-    from migsec.daemon.dataplane import discard, staging_dir
+    from migsec.migration.dataplane import discard, staging_dir
 
     images, other = tmp_path / "images", tmp_path / "mapped"
     images.mkdir()
@@ -177,7 +177,7 @@ def test_discard_with_an_unreadable_staging_state_still_finds_the_parts_beside_t
 
 
 def test_a_disk_target_that_exists_refuses_the_move_and_says_what_to_do(tmp_path):
-    from migsec.daemon.link import _check_targets_free
+    from migsec.migration.link import _check_targets_free
 
     cfg = SimpleNamespace(storage=SimpleNamespace(image_dir=str(tmp_path), map={}))
     svc = SimpleNamespace(config=cfg, did="cloud-a.example")

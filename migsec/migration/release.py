@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from migsec.errors import MigsecError
 
 if TYPE_CHECKING:
-    from migsec.daemon.journal import JournalEntry
+    from migsec.migration.journal import JournalEntry
     from migsec.daemon.services import Services
     from migsec.protocol.plan import MigrationPlan
 
@@ -30,8 +30,8 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
     "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``. The disks
     removed (--undefinesource) are the ``plan``'s top images, else the options' ``top_files``."""
     from migsec import virt
-    from migsec.daemon.jobs import record
-    from migsec.daemon.source import domain_state
+    from migsec.migration.jobs import record
+    from migsec.migration.source import domain_state
     from migsec.handover import MovedMark
 
     report: dict[str, Any] = {"disks_not_removed": [], "marked": False, "errors": []}
@@ -69,7 +69,7 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
 def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = None) -> list[dict]:
     """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too.
     Returns the ones that could not be removed, each with why."""
-    from migsec.daemon.dataplane import request_files_of
+    from migsec.migration.dataplane import request_files_of
 
     failed = []
     paths = list(plan.top_files) if plan is not None else request_files_of(options, "top_files")

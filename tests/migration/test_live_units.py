@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from migsec.daemon import live
+from migsec.migration import live
 from migsec.errors import MigsecError
 from migsec.virt import migrate as vmig
 

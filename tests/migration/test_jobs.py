@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from migsec.daemon.jobs import (
+from migsec.migration.jobs import (
     AbortRefusedError,
     AbortSwitch,
     MigrationAborted,
@@ -16,8 +16,8 @@ from migsec.daemon.jobs import (
     abort_running,
     record,
 )
-from migsec.daemon.journal import Journal
-from migsec.daemon.progress import Progress
+from migsec.migration.journal import Journal
+from migsec.progress import Progress
 
 MID = "0123456789abcdef0123456789abcdef"
 

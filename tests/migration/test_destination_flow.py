@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from migsec import virt
-from migsec.daemon import dataplane, link
+from migsec.migration import dataplane, link
 from migsec.errors import IntegrityError, MigsecError
 from migsec.transfer.source import StreamSource
 from orchestration import B_DID, phases

@@ -1,6 +1,6 @@
 """The source side of one migration (the VMM agent at A), run in a worker thread.
 
-Journal phases (``migsec.daemon.journal``), each written before it takes effect::
+Journal phases (``migsec.migration.journal``), each written before it takes effect::
 
     requested -> authorized -> handshaken -> suspended -> saved/streaming -> streamed
       -> receipt-received -> committed (point of no return) -> released -> done
@@ -44,8 +44,8 @@ from migsec.transfer.source import WriterOutcome
 
 if TYPE_CHECKING:
     from migsec.auth.servers import Grant
-    from migsec.daemon.jobs import ProgressTracker
-    from migsec.daemon.link import SourceSession
+    from migsec.migration.jobs import ProgressTracker
+    from migsec.migration.link import SourceSession
     from migsec.daemon.services import Services
     from migsec.virt.describe import DomainInfo
 
@@ -79,14 +79,14 @@ class OutgoingMigration:
         self.was_paused = False
         self.released: dict = {}
         self.tracker: ProgressTracker | None = None  # set by the `migrate` handler, read by `jobs`
-        from migsec.daemon.jobs import AbortSwitch
+        from migsec.migration.jobs import AbortSwitch
 
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
         from migsec import virt
-        from migsec.daemon import link
+        from migsec.migration import link
 
         services = self.services
         dry_run = bool(self.options.get("dry_run"))
@@ -115,7 +115,7 @@ class OutgoingMigration:
         conn = virt.connect(services.config.libvirt.uri)
         try:
             if self.request.mode == "live":
-                from migsec.daemon.live import run_source
+                from migsec.migration.live import run_source
 
                 return run_source(self, conn, session)
             return self._move(conn, session)
@@ -189,7 +189,7 @@ class OutgoingMigration:
 
     def _transfer(self, session: SourceSession, info: DomainInfo, saver: "_Background") -> tuple[Any, Any]:
         """Stream everything, resuming on a new connection after a break; returns the SendResult."""
-        from migsec.daemon import dataplane, link
+        from migsec.migration import dataplane, link
 
         files = dataplane.request_files(self.request)
         attempt = 0
@@ -280,7 +280,7 @@ class OutgoingMigration:
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
 
     def _release(self, conn: Any) -> None:
-        from migsec.daemon.release import release_source
+        from migsec.migration.release import release_source
 
         # destroy; undefine + remove disks (--undefinesource) or mark the kept definition
         self.released = release_source(self.services, conn, self.mid, self.domain, self.options,
@@ -297,7 +297,7 @@ class OutgoingMigration:
 
     def remaining(self) -> float:
         """Seconds left before --timeout (the plane's own limit when there is none)."""
-        from migsec.daemon.dataplane import PLANE_TIMEOUT_S
+        from migsec.migration.dataplane import PLANE_TIMEOUT_S
 
         return PLANE_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
 
@@ -316,7 +316,7 @@ class OutgoingMigration:
         self.emit({"event": "step", "message": message})
 
     def journal(self, phase: str, **fields: Any) -> None:
-        from migsec.daemon.jobs import record
+        from migsec.migration.jobs import record
 
         self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
         record(self.services, self.mid, "source", phase, **fields)

@@ -101,7 +101,7 @@ class SourceSession:
 
     @property
     def control(self) -> Any:
-        from migsec.daemon.channel import ControlLink
+        from migsec.migration.channel import ControlLink
 
         if self._control is None:
             self._control = ControlLink(self.sock, self.records, self.keys.dest_did)
@@ -117,7 +117,7 @@ class SourceSession:
 def connect(services: Services, peer: Peer, request: MigrationRequest, token: str, *, migration_id: str,
             resume_of: str | None = None) -> SourceSession:
     """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
-    from migsec.daemon.peers import split_address
+    from migsec.migration.peers import split_address
     from migsec.protocol.handshake import MigrationAccepted, MigrationRefused, SourceHandshake
 
     if peer.cert_pem is None:
@@ -180,7 +180,7 @@ def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
     (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
     store, then store it in the peer directory. Returns the updated peer."""
     from migsec.crypto.certs import certificate_fingerprint
-    from migsec.daemon.peers import split_address
+    from migsec.migration.peers import split_address
     from migsec.pki.ca import load_certificate
     from migsec.pki.peers import PinMismatchError
     from migsec.protocol.handshake import certificate_request, parse_certificate_reply
@@ -369,7 +369,7 @@ def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | 
         pass
     else:
         raise AuthorizationDenied(f"migration id {mid} was used before", decision="Invalid")
-    from migsec.daemon.destination import active_incoming
+    from migsec.migration.destination import active_incoming
 
     busy, limit = active_incoming(), services.config.limits.max_incoming
     if busy >= limit and not options.get("dry_run"):
@@ -389,7 +389,7 @@ def _check_targets_free(services: Services, request: MigrationRequest) -> None:
     old copy, left when it moved away without --undefinesource and now coming back."""
     import os
 
-    from migsec.daemon.dataplane import disk_map, request_files
+    from migsec.migration.dataplane import disk_map, request_files
 
     taken = [t for t in disk_map(services, request_files(request)).values() if os.path.lexists(t)]
     if taken:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from migsec.errors import MappingError, MigsecError, TransferError
 
 if TYPE_CHECKING:
-    from migsec.daemon.link import SourceSession
+    from migsec.migration.link import SourceSession
     from migsec.daemon.services import Services
     from migsec.protocol.messages import MigrationRequest
     from migsec.protocol.plan import MigrationPlan

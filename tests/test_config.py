@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migsec.daemon.config import config_path, did_problem, load_config, parse_address
+from migsec.config import config_path, did_problem, load_config, parse_address
 from migsec.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def _helpers(minimal, write_file):
     MINIMAL, write = minimal, write_file
 
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "migsecd.toml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "migsecd.toml"
 
 
 def load(site: Path, text: str):
@@ -223,7 +223,7 @@ def test_any_value_gives_a_config_or_a_config_error(site, table, key, value):
 
     raw = tomllib.loads(MINIMAL)
     raw.setdefault(table, {})[key] = value
-    from migsec.daemon.config import _Loader
+    from migsec.config import _Loader
 
     try:
         _Loader(site / "migsecd.toml", raw, check_files=True).config()

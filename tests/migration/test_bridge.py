@@ -1,4 +1,4 @@
-"""The live migration's byte channels (migsec.daemon.bridge) between two real bridges.
+"""The live migration's byte channels (migsec.migration.bridge) between two real bridges.
 
 A real handshake gives the keys, the session is a loopback TCP pair, the local ends are
 real unix sockets: what a client writes at A's socket must come out at B's target and
@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transfer"))
 from transfer_helpers import domains, handshake, layers, tcp_pair  # noqa: E402,F401
 
-from migsec.daemon.bridge import BridgeError, ChannelBridge, ChannelFilter  # noqa: E402
+from migsec.migration.bridge import BridgeError, ChannelBridge, ChannelFilter  # noqa: E402
 
 
 @pytest.fixture

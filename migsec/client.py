@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from migsec.config import DEFAULT_CONTROL_SOCKET
 from migsec.daemon import wire
 from migsec.errors import (
     AuthenticationError,
@@ -28,8 +29,7 @@ from migsec.errors import (
     MigsecError,
     ProtocolError,
 )
-
-DEFAULT_SOCKET = "/run/migsec/migsecd.sock"  # [listen].control_socket's default
+from migsec.pki.peers import DEFAULT_PORT
 
 _ERRORS: dict[str, type[MigsecError]] = {
     "AuthenticationError": AuthenticationError,
@@ -108,14 +108,14 @@ class LocalConnection:
 def socket_path(config_path: str | None) -> str:
     """The daemon socket: $MIGSEC_SOCKET, else ``[listen].control_socket`` of --config,
     $MIGSEC_CONFIG or /etc/migsec/migsecd.toml (when it exists), else the default."""
-    from migsec.daemon.config import config_path as resolve, load_config
+    from migsec.config import config_path as resolve, load_config
 
     if os.environ.get("MIGSEC_SOCKET") and not config_path:
         return os.environ["MIGSEC_SOCKET"]
     path = resolve(config_path)
     if config_path or os.environ.get("MIGSEC_CONFIG") or path.exists():
         return str(load_config(path, check_files=False).listen.control_socket)
-    return DEFAULT_SOCKET
+    return DEFAULT_CONTROL_SOCKET
 
 
 def parse_destination(uri: str) -> tuple[str, int]:
@@ -123,7 +123,7 @@ def parse_destination(uri: str) -> tuple[str, int]:
     if parts.scheme != "migsec" or not parts.hostname:
         raise click.BadParameter(f"{uri!r}: expected migsec://HOST:PORT", param_hint="DESTINATION")
     try:
-        port = parts.port or 7443
+        port = parts.port or DEFAULT_PORT
     except ValueError as exc:
         raise click.BadParameter(f"{uri!r}: bad port", param_hint="DESTINATION") from exc
     return parts.hostname, port
@@ -180,7 +180,7 @@ def migrate(domain, destination, live, verbose, persistent, undefinesource, band
 def _migrate(domain, destination, live, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
              timeout, user, config_path, password_stdin, use_agent) -> None:
     from migsec.auth import client_exchange
-    from migsec.daemon.progress import Progress, human_bytes
+    from migsec.progress import Progress, human_bytes
 
     host, port = parse_destination(destination)
     credential: Any
@@ -327,7 +327,7 @@ class _Interrupts:
 
 
 def _progress_text(progress: dict | None) -> str:
-    from migsec.daemon.progress import human_bytes, human_seconds
+    from migsec.progress import human_bytes, human_seconds
 
     if not progress:
         return ""
@@ -441,8 +441,8 @@ def release(domain, config_path) -> None:
     Only once it no longer runs at the destination: removes the mark the libvirt hook refuses
     to start, and records who did it in the audit ledger.
     """
-    from migsec.daemon.config import config_path as resolve, load_config
-    from migsec.daemon.release import release_domain
+    from migsec.config import config_path as resolve, load_config
+    from migsec.migration.release import release_domain
 
     config = load_config(resolve(config_path), check_files=False)
     operator = os.environ.get("SUDO_USER") or getpass.getuser()

@@ -2,7 +2,7 @@
 
 The local exchange, both authorizations, the two-message handshake and the session
 keys are those of a cold move. Then, instead of file streams, the session carries
-three kinds of byte channels (``migsec.daemon.bridge``): libvirt's RPC from A's
+three kinds of byte channels (``migsec.migration.bridge``): libvirt's RPC from A's
 libvirtd to B's (through B's filtering proxy, ``migsec.protocol.libvirt_rpc``),
 QEMU's migration stream and the NBD disk mirror. A drives the move with
 peer-to-peer ``virDomainMigrateToURI3`` (live, non-shared disks) whose destination
@@ -35,16 +35,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from migsec.daemon.jobs import MigrationAborted
+from migsec.migration.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
 
 if TYPE_CHECKING:
-    from migsec.daemon.destination import IncomingMigration
-    from migsec.daemon.journal import JournalEntry
-    from migsec.daemon.link import Accepted, SourceSession
+    from migsec.migration.destination import IncomingMigration
+    from migsec.migration.journal import JournalEntry
+    from migsec.migration.link import Accepted, SourceSession
     from migsec.daemon.services import Services
-    from migsec.daemon.source import OutgoingMigration
+    from migsec.migration.source import OutgoingMigration
     from migsec.protocol.messages import MigrationRequest
     from migsec.virt.describe import DomainInfo
 
@@ -120,7 +120,7 @@ def _uris(migration_id: str) -> dict[str, str]:
 def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dict:
     """A's side after the handshake (``job`` is the OutgoingMigration)."""
     from migsec import virt
-    from migsec.daemon.bridge import ChannelBridge
+    from migsec.migration.bridge import ChannelBridge
     from migsec.protocol import Decision, Receipt, Resumed, token_hash
     from migsec.virt import migrate as vmig
 
@@ -274,13 +274,13 @@ def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> A
 
 def _rollback(job: OutgoingMigration, conn: Any, cause: BaseException, bridge: Any) -> None:
     """Before libvirt's commit: libvirt resumed the guest here; make sure, journal, tell B."""
-    from migsec.daemon.source import restart_at_source
+    from migsec.migration.source import restart_at_source
     from migsec.protocol import Decision
 
     reason = str(cause) or type(cause).__name__
     log.warning("live migration %s of %s failed, rolling back: %s", job.mid, job.domain, reason)
     code = "integrity" if isinstance(cause, IntegrityError) else "aborted"  # all B learns of the cause
-    from migsec.daemon.source import domain_state
+    from migsec.migration.source import domain_state
 
     state = domain_state(conn, job.domain)
     if state == "paused" and not job.was_paused:
@@ -311,7 +311,7 @@ def _rollback(job: OutgoingMigration, conn: Any, cause: BaseException, bridge: A
 def _release_source(job: OutgoingMigration, conn: Any) -> None:
     """libvirt stopped (and with --undefinesource undefined) the source copy: its disks go too,
     or the definition kept here is marked as given away (the same release as a cold move's)."""
-    from migsec.daemon.release import release_source
+    from migsec.migration.release import release_source
 
     job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did,
                                   plan=job.request.plan)
@@ -403,8 +403,8 @@ def _connect_unix(path: str, wait: float) -> socket.socket:
 
 def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted: Accepted) -> None:
     """B's side of a live move (``incoming`` is the IncomingMigration, journaled ``accepted``)."""
-    from migsec.daemon.bridge import ChannelBridge
-    from migsec.daemon.dataplane import disk_map
+    from migsec.migration.bridge import ChannelBridge
+    from migsec.migration.dataplane import disk_map
     from migsec.protocol import RecordLayer
     from migsec.protocol.libvirt_rpc import RpcPolicy
     from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
@@ -542,7 +542,7 @@ def _abort_decision(incoming: IncomingMigration, message: dict, accepted: Accept
 def discard_destination(services: Services, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
     """Before the commit: no incoming guest left, B's pre-created disks and sockets removed."""
     from migsec import virt
-    from migsec.daemon.jobs import record
+    from migsec.migration.jobs import record
 
     entry = services.journal.get(mid)
     if entry.decided:
@@ -582,9 +582,9 @@ def recover_source(services: Services, entry: JournalEntry) -> str | None:
     active here went to B (journal it committed and released); one still active here stays
     (None: the ordinary presumed-abort recovery rolls back and tells B)."""
     from migsec import virt
-    from migsec.daemon.jobs import record
-    from migsec.daemon.release import journal_plan, release_source
-    from migsec.daemon.source import domain_state
+    from migsec.migration.jobs import record
+    from migsec.migration.release import journal_plan, release_source
+    from migsec.migration.source import domain_state
 
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
     remove_run_dir(mid)
@@ -604,7 +604,7 @@ def recover_destination(services: Services, entry: JournalEntry) -> str | None:
     """A live move B did not see through: a guest libvirt finished here runs here (journal the
     commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
     from migsec import virt
-    from migsec.daemon.jobs import record
+    from migsec.migration.jobs import record
 
     mid = entry.migration_id
     uuid = str((entry.data.get("options") or {}).get("vm_uuid", ""))

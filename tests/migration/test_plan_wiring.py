@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from migsec import virt
-from migsec.daemon.dataplane import enrich_options, plan_for, request_files, request_files_of
-from migsec.daemon.link import vm_facts
-from migsec.daemon.live import live_disks, live_options, request_live_disks
+from migsec.migration.dataplane import enrich_options, plan_for, request_files, request_files_of
+from migsec.migration.link import vm_facts
+from migsec.migration.live import live_disks, live_options, request_live_disks
 from migsec.protocol.messages import MigrationRequest
 
 
@@ -37,8 +37,8 @@ def test_plan_and_string_options_agree(info, mode):
 
 
 def test_undefinesource_removes_the_plans_top_images_even_with_a_pipe_in_the_name(tmp_path):
-    from migsec.daemon.journal import Journal
-    from migsec.daemon.release import journal_plan, remove_moved_disks
+    from migsec.migration.journal import Journal
+    from migsec.migration.release import journal_plan, remove_moved_disks
     from migsec.protocol.plan import DiskPlan, MigrationPlan
 
     top, base, bystander = tmp_path / "vm|1.qcow2", tmp_path / "base.qcow2", tmp_path / "vm"

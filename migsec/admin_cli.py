@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from migsec.daemon.config import config_path, load_config
+from migsec.config import config_path, load_config
 from migsec.errors import ConfigError, MigsecError
 
 _config_option = click.option(

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from migsec.daemon import dataplane, link
-from migsec.daemon import source as source_mod
-from migsec.daemon.source import OutgoingMigration
+from migsec.migration import dataplane, link
+from migsec.migration import source as source_mod
+from migsec.migration.source import OutgoingMigration
 from migsec.errors import PeerClosedError, TransferError, TruncatedStreamError, network_error
 from migsec.protocol.errors import peer_error_text
 

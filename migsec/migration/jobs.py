@@ -10,11 +10,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from migsec.daemon.journal import DECISION
+from migsec.migration.journal import DECISION
 from migsec.errors import JournalError, MigsecError, TransferError
 
 if TYPE_CHECKING:
-    from migsec.daemon.journal import JournalEntry
+    from migsec.migration.journal import JournalEntry
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.jobs")

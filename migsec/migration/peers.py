@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from migsec.errors import ConfigError
+from migsec.pki.peers import DEFAULT_PORT
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
@@ -25,7 +26,7 @@ def split_address(address: str) -> tuple[str, int]:
     parts = urlsplit(raw)
     if not parts.hostname:
         raise ConfigError(f"peer address {address!r} has no host")
-    return parts.hostname, parts.port or 7443
+    return parts.hostname, parts.port or DEFAULT_PORT
 
 
 def find_peer(services: Services, host: str, port: int) -> Peer:

@@ -23,7 +23,7 @@ from migsec.errors import DomainNotFoundError, MigsecError
 from migsec.protocol.errors import peer_reason
 
 if TYPE_CHECKING:
-    from migsec.daemon.link import Accepted
+    from migsec.migration.link import Accepted
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.destination")
@@ -36,7 +36,7 @@ _busy_lock = threading.Lock()
 
 async def serve_peer(daemon: Any, conn: socket.socket, address: Any) -> None:
     """One inter-domain connection: handshake, then a worker thread."""
-    from migsec.daemon import link
+    from migsec.migration import link
 
     loop = asyncio.get_running_loop()
     services = daemon.services
@@ -75,7 +75,7 @@ def run_accepted(services: Services, conn: socket.socket, accepted: Accepted) ->
     """Thread body for an accepted connection: a new or resumed migration, or a recovery exchange."""
     mid = accepted.keys.migration_id
     if accepted.purpose == "recover":
-        from migsec.daemon.recovery import answer_recovery
+        from migsec.migration.recovery import answer_recovery
 
         answer_recovery(services, conn, accepted)
         return
@@ -103,8 +103,8 @@ class IncomingMigration:
         self.mid = migration_id
 
     def serve(self, conn: socket.socket, accepted: Accepted) -> None:
-        from migsec.daemon import dataplane
-        from migsec.daemon.channel import ControlLink
+        from migsec.migration import dataplane
+        from migsec.migration.channel import ControlLink
         from migsec.protocol import RecordLayer
         from migsec.transfer.commit import DestinationCommit, as_control
 
@@ -117,7 +117,7 @@ class IncomingMigration:
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
         if request.mode == "live":
-            from migsec.daemon.live import serve_destination
+            from migsec.migration.live import serve_destination
 
             serve_destination(self, conn, accepted)
             return
@@ -212,13 +212,13 @@ class IncomingMigration:
     def discard_here(self) -> None:
         """Before the commit decision: remove any paused copy and every partial file."""
         from migsec import virt
-        from migsec.daemon import dataplane
+        from migsec.migration import dataplane
 
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
         if (entry.data.get("options") or {}).get("live_targets") is not None:
-            from migsec.daemon.live import discard_destination
+            from migsec.migration.live import discard_destination
 
             discard_destination(self.services, self.mid, record_phase=False)
             return
@@ -233,7 +233,7 @@ class IncomingMigration:
         dataplane.discard(self.services, self.mid)
 
     def finish(self) -> None:
-        from migsec.daemon import dataplane
+        from migsec.migration import dataplane
 
         shutil.rmtree(dataplane.staging_dir(self.services, self.mid), ignore_errors=True)
         if self.services.journal.get(self.mid).phase != "done":
@@ -276,7 +276,7 @@ class IncomingMigration:
         return {"t": "resumed", "jws": resumed}
 
     def journal(self, phase: str, **fields: Any) -> None:
-        from migsec.daemon.jobs import record
+        from migsec.migration.jobs import record
 
         record(self.services, self.mid, "destination", phase, **fields)
 

@@ -1,4 +1,4 @@
-"""B's refusal over a real handshake on loopback TCP (migsec.daemon.link): A learns B's code in
+"""B's refusal over a real handshake on loopback TCP (migsec.migration.link): A learns B's code in
 its own words, B's log keeps the detail, and nothing local to B (a path, an exception class, a
 library's message) crosses; a peer that cannot be reached is a named NetworkError."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transfer"))
 from transfer_helpers import A_DID, B_DID, domains  # noqa: E402,F401
 
 from migsec.crypto import random_bytes  # noqa: E402
-from migsec.daemon import link  # noqa: E402
+from migsec.migration import link  # noqa: E402
 from migsec.errors import (  # noqa: E402
     RESUMABLE,
     AuthorizationDenied,

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from migsec.daemon.journal import (DESTINATION_PHASES, SOURCE_PHASES, Journal, allowed_next)
+from migsec.migration.journal import (DESTINATION_PHASES, SOURCE_PHASES, Journal, allowed_next)
 from migsec.errors import JournalError
 
 

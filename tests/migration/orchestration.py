@@ -24,8 +24,8 @@ from typing import Any
 from migsec import virt
 from migsec.auth.servers import Grant
 from migsec.crypto import random_bytes
-from migsec.daemon.config import load_config
-from migsec.daemon.dataplane import enrich_options
+from migsec.config import load_config
+from migsec.migration.dataplane import enrich_options
 from migsec.daemon.server import Daemon
 from migsec.daemon.services import Services
 from migsec.pki import CertificateAuthority, PeerDirectory
@@ -108,7 +108,7 @@ class Endpoint:
             self.threads.append(t)
 
     async def _serve(self, conn: socket.socket, address: Any) -> None:
-        from migsec.daemon.destination import serve_peer
+        from migsec.migration.destination import serve_peer
 
         await asyncio.sleep(self.delay)
         await serve_peer(self.daemon, conn, address)
@@ -201,7 +201,7 @@ class Pair:
         return disk
 
     def state(self, name: str) -> str:
-        from migsec.daemon.source import domain_state
+        from migsec.migration.source import domain_state
 
         return domain_state(self.conn, name)
 

@@ -1,4 +1,4 @@
-"""``migsec recover`` (``daemon.recovery``) from each journal phase, on both sides, over a real link.
+"""``migsec recover`` (``migsec.migration.recovery``) from each journal phase, on both sides, over a real link.
 
 Each test writes the journals a crash would leave (through ``jobs.record``, the writer the
 orchestrators use), puts the guests in the matching state in libvirt's test driver, runs
@@ -13,8 +13,8 @@ import pytest
 
 from migsec import virt
 from migsec.audit import Ledger
-from migsec.daemon.jobs import record
-from migsec.daemon.recovery import auto_recover, recover_all, recover_one
+from migsec.migration.jobs import record
+from migsec.migration.recovery import auto_recover, recover_all, recover_one
 from migsec.protocol import Decision, Receipt, token_hash
 from orchestration import A_DID, B_DID, Endpoint, phases
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from migsec.errors import MigsecError
 
 if TYPE_CHECKING:
-    from migsec.daemon.journal import JournalEntry
-    from migsec.daemon.link import Accepted
+    from migsec.migration.journal import JournalEntry
+    from migsec.migration.link import Accepted
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.recovery")
@@ -41,7 +41,7 @@ _pass_lock = threading.Lock()  # one recovery pass at a time (automatic at start
 
 
 def list_jobs(services: Services, *, show_all: bool = False) -> list[dict]:
-    from migsec.daemon.jobs import describe
+    from migsec.migration.jobs import describe
 
     import time
 
@@ -110,15 +110,15 @@ def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str
 
 def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
     from migsec import virt
-    from migsec.daemon.jobs import record
-    from migsec.daemon.release import journal_plan, release_source
-    from migsec.daemon.source import restart_at_source
+    from migsec.migration.jobs import record
+    from migsec.migration.release import journal_plan, release_source
+    from migsec.migration.source import restart_at_source
 
     # every source journal is created naming its domain and peer (jobs.record)
     mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
     if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.daemon.live import recover_source
+        from migsec.migration.live import recover_source
 
         outcome = recover_source(services, entry)
         if outcome is not None:
@@ -161,12 +161,12 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
 
 # ---- B -----------------------------------------------------------------------------------------
 def _recover_destination(services: Services, entry: JournalEntry) -> str:
-    from migsec.daemon.destination import IncomingMigration
+    from migsec.migration.destination import IncomingMigration
 
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
     if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.daemon.live import recover_destination
+        from migsec.migration.live import recover_destination
 
         outcome = recover_destination(services, entry)
         if outcome is not None:
@@ -192,7 +192,7 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
 # ---- talking to the peer --------------------------------------------------------------------------
 def _session(services: Services, entry: JournalEntry) -> Any:
     from migsec.crypto import random_bytes
-    from migsec.daemon import link
+    from migsec.migration import link
     from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
 
     peer = services.peers.get(cast(str, entry.data.get("peer")))
@@ -241,8 +241,8 @@ def _tell_peer(services: Services, entry: JournalEntry, message: dict) -> str:
 
 def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
-    from migsec.daemon.channel import ControlLink
-    from migsec.daemon.destination import IncomingMigration
+    from migsec.migration.channel import ControlLink
+    from migsec.migration.destination import IncomingMigration
     from migsec.protocol import RecordLayer
 
     mid = accepted.keys.migration_id

@@ -23,7 +23,7 @@ from migsec.errors import ConfigError, MigsecError
 
 DEFAULT_CONFIG_PATH = Path("/etc/migsec/migsecd.toml")
 CONFIG_ENV = "MIGSEC_CONFIG"
-DEFAULT_PEER_PORT = 7443
+DEFAULT_CONTROL_SOCKET = "/run/migsec/migsecd.sock"
 
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -38,7 +38,9 @@ def config_path(option: str | os.PathLike[str] | None = None) -> Path:
 
 def did_problem(did: object) -> str | None:
     """Why ``did`` is not a valid domain id (a lower-case DNS-like name), or None if it is."""
-    from migsec.pki.names import validate_did  # one definition of a DID for all of migsec
+    # one definition of a DID for all of migsec; lazy: pki loads cryptography, and importing
+    # this module (the libvirt hook does, on every call) stays cheap
+    from migsec.pki.names import validate_did
 
     try:
         validate_did(did)  # type: ignore[arg-type]
@@ -397,7 +399,9 @@ class _Loader:
         )
 
     def listen(self) -> ListenConfig:
-        peer = self.get("listen", "peer", str, f"0.0.0.0:{DEFAULT_PEER_PORT}")
+        from migsec.pki.peers import DEFAULT_PORT  # lazy: as for validate_did above
+
+        peer = self.get("listen", "peer", str, f"0.0.0.0:{DEFAULT_PORT}")
         try:
             host, port = parse_address(peer)
         except ValueError as exc:
@@ -418,8 +422,7 @@ class _Loader:
             raise self.fail("[listen].socket_group", "must be a group name (or left out)")
         return ListenConfig(
             peer_host=host, peer_port=port,
-            control_socket=self.path_value("listen", "control_socket",
-                                           "/run/migsec/migsecd.sock"),
+            control_socket=self.path_value("listen", "control_socket", DEFAULT_CONTROL_SOCKET),
             socket_group=group, socket_mode=mode,
         )
 
