@@ -11,8 +11,12 @@ from pathlib import Path
 
 import click
 
+from migsec.auth.sk3 import load_or_create_sk3
+from migsec.auth.users import UserDatabase, check_password
+from migsec.completion import complete_peers
 from migsec.config import config_path, load_config
 from migsec.errors import ConfigError, MigsecError
+from migsec.pki import PeerDirectory
 
 _config_option = click.option(
     "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -35,8 +39,6 @@ def user(ctx: click.Context, config: Path | None) -> None:
 
 
 def _users(ctx: click.Context, config: Path | None):
-    from migsec.auth.users import UserDatabase
-
     return UserDatabase(_config(ctx, config).paths.users)
 
 
@@ -53,15 +55,12 @@ def _users(ctx: click.Context, config: Path | None):
 def user_add(ctx: click.Context, name: str, roles: tuple[str, ...], ssh_key, password_stdin: bool,
              config: Path | None) -> None:
     """Add user NAME with a password (prompted twice) and/or an ssh public key."""
-    from migsec.daemon.services import load_or_create_sk3
-
     cfg = _config(ctx, config)
     ssh_line = ssh_key.read() if ssh_key is not None else None
     password: str | None = None
     if password_stdin or ssh_line is None:
         password = _read_new_password(name, password_stdin, cfg.users.min_password_length,
                                       alternative=" or --ssh-key FILE")
-    from migsec.auth.users import UserDatabase
 
     added = UserDatabase(cfg.paths.users).add(name, password, roles=roles, ssh_public_key=ssh_line,
                                                min_length=cfg.users.min_password_length)
@@ -75,8 +74,6 @@ def user_add(ctx: click.Context, name: str, roles: tuple[str, ...], ssh_key, pas
 
 
 def _read_new_password(name: str, password_stdin: bool, min_length: int, alternative: str = "") -> str:
-    from migsec.auth.users import check_password
-
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
@@ -175,12 +172,6 @@ def user_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 # --- peers ----------------------------------------------------------------------------------
-def _complete_peers(*args):
-    from migsec.completion import complete_peers  # only when the shell asks
-
-    return complete_peers(*args)
-
-
 @click.group()
 @_config_option
 @click.pass_context
@@ -190,8 +181,6 @@ def peer(ctx: click.Context, config: Path | None) -> None:
 
 
 def _peers(ctx: click.Context, config: Path | None):
-    from migsec.pki import PeerDirectory
-
     return PeerDirectory(_config(ctx, config).paths.peers)
 
 
@@ -249,7 +238,7 @@ def peer_list(ctx: click.Context, as_json: bool, config: Path | None) -> None:
 
 
 @peer.command("del")
-@click.argument("did", shell_complete=lambda *a: _complete_peers(*a))
+@click.argument("did", shell_complete=complete_peers)
 @_config_option
 @click.pass_context
 def peer_del(ctx: click.Context, did: str, config: Path | None) -> None:

@@ -10,26 +10,29 @@ import getpass
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
 
-from migsec.config import DEFAULT_CONTROL_SOCKET
+from migsec import completion
+from migsec.auth import client_exchange
+from migsec.config import config_path as resolve_config, load_config
 from migsec.daemon import wire
+from migsec.daemon.wire import LocalConnection, socket_path
 from migsec.errors import (
     AuthenticationError,
     AuthorizationDenied,
     ConfigError,
+    DaemonError,
     MigrationFailed,
     MigsecError,
-    ProtocolError,
 )
 from migsec.pki.peers import DEFAULT_PORT
+from migsec.progress import Progress, human_bytes, human_seconds
 
 _ERRORS: dict[str, type[MigsecError]] = {
     "AuthenticationError": AuthenticationError,
@@ -37,85 +40,6 @@ _ERRORS: dict[str, type[MigsecError]] = {
     "MigrationFailed": MigrationFailed,
     "ConfigError": ConfigError,
 }
-
-
-class DaemonError(MigsecError):
-    """An error reported by migsecd; carries its exit code and class name."""
-
-    def __init__(self, reply: dict[str, Any]) -> None:
-        super().__init__(str(reply.get("message") or reply.get("error") or "migsecd failed"))
-        self.reply = reply
-        self.error = str(reply.get("error", "MigsecError"))
-        code = reply.get("exit_code", 1)
-        self.exit_code = code if isinstance(code, int) and 0 < code < 128 else 1
-
-
-class LocalConnection:
-    """A blocking connection to migsecd's unix socket."""
-
-    def __init__(self, path: str, *, timeout: float | None = None) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"migsecd is not running (no socket at {path})") from exc
-        except PermissionError as exc:
-            raise ConfigError(f"no permission to reach migsecd at {path} (root or the socket's group)") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot reach migsecd at {path}: {exc}") from exc
-
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its final reply (ignoring events)."""
-        for reply in self.stream(message):
-            if "event" not in reply:
-                return reply
-        raise ProtocolError("migsecd closed the connection without answering")
-
-    def stream(self, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Send one request; yield its events, then the final reply; raise DaemonError on failure."""
-        try:
-            wire.send_message(self.sock, message)
-            while True:
-                reply = wire.recv_message(self.sock)
-                if reply is None:
-                    raise ProtocolError("migsecd closed the connection without answering (did it stop? "
-                                        "`migsec jobs` shows where a migration got to, `migsec recover` "
-                                        "finishes it)")
-                if "event" in reply:
-                    yield reply
-                    continue
-                if not reply.get("ok"):
-                    raise DaemonError(reply)
-                yield reply
-                return
-        except socket.timeout as exc:
-            raise MigrationFailed("timed out waiting for migsecd") from exc
-        except OSError as exc:
-            raise ProtocolError(f"connection to migsecd failed: {exc}") from exc
-
-    def __enter__(self) -> "LocalConnection":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def socket_path(config_path: str | None) -> str:
-    """The daemon socket: $MIGSEC_SOCKET, else ``[listen].control_socket`` of --config,
-    $MIGSEC_CONFIG or /etc/migsec/migsecd.toml (when it exists), else the default."""
-    from migsec.config import config_path as resolve, load_config
-
-    if os.environ.get("MIGSEC_SOCKET") and not config_path:
-        return os.environ["MIGSEC_SOCKET"]
-    path = resolve(config_path)
-    if config_path or os.environ.get("MIGSEC_CONFIG") or path.exists():
-        return str(load_config(path, check_files=False).listen.control_socket)
-    return DEFAULT_CONTROL_SOCKET
 
 
 def parse_destination(uri: str) -> tuple[str, int]:
@@ -127,12 +51,6 @@ def parse_destination(uri: str) -> tuple[str, int]:
     except ValueError as exc:
         raise click.BadParameter(f"{uri!r}: bad port", param_hint="DESTINATION") from exc
     return parts.hostname, port
-
-
-def _complete(name: str, *args: Any) -> list:
-    from migsec import completion  # only when the shell asks
-
-    return getattr(completion, name)(*args)
 
 
 def _read_password(password_stdin: bool, user: str) -> str:
@@ -147,8 +65,8 @@ def _read_password(password_stdin: bool, user: str) -> str:
 
 
 @click.command()
-@click.argument("domain", shell_complete=lambda *a: _complete("complete_domains", *a))
-@click.argument("destination", shell_complete=lambda *a: _complete("complete_destinations", *a))
+@click.argument("domain", shell_complete=completion.complete_domains)
+@click.argument("destination", shell_complete=completion.complete_destinations)
 @click.option("--live/--cold", "live", default=False, show_default=True,
               help="Live: libvirt moves the running guest (pre-copy, disks mirrored over NBD) through migsec's "
                    "session; cold (the default, as virsh's): suspend, save, stream, restore at the destination.")
@@ -179,9 +97,6 @@ def migrate(domain, destination, live, verbose, persistent, undefinesource, band
 
 def _migrate(domain, destination, live, verbose, persistent, undefinesource, bandwidth, dry_run, as_json,
              timeout, user, config_path, password_stdin, use_agent) -> None:
-    from migsec.auth import client_exchange
-    from migsec.progress import Progress, human_bytes
-
     host, port = parse_destination(destination)
     credential: Any
     if use_agent:
@@ -327,8 +242,6 @@ class _Interrupts:
 
 
 def _progress_text(progress: dict | None) -> str:
-    from migsec.progress import human_bytes, human_seconds
-
     if not progress:
         return ""
     done, total, rate = progress.get("done", 0), progress.get("total", 0), progress.get("rate", 0.0)
@@ -391,7 +304,7 @@ def jobs(ctx, config_path, as_json, show_all, watch, interval) -> None:
 
 
 @jobs.command("abort")
-@click.argument("migration_id", shell_complete=lambda *a: _complete("complete_running", *a))
+@click.argument("migration_id", shell_complete=completion.complete_running)
 @_config_opt
 @click.option("--wait", type=click.FloatRange(min=0, max=3600), default=300, show_default=True,
               help="Seconds to wait for the rollback to finish (0: return at once).")
@@ -441,10 +354,10 @@ def release(domain, config_path) -> None:
     Only once it no longer runs at the destination: removes the mark the libvirt hook refuses
     to start, and records who did it in the audit ledger.
     """
-    from migsec.config import config_path as resolve, load_config
+    # lazy: only this command needs libvirt and the migration code; the others talk to migsecd
     from migsec.migration.release import release_domain
 
-    config = load_config(resolve(config_path), check_files=False)
+    config = load_config(resolve_config(config_path), check_files=False)
     operator = os.environ.get("SUDO_USER") or getpass.getuser()
     mark = release_domain(config, domain, operator=operator)
     click.echo(f"released {domain}: it may start here again (it was migrated to {mark.destination} "

@@ -399,7 +399,7 @@ class _Loader:
         )
 
     def listen(self) -> ListenConfig:
-        from migsec.pki.peers import DEFAULT_PORT  # lazy: as for validate_did above
+        from migsec.pki.peers import DEFAULT_PORT  # lazy: pki loads cryptography (see did_problem)
 
         peer = self.get("listen", "peer", str, f"0.0.0.0:{DEFAULT_PORT}")
         try:

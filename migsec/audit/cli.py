@@ -9,6 +9,7 @@ import click
 from migsec.audit.ledger import SIGNER_KIND, Ledger
 from migsec.config import config_path, load_config
 from migsec.errors import ConfigError
+from migsec.pki import TrustStore
 
 
 @click.group()
@@ -58,8 +59,6 @@ def show(ctx: click.Context, migration_id: str | None, as_json: bool) -> None:
 @click.pass_context
 def verify(ctx: click.Context, trust_files: tuple[Path, ...]) -> None:
     """Check the hash chain and every signature, the peers' included."""
-    from migsec.pki import TrustStore
-
     path = _ledger_path(ctx)
     if trust_files:
         store = TrustStore.from_files(trust_files)

@@ -8,7 +8,10 @@ import os
 import sys
 
 from migsec import __version__
-from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
+from migsec.daemon.logsetup import setup_logging
+from migsec.daemon.server import Daemon
+from migsec.daemon.services import Services
 from migsec.errors import MigsecError
 
 log = logging.getLogger("migsecd")
@@ -28,14 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from migsec.daemon.logsetup import setup_logging
-
     args = parse_args(argv)
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
-        from migsec.config import load_config
-        from migsec.daemon.server import Daemon
-        from migsec.daemon.services import Services
 
         config = load_config(args.config)
         services = Services.load(config)

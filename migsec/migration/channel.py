@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from migsec.errors import PeerClosedError, PeerTimeoutError, UnexpectedMessageError, network_error
+from migsec.protocol import Ack, Close, Control, NEED_DATA
 
 CONTROL_CHANNEL = 0
 
@@ -34,8 +35,6 @@ class ControlLink:
         self.bytes_sent += len(frame)
 
     def recv_control(self, timeout: float) -> dict:
-        from migsec.protocol import NEED_DATA, Ack, Close, Control
-
         deadline = time.monotonic() + timeout
         while True:
             event = self.records.next_event()

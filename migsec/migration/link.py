@@ -14,23 +14,41 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from migsec.auth.servers import admit_incoming
+from migsec.crypto.certs import certificate_fingerprint
 from migsec.errors import (
     AuthorizationDenied,
     CertificateError,
+    ConfigError,
     HandshakeError,
+    JournalError,
     MigsecError,
     PeerUnreachableError,
     UnknownIssuerError,
     network_error,
 )
+from migsec.migration.channel import ControlLink
+from migsec.migration.dataplane import disk_map, request_files
+from migsec.migration.peers import split_address
+from migsec.pki.ca import load_certificate
+from migsec.pki.peers import PinMismatchError
+from migsec.protocol import NEED_DATA, RecordLayer
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason, refusal_decision
-from migsec.protocol.framing import HEADER_SIZE, parse_header
+from migsec.protocol.framing import CERT_REQUEST, HEADER_SIZE, parse_header
+from migsec.protocol.handshake import (
+    DestinationHandshake,
+    MigrationAccepted,
+    MigrationProposed,
+    MigrationRefused,
+    SourceHandshake,
+    certificate_reply,
+    certificate_request,
+    parse_certificate_reply,
+)
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
     from migsec.pki import Peer
-    from migsec.protocol import RecordLayer
-    from migsec.protocol.handshake import MigrationProposed
     from migsec.protocol.messages import MigrationRequest
     from migsec.protocol.session import SessionKeys
 
@@ -91,8 +109,6 @@ class SourceSession:
     _control: Any = None
 
     def __post_init__(self) -> None:
-        from migsec.protocol import RecordLayer
-
         self.records = RecordLayer(self.keys, "source")
 
     @property
@@ -101,8 +117,6 @@ class SourceSession:
 
     @property
     def control(self) -> Any:
-        from migsec.migration.channel import ControlLink
-
         if self._control is None:
             self._control = ControlLink(self.sock, self.records, self.keys.dest_did)
         return self._control
@@ -117,9 +131,6 @@ class SourceSession:
 def connect(services: Services, peer: Peer, request: MigrationRequest, token: str, *, migration_id: str,
             resume_of: str | None = None) -> SourceSession:
     """Connect to B and run A's side of the handshake; AuthorizationDenied on B's Nack."""
-    from migsec.migration.peers import split_address
-    from migsec.protocol.handshake import MigrationAccepted, MigrationRefused, SourceHandshake
-
     if peer.cert_pem is None:
         peer = fetch_pinned_certificate(services, peer)
     assert peer.cert_pem is not None  # fetch_pinned_certificate stored it
@@ -179,12 +190,6 @@ def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
     """First contact with a peer known only by a pinned fingerprint: ask it for its certificate
     (A must encrypt the MigReq to B's key), check it against the pin, the DID and the trust
     store, then store it in the peer directory. Returns the updated peer."""
-    from migsec.crypto.certs import certificate_fingerprint
-    from migsec.migration.peers import split_address
-    from migsec.pki.ca import load_certificate
-    from migsec.pki.peers import PinMismatchError
-    from migsec.protocol.handshake import certificate_request, parse_certificate_reply
-
     if peer.fingerprint is None:
         raise CertificateError(f"peer {peer.did} has neither a certificate nor a pinned fingerprint")
     host, port = split_address(peer.address)
@@ -217,8 +222,6 @@ def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
 def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) -> None:
     """B's side of a first contact: a source listed by a pinned fingerprint only, whose MigReq
     verified with the pinned certificate, gets that certificate stored."""
-    from migsec.errors import ConfigError
-
     try:
         known = services.peers.get(peer.did)
     except ConfigError:
@@ -262,13 +265,8 @@ class Accepted:
 async def accept_async(services: Services, conn: socket.socket, loop: asyncio.AbstractEventLoop,
                        executor: Any) -> Accepted | None:
     """B's side of the handshake. Returns None when nothing follows (dry run, refusal)."""
-    from migsec.protocol.handshake import DestinationHandshake, MigrationProposed
-    from migsec.protocol import NEED_DATA
-
     hs = DestinationHandshake(services.identity, services.trust, replay_cache=services.replay,
                               clock=services.clock)
-    from migsec.protocol.framing import CERT_REQUEST
-    from migsec.protocol.handshake import certificate_reply
 
     event: Any = NEED_DATA
     first = True
@@ -340,9 +338,6 @@ async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket,
 
 def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | None]:
     """B's decision on a verified MigReq (in a worker thread: policy, libvirt, journal)."""
-    from migsec.auth.servers import admit_incoming
-    from migsec.errors import JournalError
-
     _check_pin(services, proposal)
     options = proposal.request.options
     mid = proposal.migration_id
@@ -389,8 +384,6 @@ def _check_targets_free(services: Services, request: MigrationRequest) -> None:
     old copy, left when it moved away without --undefinesource and now coming back."""
     import os
 
-    from migsec.migration.dataplane import disk_map, request_files
-
     taken = [t for t in disk_map(services, request_files(request)).values() if os.path.lexists(t)]
     if taken:
         vm = request.vm
@@ -405,8 +398,6 @@ def _check_targets_free(services: Services, request: MigrationRequest) -> None:
 
 def _check_pin(services: Services, proposal: MigrationProposed) -> None:
     """A source listed in B's peer directory must present the certificate recorded there."""
-    from migsec.errors import ConfigError
-
     try:
         known = services.peers.get(proposal.src_did)
     except ConfigError:

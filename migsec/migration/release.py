@@ -14,12 +14,19 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from migsec import virt
+from migsec.audit import Ledger
 from migsec.errors import MigsecError
+from migsec.handover import MovedMark
+from migsec.migration.dataplane import request_files_of
+from migsec.migration.jobs import record
+from migsec.migration.source import domain_state
+from migsec.pki.identity import DomainIdentity
+from migsec.protocol.plan import MigrationPlan
 
 if TYPE_CHECKING:
     from migsec.migration.journal import JournalEntry
     from migsec.daemon.services import Services
-    from migsec.protocol.plan import MigrationPlan
 
 log = logging.getLogger("migsecd.release")
 
@@ -29,11 +36,6 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
     """Release this host's copy; returns what to report: ``disks_not_removed`` (``[{"path",
     "error"}]``), ``marked`` (the kept definition carries the mark) and ``errors``. The disks
     removed (--undefinesource) are the ``plan``'s top images, else the options' ``top_files``."""
-    from migsec import virt
-    from migsec.migration.jobs import record
-    from migsec.migration.source import domain_state
-    from migsec.handover import MovedMark
-
     report: dict[str, Any] = {"disks_not_removed": [], "marked": False, "errors": []}
     undefine = bool(options.get("undefine_source"))
     try:
@@ -69,8 +71,6 @@ def release_source(services: Services, conn: Any, migration_id: str, domain: str
 def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = None) -> list[dict]:
     """With --undefinesource the VM moved: its top disk files (verified by B's receipt) go too.
     Returns the ones that could not be removed, each with why."""
-    from migsec.migration.dataplane import request_files_of
-
     failed = []
     paths = list(plan.top_files) if plan is not None else request_files_of(options, "top_files")
     for path in paths:
@@ -86,8 +86,6 @@ def remove_moved_disks(options: Mapping[str, Any], plan: MigrationPlan | None = 
 
 def journal_plan(entry: JournalEntry) -> MigrationPlan | None:
     """The plan a source journal recorded when authorized (None for an entry written without one)."""
-    from migsec.protocol.plan import MigrationPlan
-
     raw = entry.data.get("plan")
     return MigrationPlan.from_dict(raw) if raw is not None else None
 
@@ -95,10 +93,6 @@ def journal_plan(entry: JournalEntry) -> MigrationPlan | None:
 def release_domain(config: Any, domain: str, *, operator: str) -> Any:
     """``migsec release DOMAIN``: clear the given-away mark on the kept definition, audited.
     Returns the mark that was removed; MigsecError if there is none."""
-    from migsec import virt
-    from migsec.audit import Ledger
-    from migsec.pki.identity import DomainIdentity
-
     with virt.connect(config.libvirt.uri) as conn:
         mark = virt.clear_moved(conn, domain)
     if mark is None:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migsec.config import load_config
 from migsec.errors import ConfigError
 from migsec.fsutil import atomic_write
 
@@ -151,7 +152,6 @@ def _write_dirs(layout: Layout) -> tuple[Path, list[Path]]:
     state, images = Path("/var/lib/migsec"), [Path("/var/lib/libvirt/images")]
     cfg_file = layout.under_root(layout.config)
     if cfg_file.is_file():
-        from migsec.config import load_config
 
         config = load_config(cfg_file, check_files=False)
         state = config.paths.state_dir
