@@ -14,13 +14,13 @@ import click
 from migsec.auth.sk3 import load_or_create_sk3
 from migsec.auth.users import UserDatabase, check_password
 from migsec.completion import complete_peers
-from migsec.config import config_path, load_config
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path, load_config
 from migsec.errors import ConfigError, MigsecError
 from migsec.pki import PeerDirectory
 
 _config_option = click.option(
     "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="migsecd configuration file (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+    help=f"migsecd configuration file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}).")
 
 
 def _config(ctx: click.Context, option: Path | None):

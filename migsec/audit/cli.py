@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from migsec.audit.ledger import SIGNER_KIND, Ledger
-from migsec.config import config_path, load_config
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path, load_config
 from migsec.errors import ConfigError
 from migsec.pki import TrustStore
 
 
 @click.group()
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="migsecd configuration file (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+              help=f"migsecd configuration file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}).")
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="A ledger file to read instead of the configured one.")
 @click.pass_context

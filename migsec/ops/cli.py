@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from migsec.config import config_path
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path
 from migsec.errors import ConfigError
 from migsec.ops.checks import FAIL, run_checks
 from migsec.ops.layout import DEFAULT_CONFIG_DIR, Layout, apply, plan
@@ -52,7 +52,7 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
 
 @click.command()
 @click.option("--config", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="migsecd.toml (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+              help=f"migsecd.toml (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}).")
 @click.option("--hooks-dir", type=_abs, default=Path("/etc/libvirt/hooks"), show_default=True,
               help="libvirt's hook directory.")
 @click.option("--unit", type=click.Path(path_type=Path, dir_okay=False),
