@@ -10,12 +10,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from migsec.migration.journal import DECISION
 from migsec.errors import JournalError, MigsecError, TransferError
+from migsec.migration.journal import DECISION
 
 if TYPE_CHECKING:
-    from migsec.migration.journal import JournalEntry
     from migsec.daemon.services import Services
+    from migsec.migration.journal import JournalEntry
 
 log = logging.getLogger("migsecd.jobs")
 
