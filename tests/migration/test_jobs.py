@@ -2,7 +2,6 @@
 decision, refusals read from the journal) and progress (bytes, rate, ETA)."""
 from __future__ import annotations
 
-import io
 import threading
 from types import SimpleNamespace
 
@@ -17,7 +16,6 @@ from migsec.migration.jobs import (
     record,
 )
 from migsec.migration.journal import Journal
-from migsec.progress import Progress
 
 MID = "0123456789abcdef0123456789abcdef"
 
@@ -146,13 +144,3 @@ def test_progress_tracker_rate_and_eta_and_unknown_total():
     tracker.update("memory", 30 * 2**20, 0)  # the save image's size is not known yet
     snap = tracker.snapshot()
     assert snap["total"] == 0 and snap["eta"] is None and snap["rate"] > 0
-
-
-def test_progress_line_has_no_percentage_while_the_total_is_unknown():
-    out = io.StringIO()
-    clock = iter([0.0, 1.0, 2.0, 3.0]).__next__
-    p = Progress(out, clock=clock)
-    p.update("memory", 3 * 2**20, 0)
-    line = out.getvalue().splitlines()[0]
-    assert line.startswith("memory: 3.0 MiB 3.0 MiB/s"), line
-    assert "%" not in line and "ETA" not in line
