@@ -203,7 +203,7 @@ def _bridge_pair(tmp: Path, target) -> tuple:
     from datetime import datetime, timedelta, timezone
 
     from migsec.crypto import random_bytes
-    from migsec.daemon.bridge import ChannelBridge
+    from migsec.migration.bridge import ChannelBridge
     from migsec.pki import CertificateAuthority, DomainIdentity, TrustStore
     from migsec.protocol import (AuthorizationTicket, DestinationHandshake, MigrationRequest, RecordLayer,
                                  ReplayCache, SourceHandshake)

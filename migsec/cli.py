@@ -18,15 +18,15 @@ from migsec.errors import MigsecError
 # command name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, str] = {
     "ca": "migsec.pki.cli:ca",
-    "peer": "migsec.daemon.admin_cli:peer",
+    "peer": "migsec.admin_cli:peer",
     "policy": "migsec.policy.cli:policy",
     "lab": "migsec.lab.cli:lab",
-    "user": "migsec.daemon.admin_cli:user",
+    "user": "migsec.admin_cli:user",
     "audit": "migsec.audit.cli:audit",
-    "migrate": "migsec.daemon.client:migrate",
-    "jobs": "migsec.daemon.client:jobs",
-    "recover": "migsec.daemon.client:recover",
-    "release": "migsec.daemon.client:release",
+    "migrate": "migsec.client:migrate",
+    "jobs": "migsec.client:jobs",
+    "recover": "migsec.client:recover",
+    "release": "migsec.client:release",
     "install": "migsec.ops:install",
     "doctor": "migsec.ops:doctor",
 }

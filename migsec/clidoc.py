@@ -8,6 +8,10 @@ from typing import Iterator
 
 import click
 
+from migsec import __version__
+from migsec.cli import main
+from migsec.daemon.main import build_parser
+
 WIDTH = 80
 
 
@@ -25,9 +29,6 @@ def _walk(cmd: click.Command, ctx: click.Context) -> Iterator[tuple[str, str, st
 
 def pages() -> list[tuple[str, str, str]]:
     """Every page: ``migsec`` and its commands, then ``migsecd``."""
-    from migsec.cli import main
-    from migsec.daemon.main import build_parser
-
     root = main.make_context("migsec", [], resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH)
     out = list(_walk(main, root))
     parser = build_parser()
@@ -57,8 +58,6 @@ def _roff(text: str) -> str:
 
 
 def man() -> str:
-    from migsec import __version__
-
     items = pages()
     lines = [f'.TH MIGSEC 1 "" "migsec {__version__}" "migsec manual"', ".SH NAME",
              "migsec, migsecd \\- secure inter-cloud migration of libvirt/KVM virtual machines",

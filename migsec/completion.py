@@ -12,10 +12,12 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem
 
+from migsec.config import config_path, load_config
+from migsec.daemon.wire import LocalConnection, socket_path
+from migsec.pki import PeerDirectory
+
 
 def _config(ctx: click.Context) -> Any:
-    from migsec.daemon.config import config_path, load_config
-
     chosen = None
     node: click.Context | None = ctx
     while node is not None and chosen is None:
@@ -31,6 +33,8 @@ def _matching(values: list[tuple[str, str | None]], incomplete: str) -> list[Com
 def complete_domains(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Names of the libvirt domains on this host ([libvirt].uri)."""
     try:
+        # lazy: libvirt is loaded for this completer only, and a failure to load it must not
+        # break the shell (the except below)
         from migsec import virt
 
         with virt.connect(_config(ctx).libvirt.uri) as conn:
@@ -41,8 +45,6 @@ def complete_domains(ctx: click.Context, param: click.Parameter, incomplete: str
 
 
 def _peers(ctx: click.Context) -> list[Any]:
-    from migsec.pki import PeerDirectory
-
     return PeerDirectory(_config(ctx).paths.peers).list()
 
 
@@ -68,8 +70,6 @@ def complete_peers(ctx: click.Context, param: click.Parameter, incomplete: str) 
 def complete_running(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Ids of the migrations migsecd is running."""
     try:
-        from migsec.daemon.client import LocalConnection, socket_path
-
         chosen = ctx.params.get("config_path") or (ctx.obj or {}).get("config")
         with LocalConnection(socket_path(chosen), timeout=5) as conn:
             rows = conn.request({"op": "jobs"}).get("jobs", [])

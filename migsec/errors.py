@@ -10,6 +10,8 @@ of the classes here.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class MigsecError(Exception):
     """Root of every error migsec raises on purpose."""
@@ -253,6 +255,17 @@ def network_error(exc: OSError, what: str) -> NetworkError:
     if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
         return PeerUnreachableError(f"{what}: {detail}")
     return PeerResetError(f"{what}: {detail}")
+
+
+class DaemonError(MigsecError):
+    """An error migsecd reported to a local client (``migsec.daemon.wire``); carries its exit code and class name."""
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(str(reply.get("message") or reply.get("error") or "migsecd failed"))
+        self.reply = reply
+        self.error = str(reply.get("error", "MigsecError"))
+        code = reply.get("exit_code", 1)
+        self.exit_code = code if isinstance(code, int) and 0 < code < 128 else 1
 
 
 class JournalError(MigsecError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from migsec import safexml
 from migsec.errors import MigsecError
 
 MOVED_NS = "https://migsec.example/xmlns/1/moved"
@@ -52,7 +53,5 @@ def moved_mark_of(root: object) -> MovedMark | None:
 
 def moved_mark(xml: bytes | str, *, error: type[MigsecError] = MigsecError) -> MovedMark | None:
     """The mark in a domain XML document, parsed as untrusted."""
-    from migsec import safexml
-
     data = xml.encode() if isinstance(xml, str) else xml
     return moved_mark_of(safexml.parse_domain(data, max_size=MAX_XML, error=error))

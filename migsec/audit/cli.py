@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from migsec.audit.ledger import SIGNER_KIND, Ledger
-from migsec.daemon.config import config_path, load_config
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path, load_config
 from migsec.errors import ConfigError
+from migsec.pki import TrustStore
 
 
 @click.group()
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="migsecd configuration file (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+              help=f"migsecd configuration file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}).")
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="A ledger file to read instead of the configured one.")
 @click.pass_context
@@ -58,8 +59,6 @@ def show(ctx: click.Context, migration_id: str | None, as_json: bool) -> None:
 @click.pass_context
 def verify(ctx: click.Context, trust_files: tuple[Path, ...]) -> None:
     """Check the hash chain and every signature, the peers' included."""
-    from migsec.pki import TrustStore
-
     path = _ledger_path(ctx)
     if trust_files:
         store = TrustStore.from_files(trust_files)

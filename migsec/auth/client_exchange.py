@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from migsec.errors import AuthenticationError
+from migsec.errors import AuthenticationError, DaemonError
+from migsec.protocol.local import AuthReply, ClientLogin, make_migration_request
+from migsec.protocol.messages import MigrationRequest
 
 
 @dataclass
@@ -32,8 +34,6 @@ class AgentCredential:
 
 def login(conn: Any, user: str, credential: str | AgentCredential) -> Any:
     """Steps 1-2: returns ``migsec.protocol.local.Credentials`` (SK2 + Auth_Tkt)."""
-    from migsec.protocol.local import AuthReply, ClientLogin
-
     if isinstance(credential, AgentCredential):
         last: Exception | None = None
         for key in credential.keys:
@@ -56,8 +56,6 @@ def login(conn: Any, user: str, credential: str | AgentCredential) -> Any:
 
 
 def _exchange(conn: Any, request: bytes) -> bytes:
-    from migsec.daemon.client import DaemonError
-
     try:
         answer = conn.request({"op": "login", "request": request.decode()})
     except DaemonError as exc:
@@ -72,9 +70,6 @@ def _exchange(conn: Any, request: bytes) -> bytes:
 
 def migration_message(creds: Any, request: dict, conn: Any) -> dict:
     """Step 3: E_SK2(Mig_Rqst, Dest_DID, UserID, Nonce3), Auth_Tkt as a local ``migrate`` op."""
-    from migsec.protocol.local import make_migration_request
-    from migsec.protocol.messages import MigrationRequest
-
     dest = conn.request({"op": "resolve", "host": request["destination"]["host"],
                          "port": request["destination"]["port"]})
     options: dict[str, bool | int] = {

@@ -9,7 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from migsec.auth.servers import AuthenticationServer, AuthorizationServer
 from migsec.errors import MalformedMessageError, MigrationFailed
+from migsec.migration.jobs import ProgressTracker, abort_running
+from migsec.migration.peers import find_peer
+from migsec.migration.recovery import list_jobs, recover_all
+from migsec.migration.source import OutgoingMigration
 
 log = logging.getLogger("migsecd")
 Emit = Callable[[dict], None]
@@ -28,26 +33,18 @@ def ping(daemon, message: dict, emit: Emit) -> dict:
 
 def login(daemon, message: dict, emit: Emit) -> dict:
     """Paper step 1-2: AuthReq -> AuthReply + Auth_Tkt (the AS)."""
-    from migsec.auth.servers import AuthenticationServer
-
     server = AuthenticationServer(daemon.services)
     return server.handle(_field(message, "request", str))
 
 
 def resolve(daemon, message: dict, emit: Emit) -> dict:
     """Which peer domain a migsec://HOST:PORT names (the client needs Dest_DID for step 3)."""
-    from migsec.daemon.peers import find_peer
-
     peer = find_peer(daemon.services, _field(message, "host", str), _field(message, "port", int))
     return {"did": peer.did, "address": peer.address}
 
 
 def migrate(daemon, message: dict, emit: Emit) -> dict:
     """Paper step 3-4 (the AZ), then the VMM agent runs the inter-domain migration."""
-    from migsec.auth.servers import AuthorizationServer
-    from migsec.daemon.jobs import ProgressTracker
-    from migsec.daemon.source import OutgoingMigration
-
     az = AuthorizationServer(daemon.services)
     grant = az.authorize(_field(message, "request", str))
     # the id lets the client abort it (Ctrl-C) and find it in `migsec jobs`
@@ -75,8 +72,6 @@ def migrate(daemon, message: dict, emit: Emit) -> dict:
 
 
 def jobs(daemon, message: dict, emit: Emit) -> dict:
-    from migsec.daemon.recovery import list_jobs
-
     rows = list_jobs(daemon.services, show_all=bool(message.get("all")))
     for row in rows:
         job = daemon.services.running.get(row["migration_id"])
@@ -91,8 +86,6 @@ def abort(daemon, message: dict, emit: Emit) -> dict:
 
     ``migration_id`` (or a unique prefix) or ``domain``; ``wait`` = seconds to wait for the
     rollback to finish (0: return at once, the migration's own client reports it)."""
-    from migsec.daemon.jobs import abort_running
-
     mid, domain = message.get("migration_id"), message.get("domain")
     if not (isinstance(mid, str) and mid) and not (isinstance(domain, str) and domain):
         raise MalformedMessageError("local request: abort needs 'migration_id' or 'domain'")
@@ -107,8 +100,6 @@ def abort(daemon, message: dict, emit: Emit) -> dict:
 
 
 def recover(daemon, message: dict, emit: Emit) -> dict:
-    from migsec.daemon.recovery import recover_all
-
     return {"actions": recover_all(daemon.services, emit)}
 
 

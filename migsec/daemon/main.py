@@ -8,15 +8,18 @@ import os
 import sys
 
 from migsec import __version__
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
+from migsec.daemon.logsetup import setup_logging
+from migsec.daemon.server import Daemon
+from migsec.daemon.services import Services
 from migsec.errors import MigsecError
 
-DEFAULT_CONFIG = "/etc/migsec/migsecd.toml"
 log = logging.getLogger("migsecd")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migsecd", description="migsec per-host daemon (AS, AZ, peer endpoint, VMM agent)")
-    parser.add_argument("--config", default=os.environ.get("MIGSEC_CONFIG", DEFAULT_CONFIG), help="TOML configuration (default %(default)s)")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, str(DEFAULT_CONFIG_PATH)), help="TOML configuration (default %(default)s)")
     parser.add_argument("--foreground", action="store_true", help="stay in the foreground (the default under systemd; migsecd never forks)")
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("--version", action="version", version=f"migsecd {__version__}")
@@ -28,14 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from migsec.daemon.logsetup import setup_logging
-
     args = parse_args(argv)
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
-        from migsec.daemon.config import load_config
-        from migsec.daemon.server import Daemon
-        from migsec.daemon.services import Services
 
         config = load_config(args.config)
         services = Services.load(config)

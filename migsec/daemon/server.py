@@ -5,8 +5,8 @@ event loop; anything that blocks (libvirt, the bulk data plane, durable journal
 writes) runs in threads. Components:
 
 - authentication server (AS) and authorization server (AZ): ``migsec.auth``;
-- inter-domain endpoint: ``migsec.daemon.destination`` (incoming) and
-  ``migsec.daemon.source`` (outgoing, driven by the VMM agent);
+- inter-domain endpoint: ``migsec.migration.destination`` (incoming) and
+  ``migsec.migration.source`` (outgoing, driven by the VMM agent);
 - VMM agent: ``migsec.virt`` calls made from those threads.
 """
 from __future__ import annotations
@@ -21,9 +21,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from migsec.daemon import wire
+from migsec import virt
+from migsec.daemon import handlers, wire
 from migsec.daemon.notify import sd_notify
 from migsec.errors import ConfigError, MalformedMessageError, MigsecError
+from migsec.migration.destination import serve_peer
+from migsec.migration.recovery import auto_recover
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
@@ -68,8 +71,6 @@ class Daemon:
             threading.Thread(target=self._auto_recover, name="migsecd-recover", daemon=True).start()
 
     def _auto_recover(self) -> None:
-        from migsec.daemon.recovery import auto_recover
-
         try:
             auto_recover(self.services)
         except Exception:
@@ -78,8 +79,6 @@ class Daemon:
     def _warm_libvirt(self) -> None:
         """Let libvirtd probe QEMU's capabilities now, in the background: on a fresh host that
         probe (3-4 s) would otherwise fall inside the first incoming migration's downtime."""
-        from migsec import virt
-
         uri = self.config.libvirt.uri
         try:
             took = virt.warm_capabilities(uri)
@@ -173,8 +172,6 @@ class Daemon:
         self._peer_task = asyncio.get_running_loop().create_task(self._accept_peers(sock))
 
     async def _accept_peers(self, listener: socket.socket) -> None:
-        from migsec.daemon.destination import serve_peer
-
         loop = asyncio.get_running_loop()
         while True:
             conn, address = await loop.sock_accept(listener)
@@ -206,8 +203,6 @@ class Daemon:
             writer.close()
 
     async def _dispatch(self, message: dict, writer: asyncio.StreamWriter, peer: str) -> None:
-        from migsec.daemon import handlers
-
         op = message.get("op")
         handler = handlers.LOCAL_OPS.get(op) if isinstance(op, str) else None
         if handler is None:

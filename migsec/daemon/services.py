@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+from migsec.audit import Ledger
+from migsec.auth.sk3 import load_or_create_sk3
+from migsec.auth.users import UserDatabase
 from migsec.errors import ConfigError, MigsecError
+from migsec.migration.journal import Journal
+from migsec.pki import DomainIdentity, PeerDirectory, TrustStore
+from migsec.policy import PDP
+from migsec.policy.loader import load_policy_dir
+from migsec.protocol import ReplayCache
 
 if TYPE_CHECKING:
-    from migsec.audit import Ledger
-    from migsec.auth.users import UserDatabase
-    from migsec.daemon.config import Config
-    from migsec.daemon.journal import Journal
-    from migsec.daemon.source import OutgoingMigration
-    from migsec.pki import DomainIdentity, PeerDirectory, TrustStore
-    from migsec.policy import PDP
-    from migsec.protocol import ReplayCache
+    from migsec.config import Config
+    from migsec.migration.source import OutgoingMigration
 
 T = TypeVar("T")
 
@@ -35,35 +36,6 @@ log = logging.getLogger("migsecd")
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def load_or_create_sk3(path: Path) -> bytes:
-    """SK3, the key the AS and AZ share (0600). Created on first start if absent."""
-    from migsec.crypto import random_bytes
-
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = random_bytes(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"[paths].sk3: cannot create {path}: {exc.strerror}") from exc
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-        return key
-    if st.st_mode & 0o077:
-        raise ConfigError(f"[paths].sk3: {path} is group/other-accessible (must be 0600)")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"[paths].sk3: {path} is not a regular file")
-    try:
-        key = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"[paths].sk3: cannot read {path}: {exc.strerror}") from exc
-    if len(key) != 32:
-        raise ConfigError(f"[paths].sk3: {path} must hold exactly 32 bytes")
-    return key
 
 
 @dataclass(eq=False)
@@ -98,12 +70,6 @@ class Services:
     # ---- loading ---------------------------------------------------------------------
     @classmethod
     def load(cls, config: Config, *, clock: Callable[[], datetime] = utcnow) -> "Services":
-        from migsec.audit import Ledger
-        from migsec.auth.users import UserDatabase
-        from migsec.daemon.journal import Journal
-        from migsec.pki import DomainIdentity, TrustStore
-        from migsec.protocol import ReplayCache
-
         identity = _setting("[domain].key / [domain].certificate",
                             lambda: DomainIdentity.load(config.domain.key, config.domain.certificate))
         if identity.did != config.domain.id:
@@ -187,10 +153,6 @@ def _load_peers_and_policies(config: Config) -> tuple[PeerDirectory, PDP, PDP]:
     ``migsec policy init-defaults`` writes it, one policy set that serves both actions
     (``migsec.policy.loader.load_policy_dir``: one root, every policy reachable from it).
     """
-    from migsec.pki import PeerDirectory
-    from migsec.policy import PDP
-    from migsec.policy.loader import load_policy_dir
-
     peers = _setting("[paths].peers", lambda: PeerDirectory(config.paths.peers))
     _setting("[paths].peers", peers.list)  # a corrupt directory is refused now, not mid-migration
     policies = _setting("[paths].policy_dir", lambda: load_policy_dir(config.paths.policy_dir))

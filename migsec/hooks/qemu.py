@@ -14,10 +14,12 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
 from migsec.errors import MigsecError
+from migsec.handover import MOVED_NS, moved_mark
+from migsec.hooks.mapping import map_restore_xml
+from migsec.hooks.permit import PermitError, check_and_consume
 
-DEFAULT_CONFIG = "/etc/migsec/migsecd.toml"
-CONFIG_ENV = "MIGSEC_CONFIG"
 PREFIX = "migsec hook"
 
 # (operation, sub-operation) -> ledger entry kind for lifecycle records
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None, *, stdin: IO[bytes] | None = None,
     env = os.environ if environ is None else environ
     try:
         call = HookCall.from_argv(sys.argv[1:] if argv is None else argv)
-        out = dispatch(call, stdin, env.get(CONFIG_ENV) or DEFAULT_CONFIG, stderr)
+        out = dispatch(call, stdin, env.get(CONFIG_ENV) or str(DEFAULT_CONFIG_PATH), stderr)
     except MigsecError as exc:
         print(f"{PREFIX}: {exc}", file=stderr)
         return 1
@@ -87,8 +89,6 @@ def dispatch(call: HookCall, stdin: IO[bytes], config_path: str, stderr: IO[str]
 
 
 def load(config_path: str) -> Any:
-    from migsec.daemon.config import load_config
-
     # key files are checked when the ledger signs; syntax and maps are what the hook needs
     return load_config(config_path, check_files=False)
 
@@ -100,7 +100,6 @@ def incoming_migration(call: HookCall, xml: bytes, config_path: str, stderr: IO[
         raise HookRefused(f"incoming libvirt migration of domain {call.domain!r} refused: "
                           f"cannot read the migsec configuration ({exc})") from exc
     fields = _domain_fields(call, xml)
-    from migsec.hooks.permit import PermitError, check_and_consume
 
     try:
         # migsec's own live migration: migsecd wrote a one-time permit for this uuid
@@ -132,8 +131,6 @@ def incoming_migration(call: HookCall, xml: bytes, config_path: str, stderr: IO[
 
 
 def restore(call: HookCall, xml: bytes, config_path: str) -> str | None:
-    from migsec.hooks.mapping import map_restore_xml
-
     try:
         config = load(config_path)
     except MigsecError as exc:
@@ -157,8 +154,6 @@ def restore(call: HookCall, xml: bytes, config_path: str) -> str | None:
 
 def start(call: HookCall, xml: bytes, config_path: str, stderr: IO[str]) -> None:
     """Refuse to start a kept definition migsec marked as given away (``migsec.handover``)."""
-    from migsec.handover import MOVED_NS, moved_mark
-
     if MOVED_NS.encode() not in xml:
         return  # the common case stays cheap: no parse, no configuration
     try:
@@ -196,6 +191,8 @@ def lifecycle(call: HookCall, xml: bytes, config_path: str, stderr: IO[str]) -> 
 
 def audit(config: Any, kind: str, **fields: Any) -> None:
     """Append one entry signed with the domain's key (several writers share the ledger)."""
+    # lazy: these load cryptography, and libvirtd waits for the hook on every VM event, most of
+    # which sign nothing
     from migsec.audit import Ledger
     from migsec.pki.identity import DomainIdentity
 

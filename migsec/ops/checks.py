@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from migsec.errors import MigsecError
+from migsec.config import DEFAULT_CONFIG_PATH, load_config
+from migsec.errors import MigsecError, PolicyError
+from migsec.ops.layout import HOOK_NAME
+from migsec.pki import DomainIdentity, TrustStore
+from migsec.pki.peers import DEFAULT_PORT, PeerDirectory
+from migsec.policy.loader import load_policy_dir
+from migsec.virt import connect
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 EXPIRY_WARNING = dt.timedelta(days=30)
@@ -44,8 +50,6 @@ def run_checks(config_path: Path, *, hooks_dir: Path = Path("/etc/libvirt/hooks"
     ``libvirtd_pid_file``: the libvirtd that uses ``hooks_dir``; when given, a hook newer than
     that libvirtd's start warns (libvirtd looks for hooks only when it starts).
     """
-    from migsec.daemon.config import load_config
-
     now = now or dt.datetime.now(dt.timezone.utc)
     try:
         config = load_config(config_path, check_files=False)
@@ -107,8 +111,6 @@ def _key_permissions(config: Any) -> Iterator[Check]:
 
 
 def _certificate(config: Any, now: dt.datetime) -> Iterator[Check]:
-    from migsec.pki import DomainIdentity, TrustStore
-
     fix = "issue a new one: migsec ca issue --did {did} --out DIR --force (then restart migsecd)"
     fix = fix.format(did=config.domain.id)
     try:
@@ -135,9 +137,6 @@ def _certificate(config: Any, now: dt.datetime) -> Iterator[Check]:
 
 def _policies(config: Any) -> Check:
     def body() -> Check:
-        from migsec.errors import PolicyError
-        from migsec.policy.loader import load_policy_dir
-
         policy_dir = config.paths.policy_dir
         try:
             loaded = load_policy_dir(policy_dir)  # the loader migsecd itself uses
@@ -213,8 +212,6 @@ def _stage_and_rename(name: str, directory: Path, what: str, state: Path) -> Che
 
 def _libvirt(config: Any) -> Check:
     def body() -> Check:
-        from migsec.virt import connect
-
         with connect(config.libvirt.uri) as conn:
             count = len(conn.list_domains())
         return Check("libvirt", OK, f"{config.libvirt.uri} answers ({count} domain(s))")
@@ -224,8 +221,6 @@ def _libvirt(config: Any) -> Check:
 
 
 def _hook(config: Any, hooks_dir: Path, pid_file: Path | None) -> Iterator[Check]:
-    from migsec.ops.layout import HOOK_NAME
-
     hook = hooks_dir / "qemu.d" / HOOK_NAME
     fix = "run `migsec install`, then restart libvirtd"
     if not hook.is_file():
@@ -283,7 +278,7 @@ def _hook_config(hook: Path) -> str:
                 and getattr(node.targets[0], "id", None) == "CONFIG"
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
             return node.value.value
-    return "/etc/migsec/migsecd.toml"
+    return str(DEFAULT_CONFIG_PATH)
 
 
 START_TIME_SLACK = 2.0  # seconds
@@ -325,8 +320,6 @@ def _daemon(config: Any) -> Check:
 def _peer_trust(config: Any, peer: Any, now: dt.datetime) -> Check | None:
     """A peer whose stored certificate does not verify against this domain's trust store
     (typically its CA is not in [domain].trust): every migration to it would be refused."""
-    from migsec.pki import TrustStore
-
     if peer.cert_pem is None:
         return None
     try:
@@ -341,8 +334,6 @@ def _peer_trust(config: Any, peer: Any, now: dt.datetime) -> Check | None:
 
 
 def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Iterator[Check]:
-    from migsec.pki import PeerDirectory
-
     try:
         peers = PeerDirectory(config.paths.peers).list()
     except MigsecError as exc:
@@ -350,7 +341,7 @@ def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Itera
         return
     if not peers:
         yield Check("peers", WARN, f"no peer domains in {config.paths.peers}: nothing to migrate to",
-                    "migsec peer add DID --address HOST:7443 --cert CERT (or --fingerprint SHA256:...)")
+                    f"migsec peer add DID --address HOST:{DEFAULT_PORT} --cert CERT (or --fingerprint SHA256:...)")
         return
     for peer in peers:
         untrusted = _peer_trust(config, peer, now or dt.datetime.now(dt.timezone.utc))
@@ -366,6 +357,6 @@ def _peers(config: Any, timeout: float, now: dt.datetime | None = None) -> Itera
             yield Check(f"peer {peer.did}", WARN, f"{peer.address} unreachable "
                         f"({getattr(exc, 'strerror', None) or exc}): migrations there will fail",
                         "check the peer's migsecd, routing and firewall (TCP port "
-                        f"{port or 7443})")
+                        f"{port or DEFAULT_PORT})")
         else:
             yield Check(f"peer {peer.did}", OK, f"{peer.address} accepts TCP connections")

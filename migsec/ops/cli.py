@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from migsec.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path
+from migsec.errors import ConfigError
+from migsec.ops.checks import FAIL, run_checks
 from migsec.ops.layout import DEFAULT_CONFIG_DIR, Layout, apply, plan
 
 _abs = click.Path(path_type=Path, file_okay=False)
@@ -28,8 +31,6 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
     Idempotent: a second run changes nothing and says so. An existing migsecd.toml is never
     replaced.
     """
-    from migsec.errors import ConfigError
-
     prefix = (prefix or Path(sys.prefix)).absolute()
     layout = Layout(prefix=prefix, config_dir=config_dir.absolute(), root=root.absolute(),
                     source=source)
@@ -51,7 +52,7 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
 
 @click.command()
 @click.option("--config", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="migsecd.toml (default: $MIGSEC_CONFIG or /etc/migsec/migsecd.toml).")
+              help=f"migsecd.toml (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}).")
 @click.option("--hooks-dir", type=_abs, default=Path("/etc/libvirt/hooks"), show_default=True,
               help="libvirt's hook directory.")
 @click.option("--unit", type=click.Path(path_type=Path, dir_okay=False),
@@ -61,9 +62,6 @@ def install(prefix: Path | None, config_dir: Path, root: Path, source: Path | No
               show_default=True, help="Seconds to wait for each peer's TCP port.")
 def doctor(config: Path | None, hooks_dir: Path, unit: Path, peer_timeout: float) -> None:
     """Check this host's migsec setup; one line per check, exit 1 on any FAIL."""
-    from migsec.daemon.config import config_path
-    from migsec.ops.checks import FAIL, run_checks
-
     # the host's own libvirtd, when the hooks checked are the host's own
     pid_file = Path("/run/libvirtd.pid") if hooks_dir == Path("/etc/libvirt/hooks") else None
     checks = run_checks(config_path(config), hooks_dir=hooks_dir, unit=unit,

@@ -13,10 +13,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migsec.config import DEFAULT_CONFIG_PATH, load_config
 from migsec.errors import ConfigError
 from migsec.fsutil import atomic_write
 
-DEFAULT_CONFIG_DIR = Path("/etc/migsec")
+DEFAULT_CONFIG_DIR = DEFAULT_CONFIG_PATH.parent
 HOOK_NAME = "50-migsec"
 _DEFAULT_HOOK_CONFIG = "CONFIG = None"
 
@@ -151,7 +152,6 @@ def _write_dirs(layout: Layout) -> tuple[Path, list[Path]]:
     state, images = Path("/var/lib/migsec"), [Path("/var/lib/libvirt/images")]
     cfg_file = layout.under_root(layout.config)
     if cfg_file.is_file():
-        from migsec.daemon.config import load_config
 
         config = load_config(cfg_file, check_files=False)
         state = config.paths.state_dir
@@ -182,7 +182,7 @@ def render_hook(text: str, layout: Layout) -> str:
     lines = text.splitlines()
     lines[0] = f"#!{_python_for(layout)}"
     text = "\n".join(lines) + "\n"
-    if layout.config != DEFAULT_CONFIG_DIR / "migsecd.toml":
+    if layout.config != DEFAULT_CONFIG_PATH:
         text = text.replace(_DEFAULT_HOOK_CONFIG, f"CONFIG = {str(layout.config)!r}")
     return text
 

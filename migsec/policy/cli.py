@@ -7,6 +7,7 @@ import click
 
 from migsec.errors import PolicyError, RequestSyntaxError
 from migsec.policy.defaults import SHIPPED, render_default_policies
+from migsec.policy.loader import load_policy_dir
 from migsec.policy.pdp import PDP
 from migsec.policy.request import parse_request
 
@@ -38,8 +39,6 @@ def eval_(policies: tuple[Path, ...], request_file: Path) -> None:
 def check(paths: tuple[Path, ...]) -> None:
     """Load a policy DIRECTORY as migsecd does ([paths].policy_dir: one set, or source/ +
     destination/; one root, every policy reachable from it) or FILES (the root first)."""
-    from migsec.policy.loader import load_policy_dir
-
     if len(paths) == 1 and paths[0].is_dir():
         loaded = load_policy_dir(paths[0])
         stores = [("source/", loaded.source), ("destination/", loaded.destination)] if loaded.split \

@@ -14,6 +14,7 @@ from migsec.errors import PolicyError, PolicyReferenceError
 from migsec.policy import datatypes as T
 from migsec.policy import model as M
 from migsec.policy.combining import only_one_applicable
+from migsec.policy.loader import load_policy_directory
 from migsec.policy.parser import NS, PolicyStore, load_policies
 from migsec.policy.request import Category, Request
 
@@ -76,8 +77,6 @@ class PDP:
     def from_directory(cls, directory: str | Path, **kw: Any) -> "PDP":
         """Every ``*.xml`` in ``directory`` (``migsec.policy.loader.load_policy_directory``: the
         root is the one policy nobody references, and every policy must be reachable from it)."""
-        from migsec.policy.loader import load_policy_directory
-
         return cls(load_policy_directory(directory), **kw)
 
     def evaluate(self, request: Request) -> Response:

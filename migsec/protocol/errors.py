@@ -1,7 +1,15 @@
 """Finer protocol errors, each below a class of :mod:`migsec.errors`."""
 from __future__ import annotations
 
-from migsec.errors import HandshakeError, ProtocolError, UnexpectedMessageError
+from migsec.errors import (
+    AuthorizationDenied,
+    HandshakeError,
+    IntegrityError,
+    ProtocolError,
+    ResumeError,
+    StreamRefusedError,
+    UnexpectedMessageError,
+)
 
 
 class ReflectionError(UnexpectedMessageError):
@@ -52,8 +60,6 @@ _CODE_DECISIONS = {"capacity": "Capacity", "conflict": "Conflict", "bad-request"
 
 def peer_error_code(exc: BaseException) -> str:
     """The code a peer is told for ``exc`` (the exception itself stays local)."""
-    from migsec.errors import AuthorizationDenied, IntegrityError, ResumeError, StreamRefusedError
-
     if isinstance(exc, AuthorizationDenied):
         return _DECISION_CODES.get(exc.decision, "denied")
     if isinstance(exc, IntegrityError):

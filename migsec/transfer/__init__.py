@@ -82,7 +82,7 @@ Commit exchange -- ``commit.py`` (DESIGN §3.4)
     token | None`` (again: the same answer), ``resume()`` (recovery), ``finish()``,
     ``fail(reason)`` (DISCARDED before the receipt, IN_DOUBT after it: never resumes without
     A's signed commit). ``X.from_journal(entry, ...)`` rebuilds either from a journal entry.
-    ``journal(phase, **fields)`` uses the phase names of ``migsec.daemon.journal``.
+    ``journal(phase, **fields)`` uses the phase names of ``migsec.migration.journal``.
     ``as_control(kind, token)`` is the channel-0 CONTROL body.
 """
 from migsec.transfer.commit import DestinationCommit, SourceCommit, as_control

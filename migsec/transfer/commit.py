@@ -2,7 +2,7 @@
 
 Each machine is the one writer of its side's migration journal and the only place that makes
 and signs a commit or abort decision (A) or applies one (B). The orchestrators
-(``migsec.daemon.source`` / ``destination``) feed them events and carry out what they return;
+(``migsec.migration.source`` / ``destination``) feed them events and carry out what they return;
 ``migsec recover`` rebuilds them from the journal (``from_journal``) and feeds them the same
 events: the peer's decision or answer, or ``fail``.
 
@@ -62,7 +62,7 @@ Outcome = Callable[[], Any]
 
 
 class JournalView(Protocol):
-    """What ``from_journal`` reads of a journal entry (``migsec.daemon.journal.JournalEntry``)."""
+    """What ``from_journal`` reads of a journal entry (``migsec.migration.journal.JournalEntry``)."""
 
     @property
     def migration_id(self) -> str: ...

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import socket
 
@@ -11,7 +10,6 @@ import pytest
 from migsec.daemon import wire
 from migsec.daemon.logsetup import JournalFormatter
 from migsec.daemon.notify import sd_notify
-from migsec.daemon.progress import Progress
 from migsec.errors import FrameTooLargeError, MalformedMessageError, ProtocolError
 
 
@@ -77,14 +75,3 @@ def test_sd_notify_sends_a_datagram(tmp_path):
 def test_journal_formatter_prefixes_every_line_with_the_priority():
     record = logging.LogRecord("migsecd", logging.WARNING, __file__, 1, "a\nb", None, None)
     assert JournalFormatter("%(message)s").format(record) == "<4>a\n<4>b"
-
-
-def test_progress_plain_lines_when_not_a_terminal():
-    out = io.StringIO()
-    clock = iter([0.0, 1.0, 2.0, 3.0]).__next__
-    p = Progress(out, clock=clock)
-    p.update("disk", 512 * 1024, 1024 * 1024)
-    p.update("disk", 1024 * 1024, 1024 * 1024)
-    lines = out.getvalue().splitlines()
-    assert lines[0].startswith("disk: 50% 512.0 KiB/1.0 MiB")
-    assert lines[-1].startswith("disk: 100% 1.0 MiB/1.0 MiB")

@@ -5,7 +5,7 @@ import os
 import time
 
 from migsec.audit import Ledger
-from migsec.daemon.config import load_config
+from migsec.config import load_config
 from migsec.hooks.permit import PermitError, check_and_consume, write_permit
 
 from hook_helpers import UUID, domain_xml, entries, run_hook

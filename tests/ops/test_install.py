@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from migsec.cli import main
-from migsec.daemon.config import load_config
+from migsec.config import load_config
 from migsec.errors import ConfigError
 from migsec.ops.layout import Layout, apply, plan
 

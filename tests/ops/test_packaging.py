@@ -97,6 +97,6 @@ def test_migsec_install_works_from_a_plain_wheel_install(wheel, tmp_path):
     assert (root / "usr/share/doc/migsec/operators.md").is_file()
     assert (root / "usr/share/man/man1/migsec.1").read_text().startswith(".TH MIGSEC 1")
     # the sample config is the one migsecd reads: it parses with the installed package
-    r = _run([str(py), "-c", "import sys; from migsec.daemon.config import load_config; "
+    r = _run([str(py), "-c", "import sys; from migsec.config import load_config; "
               "load_config(sys.argv[1], check_files=False)", str(config)], cwd=outside, env=env)
     assert r.returncode == 0, r.stderr

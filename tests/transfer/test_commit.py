@@ -304,7 +304,7 @@ def test_data_plane_then_commit_on_the_same_session(tmp_path, domains, keys):
 
 # --- one decision per migration, and the machines rebuilt from a journal --------------------------
 class Entry:
-    """A journal entry as ``migsec.daemon.journal`` returns it (what ``from_journal`` reads)."""
+    """A journal entry as ``migsec.migration.journal`` returns it (what ``from_journal`` reads)."""
 
     def __init__(self, history, **data) -> None:
         self.migration_id, self.phase, self.data = MID, history[-1], data
