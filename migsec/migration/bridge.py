@@ -487,8 +487,8 @@ class ChannelBridge:
         out = bytearray(RECORD_MAX)
         hview, pview = memoryview(header), memoryview(payload)
         reply_out = bytearray(CHUNK + OVERHEAD)
-        self.sock.settimeout(PEER_SILENCE_S)
         try:
+            self.sock.settimeout(PEER_SILENCE_S)  # in the try: the bridge may be closed already
             while True:
                 if not self._recv_exact(hview):
                     raise PeerClosedError(f"{self.peer_name} closed the connection")
