@@ -182,6 +182,11 @@ class IncomingMigration:
         from migsec import virt
 
         entry = self.services.journal.get(self.mid)
+        from migsec.daemon.live import is_live, resume_destination
+
+        if is_live(entry):  # libvirt's Finish left it paused (and persisted it if asked)
+            resume_destination(self.services, self.mid)
+            return
         name = str(entry.data.get("restored") or entry.data.get("domain"))
         options = dict(entry.data.get("options") or {})
         with virt.connect(self.services.config.libvirt.uri) as conn:
@@ -217,10 +222,10 @@ class IncomingMigration:
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
-        if (entry.data.get("options") or {}).get("live_targets") is not None:
-            from migsec.daemon.live import discard_destination
+        from migsec.daemon.live import discard_destination, is_live
 
-            discard_destination(self.services, self.mid, record_phase=False)
+        if is_live(entry):  # A's signed abort: the paused copy libvirt's Finish left is destroyed
+            discard_destination(self.services, self.mid, aborted=True, record_phase=False)
             return
         name = entry.data.get("restored")
         if name:

@@ -108,7 +108,10 @@ def _abort_decision(services: Services, entry: JournalEntry, reason: str) -> str
                     decision="abort", issued_at=services.clock(), reason=reason).sign(services.identity.key)
 
 
-def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
+def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True,
+                    peer_receipt: Callable[[], Any] | None = None) -> str:
+    """A's recovery. ``tell_peer``: tell B the outcome (not when B asked: its answer does);
+    ``peer_receipt``: B's receipt as B sent it with its question (live)."""
     from migsec import virt
     from migsec.daemon.jobs import record
     from migsec.daemon.release import journal_plan, release_source
@@ -117,12 +120,14 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
     # every source journal is created naming its domain and peer (jobs.record)
     mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
     save_image = Path(entry.data["save_image"]) if entry.data.get("save_image") else None
-    if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.daemon.live import recover_source
+    live = entry.data.get("mode") == "live"
+    if not entry.decided and live:
+        # libvirt's outcome decides: a guest gone from here went to B (commit over B's receipt)
+        from migsec.daemon.live import decide_from_libvirt
 
-        outcome = recover_source(services, entry)
-        if outcome is not None:
-            return outcome
+        if decide_from_libvirt(services, entry, peer_receipt or (
+                lambda: _ask_peer(services, entry, {"t": "receipt?"}, want_key=True, kind="receipt"))):
+            entry = services.journal.get(mid)
     if not entry.decided:
         # presumed abort: no commit is durable, so the source copy wins
         if entry.phase != "aborted":
@@ -130,7 +135,12 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
         abort = _abort_decision(services, entry, "recovered after a crash before the decision")
         services.audit("decision", mid, role="source", token=abort, outcome="abort", reason="recovery")
         with virt.connect(services.config.libvirt.uri) as conn:
-            how = restart_at_source(conn, domain, save_image, paused=bool(entry.data.get("was_paused")))
+            if live:
+                from migsec.daemon.live import restart_after_abort
+
+                how = restart_after_abort(conn, domain, was_paused=bool(entry.data.get("was_paused")))
+            else:
+                how = restart_at_source(conn, domain, save_image, paused=bool(entry.data.get("was_paused")))
         if entry.data.get("work_dir"):
             shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
         record(services, mid, "source", "rolled-back", how=how)
@@ -151,6 +161,8 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
         shutil.rmtree(entry.data["work_dir"], ignore_errors=True)
     if entry.phase == "committed":
         record(services, mid, "source", "released")
+    if not tell_peer:
+        return f"committed: {domain} released here; {entry.data.get('peer')} resumes it on this answer{kept}"
     answer = _ask_peer(services, entry, {"t": "decision", "jws": entry.data.get("decision")})
     if answer is not None and answer.get("t") == "resumed":
         record(services, mid, "source", "done", resumed=answer.get("jws"))
@@ -165,19 +177,18 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
 
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
-    if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.daemon.live import recover_destination
-
-        outcome = recover_destination(services, entry)
-        if outcome is not None:
-            return outcome
     if entry.decided:
         job.resume_here()
         if services.journal.get(mid).phase == "commit-received":
             job.journal("resumed")
         job.finish()
         return f"committed: {entry.data.get('domain')} runs here"
-    answer = _ask_peer(services, entry, {"t": "query"}, want_key=True)
+    # a live move's paused copy is in doubt like a cold one: A decides (from libvirt's outcome),
+    # over the receipt B journaled when libvirt's Finish passed
+    query: dict[str, Any] = {"t": "query"}
+    if isinstance(entry.data.get("receipt"), str):
+        query["receipt"] = entry.data["receipt"]
+    answer = _ask_peer(services, entry, query, want_key=True)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable: left as is (a paused copy never runs without its commit)"
     message, peer = answer
@@ -207,7 +218,10 @@ def _session(services: Services, entry: JournalEntry) -> Any:
     return link.connect(services, peer, request, token, migration_id=entry.migration_id)
 
 
-def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False) -> Any:
+def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False,
+              kind: str | None = None) -> Any:
+    """Send ``message`` to the peer, return its answer (with the Peer when ``want_key``; when
+    ``kind`` is given, its "jws" if the answer is of that kind, else None); None if unreachable."""
     from migsec.protocol import Resumed, token_hash
 
     try:
@@ -224,6 +238,8 @@ def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_ke
                 raise MigsecError(f"{session.peer.did}'s Resumed answers another decision")
             services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["jws"],
                            peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
+        if kind is not None:
+            answer = answer.get("jws") if answer.get("t") == kind else None
         return (answer, session.peer) if want_key else answer
     except MigsecError as exc:
         log.warning("recovery of %s: %s did not answer: %s", entry.migration_id, entry.data.get("peer"), exc)
@@ -250,7 +266,14 @@ def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted)
     try:
         message = control.recv_control(ANSWER_TIMEOUT_S)
         entry = services.journal.get(mid)
-        if entry.role == "destination":
+        if entry.role == "destination" and message.get("t") == "receipt?":
+            # A's recovery found its guest gone (live) and commits over the receipt we journaled
+            receipt = entry.data.get("receipt")
+            reply: dict[str, Any] = {"t": "none"}
+            if isinstance(receipt, str) and not entry.terminal:
+                services.audit("receipt", mid, role="destination", token=receipt, mode="live", asked="recovery")
+                reply = {"t": "receipt", "jws": receipt}
+        elif entry.role == "destination":
             # A tells us its decision
             reply = IncomingMigration(services, mid).apply_decision(message, accepted.peer)
         else:
@@ -261,12 +284,19 @@ def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted)
                 reply = {"t": "decision", "jws": entry.data.get("decision")}
             else:
                 # presumed abort: A finishes its own side first, then answers
-                outcome = (_recover_source(services, entry, tell_peer=False)
+                # (live: libvirt's outcome may decide commit, over the receipt B sent along)
+                outcome = (_recover_source(services, entry, tell_peer=False,
+                                           peer_receipt=lambda: (message.get("receipt"), accepted.peer))
                            if not entry.terminal else entry.phase)
-                log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
-                token = _abort_decision(services, entry, "no commit decision at the source")
-                services.audit("decision", mid, role="source", token=token, outcome="abort")
-                reply = {"t": "decision", "jws": token}
+                entry = services.journal.get(mid)
+                if entry.decided:
+                    log.info("migration %s: asked by %s, answered commit (%s)", mid, accepted.src_did, outcome)
+                    reply = {"t": "decision", "jws": entry.data.get("decision")}
+                else:
+                    log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
+                    token = _abort_decision(services, entry, "no commit decision at the source")
+                    services.audit("decision", mid, role="source", token=token, outcome="abort")
+                    reply = {"t": "decision", "jws": token}
         control.send_control(reply)
     except MigsecError as exc:
         log.warning("recovery conversation for %s with %s failed: %s", mid, accepted.src_did, exc)
