@@ -393,3 +393,22 @@ def test_live_finish_reply_lost_then_a_aborts_and_b_destroys_its_paused_copy(dep
     assert ledger_entries(b, mid, "decision"), "B did not audit A's abort"
     for d in (a, b):
         audit_ok(d)
+
+
+def test_live_move_of_a_paused_guest_leaves_it_paused_at_b(dep, guest):
+    """A guest paused at A before the move stays paused at B after the commit (B resumes only
+    what ran), and runs on as the same boot once resumed there."""
+    a, b = dep["a"], dep["b"]
+    a.lab.host("a").virsh("suspend", guest.name)
+    last = guest.console("a").counters[-1]
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent", "--undefinesource")
+    assert code == 0, (err, result)
+    mid = result["migration_id"]
+    assert guest.state("a") == "absent" and guest.state("b") == "paused"
+    assert journal(a, mid)["phase"] == "done" and journal(b, mid)["phase"] == "done"
+    b.lab.host("b").virsh("resume", guest.name)
+    guest.assert_runs_only_on("b")
+    assert not guest.console("b").boots, "the guest rebooted at B"
+    assert_state_intact(guest, "b", last)
+    for d in (a, b):
+        audit_ok(d)
