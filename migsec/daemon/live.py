@@ -222,12 +222,13 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
                               "libvirt's outcome") from exc
     b_stats = message.get("job")
     stats: dict[str, Any] = b_stats if isinstance(b_stats, dict) else {}
-    services.audit("receipt", mid, role="source", mode="live", peer_token=token,
-                   peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
+    audit_receipt = partial(services.audit, "receipt", mid, role="source", mode="live", peer_token=token,
+                            peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
     try:
-        decision = commit.receipt_received(token)
+        decision = commit.receipt_received(token)  # journals receipt-received and committed
     except MigsecError as exc:
         # refused: abort, although libvirt stopped A's copy; B destroys its paused copy
+        audit_receipt()
         abort = commit.abort_token
         if abort is not None:
             services.audit("decision", mid, role="source", token=abort, outcome="abort", reason=str(exc)[:1000])
@@ -235,9 +236,11 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         raise MigrationFailed(f"{job.dest_did}'s receipt for {domain} was refused ({exc}): aborted, "
                               f"{job.dest_did} discards its paused copy; here {domain} is "
                               f"{restart.get('how', 'not restarted')}") from exc
-    services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live")
     try:
         bridge.send_control({"t": "decision", "jws": decision})
+        # ledgered while B resumes (the journal holds both tokens durably already)
+        audit_receipt()
+        services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live")
         answer = bridge.recv_control(REPLY_TIMEOUT_S)
         if answer.get("t") != "resumed" or not isinstance(answer.get("jws"), str):
             raise TransferError(f"expected resumed from {job.dest_did}, got {answer.get('t')!r}")
@@ -486,6 +489,7 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
     records = RecordLayer(accepted.keys, "destination")
     state: dict = {}
     timing: dict[str, float] = {}
+    held: dict[str, Any] = {}  # the libvirt connection _commit_here keeps open for the resume
     opened: set[str] = set()
     bridge: Any = None
     lock = threading.RLock()  # the machine is fed from this thread and from the RPC proxy's
@@ -494,7 +498,7 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
         transcript_hash=accepted.keys.transcript_hash, key=services.identity.key,
         peer_key=accepted.peer.public_key, journal=incoming.journal, clock=services.clock,
         restore_paused=lambda: None,  # libvirt's Finish restores it (finished_paused)
-        resume_vm=lambda: resume_destination(services, mid, timing),
+        resume_vm=lambda: resume_destination(services, mid, timing, conn=held.get("conn")),
         discard=lambda: discard_destination(services, mid, record_phase=False),
         discard_on_abort=lambda: discard_destination(services, mid, aborted=True, record_phase=False),
         receipt_state=LIVE_STATE)
@@ -555,7 +559,12 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
         timing["channels-done"] = time.monotonic()
         bridge.wait_channels_done(FINISH_TIMEOUT_S)
         timing["channels-ended"] = time.monotonic()
-        _commit_here(incoming, bridge, accepted, commit, lock, state, timing)
+        with virt.connect(services.config.libvirt.uri) as vconn:
+            held["conn"] = vconn
+            try:
+                _commit_here(incoming, bridge, accepted, commit, lock, state, timing, vconn)
+            finally:
+                held.clear()
     except BaseException as exc:  # noqa: BLE001 - every failure ends in a clean B, or B in doubt
         reason = str(exc) or type(exc).__name__
         log.error("live migration %s failed at the destination: %s", mid, reason)
@@ -578,14 +587,16 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
 
 
 def _decision(incoming: IncomingMigration, accepted: Accepted, commit: Any, lock: Any, message: dict) -> str | None:
-    """A's signed decision, audited, then fed to the machine (abort: destroy the paused copy)."""
+    """A's signed decision fed to the machine (commit: resume; abort: destroy the paused copy),
+    then ledgered (after the resume: it is not on the guest's pause)."""
     token = message.get("jws")
     if message.get("t") != "decision" or not isinstance(token, str):
         raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
+    with lock:
+        reply = commit.decision_received(token)  # verifies A's signature first
     incoming.services.audit("decision", incoming.mid, role="destination", peer_token=token,
                             peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
-    with lock:
-        return commit.decision_received(token)
+    return reply
 
 
 def _precreate(incoming: IncomingMigration, disks: list, dmap: dict) -> list[str]:
@@ -604,7 +615,7 @@ def _precreate(incoming: IncomingMigration, disks: list, dmap: dict) -> list[str
 
 
 def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, commit: Any, lock: Any,
-                 state: dict, timing: dict) -> None:
+                 state: dict, timing: dict, conn: Any) -> None:
     """libvirt finished here (paused): sign the receipt, wait for A's decision, resume on commit."""
     from migsec import virt
     from migsec.virt import migrate as vmig
@@ -613,16 +624,15 @@ def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, c
     uuid = _vm_uuid(request)
     if not (state.get("finish") and state["finish"][0]):
         raise MigsecError(f"libvirt's Finish did not succeed here: {(state.get('finish') or (0, 0, 'none seen'))[2]}")
-    with virt.connect(services.config.libvirt.uri) as conn:
-        here = virt.domain_state(conn, uuid).value
-        stats = vmig.job_stats(conn, uuid, completed=True)
+    here = virt.domain_state(conn, uuid).value
+    stats = vmig.job_stats(conn, uuid, completed=True)
     if here != "paused":
         raise MigsecError(f"libvirt reports {request.vm} {here} here after its Finish, not paused")
     with lock:
         receipt = commit.channels_verified(bridge.digests())  # journals restored-paused with it
-    services.audit("receipt", mid, role="destination", token=receipt, mode="live")
     bridge.send_control({"t": "receipt", "jws": receipt, "job": stats.as_dict() if stats else {}})
     timing["receipt-sent"] = time.monotonic()
+    services.audit("receipt", mid, role="destination", token=receipt, mode="live")  # journaled before it left
     message = bridge.recv_control(REPLY_TIMEOUT_S)
     timing["decision"] = time.monotonic()
     resumed = _decision(incoming, accepted, commit, lock, message)  # commit: journal, resume, Resumed
@@ -643,27 +653,37 @@ def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, c
             if k != "finished"))
 
 
-def resume_destination(services: Services, mid: str, timing: dict | None = None) -> None:
+def resume_destination(services: Services, mid: str, timing: dict | None = None, *, conn: Any = None) -> None:
     """After A's commit: the guest libvirt's Finish left paused runs here (or stays paused if it
-    was paused at A); its permit and run dir go. Idempotent (recovery may repeat it)."""
+    was paused at A); its permit and run dir go. Idempotent (recovery may repeat it). ``conn``:
+    a libvirt connection already open (none is opened on the guest's pause then)."""
     from migsec import virt
-    from migsec.virt.describe import DomainState
 
     entry = services.journal.get(mid)
     if not entry.decided:
         raise MigsecError(f"migration {mid}: no commit decision here; refusing to resume")
     uuid = str(entry.data.get("vm_uuid") or (entry.data.get("options") or {}).get("vm_uuid", ""))
-    with virt.connect(services.config.libvirt.uri) as conn:
-        state = virt.domain_state(conn, uuid)
-        if state == DomainState.PAUSED and not entry.data.get("vm_paused"):
-            virt.resume_domain(conn, uuid)
-        elif not state.active:
-            raise MigsecError(f"migration {mid}: {entry.data.get('domain')} is {state.value} here; cannot resume it")
+    if conn is None:
+        with virt.connect(services.config.libvirt.uri) as fresh:
+            _resume(fresh, mid, uuid, entry)
+    else:
+        _resume(conn, mid, uuid, entry)
     if timing is not None:
         timing["resumed"] = time.monotonic()
     consume_permit(services, uuid)
     remove_run_dir(mid)
     log.info("migration %s: %s resumed here", mid, entry.data.get("domain"))
+
+
+def _resume(conn: Any, mid: str, uuid: str, entry: JournalEntry) -> None:
+    from migsec import virt
+    from migsec.virt.describe import DomainState
+
+    state = virt.domain_state(conn, uuid)
+    if state == DomainState.PAUSED and not entry.data.get("vm_paused"):
+        virt.resume_domain(conn, uuid)
+    elif not state.active:
+        raise MigsecError(f"migration {mid}: {entry.data.get('domain')} is {state.value} here; cannot resume it")
 
 
 def discard_destination(services: Services, mid: str, *, aborted: bool = False, reason: str = "",
