@@ -54,9 +54,16 @@ class SourceCopy:
                    bool(data.get("was_paused")))
 
     def restart(self, conn: Any = None) -> str:
-        """Before the decision: the guest runs here again as it was; returns how."""
+        """Before the decision: the guest runs here again as it was; returns how. A live move's
+        copy is never restored from an image (there is none): one libvirt's Confirm stopped
+        stays stopped, its disks kept (``live.restart_after_abort``)."""
         with _connection(self.services, conn) as c:
-            how = restart_at_source(c, self.domain, self.save_image, paused=self.was_paused)
+            if self.plan.mode == "live":
+                from migsec.daemon.live import restart_after_abort
+
+                how = restart_after_abort(c, self.domain, was_paused=self.was_paused)
+            else:
+                how = restart_at_source(c, self.domain, self.save_image, paused=self.was_paused)
         self._remove_work_dir()
         return how
 
@@ -130,23 +137,6 @@ def release_copy(services: Services, conn: Any, migration_id: str, domain: str, 
             log.error("auditing that %s was given away: %s", domain, exc)
     if undefine:
         report["disks_not_removed"] = remove_moved_disks(plan)
-    return report
-
-
-def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
-                   destination: str, *, plan: MigrationPlan) -> dict:
-    """``release_copy``, its report added to the journal's current phase (the live flow, which
-    does not use the commit machine yet)."""
-    from migsec.daemon.jobs import record
-
-    report = release_copy(services, conn, migration_id, domain, options, destination, plan=plan)
-    fields = journal_fields(report)
-    if fields:
-        try:
-            phase = services.journal.get(migration_id).phase
-            record(services, migration_id, "source", phase, **fields)
-        except MigsecError as exc:
-            log.error("journalling the release of %s: %s", domain, exc)
     return report
 
 
