@@ -153,6 +153,14 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         _watch(job, conn, mover, bridge)
         _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
     except BaseException as exc:
+        if _left_here(conn, domain):
+            # whatever failed here, libvirt moved the guest (its Confirm stopped this copy): B holds
+            # the only copy, paused; an abort would destroy it. Undecided: recovery commits.
+            log.error("migration %s: %s failed, but %s left this host: not aborting", mid, exc, domain)
+            raise MigrationFailed(f"{domain} left this host (libvirt moved it to {job.dest_did}, where it "
+                                  f"waits paused), but the migration failed here: {exc}; the move is "
+                                  "undecided until `migsec recover` (or migsecd's automatic recovery) "
+                                  "settles it from libvirt's outcome") from exc
         _rollback(job, commit, exc, bridge)
         raise
     # libvirt's Finish left the guest paused at B and its Confirm stopped it here: from now on
@@ -225,6 +233,16 @@ def _send_quietly(bridge: Any, message: dict) -> None:
         pass  # B cleans up when the session ends, or asks (`migsec recover`)
 
 
+def _left_here(conn: Any, domain: str) -> bool:
+    """Is the guest gone from this host (shut off or undefined by libvirt's Confirm)?"""
+    from migsec.daemon.source import domain_state
+
+    try:
+        return domain_state(conn, domain) in ("absent", "shutoff")
+    except MigsecError:
+        return False  # libvirt cannot tell: the guest is not known to be gone
+
+
 def _join(job: OutgoingMigration, conn: Any, mover: "_Call") -> None:
     """libvirt's outcome: ``migrateToURI3``'s error, unless the guest left this host after all
     (an error after the Confirm that stopped it here: then B holds it paused)."""
@@ -273,7 +291,10 @@ def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> No
                 mover.error = mover.error or TransferError(f"live migration of {job.domain} did not finish "
                                                            f"within --timeout")
             return
-        stats = vmig.job_stats(conn, job.domain)
+        try:
+            stats = vmig.job_stats(conn, job.domain)
+        except MigsecError:  # e.g. the domain just left with --undefinesource: progress is optional
+            stats = None
         if stats is not None and stats.data_total:
             job.emit({"event": "progress", "phase": "live", "done": int(stats.data_processed or 0),
                       "total": int(stats.data_total)})

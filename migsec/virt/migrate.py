@@ -86,9 +86,9 @@ class JobStats:
 
 def job_stats(conn: Connection, name_or_uuid: str, *, completed: bool = False) -> JobStats | None:
     """The running (or, with ``completed``, the last completed) job's figures; None if none."""
-    dom = lookup(conn, name_or_uuid)
     flags = getattr(libvirt, "VIR_DOMAIN_JOB_STATS_COMPLETED", 0) if completed else 0
     try:
+        dom = lookup(conn, name_or_uuid)
         with libvirt_call("job statistics", uri=conn.uri, domain=name_or_uuid):
             stats = dom.jobStats(flags)
     except MigsecError:  # statistics are informative only; a vanished domain has none

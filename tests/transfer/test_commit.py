@@ -644,3 +644,53 @@ def test_live_destination_before_finish_waits_for_libvirt_to_drop_it_and_aborts_
     abort = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="abort",
                      issued_at=datetime.now(timezone.utc)).sign(domains.a.key)
     assert b2.decision_received(abort) is None and b2.state == DISCARDED and hb.count("destroy-paused") == 1
+
+
+# --- live recovery: the machines rebuilt from a live move's journal ---------------------------------
+def test_live_source_rebuilt_commits_over_b_s_receipt_when_libvirt_moved_the_guest(domains):
+    ha, hb = Recorder(), Recorder()
+    a, b = live_machines(domains, ha, hb)
+    a.authorized(domain="vm1", peer=B_DID, mode="live")
+    early = b.finished_paused(CHANNELS, finished="libvirt (paused)")
+    a.digests_sent(CHANNELS)
+    assert a.fail("the session broke") is None  # in doubt: nothing decided, nothing resumed
+    ra = source_from(domains, ha.entry(), ha, peer=False)
+    assert ra.state == "AWAIT_RECEIPT" and ra.live and not ra.committed
+    with pytest.raises(TicketError, match="no key"):  # B's receipt comes with the recovery session
+        ra.moved_by_libvirt(early, how="libvirt")
+    ra.peer_key = domains.b.public_key
+    cold_receipt = DestinationCommit(
+        migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=TH, key=domains.b.key,
+        peer_key=domains.a.public_key, journal=Host().journal, restore_paused=Host().action("r"),
+        resume_vm=Host().action("r"), discard=Host().action("d")).finished_paused(CHANNELS)
+    with pytest.raises(TicketError, match="not this finished-paused"):
+        ra.moved_by_libvirt(cold_receipt, how="libvirt")
+    assert not ra.committed and ha.count("resume") == 0  # a refused receipt changes nothing here
+    decision = ra.moved_by_libvirt(early, how="libvirt (found by recover)")
+    assert ra.committed and ("committed", {"decision": decision, "how": "libvirt (found by recover)"}) in ha.writes
+    b.fail("session broke")
+    rb = destination_from(domains, hb.entry(peer=A_DID, mode="live"), Host())
+    assert rb.state == IN_DOUBT  # libvirt's Finish journaled "received" with a receipt
+    ra.release()
+    ra.peer_key = domains.b.public_key
+    ra.resumed_received(rb.decision_received(decision))
+    assert ra.state == DONE and ha.count("resume") == 0 and ha.count("release") == 1
+
+
+def test_live_source_that_aborted_is_never_committed_by_libvirt_s_outcome(domains):
+    ha, hb = Recorder(), Host()
+    a, b = live_machines(domains, ha, hb)
+    a.authorized(domain="vm1", peer=B_DID, mode="live")
+    early = b.finished_paused(CHANNELS)
+    abort = a.fail("libvirt rolled back")  # before digests_sent: an abort
+    ra = source_from(domains, ha.entry(), Host())
+    assert ra.state == ROLLED_BACK and ra.fail("again") == abort
+    with pytest.raises(UnexpectedMessageError):
+        ra.moved_by_libvirt(early, how="libvirt")
+    crashed = Recorder()
+    crashed.journal("authorized", domain="vm1", peer=B_DID, mode="live")
+    crashed.journal("aborted", reason="x", abort_decision=abort)  # crash before rolled-back
+    rc = source_from(domains, crashed.entry(), Host())
+    with pytest.raises(UnexpectedMessageError, match="aborted"):
+        rc.moved_by_libvirt(early, how="libvirt")
+    assert not rc.committed
