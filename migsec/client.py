@@ -160,8 +160,13 @@ def _migrate(domain, destination, live, verbose, persistent, undefinesource, ban
     moved = result.get("bytes_on_wire")
     extra = f", {human_bytes(moved)} on the wire" if isinstance(moved, int) else ""
     job = result.get("job") or {}
-    if isinstance(job.get("downtime_ms"), int):
-        extra += f", downtime {job['downtime_ms']} ms"
+    if isinstance(result.get("libvirt_downtime_ms"), int) and isinstance(result.get("paused_wait_ms"), (int, float)):
+        # live: the guest's whole pause, libvirt's figure (up to B's Finish) + B's wait for the commit
+        extra += (f", downtime {result['libvirt_downtime_ms'] + result['paused_wait_ms']:.0f} ms "
+                  f"(libvirt {result['libvirt_downtime_ms']} ms + {result['paused_wait_ms']:.0f} ms paused at "
+                  "the destination until the signed commit)")
+    elif isinstance(job.get("downtime_ms"), int):
+        extra += f", downtime {job['downtime_ms']} ms (libvirt's figure)"
     how = "live " if result.get("mode") == "live" else ""
     click.echo(f"migrated {domain} {how}to {result.get('destination_did', host)} "
                f"(migration {result.get('migration_id', '?')}, {result.get('seconds', 0):.1f} s{extra})")

@@ -184,7 +184,9 @@ tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-MEM \|MIGSEC-BOOT' | t
 
 step "8. Live: migsec migrate $GUEST migsec://${ADDR[a]}:$PORT --live --verbose (run on host b)"
 echo "libvirt moves the running guest back peer to peer; its RPC, QEMU's stream and the NBD disk"
-echo "mirror cross migsec's encrypted session, through b's filtering libvirt RPC proxy:"
+echo "mirror cross migsec's encrypted session, through b's filtering libvirt RPC proxy. libvirt's Finish"
+echo "leaves the guest paused on a; a resumes it only with b's signed commit (the downtime shown is"
+echo "libvirt's figure plus that wait):"
 console_a=$LAB/a/log/qemu/$GUEST-console.log
 seen_a=$( (cat "$console_a" 2>/dev/null || true) | wc -l)
 before=$(tail -n +"$((seen_b + 1))" "$console_b" | grep -a 'MIGSEC-COUNT' | tail -n 1 | awk '{print $2}')

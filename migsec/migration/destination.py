@@ -7,8 +7,9 @@ socket for bulk data).
 
 Journal phases at B: accepted -> receiving -> received -> restored-paused
 -> commit-received -> resumed -> done; or discarded (only before commit-received).
-On a cold move ``migsec.transfer.commit.DestinationCommit`` writes them all and applies A's
-decision, in the session and when recovery brings it (``decision_from_source``).
+``migsec.transfer.commit.DestinationCommit`` writes them all and applies A's decision, in
+the session and when recovery brings it (``decision_from_source``), cold and live (a live
+move's "received" is libvirt's Finish, with a first receipt: ``migsec.migration.live``).
 A connection lost before the decision leaves B's staged files for a resume, and a
 paused guest in doubt: it never runs here without A's signed commit.
 """
@@ -27,9 +28,12 @@ from migsec.protocol.errors import peer_reason
 from migsec.transfer import SourceDecision
 from migsec.transfer.commit import (
     AWAIT_DECISION,
+    COLD_RECEIPT,
     COMMITTED,
     DISCARDED,
+    FINISHED_PAUSED,
     IN_DOUBT,
+    LIVE_RECEIPT,
     RUNNING,
     DestinationCommit,
     as_control,
@@ -115,6 +119,9 @@ class IncomingMigration:
         self.services = services
         self.mid = migration_id
         self.restored: str | None = None  # the restored domain's name, before it is journaled
+        # live: a libvirt connection the flow holds open for the resume, and its timeline
+        self.held_conn: Any = None
+        self.timing: dict[str, float] | None = None
 
     def machine_from_journal(self, peer_key: VerifyingKey | None) -> DestinationCommit:
         """B's commit machine as this migration's journal left it (recovery, A's answer)."""
@@ -133,12 +140,17 @@ class IncomingMigration:
 
         services, request = self.services, accepted.request
         prepared: dict[str, str] = {}
+        live = request.mode == "live"
+        # live: libvirt's Finish is the restore (finished_paused); a local failure only waits for
+        # libvirt to drop an unfinished guest, A's abort destroys the paused copy (discard_here)
         commit = DestinationCommit(
             migration_id=self.mid, src_did=accepted.src_did, dest_did=services.did,
             transcript_hash=accepted.keys.transcript_hash, key=services.identity.key,
             peer_key=accepted.peer.public_key, journal=self.journal,
             restore_paused=lambda: self.restore(prepared["memory"], prepared["xml"]),
-            resume_vm=self.resume_here, discard=self.discard_here, cleanup=self.cleanup, clock=services.clock)
+            resume_vm=self.resume_here, discard=self.drop_unfinished if live else self.discard_here,
+            discard_on_abort=self.discard_here, cleanup=self.cleanup, clock=services.clock,
+            receipt_state=LIVE_RECEIPT if live else COLD_RECEIPT)
         if accepted.purpose == "migrate":
             commit.accepted(domain=request.vm, peer=accepted.src_did, user=accepted.user_id,
                             options=dict(request.options), plan=request.require_plan().to_dict(),
@@ -150,7 +162,7 @@ class IncomingMigration:
         if request.mode == "live":
             from migsec.migration.live import serve_destination
 
-            serve_destination(self, conn, accepted)
+            serve_destination(self, conn, accepted, commit)
             return
         records = RecordLayer(accepted.keys, "destination")
         control = ControlLink(conn, records, accepted.src_did)
@@ -243,7 +255,12 @@ class IncomingMigration:
         """After the commit decision: the guest must run here (idempotent)."""
         from migsec import virt
 
+        from migsec.migration.live import is_live, resume_destination
+
         entry = self.services.journal.get(self.mid)
+        if is_live(entry):  # libvirt's Finish left it paused (and persisted it if asked)
+            resume_destination(self.services, self.mid, self.timing, conn=self.held_conn)
+            return
         name = str(entry.data.get("restored") or entry.data.get("domain"))
         options = dict(entry.data.get("options") or {})
         with virt.connect(self.services.config.libvirt.uri) as conn:
@@ -275,14 +292,13 @@ class IncomingMigration:
         """Before the commit decision: remove any paused copy and every partial file."""
         from migsec import virt
         from migsec.migration import dataplane
+        from migsec.migration.live import discard_destination, is_live
 
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
-        if entry.plan().mode == "live":
-            from migsec.migration.live import discard_destination
-
-            discard_destination(self.services, self.mid, record_phase=False)
+        if is_live(entry):  # A's signed abort: the paused copy libvirt's Finish left is destroyed
+            discard_destination(self.services, self.mid, aborted=True, record_phase=False)
             return
         name = entry.data.get("restored") or self.restored  # restored, but not yet journaled
         target = name or entry.data.get("restoring")
@@ -299,6 +315,14 @@ class IncomingMigration:
                 if state is not None and (state.active if name else state.value == "paused"):
                     virt.destroy_domain(conn, target)
         dataplane.discard(self.services, self.mid)
+
+    def drop_unfinished(self) -> None:
+        """Live, a local failure before libvirt's Finish: wait for libvirt to drop the unfinished
+        incoming guest (a guest still here may be the only copy: never removed), then remove
+        B's pre-created disks and sockets."""
+        from migsec.migration.live import discard_destination
+
+        discard_destination(self.services, self.mid, record_phase=False)
 
     def cleanup(self) -> None:
         """The guest runs here: the staging directory goes."""
@@ -319,7 +343,7 @@ class IncomingMigration:
         resumed = commit.decision_received(token)
         if resumed is None:
             return {"t": "discarded"}
-        if before in (AWAIT_DECISION, IN_DOUBT, COMMITTED):
+        if before in (AWAIT_DECISION, IN_DOUBT, FINISHED_PAUSED, COMMITTED):
             self.services.audit("resumed", self.mid, role="destination", token=resumed)
         if commit.state == RUNNING:
             commit.finish()
@@ -337,7 +361,7 @@ class IncomingMigration:
             commit.finish()
 
     def journal(self, phase: str, **fields: Any) -> None:
-        """B's journal: the commit machine's writer (and the live flow's)."""
+        """B's journal: the commit machine's writer (cold and live)."""
         from migsec.migration.jobs import record
 
         record(self.services, self.mid, "destination", phase, **fields)

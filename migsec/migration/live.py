@@ -12,15 +12,24 @@ B's QEMU listens on the same paths on B. On the wire::
     B -> A  {"t": "ready"}               B pre-created the disks (sparse), made its run dir
     ...     channels (libvirt, qemu, nbd) while libvirt migrates
     A -> B  {"t": "channels-done"}       migrateToURI3 returned: libvirt's Finish/Confirm committed
-    B -> A  {"t": "receipt", "jws", "job"}  Receipt(state "running-live", SHA-256 of every channel
+    B -> A  {"t": "receipt", "jws", "job"}  Receipt(state "finished-paused", SHA-256 of every channel
                                           per direction, as B saw them); "job" = domjobinfo --completed
     A -> B  {"t": "decision", "jws"}     A checked the digests against its own; commit
-    B -> A  {"t": "resumed", "jws"}
+    B -> A  {"t": "resumed", "jws", "paused_wait_us"}   B resumed the guest (after waiting paused so long)
     or, on any failure: A -> B decision abort / B -> A {"t": "abort", "reason"}
 
-libvirt's Finish/Confirm is the commit: before it, libvirt rolls back (the guest runs
-on at A) and migsec removes its sockets and B's pre-created disks; after it the guest
-is B's. The journal and ledger record it like a cold move (receipt, decision, resumed).
+Exactly one side runs the guest, as in a cold move, and the same commit machines decide and
+journal it (``migsec.transfer.commit``): A's is ``OutgoingMigration.commit`` (authorized and
+handshaken before ``run_source`` runs), B's the one ``IncomingMigration.serve`` journaled
+``accepted`` with. libvirt migrates with ``VIR_MIGRATE_PAUSED``, so B's Finish leaves the guest
+paused and B resumes it only once it holds and journaled A's signed commit Decision. A decides
+commit only after ``migrateToURI3`` succeeded (libvirt's Confirm stopped A's copy) and B's
+receipt matches; from then on A never resumes. Were B's Finish reply lost, libvirt's
+Confirm(cancelled) resumes A and A's abort makes B destroy its paused copy. Before the Finish,
+libvirt rolls back and migsec removes its sockets and B's pre-created disks. After a crash,
+recovery asks libvirt at A (``left_this_host``): a guest gone from A went to B (the machine's
+``moved_by_libvirt``: commit), one still active at A stays (abort); B's paused copy is in doubt
+until A answers.
 """
 from __future__ import annotations
 
@@ -32,12 +41,13 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from migsec.migration.jobs import MigrationAborted
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
+from migsec.transfer.commit import AWAIT_DECISION, AWAIT_STREAMS, FINISHED_PAUSED, LIVE_RECEIPT, RECEIVING
 
 if TYPE_CHECKING:
     from migsec.migration.destination import IncomingMigration
@@ -46,6 +56,7 @@ if TYPE_CHECKING:
     from migsec.daemon.services import Services
     from migsec.migration.source import OutgoingMigration
     from migsec.protocol.plan import DiskPlan
+    from migsec.transfer.commit import DestinationCommit, SourceCommit
 
 log = logging.getLogger("migsecd.live")
 RUN_ROOT = Path("/run/migsec")
@@ -54,7 +65,7 @@ FINISH_TIMEOUT_S = 60
 REPLY_TIMEOUT_S = 120
 TARGET_WAIT_S = 30
 PERMIT_TTL_S = 600
-LIVE_STATE = "running-live"
+LIVE_STATE = LIVE_RECEIPT  # the receipt's state: libvirt's Finish left the guest paused at B
 
 
 # ---- shared -----------------------------------------------------------------------------------
@@ -94,37 +105,92 @@ def _uris(migration_id: str) -> dict[str, str]:
 
 # ---- A: the source ------------------------------------------------------------------------------
 def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dict:
-    """A's side after the handshake (``job`` is the OutgoingMigration)."""
+    """A's side after the handshake (``job`` is the OutgoingMigration). The commit exchange is
+    ``job.commit`` (``migsec.transfer.commit.SourceCommit``, live: it journaled authorized and
+    handshaken with B's key and this session's transcript hash): libvirt's migration is its
+    "streams sent", its actions are A's copy (``SourceCopy``), as for a cold move."""
     from migsec import virt
     from migsec.migration.bridge import ChannelBridge
-    from migsec.protocol import Decision, Receipt, Resumed, token_hash
-    from migsec.virt import migrate as vmig
 
     services, mid, domain = job.services, job.mid, job.domain
     info = virt.describe_domain(conn, domain)
     job.was_paused = info.state.value == "paused"
-    paths = _uris(mid)
     bridge = ChannelBridge(session.sock, session.records, role="source", peer_name=job.dest_did)
-    committed = False
+    try:
+        stats, resumed = _source_flow(job, conn, session, bridge, job.commit)
+    finally:
+        bridge.close()
+        remove_run_dir(mid)
+    job.bytes_on_wire = bridge.wire_sent + bridge.wire_received
+    job.step(f"{domain} is running at {job.dest_did}; every channel's SHA-256 matches B's receipt")
+    result = job.result()
+    result.update(mode="live", job=stats, channels=bridge.channel_bytes(), downtime_seconds=None)
+    result.update(downtime(stats, resumed))  # None: the pause could not be measured whole
+    return result
+
+
+def downtime(stats: dict, resumed: dict) -> dict:
+    """The guest's real pause: libvirt's downtime (B's completed job, up to its Finish) plus the
+    time B kept it paused after the Finish until A's commit let it resume (B's clock)."""
+    libvirt_ms, wait_us = stats.get("downtime_ms"), resumed.get("paused_wait_us")
+    out: dict[str, Any] = {}
+    if isinstance(libvirt_ms, int) and not isinstance(libvirt_ms, bool):
+        out["libvirt_downtime_ms"] = libvirt_ms
+    if isinstance(wait_us, int) and not isinstance(wait_us, bool) and wait_us >= 0:
+        out["paused_wait_ms"] = round(wait_us / 1000, 1)
+    if "libvirt_downtime_ms" in out and "paused_wait_ms" in out:
+        out["downtime_seconds"] = round((out["libvirt_downtime_ms"] + out["paused_wait_ms"]) / 1000, 3)
+    return out
+
+
+def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, bridge: Any,
+                 commit: SourceCommit) -> tuple[dict, dict]:
+    from migsec.virt import migrate as vmig
+
+    services, mid, domain = job.services, job.mid, job.domain
+    paths = _uris(mid)
     try:
         qemu_gid = _qemu_gid()
         make_run_dir(mid, group=qemu_gid, group_mode=0o010)
-        job.journal("streaming", attempt=0, mode="live", run_dir=str(run_dir(mid)))
+        commit.streaming(attempt=0, mode="live", run_dir=str(run_dir(mid)), was_paused=job.was_paused)
         for kind, path in paths.items():
             bridge.listen(kind, path, group=qemu_gid if kind == "nbd" else None)  # QEMU connects to nbd.sock
         _expect(bridge, job, "ready", READY_TIMEOUT_S)  # B pre-created the disks, wrote the hook's permit
         job.step(f"{job.dest_did} is ready (disks pre-created sparse); libvirt migrates {domain} live "
                  "through the session")
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
-                                undefine_source=bool(job.options.get("undefine_source")), paused=job.was_paused)
+                                undefine_source=bool(job.options.get("undefine_source")))
         targets = [d.target for d in job.request.require_plan().mirrored_disks]
         job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
         _watch(job, conn, mover, bridge)
-        mover.join()  # raises libvirt's error: libvirt rolled back
-        committed = True  # libvirt's Finish (B) and Confirm (A) are done: the guest is B's
-        bridge.stop_listening()
-        bridge.wait_channels_done(FINISH_TIMEOUT_S)
+        _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
+    except BaseException as exc:
+        if _left_here(conn, domain):
+            # whatever failed here, libvirt moved the guest (its Confirm stopped this copy): B holds
+            # the only copy, paused; an abort would destroy it. Undecided: recovery commits.
+            log.error("migration %s: %s failed, but %s left this host: not aborting", mid, exc, domain)
+            raise MigrationFailed(f"{domain} left this host (libvirt moved it to {job.dest_did}, where it "
+                                  f"waits paused), but the migration failed here: {exc}; the move is "
+                                  "undecided until `migsec recover` (or migsecd's automatic recovery) "
+                                  "settles it from libvirt's outcome") from exc
+        _rollback(job, commit, exc, bridge)
+        raise
+    # libvirt's Finish left the guest paused at B and its Confirm stopped it here: from now on
+    # A never resumes it (the machine's stopped_when_sent); B runs it once A's commit arrives
+    returned = time.time()
+    bridge.stop_listening()
+    try:
+        waited: MigsecError | None = None
+        try:
+            bridge.wait_channels_done(FINISH_TIMEOUT_S)
+        except MigsecError as exc:
+            waited = exc
+        log.info("migration %s: libvirt's migration returned; its channels ended %.0f ms later", mid,
+                 (time.time() - returned) * 1000)
+        commit.digests_sent(bridge.digests())
+        if waited is not None:
+            raise waited
         bridge.send_control({"t": "channels-done"})
         message = bridge.recv_control(REPLY_TIMEOUT_S)
         if message.get("t") == "abort":
@@ -132,54 +198,77 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
         token = message.get("jws")
         if message.get("t") != "receipt" or not isinstance(token, str):
             raise TransferError(f"expected a receipt from {job.dest_did}, got {message.get('t')!r}")
-        b_stats = message.get("job")
-        stats: dict[str, Any] = b_stats if isinstance(b_stats, dict) else {}
-        services.audit("receipt", mid, role="source", mode="live", peer_token=token,
-                       peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
-        receipt = Receipt.verify(token, session.peer.public_key, migration_id=mid)
-        mine = bridge.digests()
-        problems = _receipt_problems(receipt, job, session, mine)
-        job.journal("receipt-received", receipt=token, digests={k: v.hex() for k, v in mine.items()})
-        if problems:
-            raise IntegrityError(f"{domain} runs at {job.dest_did} (libvirt committed) but its receipt "
-                                 f"does not match what left here: {'; '.join(problems)}")
-        decision = Decision(migration_id=mid, src_did=services.did, dest_did=job.dest_did, decision="commit",
-                            issued_at=services.clock(), receipt_hash=token_hash(token)).sign(services.identity.key)
-        job.journal("committed", decision=decision, how="libvirt")
-        services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live")
+    except MigsecError as exc:
+        if commit.state != AWAIT_STREAMS:  # (else "streamed" was not journaled: recovery decides all)
+            commit.fail(str(exc))  # in doubt: no receipt was refused, and A's copy is gone
+        raise MigrationFailed(f"{domain} left this host (libvirt stopped it here) and waits paused at "
+                              f"{job.dest_did}, but the exchange after it failed: {exc}; the move is undecided "
+                              "until `migsec recover` (or migsecd's automatic recovery) settles it from "
+                              "libvirt's outcome") from exc
+    b_stats = message.get("job")
+    stats: dict[str, Any] = b_stats if isinstance(b_stats, dict) else {}
+    audit_receipt = partial(services.audit, "receipt", mid, role="source", mode="live", peer_token=token,
+                            peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
+    try:
+        decision = commit.receipt_received(token)  # journals receipt-received and committed
+    except MigsecError as exc:
+        # refused: abort, although libvirt stopped A's copy; B destroys its paused copy
+        audit_receipt()
+        abort = commit.abort_token
+        if abort is not None:
+            services.audit("decision", mid, role="source", token=abort, outcome="abort", reason=str(exc)[:1000])
+            _send_quietly(bridge, {"t": "decision", "jws": abort})
+        raise MigrationFailed(f"{job.dest_did}'s receipt for {domain} was refused ({exc}): aborted, "
+                              f"{job.dest_did} discards its paused copy; here {domain} is "
+                              f"{job.restarted or 'not restarted'}") from exc
+    try:
         bridge.send_control({"t": "decision", "jws": decision})
-        answer = _expect(bridge, job, "resumed", REPLY_TIMEOUT_S)
-        resumed = Resumed.verify(answer, session.peer.public_key, migration_id=mid)
-        if resumed.decision_hash != token_hash(decision):
-            raise IntegrityError(f"{job.dest_did}'s Resumed answers another decision")
-        services.audit("resumed", mid, role="source", peer_token=answer, peer_cert_pem=session.peer.cert_pem,
-                       peer_did=job.dest_did)
-        _release_source(job, conn)
-        job.journal("released")
-        job.journal("done", resumed=answer)
-    except BaseException as exc:
-        if committed:
-            bridge.close()
-            remove_run_dir(mid)
-            if job.services.journal.get(mid).phase not in ("committed", "released", "done"):
-                job.journal("committed", how="libvirt", problem=str(exc)[:500])
-            raise MigrationFailed(f"{domain} moved to {job.dest_did} (libvirt committed it) but the "
-                                  f"exchange after it failed: {exc}") from exc
-        try:
-            _rollback(job, conn, exc, bridge)
-        finally:
-            bridge.close()
-            remove_run_dir(mid)
-        raise
-    bridge.close()
-    remove_run_dir(mid)
-    job.bytes_on_wire = bridge.wire_sent + bridge.wire_received
-    job.step(f"{domain} is running at {job.dest_did}; every channel's SHA-256 matches B's receipt")
-    result = job.result()
-    if isinstance(stats.get("downtime_ms"), int):
-        result["downtime_seconds"] = stats["downtime_ms"] / 1000  # libvirt's figure (B's completed job)
-    result.update(mode="live", job=stats, channels=bridge.channel_bytes())
-    return result
+        # ledgered while B resumes (the journal holds both tokens durably already)
+        audit_receipt()
+        services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live")
+        answer = bridge.recv_control(REPLY_TIMEOUT_S)
+        if answer.get("t") != "resumed" or not isinstance(answer.get("jws"), str):
+            raise TransferError(f"expected resumed from {job.dest_did}, got {answer.get('t')!r}")
+        services.audit("resumed", mid, role="source", peer_token=answer["jws"],
+                       peer_cert_pem=session.peer.cert_pem, peer_did=job.dest_did)
+        commit.resumed_received(answer["jws"])  # releases A's copy, journals released and done
+    except MigsecError as exc:
+        commit.fail(str(exc))  # committed: A stays stopped; recovery sends the commit again
+        raise MigrationFailed(f"{domain} is committed to {job.dest_did}, which has not confirmed that it "
+                              f"resumed it: {exc}; `migsec recover` sends the decision again") from exc
+    return stats, answer
+
+
+def _send_quietly(bridge: Any, message: dict) -> None:
+    try:
+        bridge.send_control(message)
+    except MigsecError:
+        pass  # B cleans up when the session ends, or asks (`migsec recover`)
+
+
+def _left_here(conn: Any, domain: str) -> bool:
+    """Is the guest gone from this host (shut off or undefined by libvirt's Confirm)?"""
+    from migsec.migration.source import domain_state
+
+    try:
+        return domain_state(conn, domain) in ("absent", "shutoff")
+    except MigsecError:
+        return False  # libvirt cannot tell: the guest is not known to be gone
+
+
+def _join(job: OutgoingMigration, conn: Any, mover: "_Call") -> None:
+    """libvirt's outcome: ``migrateToURI3``'s error, unless the guest left this host after all
+    (an error after the Confirm that stopped it here: then B holds it paused)."""
+    from migsec.migration.source import domain_state
+
+    try:
+        mover.join()
+    except MigsecError as exc:
+        state = domain_state(conn, job.domain)
+        if state not in ("absent", "shutoff"):
+            raise
+        log.warning("migration %s: libvirt reported %s, but %s is %s here: it left this host", job.mid, exc,
+                    job.domain, state)
 
 
 def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth: int | None,
@@ -219,29 +308,13 @@ def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> No
                 ours.__cause__ = mover.error
                 mover.error = ours
             return
-        stats = vmig.job_stats(conn, job.domain)
+        try:
+            stats = vmig.job_stats(conn, job.domain)
+        except MigsecError:  # e.g. the domain just left with --undefinesource: progress is optional
+            stats = None
         if stats is not None and stats.data_total:
             job.emit({"event": "progress", "phase": "live", "done": int(stats.data_processed or 0),
                       "total": int(stats.data_total)})
-
-
-def _receipt_problems(receipt: Any, job: OutgoingMigration, session: SourceSession, mine: dict) -> list[str]:
-    problems = []
-    if (receipt.src_did, receipt.dest_did) != (job.services.did, job.dest_did):
-        problems.append(f"it is between {receipt.src_did} and {receipt.dest_did}")
-    if receipt.transcript_hash != session.keys.transcript_hash:
-        problems.append("it names another session (transcript hash)")
-    if receipt.state != LIVE_STATE:
-        problems.append(f"its state is {receipt.state!r}")
-    theirs = dict(receipt.streams)
-    for name in sorted(set(mine) | set(theirs)):
-        if mine.get(name) != theirs.get(name):
-            problems.append(f"channel {name}: here {_short(mine.get(name))}, there {_short(theirs.get(name))}")
-    return problems
-
-
-def _short(digest: bytes | None) -> str:
-    return "none" if digest is None else digest.hex()[:16] + "..."
 
 
 def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> Any:
@@ -253,51 +326,25 @@ def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> A
     return message.get("jws", message)
 
 
-def _rollback(job: OutgoingMigration, conn: Any, cause: BaseException, bridge: Any) -> None:
-    """Before libvirt's commit: libvirt resumed the guest here; make sure, journal, tell B."""
-    from migsec.migration.source import restart_at_source
-    from migsec.protocol import Decision
-
+def _rollback(job: OutgoingMigration, commit: SourceCommit, cause: BaseException, bridge: Any) -> None:
+    """libvirt did not move the guest (it runs here again): the machine's abort (its resume_vm,
+    ``OutgoingMigration._restart_here``, says how), then tell B, which destroys its copy
+    (paused: B never runs it without A's commit)."""
     reason = str(cause) or type(cause).__name__
     log.warning("live migration %s of %s failed, rolling back: %s", job.mid, job.domain, reason)
     code = "integrity" if isinstance(cause, IntegrityError) else "aborted"  # all B learns of the cause
-    from migsec.migration.source import domain_state
-
-    state = domain_state(conn, job.domain)
-    if state == "paused" and not job.was_paused:
-        # libvirt resumes the source itself when it rolls back; a source it left paused means it
-        # could not tell whether B's Finish ran: resuming here could run the guest twice
-        raise MigrationFailed(f"live migration of {job.domain} failed ({reason}) and libvirt left it paused "
-                              f"here: check {job.dest_did} (`virsh list` there) before resuming it")
-    job.journal("aborted", reason=reason[:1000])
     try:
-        how = restart_at_source(conn, job.domain, None, paused=job.was_paused)
+        decision = commit.fail(reason[:1000], code=code)
     except MigsecError as exc:
         log.error("migration %s: %s is not running here after the rollback: %s", job.mid, job.domain, exc)
         raise
-    job.journal("rolled-back", how=how)
-    job.step(f"rolled back: {job.domain} {how} at {job.services.did}")
-    decision = Decision(migration_id=job.mid, src_did=job.services.did, dest_did=job.dest_did, decision="abort",
-                        issued_at=job.services.clock(), reason=peer_reason(code)).sign(job.services.identity.key)
-    job.services.audit("decision", job.mid, role="source", token=decision, outcome="abort", reason=reason[:1000])
-    try:
-        bridge.send_control({"t": "decision", "jws": decision})  # B cleans up at once
-    except MigsecError:
-        pass  # B cleans up when the session ends, or asks (`migsec recover`)
+    if decision is not None:
+        job.services.audit("decision", job.mid, role="source", token=decision, outcome="abort",
+                           reason=reason[:1000])
+        _send_quietly(bridge, {"t": "decision", "jws": decision})  # B cleans up at once
     if isinstance(cause, MigsecError) and not isinstance(cause, MigrationFailed):
         raise MigrationFailed(f"live migration of {job.domain} failed and was rolled back: {cause}",
                               rolled_back=True) from cause
-
-
-def _release_source(job: OutgoingMigration, conn: Any) -> None:
-    """libvirt stopped (and with --undefinesource undefined) the source copy: its disks go too,
-    or the definition kept here is marked as given away (the same release as a cold move's)."""
-    from migsec.migration.release import release_source
-
-    job.released = release_source(job.services, conn, job.mid, job.domain, job.options, job.dest_did,
-                                  plan=job.request.require_plan())
-    for disk in job.released["disks_not_removed"]:
-        job.step(f"warning: the moved disk {disk['path']} could not be removed here: {disk['error']}")
 
 
 class _Call:
@@ -336,14 +383,16 @@ def libvirt_socket(uri: str) -> str:
 
 
 class _RpcChannel:
-    """B's libvirt RPC proxy on one channel: live-rpc's RpcFilter, its refusals audited."""
+    """B's libvirt RPC proxy on one channel: live-rpc's RpcFilter, its refusals audited.
+    ``on_finish(ok, cancelled)`` runs when libvirt's Finish reply passes, before it is forwarded."""
 
     def __init__(self, services: Services, mid: str, policy: Any, state: dict,
-                 mark: Any = None) -> None:
+                 on_finish: Callable[[bool, bool], None] | None = None, mark: Any = None) -> None:
         from migsec.protocol.libvirt_rpc import RpcFilter
 
         self.services, self.mid, self.state = services, mid, state
         self.filter = RpcFilter(policy)
+        self.on_finish = on_finish
         self.mark = mark  # the bridge's timeline (ChannelBridge.mark), or None
 
     def _events(self, events: list) -> None:
@@ -363,6 +412,8 @@ class _RpcChannel:
                 self.state["prepare"] = (event.ok, event.message)
             elif isinstance(event, rpc.FinishDone):
                 self.state["finish"] = (event.ok, event.cancelled, event.message)
+                if self.on_finish is not None:
+                    self.on_finish(bool(event.ok), bool(event.cancelled))
 
     def from_peer(self, data: bytes) -> tuple[bytes, bytes]:
         self._events(self.filter.client_data(data))
@@ -387,35 +438,66 @@ def _connect_unix(path: str, wait: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted: Accepted) -> None:
-    """B's side of a live move (``incoming`` is the IncomingMigration, journaled ``accepted``)."""
+def is_live(entry: JournalEntry) -> bool:
+    return entry.plan().mode == "live"
+
+
+def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted: Accepted,
+                      commit: DestinationCommit) -> None:
+    """B's side of a live move (``incoming`` is the IncomingMigration, ``commit`` its machine,
+    which journaled ``accepted``; built live: its discard waits for libvirt to drop an unfinished
+    guest, A's abort destroys a paused one).
+
+    libvirt's Finish (it leaves the guest paused) is the machine's restore step
+    (``finished_paused``), seen in the RPC proxy; the receipt follows once every channel ended.
+    """
+    from migsec import virt
     from migsec.migration.bridge import ChannelBridge
     from migsec.migration.dataplane import disk_map
     from migsec.protocol import RecordLayer
     from migsec.protocol.libvirt_rpc import RpcPolicy
+    from migsec.virt import migrate as vmig
     from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
 
     services, mid, request = incoming.services, incoming.mid, accepted.request
     records = RecordLayer(accepted.keys, "destination")
     state: dict = {}
+    timing = incoming.timing = {}  # the machine's resume_vm marks "resumed" in it
     opened: set[str] = set()
     bridge: Any = None
+    lock = threading.RLock()  # the machine is fed from this thread and from the RPC proxy's
+
+    def on_finish(ok: bool, cancelled: bool) -> None:
+        if not ok or cancelled:
+            return  # libvirt removes the incoming guest itself
+        timing["finished"] = time.monotonic()
+        with lock:
+            try:  # journaled (with a receipt) before the reply goes on to A's libvirt, which may
+                # then stop A's copy: from here B is in doubt, and a commit has a receipt to name
+                commit.finished_paused(bridge.digests(), finished="libvirt (paused)")
+            except MigsecError as exc:
+                log.error("migration %s: libvirt's Finish left %s paused here, but: %s", mid, request.vm, exc)
+
     try:
         plan = request.require_plan()
-        disks = plan.mirrored_disks
+        uuid, disks = plan.vm_uuid, plan.mirrored_disks
         dmap = disk_map(services, [str(d.source) for d in disks])
         paths = _uris(mid)
+        with virt.connect(services.config.libvirt.uri) as vconn:
+            predefined = vmig.is_persistent(vconn, uuid)
+            preactive = predefined is not None and virt.domain_state(vconn, uuid).active
         make_run_dir(mid, group=_qemu_gid(), group_mode=0o030)  # B's QEMU creates its sockets here
-        incoming.journal("receiving", attempt="live", mode="live", run_dir=str(run_dir(mid)), created_disks=[])
-        created = _precreate(incoming, disks, dmap)
-        write_permit(services, mid, plan.vm_uuid, request.vm)
+        commit.receiving(attempt="live", mode="live", run_dir=str(run_dir(mid)), created_disks=[],
+                         predefined=bool(predefined), preactive=preactive)
+        created = _precreate(commit, disks, dmap)
+        write_permit(services, mid, uuid, request.vm)
         network = services.config.network
         policy = RpcPolicy(
-            domain_name=request.vm, domain_uuid=plan.vm_uuid,
+            domain_name=request.vm, domain_uuid=uuid,
             migrate_uri=f"unix://{paths['qemu']}", disks_uri=f"unix://{paths['nbd']}",
             rewrite_xml=partial(incoming_domain_xml, disk_map=dmap, network_map=dict(network.map) or None,
                                 bridge_map=dict(network.bridge_map) or None, expected_name=request.vm,
-                                expected_uuid=plan.vm_uuid,
+                                expected_uuid=uuid,
                                 boot_dirs=FIRMWARE_DIRS + tuple(services.config.storage.boot_dirs)))
         libvirtd = libvirt_socket(services.config.libvirt.uri)
 
@@ -424,39 +506,66 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
                 raise TransferError("a second libvirt connection in one migration")
             opened.add(kind)
             if kind == "libvirt":
-                return _connect_unix(libvirtd, 5), _RpcChannel(services, mid, policy, state, bridge.mark)
+                return _connect_unix(libvirtd, 5), _RpcChannel(services, mid, policy, state, on_finish,
+                                                               bridge.mark)
             return _connect_unix(paths[kind], TARGET_WAIT_S), None
 
         bridge = ChannelBridge(conn, records, role="destination", peer_name=accepted.src_did,
                                connect_target=connect_target, rate=accepted.bandwidth)
         bridge.send_control({"t": "ready", "disks": len(created)})
         message = bridge.recv_control(24 * 3600)  # as long as libvirt migrates; keepalives watch the link
-        if message.get("t") == "decision":
-            _abort_decision(incoming, message, accepted)
-            raise TransferError(f"{accepted.src_did} aborted the migration")
+        if message.get("t") == "decision":  # A's libvirt rolled back (its Finish failed, or never came)
+            _decision(incoming, accepted, commit, lock, message)
+            log.info("migration %s: %s aborted; %s discarded here", mid, accepted.src_did, request.vm)
+            bridge.close()
+            return
         if message.get("t") != "channels-done":
             raise TransferError(f"expected channels-done from {accepted.src_did}, got {message.get('t')!r}")
+        timing["channels-done"] = time.monotonic()
         bridge.wait_channels_done(FINISH_TIMEOUT_S)
-        _commit_here(incoming, bridge, accepted, state)
-    except BaseException as exc:  # noqa: BLE001 - every failure ends in a clean B
+        timing["channels-ended"] = time.monotonic()
+        with virt.connect(services.config.libvirt.uri) as vconn:
+            incoming.held_conn = vconn  # the machine's resume_vm resumes on it (none opened on the pause)
+            try:
+                _commit_here(incoming, bridge, accepted, commit, lock, state, timing, vconn)
+            finally:
+                incoming.held_conn = None
+    except BaseException as exc:  # noqa: BLE001 - every failure ends in a clean B, or B in doubt
         reason = str(exc) or type(exc).__name__
         log.error("live migration %s failed at the destination: %s", mid, reason)
-        entry = services.journal.get(mid)
         if bridge is not None:
-            try:
-                bridge.send_control({"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
-            except MigsecError:
-                pass
+            _send_quietly(bridge, {"t": "abort", "reason": peer_reason(exc)})  # the detail: logged above
             bridge.close()
-        if not entry.decided and not entry.terminal:
-            discard_destination(services, mid, reason=reason)
+        with lock:
+            if commit.state in (RECEIVING, FINISHED_PAUSED, AWAIT_DECISION):
+                try:
+                    # before libvirt's Finish: discard (once libvirt dropped the guest); after it: in
+                    # doubt, the paused copy kept until A's decision (`migsec recover` asks)
+                    commit.fail(reason)
+                except MigsecError as err:
+                    log.error("migration %s: not discarded here: %s (`migsec recover` asks %s)", mid, err,
+                              accepted.src_did)
         if not isinstance(exc, (MigsecError, OSError)):  # logged above; anything else is a bug
             raise
         return
     bridge.close()
 
 
-def _precreate(incoming: IncomingMigration, disks: tuple[DiskPlan, ...], dmap: dict) -> list[str]:
+def _decision(incoming: IncomingMigration, accepted: Accepted, commit: DestinationCommit, lock: Any,
+              message: dict) -> str | None:
+    """A's signed decision fed to the machine (commit: resume; abort: destroy the paused copy),
+    then ledgered (after the resume: it is not on the guest's pause)."""
+    token = message.get("jws")
+    if message.get("t") != "decision" or not isinstance(token, str):
+        raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
+    with lock:
+        reply = commit.decision_received(token)  # verifies A's signature first
+    incoming.services.audit("decision", incoming.mid, role="destination", peer_token=token,
+                            peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
+    return reply
+
+
+def _precreate(commit: DestinationCommit, disks: tuple[DiskPlan, ...], dmap: dict) -> list[str]:
     from migsec.virt.migrate import create_sparse_image
 
     created: list[str] = []
@@ -468,67 +577,93 @@ def _precreate(incoming: IncomingMigration, disks: tuple[DiskPlan, ...], dmap: d
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         create_sparse_image(path, format=disk.format or "raw", virtual_size=disk.virtual_size)
         created.append(path)
-        incoming.journal("receiving", created_disks=list(created))  # recovery removes only these
+        commit.receiving(created_disks=list(created))  # recovery removes only these
     return created
 
 
-def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, state: dict) -> None:
-    """libvirt finished here: check the guest, sign the receipt, wait for A's commit, confirm."""
+def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, commit: DestinationCommit,
+                 lock: Any, state: dict, timing: dict, conn: Any) -> None:
+    """libvirt finished here (paused): sign the receipt, wait for A's decision, resume on commit."""
     from migsec import virt
-    from migsec.protocol import Decision, Receipt, Resumed, token_hash
     from migsec.virt import migrate as vmig
 
     services, mid, request = incoming.services, incoming.mid, accepted.request
-    plan = request.require_plan()
-    uuid = plan.vm_uuid
-    with virt.connect(services.config.libvirt.uri) as conn:
-        running = virt.domain_state(conn, uuid).value
-        stats = vmig.job_stats(conn, uuid, completed=True)
-    wanted = "paused" if plan.paused else "running"
-    if running != wanted:
-        raise MigsecError(f"libvirt reports {request.vm} {running} here after the migration, not {wanted}")
-    if state.get("finish") and not state["finish"][0]:
-        raise MigsecError(f"libvirt's Finish failed here: {state['finish'][2]}")
-    digests = bridge.digests()
-    receipt = Receipt(migration_id=mid, src_did=accepted.src_did, dest_did=services.did, streams=digests,
-                      transcript_hash=accepted.keys.transcript_hash, issued_at=services.clock(),
-                      state=LIVE_STATE).sign(services.identity.key)
-    incoming.journal("received", restored=request.vm, receipt=receipt,
-                     digests={k: v.hex() for k, v in digests.items()})
-    services.audit("receipt", mid, role="destination", token=receipt, mode="live")
+    uuid = request.require_plan().vm_uuid
+    if not (state.get("finish") and state["finish"][0]):
+        raise MigsecError(f"libvirt's Finish did not succeed here: {(state.get('finish') or (0, 0, 'none seen'))[2]}")
+    here = virt.domain_state(conn, uuid).value
+    stats = vmig.job_stats(conn, uuid, completed=True)
+    if here != "paused":
+        raise MigsecError(f"libvirt reports {request.vm} {here} here after its Finish, not paused")
+    with lock:
+        receipt = commit.channels_verified(bridge.digests())  # journals restored-paused with it
     bridge.send_control({"t": "receipt", "jws": receipt, "job": stats.as_dict() if stats else {}})
+    timing["receipt-sent"] = time.monotonic()
+    services.audit("receipt", mid, role="destination", token=receipt, mode="live")  # journaled before it left
     message = bridge.recv_control(REPLY_TIMEOUT_S)
-    token = message.get("jws")
-    if message.get("t") != "decision" or not isinstance(token, str):
-        raise MigsecError(f"expected the source's decision, got {message.get('t')!r}")
-    services.audit("decision", mid, role="destination", peer_token=token, peer_cert_pem=accepted.peer.cert_pem,
-                   peer_did=accepted.src_did)
-    decision = Decision.verify(token, accepted.peer.public_key, migration_id=mid)
-    if decision.decision != "commit" or decision.receipt_hash != token_hash(receipt):
-        # libvirt already committed: the guest runs here whatever A says; record A's view
-        log.error("migration %s: %s decided %s after libvirt committed the guest here", mid,
-                  accepted.src_did, decision.decision)
-    incoming.journal("commit-received", decision=token)
-    resumed = Resumed(migration_id=mid, src_did=accepted.src_did, dest_did=services.did,
-                      decision_hash=token_hash(token), issued_at=services.clock()).sign(services.identity.key)
-    incoming.journal("resumed", resumed=resumed)
+    timing["decision"] = time.monotonic()
+    resumed = _decision(incoming, accepted, commit, lock, message)  # commit: journal, resume, Resumed
+    if resumed is None:
+        log.info("migration %s: %s decided abort after libvirt's Finish; the paused copy is destroyed", mid,
+                 accepted.src_did)
+        return
     services.audit("resumed", mid, role="destination", token=resumed)
-    bridge.send_control({"t": "resumed", "jws": resumed})
+    reply: dict[str, Any] = {"t": "resumed", "jws": resumed}
+    if "finished" in timing and "resumed" in timing:
+        reply["paused_wait_us"] = int((timing["resumed"] - timing["finished"]) * 1e6)  # records: integers
+    _send_quietly(bridge, reply)
+    with lock:
+        commit.finish()  # journals "done"
+    log.info("migration %s: %s runs here (live)", mid, request.vm)
+    if "finished" in timing:  # where the pause after libvirt's Finish went, on this host's clock
+        log.info("migration %s: paused here after libvirt's Finish: %s", mid, ", ".join(
+            f"{k} +{(v - timing['finished']) * 1000:.0f} ms" for k, v in sorted(timing.items(), key=lambda i: i[1])
+            if k != "finished"))
+
+
+def resume_destination(services: Services, mid: str, timing: dict | None = None, *, conn: Any = None) -> None:
+    """After A's commit: the guest libvirt's Finish left paused runs here (or stays paused if it
+    was paused at A); its permit and run dir go. Idempotent (recovery may repeat it). ``conn``:
+    a libvirt connection already open (none is opened on the guest's pause then)."""
+    from migsec import virt
+
+    entry = services.journal.get(mid)
+    if not entry.decided:
+        raise MigsecError(f"migration {mid}: no commit decision here; refusing to resume")
+    uuid = entry.plan().vm_uuid
+    if conn is None:
+        with virt.connect(services.config.libvirt.uri) as fresh:
+            _resume(fresh, mid, uuid, entry)
+    else:
+        _resume(conn, mid, uuid, entry)
+    if timing is not None:
+        timing["resumed"] = time.monotonic()
     consume_permit(services, uuid)
     remove_run_dir(mid)
-    incoming.journal("done")
-    log.info("migration %s: %s runs here (live)", mid, request.vm)
+    log.info("migration %s: %s resumed here", mid, entry.data.get("domain"))
 
 
-def _abort_decision(incoming: IncomingMigration, message: dict, accepted: Accepted) -> None:
-    token = message.get("jws")
-    if isinstance(token, str):
-        incoming.services.audit("decision", incoming.mid, role="destination", peer_token=token,
-                                peer_cert_pem=accepted.peer.cert_pem, peer_did=accepted.src_did)
+def _resume(conn: Any, mid: str, uuid: str, entry: JournalEntry) -> None:
+    from migsec import virt
+    from migsec.virt.describe import DomainState
+
+    state = virt.domain_state(conn, uuid)
+    if state == DomainState.PAUSED and not entry.plan().paused:
+        virt.resume_domain(conn, uuid)
+    elif not state.active:
+        raise MigsecError(f"migration {mid}: {entry.data.get('domain')} is {state.value} here; cannot resume it")
 
 
-def discard_destination(services: Services, mid: str, *, reason: str = "", record_phase: bool = True) -> None:
-    """Before the commit: no incoming guest left, B's pre-created disks and sockets removed."""
+def discard_destination(services: Services, mid: str, *, aborted: bool = False, reason: str = "",
+                        record_phase: bool = True) -> None:
+    """Before the commit: no incoming guest left, B's pre-created disks and sockets removed.
+
+    ``aborted`` (A's signed abort Decision, in the session or from recovery): a paused copy
+    libvirt's Finish left here is destroyed, and a definition libvirt made for it undefined.
+    Otherwise (a local failure) this only waits for libvirt to drop an unfinished incoming guest:
+    a guest still here may be the only copy (A's libvirt may have stopped its own), so nothing is
+    removed. A running guest is never destroyed.
+    """
     from migsec import virt
     from migsec.migration.jobs import record
 
@@ -537,20 +672,11 @@ def discard_destination(services: Services, mid: str, *, reason: str = "", recor
         raise MigsecError(f"migration {mid} is committed here; refusing to discard it")
     uuid = entry.plan().vm_uuid
     if uuid:
-        # libvirt's own rollback removes the incoming domain when its source connection drops
-        deadline = time.monotonic() + 30
         with virt.connect(services.config.libvirt.uri) as conn:
-            while True:
-                try:
-                    state = virt.domain_state(conn, uuid).value
-                except MigsecError:
-                    state = "absent"
-                if state in ("absent", "shutoff"):
-                    break
-                if time.monotonic() > deadline:
-                    # libvirt finished it here after all (or still holds it): never remove its disks
-                    raise MigsecError(f"migration {mid}: the incoming domain is {state} here; not discarding it")
-                time.sleep(0.5)
+            if aborted and not entry.data.get("preactive"):
+                _destroy_paused_copy(conn, mid, uuid, undefine=not entry.data.get("predefined"))
+            else:
+                _wait_until_dropped(conn, mid, uuid)
     for path in entry.data.get("created_disks") or []:
         try:
             Path(path).unlink()
@@ -564,51 +690,73 @@ def discard_destination(services: Services, mid: str, *, reason: str = "", recor
         record(services, mid, "destination", "discarded", reason=reason[:500] or "live migration failed")
 
 
-# ---- after a crash (``migsec recover``): libvirt's own outcome decides ---------------------------------
-def recover_source(services: Services, entry: JournalEntry) -> str | None:
-    """A live move A did not see through. libvirt's Confirm is the commit: a guest no longer
-    active here went to B (journal it committed and released); one still active here stays
-    (None: the ordinary presumed-abort recovery rolls back and tells B)."""
+def _state(conn: Any, uuid: str) -> str:
     from migsec import virt
-    from migsec.migration.jobs import record
-    from migsec.migration.release import release_source
-    from migsec.migration.source import domain_state
 
-    mid, domain = entry.migration_id, str(entry.data.get("domain"))
-    remove_run_dir(mid)
-    with virt.connect(services.config.libvirt.uri) as conn:
-        state = domain_state(conn, domain)
-        if state not in ("absent", "shutoff"):
-            return None
-        record(services, mid, "source", "committed", how="libvirt (found by recover: the guest left this host)")
-        release_source(services, conn, mid, domain, dict(entry.data.get("options") or {}),
-                       str(entry.data.get("peer")), plan=entry.plan())
-    record(services, mid, "source", "released")
-    record(services, mid, "source", "done")
-    return f"committed by libvirt: {domain} left this host for {entry.data.get('peer')}"
-
-
-def recover_destination(services: Services, entry: JournalEntry) -> str | None:
-    """A live move B did not see through: a guest libvirt finished here runs here (journal the
-    commit); otherwise None, and the ordinary recovery asks A (whose abort discards)."""
-    from migsec import virt
-    from migsec.migration.jobs import record
-
-    mid = entry.migration_id
-    uuid = entry.plan().vm_uuid
     try:
-        with virt.connect(services.config.libvirt.uri) as conn:
-            state = virt.domain_state(conn, uuid).value
+        return virt.domain_state(conn, uuid).value
     except MigsecError:
-        state = "absent"
-    if state != "running":
-        return None  # never finished here (libvirt drops an unfinished incoming guest)
-    record(services, mid, "destination", "commit-received", how="libvirt (found by recover)")
-    record(services, mid, "destination", "resumed")
-    consume_permit(services, uuid)
-    remove_run_dir(mid)
-    record(services, mid, "destination", "done")
-    return f"committed by libvirt: {entry.data.get('domain')} runs here"
+        return "absent"
+
+
+def _wait_until_dropped(conn: Any, mid: str, uuid: str) -> None:
+    # libvirt's own rollback removes an unfinished incoming domain when its source connection drops
+    deadline = time.monotonic() + 30
+    while True:
+        state = _state(conn, uuid)
+        if state in ("absent", "shutoff"):
+            return
+        if time.monotonic() > deadline:
+            # libvirt finished it here after all (or still holds it): never remove its disks
+            raise MigsecError(f"migration {mid}: the incoming domain is {state} here; not discarding it")
+        time.sleep(0.5)
+
+
+def _destroy_paused_copy(conn: Any, mid: str, uuid: str, *, undefine: bool) -> None:
+    """A aborted: destroy the incoming copy (paused: it never ran here), then the definition
+    libvirt's Finish made for it (PERSIST_DEST), unless the domain was defined here before."""
+    from migsec import virt
+    from migsec.virt import migrate as vmig
+
+    deadline = time.monotonic() + 30
+    while True:
+        state = _state(conn, uuid)
+        if state == "running":
+            raise MigsecError(f"migration {mid}: the guest runs here; a running guest is never destroyed")
+        if state in ("absent", "shutoff"):
+            break
+        if state == "paused":
+            try:
+                virt.destroy_domain(conn, uuid)
+                log.info("migration %s: destroyed the paused incoming copy (the source aborted)", mid)
+            except MigsecError as exc:  # libvirt may be removing it itself
+                log.info("migration %s: destroying the paused incoming copy: %s", mid, exc)
+        if time.monotonic() > deadline:
+            raise MigsecError(f"migration {mid}: the incoming domain is still {state} here")
+        time.sleep(0.2)
+    if undefine and vmig.is_persistent(conn, uuid):
+        virt.undefine_domain(conn, uuid)
+        log.info("migration %s: undefined the definition libvirt made for the aborted copy", mid)
+
+
+# ---- after a crash (``migsec recover``): libvirt's outcome decides at A -------------------------
+def left_this_host(services: Services, entry: JournalEntry) -> str | None:
+    """A live move A did not see through and did not decide: libvirt's Confirm is the witness.
+    Returns the guest's state here ("absent" / "shutoff") when it left this host for B, whose
+    copy waits paused (recovery commits: ``SourceCommit.moved_by_libvirt``); None when it is
+    still active here (presumed abort: B destroys its paused copy). Refuses while libvirt still
+    migrates it. The run directory goes either way."""
+    from migsec import virt
+    from migsec.migration.release import domain_state
+    from migsec.virt import migrate as vmig
+
+    domain = str(entry.data.get("domain"))
+    with virt.connect(services.config.libvirt.uri) as conn:
+        if vmig.migration_running(conn, domain):
+            raise MigsecError(f"libvirt still migrates {domain} here; try again when its job ended")
+        state = domain_state(conn, domain)
+    remove_run_dir(entry.migration_id)
+    return state if state in ("absent", "shutoff") else None
 
 
 # ---- the hook's permit (B) ------------------------------------------------------------------------

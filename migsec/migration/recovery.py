@@ -8,9 +8,13 @@ undecided), B's Resumed, A's decision (B); the machines make and sign every deci
 write the journal.
 
 - A, undecided: decide abort (durably), restart the guest at A, tell B to discard.
+  A live move is decided from libvirt's outcome at A first: a guest gone from A went to B
+  (libvirt's Confirm stopped it), so A commits over B's receipt (its own journaled one, else
+  the one B journaled when libvirt's Finish passed, asked for or sent along with B's query).
 - A, committed: make sure A's copy is released, send B the commit, B resumes.
 - B, not yet committed: ask A; A's answer (commit / abort) is applied; no answer
-  or "pending" leaves B's paused copy paused (it never runs without a commit).
+  or "pending" leaves B's paused copy paused (it never runs without a commit; a live move's
+  copy libvirt's Finish left paused likewise).
 - B, commit-received: resume here.
 
 A recovery conversation is a fresh handshake whose request says
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from migsec.migration.jobs import journal_writer
 from migsec.migration.release import SourceCopy, journal_fields
 from migsec.errors import MigsecError
-from migsec.transfer.commit import SourceCommit
+from migsec.transfer.commit import ROLLED_BACK, SourceCommit
 
 if TYPE_CHECKING:
     from migsec.migration.journal import JournalEntry
@@ -130,17 +134,15 @@ class _Source:
         return journal_fields(self.report)
 
 
-def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True) -> str:
+def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool = True,
+                    peer_receipt: Callable[[], Any] | None = None) -> str:
+    """A's recovery. ``tell_peer``: tell B the outcome (not when B asked: its answer does);
+    ``peer_receipt``: B's receipt as B sent it with its question, (token, B as a Peer) (live)."""
     mid, domain = entry.migration_id, cast(str, entry.data.get("domain"))
-    if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.migration.live import recover_source
-
-        outcome = recover_source(services, entry)
-        if outcome is not None:
-            return outcome
-        entry = services.journal.get(mid)
     source = _Source(services, entry)
     commit = source.machine
+    if commit.live and not commit.committed and commit.state != ROLLED_BACK and commit.abort_token is None:
+        _decide_from_libvirt(services, entry, commit, peer_receipt)
     if not commit.committed:
         # presumed abort: no commit is durable, so the source copy wins
         abort = commit.fail("recovered after a crash (no decision)")
@@ -153,11 +155,40 @@ def _recover_source(services: Services, entry: JournalEntry, *, tell_peer: bool 
     commit.release()
     kept = "".join(f"; the moved disk {d['path']} could not be removed ({d['error']})"
                    for d in source.report["disks_not_removed"])
+    if not tell_peer:
+        return f"committed: {domain} released here; {entry.data.get('peer')} resumes it on this answer{kept}"
     answer = _ask_peer(services, entry, {"t": "decision", "jws": commit.decision_token}, source=commit)
     if answer is not None and answer.get("t") == "resumed":
         return f"committed: {domain} runs at {entry.data.get('peer')}{kept}"
     return (f"committed: {domain} released here; {entry.data.get('peer')} has not confirmed yet "
             f"(run recover again){kept}")
+
+
+def _decide_from_libvirt(services: Services, entry: JournalEntry, commit: SourceCommit,
+                         peer_receipt: Callable[[], Any] | None) -> None:
+    """A live move A did not decide: a guest that left this host (libvirt's Confirm stopped it)
+    waits paused at B, so the machine commits over B's receipt (``moved_by_libvirt``). A guest
+    still active here leaves the machine undecided: the presumed abort follows."""
+    from migsec.migration.live import left_this_host
+
+    mid, domain = entry.migration_id, str(entry.data.get("domain"))
+    state = left_this_host(services, entry)
+    if state is None:
+        return
+    receipt = None
+    if commit.receipt_token is None:
+        answer = peer_receipt() if peer_receipt is not None else _ask_peer(
+            services, entry, {"t": "receipt?"}, want_key=True, kind="receipt")
+        token, peer = answer if answer is not None else (None, None)
+        if not isinstance(token, str) or peer is None:
+            raise MigsecError(f"{domain} left this host for {entry.data.get('peer')}, which holds it paused, but "
+                              "its receipt could not be had to commit over (unreachable?): run recover again")
+        commit.peer_key, receipt = peer.public_key, token
+        services.audit("receipt", mid, role="source", mode="live", peer_token=token, peer_cert_pem=peer.cert_pem,
+                       peer_did=peer.did, recovery=True)
+    decision = commit.moved_by_libvirt(receipt, how=f"libvirt (found by recover: {domain} is {state} here, "
+                                                    "it left this host)")
+    services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live", recovery=True)
 
 
 # ---- B -----------------------------------------------------------------------------------------
@@ -166,16 +197,15 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
 
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
-    if not entry.decided and entry.data.get("mode") == "live":
-        from migsec.migration.live import recover_destination
-
-        outcome = recover_destination(services, entry)
-        if outcome is not None:
-            return outcome
     if entry.decided:
         job.resume_committed()
         return f"committed: {entry.data.get('domain')} runs here"
-    answer = _ask_peer(services, entry, {"t": "query"}, want_key=True)
+    # a live move's paused copy is in doubt like a cold one: A decides (from libvirt's outcome),
+    # over the receipt B journaled when libvirt's Finish passed, sent along
+    query: dict[str, Any] = {"t": "query"}
+    if isinstance(entry.data.get("receipt"), str):
+        query["receipt"] = entry.data["receipt"]
+    answer = _ask_peer(services, entry, query, want_key=True)
     if answer is None:
         return f"{entry.data.get('peer')} unreachable: left as is (a paused copy never runs without its commit)"
     message, peer = answer
@@ -206,9 +236,11 @@ def _session(services: Services, entry: JournalEntry) -> Any:
 
 
 def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_key: bool = False,
-              source: SourceCommit | None = None) -> Any:
+              source: SourceCommit | None = None, kind: str | None = None) -> Any:
     """Send ``message`` to the peer on a recovery session, return its answer (None if there is
-    none). A Resumed answer is fed to A's machine ``source`` (which checks it and journals it)."""
+    none; with the Peer when ``want_key``; when ``kind`` is given, its "jws" if the answer is of
+    that kind, else None). A Resumed answer is fed to A's machine ``source`` (which checks it
+    and journals it)."""
     try:
         session = _session(services, entry)
     except MigsecError as exc:
@@ -222,6 +254,8 @@ def _ask_peer(services: Services, entry: JournalEntry, message: dict, *, want_ke
             source.resumed_received(str(answer.get("jws")))
             services.audit("resumed", entry.migration_id, role=entry.role, peer_token=answer["jws"],
                            peer_cert_pem=session.peer.cert_pem, peer_did=session.peer.did)
+        if kind is not None:
+            answer = answer.get("jws") if answer.get("t") == kind else None
         return (answer, session.peer) if want_key else answer
     except MigsecError as exc:
         log.warning("recovery of %s: %s did not answer: %s", entry.migration_id, entry.data.get("peer"), exc)
@@ -248,16 +282,26 @@ def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted)
     try:
         message = control.recv_control(ANSWER_TIMEOUT_S)
         entry = services.journal.get(mid)
-        if entry.role == "destination":
+        reply: dict[str, Any]
+        if entry.role == "destination" and message.get("t") == "receipt?":
+            # A's recovery found its guest gone (live) and commits over the receipt we journaled
+            receipt = entry.data.get("receipt")
+            reply = {"t": "none"}
+            if isinstance(receipt, str) and not entry.terminal:
+                services.audit("receipt", mid, role="destination", token=receipt, mode="live", asked="recovery")
+                reply = {"t": "receipt", "jws": receipt}
+        elif entry.role == "destination":
             # A tells us its decision
             reply = IncomingMigration(services, mid).decision_from_source(message, accepted.peer)
         elif mid in services.running:  # B asks what A decided
             reply = {"t": "pending"}
         else:
             if not entry.decided and not entry.terminal:
-                # presumed abort: A finishes its own side first, then answers
-                outcome = _recover_source(services, entry, tell_peer=False)
-                log.info("migration %s: asked by %s, decided abort (%s)", mid, accepted.src_did, outcome)
+                # A finishes its own side first, then answers: presumed abort (live: libvirt's
+                # outcome may decide commit, over the receipt B sent along)
+                outcome = _recover_source(services, entry, tell_peer=False,
+                                          peer_receipt=lambda: (message.get("receipt"), accepted.peer))
+                log.info("migration %s: asked by %s, decided (%s)", mid, accepted.src_did, outcome)
                 entry = services.journal.get(mid)
             # the machine's decision: the commit, or the abort it journaled (the same every time)
             commit = _Source(services, entry).machine

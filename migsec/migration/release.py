@@ -59,9 +59,14 @@ class SourceCopy:
                    bool(data.get("was_paused")))
 
     def restart(self, conn: Any = None) -> str:
-        """Before the decision: the guest runs here again as it was; returns how."""
+        """Before the decision: the guest runs here again as it was; returns how. A live move's
+        copy is never restored from an image (there is none): one libvirt's Confirm stopped
+        stays stopped, its disks kept (``restart_live_source``)."""
         with _connection(self.services, conn) as c:
-            how = restart_at_source(c, self.domain, self.save_image, paused=self.was_paused)
+            if self.plan.mode == "live":
+                how = restart_live_source(c, self.domain, was_paused=self.was_paused)
+            else:
+                how = restart_at_source(c, self.domain, self.save_image, paused=self.was_paused)
         self._remove_work_dir()
         return how
 
@@ -133,21 +138,6 @@ def release_copy(services: Services, conn: Any, migration_id: str, domain: str, 
     return report
 
 
-def release_source(services: Services, conn: Any, migration_id: str, domain: str, options: dict,
-                   destination: str, *, plan: MigrationPlan) -> dict:
-    """``release_copy``, its report added to the journal's current phase (the live flow, which
-    does not use the commit machine yet)."""
-    report = release_copy(services, conn, migration_id, domain, options, destination, plan=plan)
-    fields = journal_fields(report)
-    if fields:
-        try:
-            phase = services.journal.get(migration_id).phase
-            record(services, migration_id, "source", phase, **fields)
-        except MigsecError as exc:
-            log.error("journalling the release of %s: %s", domain, exc)
-    return report
-
-
 def domain_state(conn: Any, domain: str) -> str:
     """The domain's state by virsh's name, or "absent" when libvirt does not know it."""
     try:
@@ -171,6 +161,17 @@ def restart_at_source(conn: Any, domain: str, saved_image: Path | None, *, pause
         virt.restore_domain(conn, str(saved_image), paused=paused)
         return "restored from its save image" + (" (paused, as it was)" if paused else "")
     raise MigrationFailed(f"{domain} is {state} at the source and no save image is left to restore it from")
+
+
+def restart_live_source(conn: Any, domain: str, *, was_paused: bool) -> str:
+    """After an abort: the guest as it was at A. libvirt's rollback resumed it already; one it
+    left paused is resumed (safe: B never runs its copy without A's commit). A copy libvirt's
+    Confirm already stopped is not booted again (a reboot is not a rollback): its disks stay."""
+    state = domain_state(conn, domain)
+    if state in ("absent", "shutoff"):
+        log.error("%s is %s here after an abort: libvirt's Confirm stopped it; its disks are kept", domain, state)
+        return f"stopped (libvirt ended it here, {state}; its disks are kept: start it by hand)"
+    return restart_at_source(conn, domain, None, paused=was_paused)
 
 
 def remove_moved_disks(plan: MigrationPlan) -> list[dict]:

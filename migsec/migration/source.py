@@ -9,9 +9,10 @@ Journal phases (``migsec.migration.journal``), each written before it takes effe
 A is the coordinator: after B's signed receipt A writes its decision durably and
 tells B to resume; once B's signed Resumed arrives A releases its copy (the guest
 is already stopped at A: saved). The rules and the journal are
-``migsec.transfer.commit.SourceCommit``'s (its only writer, on a cold move): this class
-feeds it events and gives it A's copy (``migsec.migration.release.SourceCopy``);
-``migsec recover`` rebuilds the machine from the same journal.
+``migsec.transfer.commit.SourceCommit``'s (its only writer, cold and live): this class
+feeds it events and gives it A's copy (``migsec.migration.release.SourceCopy``); a live move
+(``migsec.migration.live.run_source``) feeds the same machine; ``migsec recover`` rebuilds it
+from the same journal.
 
 Downtime: after the suspend, libvirt saves the memory in a background thread while
 the disks stream, and the save image itself streams while libvirt writes it
@@ -41,7 +42,7 @@ from migsec.errors import (
 )
 from migsec.migration.release import SourceCopy, domain_state, journal_fields, restart_at_source
 from migsec.protocol.errors import parse_peer_reason, peer_error_text
-from migsec.transfer.commit import SourceCommit, as_control
+from migsec.transfer.commit import COLD_RECEIPT, LIVE_RECEIPT, SourceCommit, as_control
 from migsec.transfer.plane import linger
 from migsec.transfer.source import WriterOutcome
 
@@ -89,11 +90,15 @@ class OutgoingMigration:
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
         self.conn: Any = None  # this host's libvirt, once the handshake succeeded
         self.saver: _Background | None = None
-        # the commit rules and A's journal; B's key comes with the handshake
+        self.restarted: str | None = None  # how the guest runs here again after an abort
+        # the commit rules and A's journal, cold or live; B's key comes with the handshake. Live:
+        # libvirt's Confirm stops A's copy once its migration returned ("streams sent")
+        live = self.request.mode == "live"
         self.commit = SourceCommit(
             migration_id=self.mid, src_did=services.did, dest_did=self.dest_did, key=services.identity.key,
             peer_key=None, journal=self._commit_journal, resume_vm=self._restart_here,
-            release_vm=self._release, clock=services.clock)
+            release_vm=self._release, clock=services.clock,
+            receipt_state=LIVE_RECEIPT if live else COLD_RECEIPT, stopped_when_sent=live)
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
@@ -283,7 +288,7 @@ class OutgoingMigration:
             return "never stopped"  # the handshake failed: nothing here was touched
         if self.saver is not None:
             self.saver.wait()  # a save in progress must end before the guest can run again
-        how = self.copy().restart(self.conn)
+        how = self.restarted = self.copy().restart(self.conn)
         self.step(f"rolled back: {self.domain} {how} at {self.services.did}")
         return how
 
@@ -321,15 +326,18 @@ class OutgoingMigration:
         self.emit({"event": "step", "message": message})
 
     def journal(self, phase: str, **fields: Any) -> None:
-        """The live flow's journal writes (a cold move's are the commit machine's)."""
+        """A's journal (the commit machine's writer)."""
         from migsec.migration.jobs import record
 
         self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
         record(self.services, self.mid, "source", phase, **fields)
 
     def _commit_journal(self, phase: str, **fields: Any) -> None:
-        """The commit machine's journal: an abort requested before its "committed" wins over it."""
-        self.abort.guard(phase)
+        """The commit machine's journal: on a cold move an abort requested before its
+        "committed" wins over it. A live move's commit follows libvirt's, which stopped A's copy
+        already: an abort then is only noted (it has nothing left to roll back)."""
+        if self.request.mode != "live":
+            self.abort.guard(phase)
         self.journal(phase, **fields)
 
     def result(self, *, dry_run: bool = False) -> dict:

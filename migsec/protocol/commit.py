@@ -25,9 +25,11 @@ from migsec.protocol.messages import check_token, from_epoch, to_epoch
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,254}$")
 T = TypeVar("T", bound="_Signed")
-# cold: B restored the VM paused and waits for the decision; live: libvirt's Finish/Confirm
-# already committed it and it runs at B (streams = each byte channel's SHA-256 per direction)
-RECEIPT_STATES = ("restored-paused", "running-live")
+# cold: B restored the VM paused and waits for the decision; live: libvirt's Finish left it
+# paused at B (VIR_MIGRATE_PAUSED), which waits for the decision too (streams = each byte
+# channel's SHA-256 per direction). "running-live" (before the live move waited for the
+# decision) is still read from old ledgers, never accepted by a source.
+RECEIPT_STATES = ("restored-paused", "finished-paused", "running-live")
 
 
 def token_hash(token: str) -> bytes:
@@ -94,7 +96,7 @@ def _check_hash(value: Any, what: str) -> None:
 @dataclass(frozen=True)
 class Receipt(_Signed):
     """B's signed receipt: what arrived (per-stream SHA-256) and that the VM is restored paused
-    (cold) or runs here after libvirt's live migration (``running-live``)."""
+    (cold) or that libvirt's live migration left it paused here (``finished-paused``)."""
 
     TYP: ClassVar[str] = "migsec-receipt+jwt"
     KIND: ClassVar[str] = "Receipt"

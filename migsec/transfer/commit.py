@@ -1,39 +1,56 @@
 """The commit exchange (DESIGN §3.4) as two small state machines, one per side.
 
 Each machine is the one writer of its side's migration journal and the only place that makes
-and signs a commit or abort decision (A) or applies one (B). The orchestrators
-(``migsec.migration.source`` / ``destination``) feed them events and carry out what they return;
-``migsec recover`` rebuilds them from the journal (``from_journal``) and feeds them the same
-events: the peer's decision or answer, or ``fail``.
+and signs a commit or abort decision (A) or applies one (B), for a cold move and a live one.
+The orchestrators (``migsec.migration.source`` / ``destination`` / ``live``) feed them events and
+carry out what they return; ``migsec recover`` rebuilds them from the journal
+(``from_journal``) and feeds them the same events: the peer's decision or answer, libvirt's
+outcome (live), or ``fail``.
 
 Source (coordinator)::
 
     AWAIT_STREAMS (authorized, handshaken, suspended, streaming: journaled progress)
-        --streams_sent--> AWAIT_RECEIPT (saved) --receipt_received--> AWAIT_RESUMED
-        --resumed_received--> DONE            (A's copy is released first)
+        --streams_sent (cold) | digests_sent (live)--> AWAIT_RECEIPT (saved)
+        --receipt_received--> AWAIT_RESUMED --resumed_received--> DONE   (A's copy released first)
     AWAIT_RESUMED --release--> RELEASED --resumed_received--> DONE   (recovery: release first)
+    AWAIT_STREAMS | AWAIT_RECEIPT --moved_by_libvirt--> AWAIT_RESUMED   (live, recovery: the guest
+        left A, libvirt's Confirm stopped it: commit over B's receipt)
     any failure before the commit decision is journaled --fail--> ROLLED_BACK (VM runs at A again;
         the one abort Decision, journaled with "aborted", is returned again by every later fail)
+    live (``stopped_when_sent``): AWAIT_RECEIPT --fail--> AWAIT_RECEIPT (in doubt: libvirt stopped
+        A's copy, B holds it paused; nothing is decided, recovery decides from libvirt's outcome),
+        unless the failure is a refused receipt (then ROLLED_BACK)
     a failure after it leaves AWAIT_RESUMED / RELEASED: A never resumes; the decision is sent again
 
 Destination::
 
-    RECEIVING (accepted, receiving: journaled progress) --streams_verified--> RECEIVED
-        --restore--> AWAIT_DECISION
+    RECEIVING (accepted, receiving: journaled progress)
+        cold: --streams_verified--> RECEIVED --restore--> AWAIT_DECISION
+        live: --finished_paused--> FINISHED_PAUSED --channels_verified--> AWAIT_DECISION
+    AWAIT_DECISION | IN_DOUBT | FINISHED_PAUSED
         --decision_received(commit)--> COMMITTED (journal "commit-received" first) --> RUNNING
         --finish--> FINISHED
-        --decision_received(abort)---> DISCARDED   (also from RECEIVING / RECEIVED / IN_DOUBT)
+    --decision_received(abort)---> DISCARDED   (from RECEIVING / RECEIVED / FINISHED_PAUSED /
+        AWAIT_DECISION / IN_DOUBT; ``discard_on_abort`` runs)
     a failure before the receipt exists --fail--> DISCARDED (paused copy + files removed)
-    a failure after the receipt was issued --fail--> IN_DOUBT (neither resume nor discard:
-        A may have committed; recovery asks A for its decision)
+    a failure after a receipt was issued (or libvirt's Finish passed) --fail--> IN_DOUBT (neither
+        resume nor discard: A may have committed; recovery asks A for its decision)
     COMMITTED --resume--> RUNNING (recovery after a crash between the two)
 
 Exactly one side ever runs the VM: A resumes only while no commit decision is durable, B
-resumes only after it holds (and journaled) A's signed commit Decision. The machines do no
-I/O themselves: the hypervisor operations and the journal are injected callables, and the
-signed messages (``migsec.protocol`` Receipt / Decision / Resumed, compact JWS) are returned
-for the caller to send, e.g. as ``{"t": "receipt", "jws": token}`` CONTROL records.
-An illegal move raises UnexpectedMessageError and leaves the state unchanged.
+resumes only after it holds (and journaled) A's signed commit Decision.
+
+A live move (``migsec.migration.live``) runs the same machines with libvirt in the place of the
+data plane: A's "streams sent" is ``digests_sent`` once ``migrateToURI3`` returned (libvirt's
+Confirm stopped A's copy); B's "restore" is ``finished_paused`` (libvirt's Finish left the guest
+paused, ``VIR_MIGRATE_PAUSED``; B signs and journals a receipt over the channels so far before
+libvirt's reply leaves, so a commit can always name one), and the final receipt, over every
+channel, follows with ``channels_verified``. Receipts say ``finished-paused`` there.
+
+The machines do no I/O themselves: the hypervisor operations and the journal are injected
+callables, and the signed messages (``migsec.protocol`` Receipt / Decision / Resumed, compact
+JWS) are returned for the caller to send, e.g. as ``{"t": "receipt", "jws": token}`` CONTROL
+records. An illegal move raises UnexpectedMessageError and leaves the state unchanged.
 """
 from __future__ import annotations
 
@@ -51,6 +68,8 @@ from migsec.transfer.manifest import Manifest
 log = logging.getLogger(__name__)
 
 MANIFEST_STREAM = "manifest.json"  # the receipt's name for the manifest's own SHA-256
+COLD_RECEIPT = "restored-paused"  # Receipt.state of a cold move: B restored the VM paused
+LIVE_RECEIPT = "finished-paused"  # of a live one: libvirt's Finish left it paused at B
 
 Journal = Callable[..., None]  # journal(phase, **fields); must be durable when it returns
 Action = Callable[[], object]  # a hypervisor operation; what it returns is ignored
@@ -96,6 +115,16 @@ def _token(data: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _live(data: Mapping[str, Any]) -> bool:
+    """Whether a journal entry's data is of a live move (its handshake's or its plan's mode)."""
+    plan = data.get("plan")
+    return data.get("mode") == "live" or (isinstance(plan, Mapping) and plan.get("mode") == "live")
+
+
+def _digests(streams: Mapping[str, bytes]) -> dict[str, str]:
+    return {k: v.hex() for k, v in streams.items()}
+
+
 class _Machine:
     TRANSITIONS: dict[tuple[str, str], str] = {}
 
@@ -131,6 +160,10 @@ class SourceCommit(_Machine):
     is the current session's (``SessionKeys.transcript_hash``), given likewise by ``handshaken``
     and by ``streaming`` after a resume: B's receipt must name the session it was sent on, and
     without a key or a transcript hash no receipt is accepted.
+
+    A live move gives ``receipt_state=LIVE_RECEIPT`` (the Receipt.state B must vouch for) and
+    ``stopped_when_sent``: libvirt's Confirm stops A's copy when ``digests_sent`` is called, so a
+    failure after it that is not a refused receipt leaves A in doubt instead of resuming.
     """
 
     TRANSITIONS = {
@@ -141,6 +174,9 @@ class SourceCommit(_Machine):
         (AWAIT_STREAMS, "streams sent"): AWAIT_RECEIPT,
         (AWAIT_RECEIPT, "saved"): AWAIT_RECEIPT,
         (AWAIT_RECEIPT, "receipt"): AWAIT_RESUMED,
+        (AWAIT_STREAMS, "moved by libvirt"): AWAIT_RESUMED,  # live, recovery
+        (AWAIT_RECEIPT, "moved by libvirt"): AWAIT_RESUMED,
+        (AWAIT_RECEIPT, "in doubt"): AWAIT_RECEIPT,  # live: A's copy stopped, nothing decided
         (AWAIT_RESUMED, "release"): RELEASED,
         (RELEASED, "release"): RELEASED,
         (AWAIT_RESUMED, "resumed"): DONE,
@@ -154,11 +190,13 @@ class SourceCommit(_Machine):
 
     def __init__(self, *, migration_id: str, src_did: str, dest_did: str, key: SigningKey,
                  peer_key: VerifyingKey | None, journal: Journal, resume_vm: Outcome, release_vm: Outcome,
-                 clock: Callable[[], datetime] = _utc_now, transcript_hash: bytes | None = None) -> None:
+                 clock: Callable[[], datetime] = _utc_now, transcript_hash: bytes | None = None,
+                 receipt_state: str = COLD_RECEIPT, stopped_when_sent: bool = False) -> None:
         super().__init__(AWAIT_STREAMS)
         self.migration_id, self.src_did, self.dest_did = migration_id, src_did, dest_did
         self._key, self.peer_key, self._clock = key, peer_key, clock
         self.transcript_hash = transcript_hash
+        self.receipt_state, self._stopped_when_sent = receipt_state, stopped_when_sent
         self._journal_fn, self._resume_vm, self._release_vm = journal, resume_vm, release_vm
         self._expected: dict[str, bytes] | None = None
         self.decision_token: str | None = None  # the commit Decision, once durable
@@ -169,12 +207,17 @@ class SourceCommit(_Machine):
     def from_journal(cls, entry: JournalView, *, src_did: str, key: SigningKey, peer_key: VerifyingKey | None,
                      journal: Journal, resume_vm: Outcome, release_vm: Outcome,
                      clock: Callable[[], datetime] = _utc_now) -> SourceCommit:
-        """A's machine in the state its journal ``entry`` says (``migsec recover``)."""
+        """A's machine in the state its journal ``entry`` says (``migsec recover``).
+
+        A live move's machine is rebuilt without ``stopped_when_sent``: recovery knows from
+        libvirt whether A's copy stopped (``moved_by_libvirt``), so its ``fail`` is an abort."""
         machine = cls(migration_id=entry.migration_id, src_did=src_did, dest_did=str(entry.data.get("peer")),
                       key=key, peer_key=peer_key, journal=journal, resume_vm=resume_vm, release_vm=release_vm,
-                      clock=clock)
+                      clock=clock, receipt_state=LIVE_RECEIPT if _live(entry.data) else COLD_RECEIPT)
         history = {phase for phase, _ in entry.history}
         machine.abort_token = _token(entry.data, "abort_decision")
+        if "receipt-received" in history:
+            machine.receipt_token = _token(entry.data, "receipt")  # verified when it was journaled
         if "committed" in history:
             machine.decision_token = _token(entry.data, "decision")
             machine.receipt_token = _token(entry.data, "receipt")
@@ -192,6 +235,10 @@ class SourceCommit(_Machine):
     def committed(self) -> bool:
         """True once the commit decision is durable: from then on A must never resume."""
         return self.state in (AWAIT_RESUMED, RELEASED, DONE)  # only reached with the decision journaled
+
+    @property
+    def live(self) -> bool:
+        return self.receipt_state == LIVE_RECEIPT
 
     # ---- progress before the streams are sent (journaled, the state stays AWAIT_STREAMS) ----
     def authorized(self, **facts: Any) -> None:
@@ -225,6 +272,14 @@ class SourceCommit(_Machine):
         self._expected = receipt_streams(manifest, manifest_json)
         self.state = nxt
 
+    def digests_sent(self, streams: Mapping[str, bytes]) -> None:
+        """Live: ``migrateToURI3`` returned and every byte channel ended; the receipt must vouch
+        for exactly these digests (each channel's SHA-256 per direction)."""
+        nxt = self._move("streams sent")
+        self._journal("streamed", digests=_digests(streams))
+        self._expected = dict(streams)
+        self.state = nxt
+
     def saved(self, **fields: Any) -> None:
         """The memory image is complete on disk at A (libvirt's save returned)."""
         self._note("saved", "saved", fields)
@@ -250,16 +305,46 @@ class SourceCommit(_Machine):
                 raise TicketError(f"receipt is between {receipt.src_did} and {receipt.dest_did}")
             if receipt.transcript_hash != self.transcript_hash:
                 raise TicketError("receipt names another session (transcript hash)")
-            if receipt.state != "restored-paused":
-                raise IntegrityError(f"receipt says {receipt.state!r}, not restored-paused (a cold move)")
+            if receipt.state != self.receipt_state:
+                raise IntegrityError(f"receipt says {receipt.state!r}, not {self.receipt_state}")
             if dict(receipt.streams) != self._expected:
-                raise IntegrityError("receipt vouches for other stream digests than were sent")
+                theirs, mine = dict(receipt.streams), self._expected or {}
+                differ = sorted(n for n in set(theirs) | set(mine) if theirs.get(n) != mine.get(n))
+                raise IntegrityError("receipt vouches for other stream digests than were sent: "
+                                     + ", ".join(differ[:8]))
             self._journal("receipt-received", receipt=token)
             decision = self._decision("commit", receipt_hash=token_hash(token))
             self._journal("committed", decision=decision)  # THE point of no return
         except MigsecError as exc:
-            self.fail(f"receipt refused: {exc}", code="integrity" if isinstance(exc, IntegrityError) else "aborted")
+            self.fail(f"receipt refused: {exc}", code="integrity" if isinstance(exc, IntegrityError) else "aborted",
+                      refused=True)
             raise
+        self.receipt_token, self.decision_token, self.state = token, decision, nxt
+        return decision
+
+    def moved_by_libvirt(self, receipt: str | None = None, *, how: str) -> str:
+        """Live, recovery: libvirt's outcome at A says the guest left (its Confirm stopped A's
+        copy), so it waits paused at B: commit over B's ``receipt`` (verified with ``peer_key``:
+        this migration, these domains, the live state; its digests can no longer be compared),
+        or over the one A journaled (None), journal the decision, return it. An abort already
+        made stays an abort. Refusing the receipt changes nothing (A's copy is gone): recover
+        again."""
+        nxt = self._move("moved by libvirt")
+        if self.abort_token is not None:
+            raise UnexpectedMessageError(f"migration {self.migration_id} was aborted; libvirt's outcome "
+                                         "does not undo the abort")
+        token = receipt or self.receipt_token
+        if token is None:
+            raise TicketError("no receipt of the destination to commit over")
+        if token != self.receipt_token:
+            if self.peer_key is None:
+                raise TicketError("no key of the destination to verify its receipt with")
+            got = Receipt.verify(token, self.peer_key, migration_id=self.migration_id)
+            if (got.src_did, got.dest_did, got.state) != (self.src_did, self.dest_did, self.receipt_state):
+                raise TicketError(f"the receipt {self.dest_did} holds is not this {self.receipt_state} move's")
+            self._journal("receipt-received", receipt=token)
+        decision = self._decision("commit", receipt_hash=token_hash(token))
+        self._journal("committed", decision=decision, how=how)  # THE point of no return
         self.receipt_token, self.decision_token, self.state = token, decision, nxt
         return decision
 
@@ -286,12 +371,20 @@ class SourceCommit(_Machine):
         self._journal("done", resumed=token)
         self.state = nxt
 
-    def fail(self, reason: str, *, code: str = "aborted") -> str | None:
+    def fail(self, reason: str, *, code: str = "aborted", refused: bool = False) -> str | None:
         """Something went wrong. Before the commit: abort, resume A, return the abort Decision
         (send it if the link still works); the same Decision is journaled with "aborted" and
         returned again by a later ``fail``. After the commit: A stays stopped; returns the
         commit Decision again for the caller (or ``migsec recover``) to resend. ``reason`` is
-        journaled and logged here; the Decision B gets names only ``code`` (peer_reason)."""
+        journaled and logged here; the Decision B gets names only ``code`` (peer_reason).
+        With ``stopped_when_sent`` (live), a failure awaiting the receipt that is not a refused
+        receipt (``refused``) changes nothing and returns None: A's copy is gone, B holds the
+        only one paused, recovery decides from libvirt's outcome."""
+        if self.state == AWAIT_RECEIPT and self._stopped_when_sent and not refused:
+            self.state = self._move("in doubt")
+            log.warning("migration %s in doubt after the source copy stopped (%s): the destination holds "
+                        "the VM paused; recovery decides", self.migration_id, reason)
+            return None
         nxt = self._move("fail")
         if self.state == ROLLED_BACK:  # already aborted: the same decision again
             if self.abort_token is None:  # a journal written before abort decisions were kept
@@ -316,18 +409,26 @@ class SourceCommit(_Machine):
 # --- B ------------------------------------------------------------------------------------------
 RECEIVING, RECEIVED, AWAIT_DECISION, COMMITTED, RUNNING, FINISHED, DISCARDED, IN_DOUBT = (
     "RECEIVING", "RECEIVED", "AWAIT_DECISION", "COMMITTED", "RUNNING", "FINISHED", "DISCARDED", "IN_DOUBT")
+FINISHED_PAUSED = "FINISHED_PAUSED"  # live: libvirt's Finish left the VM paused here; no final receipt yet
 
 
 class DestinationCommit(_Machine):
     """B's side. ``restore_paused`` restores the VM paused from the received state,
     ``resume_vm`` runs it, ``discard`` destroys any paused copy and removes every file,
-    ``cleanup`` (optional) removes what is left once the VM runs here."""
+    ``cleanup`` (optional) removes what is left once the VM runs here.
+
+    A live move gives ``receipt_state=LIVE_RECEIPT`` and ``discard_on_abort``: what A's abort
+    Decision runs instead of ``discard`` (destroy the paused copy libvirt's Finish left, which a
+    local failure's ``discard`` only waits for libvirt to drop)."""
 
     TRANSITIONS = {
         (RECEIVING, "accepted"): RECEIVING,
         (RECEIVING, "receiving"): RECEIVING,
         (RECEIVING, "streams verified"): RECEIVED,
         (RECEIVED, "restore"): AWAIT_DECISION,
+        (RECEIVING, "finished"): FINISHED_PAUSED,  # live: libvirt's Finish as the restore
+        (FINISHED_PAUSED, "channels verified"): AWAIT_DECISION,
+        (FINISHED_PAUSED, "commit"): RUNNING,  # a commit over the receipt journaled at the Finish
         (AWAIT_DECISION, "commit"): RUNNING,
         (IN_DOUBT, "commit"): RUNNING,
         (COMMITTED, "commit"): RUNNING,  # A sent its decision again (recovery)
@@ -338,12 +439,14 @@ class DestinationCommit(_Machine):
         (RUNNING, "finish"): FINISHED,
         (RECEIVING, "abort"): DISCARDED,
         (RECEIVED, "abort"): DISCARDED,
+        (FINISHED_PAUSED, "abort"): DISCARDED,
         (AWAIT_DECISION, "abort"): DISCARDED,
         (IN_DOUBT, "abort"): DISCARDED,
         (DISCARDED, "abort"): DISCARDED,
         (RECEIVING, "fail"): DISCARDED,
         (RECEIVED, "fail"): DISCARDED,
         (AWAIT_DECISION, "fail"): IN_DOUBT,
+        (FINISHED_PAUSED, "fail"): IN_DOUBT,
         (IN_DOUBT, "fail"): IN_DOUBT,
         (COMMITTED, "fail"): COMMITTED,
         (RUNNING, "fail"): RUNNING,
@@ -352,12 +455,14 @@ class DestinationCommit(_Machine):
     def __init__(self, *, migration_id: str, src_did: str, dest_did: str, transcript_hash: bytes,
                  key: SigningKey, peer_key: VerifyingKey | None, journal: Journal, restore_paused: Outcome,
                  resume_vm: Action, discard: Action, cleanup: Action | None = None,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], datetime] = _utc_now, receipt_state: str = COLD_RECEIPT,
+                 discard_on_abort: Action | None = None) -> None:
         super().__init__(RECEIVING)
         self.migration_id, self.src_did, self.dest_did = migration_id, src_did, dest_did
         self._th, self._key, self.peer_key, self._clock = transcript_hash, key, peer_key, clock
         self._journal_fn, self._restore, self._resume_vm, self._discard = journal, restore_paused, resume_vm, discard
-        self._cleanup = cleanup
+        self._cleanup, self._discard_on_abort = cleanup, discard_on_abort or discard
+        self.receipt_state = receipt_state
         self._streams: dict[str, bytes] | None = None
         self.receipt_token: str | None = None
         self.decision_token: str | None = None
@@ -366,12 +471,16 @@ class DestinationCommit(_Machine):
     @classmethod
     def from_journal(cls, entry: JournalView, *, dest_did: str, key: SigningKey, peer_key: VerifyingKey | None,
                      journal: Journal, restore_paused: Outcome, resume_vm: Action, discard: Action,
-                     cleanup: Action | None = None, clock: Callable[[], datetime] = _utc_now) -> DestinationCommit:
-        """B's machine in the state its journal ``entry`` says (``migsec recover``, or A's answer)."""
+                     cleanup: Action | None = None, clock: Callable[[], datetime] = _utc_now,
+                     discard_on_abort: Action | None = None) -> DestinationCommit:
+        """B's machine in the state its journal ``entry`` says (``migsec recover``, or A's answer).
+        A live move's "received" (journaled with a receipt when libvirt's Finish passed) is in
+        doubt like a cold "restored-paused": A may have committed."""
         machine = cls(migration_id=entry.migration_id, src_did=str(entry.data.get("peer")), dest_did=dest_did,
                       transcript_hash=b"", key=key, peer_key=peer_key, journal=journal,
                       restore_paused=restore_paused, resume_vm=resume_vm, discard=discard, cleanup=cleanup,
-                      clock=clock)
+                      clock=clock, receipt_state=LIVE_RECEIPT if _live(entry.data) else COLD_RECEIPT,
+                      discard_on_abort=discard_on_abort)
         history = {phase for phase, _ in entry.history}
         machine.receipt_token = _token(entry.data, "receipt")
         if "commit-received" in history:
@@ -379,8 +488,10 @@ class DestinationCommit(_Machine):
             machine.resumed_token = _token(entry.data, "resumed")
             machine.state = {"done": FINISHED, "resumed": RUNNING}.get(entry.phase, COMMITTED)
         else:
+            live_finished = machine.receipt_state == LIVE_RECEIPT and machine.receipt_token is not None
+            received = IN_DOUBT if live_finished else RECEIVED
             machine.state = {"discarded": DISCARDED, "restored-paused": IN_DOUBT,
-                             "received": RECEIVED}.get(entry.phase, RECEIVING)
+                             "received": received}.get(entry.phase, RECEIVING)
         return machine
 
     def _journal(self, phase: str, **fields: Any) -> None:
@@ -412,15 +523,43 @@ class DestinationCommit(_Machine):
         try:
             fields = _fields(self._restore())
             assert self._streams is not None
-            receipt = Receipt(migration_id=self.migration_id, src_did=self.src_did, dest_did=self.dest_did,
-                              streams=self._streams, transcript_hash=self._th,
-                              issued_at=self._clock()).sign(self._key)
+            receipt = self._receipt(self._streams)
             # From the moment the receipt may leave, A may commit: journal it first.
             self._journal("restored-paused", receipt=receipt, **fields)
         except MigsecError as exc:
             self.fail(f"restore failed: {exc}")
             raise
         self.receipt_token, self.state = receipt, nxt
+        return receipt
+
+    def _receipt(self, streams: Mapping[str, bytes]) -> str:
+        return Receipt(migration_id=self.migration_id, src_did=self.src_did, dest_did=self.dest_did,
+                       streams=dict(streams), transcript_hash=self._th, issued_at=self._clock(),
+                       state=self.receipt_state).sign(self._key)
+
+    def finished_paused(self, streams: Mapping[str, bytes], **fields: Any) -> str:
+        """Live: libvirt's Finish left the VM paused here (the restore step); call it before its
+        reply goes on to A. A's libvirt may then stop A's copy at any moment, so from here a
+        failure leaves B in doubt, never discarding. Returns the receipt over the channels so far,
+        journaled with "received" (a commit from recovery names it)."""
+        nxt = self._move("finished")
+        self.state = nxt  # first: a failure to journal must not let a later failure discard
+        receipt = self._receipt(streams)
+        self.receipt_token = receipt
+        self._journal("received", receipt=receipt, **fields)
+        return receipt
+
+    def channels_verified(self, streams: Mapping[str, bytes]) -> str:
+        """Live: every byte channel ended; sign the receipt over their digests, journal it with
+        "restored-paused" (before it may leave), return it."""
+        nxt = self._move("channels verified")
+        try:
+            receipt = self._receipt(streams)
+            self._journal("restored-paused", receipt=receipt, digests=_digests(streams))
+        except MigsecError as exc:
+            self.fail(f"receipt not journaled: {exc}")
+            raise
+        self._streams, self.receipt_token, self.state = dict(streams), receipt, nxt
         return receipt
 
     def decision_received(self, token: str) -> str | None:
@@ -434,14 +573,14 @@ class DestinationCommit(_Machine):
         if decision.decision == "abort":
             nxt = self._move("abort")
             if self.state != DISCARDED:
-                self._discard()
+                self._discard_on_abort()
                 self._journal("discarded", decision=token)
             self.state = nxt
             return None
         nxt = self._move("commit")
         if self.receipt_token is None or decision.receipt_hash != token_hash(self.receipt_token):
             raise TicketError("commit decision names a different receipt")
-        if self.state in (AWAIT_DECISION, IN_DOUBT):
+        if self.state in (AWAIT_DECISION, IN_DOUBT, FINISHED_PAUSED):
             self._journal("commit-received", decision=token)  # from here B's copy wins
             self.decision_token, self.state = token, COMMITTED
         if self.state == FINISHED:

@@ -33,15 +33,19 @@ def _flag(name: str) -> int:
     return int(value)
 
 
-def live_flags(*, persistent: bool, undefine_source: bool, paused: bool = False) -> int:
-    """LIVE | PEER2PEER | NON_SHARED_DISK, plus PERSIST_DEST / UNDEFINE_SOURCE / PAUSED as asked."""
-    flags = _flag("VIR_MIGRATE_LIVE") | _flag("VIR_MIGRATE_PEER2PEER") | _flag("VIR_MIGRATE_NON_SHARED_DISK")
+def live_flags(*, persistent: bool, undefine_source: bool) -> int:
+    """LIVE | PEER2PEER | NON_SHARED_DISK | PAUSED, plus PERSIST_DEST / UNDEFINE_SOURCE as asked.
+
+    Always PAUSED: the destination's Finish leaves the guest paused, and migsec resumes it
+    there only after the source's signed commit. Without it a Finish whose reply is lost
+    would run the guest at B while libvirt's Confirm(cancelled) resumes it at A.
+    """
+    flags = (_flag("VIR_MIGRATE_LIVE") | _flag("VIR_MIGRATE_PEER2PEER") | _flag("VIR_MIGRATE_NON_SHARED_DISK")
+             | _flag("VIR_MIGRATE_PAUSED"))
     if persistent:
         flags |= _flag("VIR_MIGRATE_PERSIST_DEST")
     if undefine_source:
         flags |= _flag("VIR_MIGRATE_UNDEFINE_SOURCE")
-    if paused:
-        flags |= _flag("VIR_MIGRATE_PAUSED")
     return flags
 
 
@@ -86,9 +90,9 @@ class JobStats:
 
 def job_stats(conn: Connection, name_or_uuid: str, *, completed: bool = False) -> JobStats | None:
     """The running (or, with ``completed``, the last completed) job's figures; None if none."""
-    dom = lookup(conn, name_or_uuid)
     flags = getattr(libvirt, "VIR_DOMAIN_JOB_STATS_COMPLETED", 0) if completed else 0
     try:
+        dom = lookup(conn, name_or_uuid)
         with libvirt_call("job statistics", uri=conn.uri, domain=name_or_uuid):
             stats = dom.jobStats(flags)
     except MigsecError:  # statistics are informative only; a vanished domain has none
@@ -105,6 +109,27 @@ def job_stats(conn: Connection, name_or_uuid: str, *, completed: bool = False) -
                     memory_bps=get("memory_bps"), disk_processed=get("disk_processed"),
                     disk_total=get("disk_total"), data_processed=get("data_processed"),
                     data_total=get("data_total"))
+
+
+def migration_running(conn: Connection, name_or_uuid: str) -> bool:
+    """Whether libvirt still runs a job (e.g. a migration) for the domain; False if it is unknown."""
+    try:
+        dom = lookup(conn, name_or_uuid)
+        with libvirt_call("job info", uri=conn.uri, domain=name_or_uuid):
+            kind = dom.jobInfo()[0]
+    except MigsecError:
+        return False
+    return kind in (getattr(libvirt, "VIR_DOMAIN_JOB_BOUNDED", 1), getattr(libvirt, "VIR_DOMAIN_JOB_UNBOUNDED", 2))
+
+
+def is_persistent(conn: Connection, name_or_uuid: str) -> bool | None:
+    """Whether the domain has a persistent definition here; None if libvirt does not know it."""
+    try:
+        dom = lookup(conn, name_or_uuid)
+        with libvirt_call("is persistent", uri=conn.uri, domain=name_or_uuid):
+            return bool(dom.isPersistent())
+    except MigsecError:
+        return None
 
 
 def abort_job(conn: Connection, name_or_uuid: str) -> None:

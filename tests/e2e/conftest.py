@@ -72,6 +72,7 @@ class GuestHandle:
         other = "b" if host == "a" else "a"
         assert self.state(host) == "running", f"{self.name} is {self.state(host)} on {host}"
         assert self.state(other) != "running", f"{self.name} also runs on {other}"
+        self.wait_counter_beyond(host, 0)  # a guest resumed just now may not have counted there yet
         before = self.console(host).counters[-1]
         self.wait_counter_beyond(host, before)
 

@@ -68,12 +68,17 @@ def test_live_move_there_and_back(dep, guest):
     assert result["mode"] == "live" and result["destination_did"] == b.did
     job = result["job"]
     assert job["downtime_ms"] > 0 and job["memory_processed"] > 0
+    # the pause the guest saw: libvirt's downtime (up to B's Finish) + B's wait for A's signed commit
+    assert result["libvirt_downtime_ms"] == job["downtime_ms"] and result["paused_wait_ms"] > 0
+    assert result["downtime_seconds"] * 1000 == pytest.approx(result["libvirt_downtime_ms"]
+                                                              + result["paused_wait_ms"], abs=1)
     # gone from A (undefined, its disk removed), running at B as the same boot
     assert guest.state("a") == "absent"
     assert not images(dep, "a", guest.name)
     assert guest.state("b") == "running"
     assert "yes" in b.lab.host("b").virsh("dominfo", guest.name).split("Persistent:")[1].splitlines()[0]
     last_on_a = guest.console("a").counters[-1]
+    wait_for(lambda: guest.console("b").counters, 30, "the guest counting at B")  # B resumed it just now
     assert not guest.console("b").boots, "the guest rebooted at B"
     assert_counter_continues(guest.console("b").counters[0], last_on_a)
     assert_state_intact(guest, "b", last_on_a)
@@ -300,5 +305,127 @@ def test_live_source_daemon_killed_mid_migration_then_recover(dep, guest):
     outcomes = recovery_outcomes(a, rec)  # migsecd's automatic pass at start, or this one
     assert any("rolled back" in outcome for outcome in outcomes), outcomes
     assert_clean_failure(dep, guest, before)
+    for d in (a, b):
+        audit_ok(d)
+
+
+def journal_file(domain, mid: str) -> dict:
+    return json.loads((domain.base / "state" / "journal" / f"{mid}.json").read_text())
+
+
+def new_journal(domain, known: set, test) -> dict | None:
+    """A journal entry of ``domain`` not in ``known`` for which ``test(entry)`` holds."""
+    for path in set((domain.base / "state" / "journal").glob("*.json")) - known:
+        try:
+            entry = json.loads(path.read_text())
+        except ValueError:
+            continue  # being replaced
+        if test(entry):
+            return entry
+    return None
+
+
+def finished_at_b(entry: dict) -> bool:
+    """B's journal says libvirt's Finish left the guest paused there (its receipt journaled)."""
+    return bool(entry["data"].get("finished")) and entry["data"].get("receipt") is not None
+
+
+def test_live_source_daemon_killed_after_finish_then_recovered(dep, guest):
+    """A's migsecd is killed right after B saw libvirt's Finish succeed (guest paused at B, A's
+    libvirt may or may not have its reply): A's migsecd restarts (automatic recovery) and
+    `migsec recover` runs: the guest runs on exactly one side, as the same boot with its memory
+    and disk intact, nothing of it is left on the other side, both ledgers verify."""
+    a, b = dep["a"], dep["b"]
+    boots = len(guest.console("a").boots)
+    last = guest.console("a").counters[-1]
+    known = set((b.base / "state" / "journal").glob("*.json"))
+    proc = migrate_in_background(dep, guest.name, "--live", "--persistent", "--undefinesource")
+    try:
+        deadline = time.monotonic() + 240
+        entry = None
+        while entry is None and time.monotonic() < deadline and proc.poll() is None:
+            entry = new_journal(b, known, finished_at_b)
+            time.sleep(0.01)
+        assert entry is not None, "B's journal never said libvirt's Finish left the guest paused there"
+        a.kill(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        a.start()
+    mid = entry["migration_id"]
+    rec = a.migsec("recover", "--json", "--config", str(a.config))
+    assert rec.returncode == 0, rec.stderr
+
+    def settled() -> bool:
+        ends = (journal_file(a, mid)["phase"], journal_file(b, mid)["phase"])
+        if ends in (("done", "done"), ("rolled-back", "discarded")):
+            return True
+        a.migsec("recover", "--config", str(a.config))  # B was busy or unreachable: try again
+        return False
+
+    wait_for(settled, 120, f"both journals of {mid} to end (A: {journal_file(a, mid)['phase']}, "
+                           f"B: {journal_file(b, mid)['phase']})")
+    running = [h for h in ("a", "b") if guest.state(h) == "running"]
+    assert len(running) == 1, {h: guest.state(h) for h in ("a", "b")}
+    host = running[0]
+    other = "b" if host == "a" else "a"
+    guest.assert_runs_only_on(host)
+    assert guest.state(other) == "absent", guest.state(other)  # destroyed and undefined, or moved away
+    assert not images(dep, other, guest.name)
+    if host == "a":
+        assert len(guest.console("a").boots) == boots, "the guest rebooted at A"
+        assert not guest.console("b").counters, "the paused copy ran at B"
+    else:
+        wait_for(lambda: guest.console("b").counters, 30, "the guest counting at B")
+        assert not guest.console("b").boots, "the guest rebooted at B"
+        assert_counter_continues(guest.console("b").counters[0], last)
+    assert_state_intact(guest, host, last)
+    assert not run_dirs(dep, "a") and not run_dirs(dep, "b")
+    for d in (a, b):
+        audit_ok(d)
+
+
+@pytest.mark.parametrize("rogue_source", ["drop-finish-reply"], indirect=True)
+def test_live_finish_reply_lost_then_a_aborts_and_b_destroys_its_paused_copy(dep, guest, rogue_source):
+    """Issue 10's window: B's libvirt Finish succeeds but its reply never reaches A's libvirtd, whose
+    Confirm(cancelled) resumes the guest at A. The guest waited paused at B (VIR_MIGRATE_PAUSED), so
+    A's abort makes B destroy that copy: the guest never ran at B and runs on at A only."""
+    a, b = dep["a"], dep["b"]
+    before = guest.console("a").counters[-1]
+    known = set((b.base / "state" / "journal").glob("*.json"))
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent", "--undefinesource")
+    assert code == 4, (err, result)
+    assert result["rolled_back"] is True
+    entry = new_journal(b, known, lambda e: e["role"] == "destination")
+    assert entry is not None
+    mid = entry["migration_id"]
+    entry = wait_for(lambda: (e := journal_file(b, mid))["phase"] == "discarded" and e, 60,
+                     "B to discard on A's abort")  # A returned once it sent the abort
+    assert finished_at_b(entry), "the lever missed: B's libvirt Finish did not succeed"
+    assert "restored-paused" not in [p for p, _ in entry["history"]]
+    assert_clean_failure(dep, guest, before)
+    assert not guest.console("b").counters, "the paused copy ran at B"
+    assert [e["body"].get("outcome") for e in ledger_entries(a, mid, "decision")] == ["abort"]
+    assert ledger_entries(b, mid, "decision"), "B did not audit A's abort"
+    for d in (a, b):
+        audit_ok(d)
+
+
+def test_live_move_of_a_paused_guest_leaves_it_paused_at_b(dep, guest):
+    """A guest paused at A before the move stays paused at B after the commit (B resumes only
+    what ran), and runs on as the same boot once resumed there."""
+    a, b = dep["a"], dep["b"]
+    a.lab.host("a").virsh("suspend", guest.name)
+    last = guest.console("a").counters[-1]
+    code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent", "--undefinesource")
+    assert code == 0, (err, result)
+    mid = result["migration_id"]
+    assert guest.state("a") == "absent" and guest.state("b") == "paused"
+    assert journal(a, mid)["phase"] == "done" and journal(b, mid)["phase"] == "done"
+    b.lab.host("b").virsh("resume", guest.name)
+    guest.assert_runs_only_on("b")
+    assert not guest.console("b").boots, "the guest rebooted at B"
+    assert_state_intact(guest, "b", last)
     for d in (a, b):
         audit_ok(d)

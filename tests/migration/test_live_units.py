@@ -28,6 +28,8 @@ def test_live_flags_ask_for_p2p_live_non_shared_disk():
         assert flags & getattr(libvirt, name), name
     assert not flags & libvirt.VIR_MIGRATE_TUNNELLED
     assert not vmig.live_flags(persistent=False, undefine_source=False) & libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    # always paused at B after libvirt's Finish: B resumes it only on A's signed commit
+    assert vmig.live_flags(persistent=False, undefine_source=False) & libvirt.VIR_MIGRATE_PAUSED
 
 
 def test_sparse_image_has_the_virtual_size_and_nothing_allocated_and_never_overwrites(tmp_path):
@@ -45,26 +47,9 @@ def test_sparse_image_has_the_virtual_size_and_nothing_allocated_and_never_overw
         vmig.create_sparse_image(str(tmp_path / "e"), format="vhd?", virtual_size=1 << 20)
 
 
-def test_receipt_problems_name_every_channel_that_differs_and_a_foreign_session():
-    from datetime import datetime, timezone
-
-    from migsec.protocol import Receipt
-
-    th = b"\x01" * 32
-    mine = {"qemu.5.a2b": b"\x02" * 32, "qemu.5.b2a": b"\x03" * 32, "nbd.3.a2b": b"\x04" * 32}
-    job = SimpleNamespace(services=SimpleNamespace(did="cloud-a.example"), dest_did="cloud-b.example")
-    session = SimpleNamespace(keys=SimpleNamespace(transcript_hash=th))
-
-    def receipt(streams, transcript=th, state=live.LIVE_STATE):
-        return Receipt(migration_id="m1", src_did="cloud-a.example", dest_did="cloud-b.example", streams=streams,
-                       transcript_hash=transcript, issued_at=datetime.now(timezone.utc), state=state)
-
-    assert live._receipt_problems(receipt(mine), job, session, mine) == []
-    changed = {**mine, "qemu.5.a2b": b"\x09" * 32}
-    problems = live._receipt_problems(receipt(changed), job, session, mine)
-    assert len(problems) == 1 and "qemu.5.a2b" in problems[0]
-    missing = {k: v for k, v in mine.items() if k != "nbd.3.a2b"}
-    assert "nbd.3.a2b" in " ".join(live._receipt_problems(receipt(missing), job, session, mine))
-    assert "transcript" in " ".join(live._receipt_problems(receipt(mine, b"\x07" * 32), job, session, mine))
-    assert "restored-paused" in " ".join(live._receipt_problems(receipt(mine, state="restored-paused"), job,
-                                                                session, mine))
+def test_downtime_is_libvirts_plus_the_paused_wait_and_absent_figures_stay_absent():
+    both = live.downtime({"downtime_ms": 150}, {"paused_wait_us": 42_500})
+    assert both == {"libvirt_downtime_ms": 150, "paused_wait_ms": 42.5, "downtime_seconds": 0.193}
+    assert live.downtime({"downtime_ms": 150}, {}) == {"libvirt_downtime_ms": 150}
+    assert live.downtime({}, {"paused_wait_us": 4.5}) == {}
+    assert live.downtime({"downtime_ms": 1}, {"paused_wait_us": -3}) == {"libvirt_downtime_ms": 1}

@@ -14,11 +14,13 @@ from migsec.errors import IntegrityError, JournalError, TicketError, UnexpectedM
 from migsec.protocol import NEED_DATA, Ack, Control, Decision, Resumed, token_hash
 from migsec.transfer import Expected, Manifest, ManifestEntry, StreamSource, receive_streams, send_streams
 from migsec.transfer.commit import (
+    AWAIT_DECISION,
     AWAIT_RESUMED,
     COMMITTED,
     DISCARDED,
     DONE,
     FINISHED,
+    FINISHED_PAUSED,
     IN_DOUBT,
     RELEASED,
     ROLLED_BACK,
@@ -546,3 +548,150 @@ def test_b_journals_received_once_with_the_name_to_restore_under_and_the_restore
     assert [ph for ph, _ in hb.writes] == ["accepted", "receiving", "received", "restored-paused"]
     assert hb.writes[2][1]["restoring"] == "vm1-b"
     assert hb.writes[-1][1] == {"receipt": receipt, "restored": "vm1-b"}
+
+
+# --- live: libvirt in the place of the data plane (migsec.migration.live) ------------------------------
+LIVE = "finished-paused"
+CHANNELS = {"libvirt.1.a2b": b"\x01" * 32, "libvirt.1.b2a": b"\x02" * 32, "qemu.3.a2b": b"\x03" * 32,
+            "qemu.3.b2a": b"\x04" * 32, "nbd.5.a2b": b"\x05" * 32, "nbd.5.b2a": b"\x06" * 32}
+
+
+def live_machines(domains, a_host: Host, b_host: Host, *, th: bytes | None = None):
+    th = th or os.urandom(32)
+    a = SourceCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, key=domains.a.key,
+                     peer_key=domains.b.public_key, journal=a_host.journal, resume_vm=a_host.action("resume"),
+                     release_vm=a_host.action("release"), receipt_state=LIVE, transcript_hash=th,
+                     stopped_when_sent=True)
+    b = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=th,
+                          key=domains.b.key, peer_key=domains.a.public_key, journal=b_host.journal,
+                          restore_paused=b_host.action("restore"), resume_vm=b_host.action("resume"),
+                          discard=b_host.action("wait-dropped"), discard_on_abort=b_host.action("destroy-paused"),
+                          receipt_state=LIVE)
+    return a, b
+
+
+def test_live_commit_runs_the_guest_only_at_b_after_the_signed_commit(domains):
+    ha, hb = Host(), Host()
+    a, b = live_machines(domains, ha, hb)
+    early = b.finished_paused({"libvirt.1.a2b": b"\x01" * 32}, finished="libvirt (paused)")
+    assert b.state == FINISHED_PAUSED and hb.log == ["journal:received"] and b.receipt_token == early
+    a.digests_sent(CHANNELS)
+    receipt = b.channels_verified(CHANNELS)
+    assert b.state == AWAIT_DECISION and hb.count("resume") == 0
+    decision = a.receipt_received(receipt)
+    assert a.committed and ha.count("resume") == 0
+    a.resumed_received(b.decision_received(decision))
+    assert (a.state, b.state) == (DONE, RUNNING)
+    assert hb.count("resume") == 1 and ha.count("resume") == 0 and ha.count("release") == 1
+    assert hb.log.index("journal:commit-received") < hb.log.index("resume")
+
+
+@pytest.mark.parametrize("change", ["channel", "missing", "transcript", "state"])
+def test_live_receipt_that_differs_aborts_and_b_destroys_its_paused_copy(domains, change):
+    ha, hb = Host(), Host()
+    th = os.urandom(32)
+    a, b = live_machines(domains, ha, hb, th=th)
+    b.finished_paused(CHANNELS)
+    a.digests_sent(CHANNELS)
+    theirs = dict(CHANNELS)
+    if change == "channel":
+        theirs["qemu.3.a2b"] = b"\x09" * 32
+    elif change == "missing":
+        del theirs["nbd.5.a2b"]
+    signer = DestinationCommit(migration_id=MID, src_did=A_DID, dest_did=B_DID,
+                               transcript_hash=os.urandom(32) if change == "transcript" else th,
+                               key=domains.b.key, peer_key=domains.a.public_key, journal=Host().journal,
+                               restore_paused=Host().action("r"), resume_vm=Host().action("r"),
+                               discard=Host().action("d"), receipt_state="restored-paused" if change == "state" else LIVE)
+    signer.finished_paused(theirs)
+    receipt = signer.channels_verified(theirs)
+    # another session's receipt is refused as a cold move refuses it (a replay: TicketError)
+    with pytest.raises(TicketError if change == "transcript" else IntegrityError) as err:
+        a.receipt_received(receipt)
+    if change in ("channel", "missing"):
+        assert ("qemu.3.a2b" if change == "channel" else "nbd.5.a2b") in str(err.value)
+    assert a.state == ROLLED_BACK and a.abort_token is not None and not a.committed
+    assert b.decision_received(a.abort_token) is None
+    assert b.state == DISCARDED and hb.count("destroy-paused") == 1 and hb.count("resume") == 0
+
+
+def test_live_source_in_doubt_after_its_copy_stopped_never_resumes_it(domains):
+    ha, hb = Host(), Host()
+    a, b = live_machines(domains, ha, hb)
+    a.digests_sent(CHANNELS)  # migrateToURI3 returned: libvirt's Confirm stopped A's copy
+    assert a.fail("no receipt: the session broke") is None
+    assert ha.count("resume") == 0 and "journal:aborted" not in ha.log and a.abort_token is None
+
+
+def test_live_destination_after_finish_is_in_doubt_and_waits_for_a(domains):
+    ha, hb = Host(), Host()
+    a, b = live_machines(domains, ha, hb)
+    early = b.finished_paused(CHANNELS)
+    b.fail("session to A broke")
+    assert b.state == IN_DOUBT and hb.count("resume") == 0 and hb.count("wait-dropped") == 0
+    with pytest.raises(TicketError):  # a commit must name the receipt B journaled at libvirt's Finish
+        b.decision_received(signed_decision(domains.a.key, os.urandom(32)))
+    # recovery: A found its guest gone (libvirt's Confirm) and committed over B's journaled receipt
+    assert b.decision_received(signed_decision(domains.a.key, token_hash(early))) is not None
+    assert b.state == RUNNING and hb.count("resume") == 1
+
+
+def test_live_destination_before_finish_waits_for_libvirt_to_drop_it_and_aborts_destroy(domains):
+    ha, hb = Host(), Host()
+    _, b = live_machines(domains, ha, hb)
+    b.fail("session broke before libvirt's Finish")
+    assert b.state == DISCARDED and hb.count("wait-dropped") == 1 and hb.count("destroy-paused") == 0
+    _, b2 = live_machines(domains, ha, hb)
+    abort = Decision(migration_id=MID, src_did=A_DID, dest_did=B_DID, decision="abort",
+                     issued_at=datetime.now(timezone.utc)).sign(domains.a.key)
+    assert b2.decision_received(abort) is None and b2.state == DISCARDED and hb.count("destroy-paused") == 1
+
+
+# --- live recovery: the machines rebuilt from a live move's journal ---------------------------------
+def test_live_source_rebuilt_commits_over_b_s_receipt_when_libvirt_moved_the_guest(domains):
+    ha, hb = Recorder(), Recorder()
+    a, b = live_machines(domains, ha, hb)
+    a.authorized(domain="vm1", peer=B_DID, mode="live")
+    early = b.finished_paused(CHANNELS, finished="libvirt (paused)")
+    a.digests_sent(CHANNELS)
+    assert a.fail("the session broke") is None  # in doubt: nothing decided, nothing resumed
+    ra = source_from(domains, ha.entry(), ha, peer=False)
+    assert ra.state == "AWAIT_RECEIPT" and ra.live and not ra.committed
+    with pytest.raises(TicketError, match="no key"):  # B's receipt comes with the recovery session
+        ra.moved_by_libvirt(early, how="libvirt")
+    ra.peer_key = domains.b.public_key
+    cold_receipt = DestinationCommit(
+        migration_id=MID, src_did=A_DID, dest_did=B_DID, transcript_hash=TH, key=domains.b.key,
+        peer_key=domains.a.public_key, journal=Host().journal, restore_paused=Host().action("r"),
+        resume_vm=Host().action("r"), discard=Host().action("d")).finished_paused(CHANNELS)
+    with pytest.raises(TicketError, match="not this finished-paused"):
+        ra.moved_by_libvirt(cold_receipt, how="libvirt")
+    assert not ra.committed and ha.count("resume") == 0  # a refused receipt changes nothing here
+    decision = ra.moved_by_libvirt(early, how="libvirt (found by recover)")
+    assert ra.committed and ("committed", {"decision": decision, "how": "libvirt (found by recover)"}) in ha.writes
+    b.fail("session broke")
+    rb = destination_from(domains, hb.entry(peer=A_DID, mode="live"), Host())
+    assert rb.state == IN_DOUBT  # libvirt's Finish journaled "received" with a receipt
+    ra.release()
+    ra.peer_key = domains.b.public_key
+    ra.resumed_received(rb.decision_received(decision))
+    assert ra.state == DONE and ha.count("resume") == 0 and ha.count("release") == 1
+
+
+def test_live_source_that_aborted_is_never_committed_by_libvirt_s_outcome(domains):
+    ha, hb = Recorder(), Host()
+    a, b = live_machines(domains, ha, hb)
+    a.authorized(domain="vm1", peer=B_DID, mode="live")
+    early = b.finished_paused(CHANNELS)
+    abort = a.fail("libvirt rolled back")  # before digests_sent: an abort
+    ra = source_from(domains, ha.entry(), Host())
+    assert ra.state == ROLLED_BACK and ra.fail("again") == abort
+    with pytest.raises(UnexpectedMessageError):
+        ra.moved_by_libvirt(early, how="libvirt")
+    crashed = Recorder()
+    crashed.journal("authorized", domain="vm1", peer=B_DID, mode="live")
+    crashed.journal("aborted", reason="x", abort_decision=abort)  # crash before rolled-back
+    rc = source_from(domains, crashed.entry(), Host())
+    with pytest.raises(UnexpectedMessageError, match="aborted"):
+        rc.moved_by_libvirt(early, how="libvirt")
+    assert not rc.committed
