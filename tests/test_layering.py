@@ -256,8 +256,9 @@ def main() -> None:  # pragma: no cover - a report for the closing note
             print(f"  {pkg} -> {', '.join(only)}")
     print("package cycles:", cycles(edges) or "none")
     print("module cycles:", cycles(graph(IMPORTS, packages=False)) or "none")
-    print("  without the pending (PENDING_HOIST) imports:", cycles(graph(CHECKED, packages=True)) or "none",
-          cycles(graph(CHECKED, packages=False)) or "none")
+    if PENDING_HOIST:
+        print("  without the pending (PENDING_HOIST) imports:", cycles(graph(CHECKED, packages=True)) or "none",
+              cycles(graph(CHECKED, packages=False)) or "none")
     lazy = [i for i in IMPORTS if i.in_function and not i.type_checking]
     print(f"function-level imports: {len(lazy)}")
     for i in lazy:
