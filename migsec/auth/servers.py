@@ -22,13 +22,24 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from migsec import virt
+from migsec.auth.users import SCRYPT_N, SCRYPT_P, SCRYPT_R, UserError
+from migsec.crypto import random_bytes
 from migsec.errors import AuthenticationError, AuthorizationDenied, MigsecError
+from migsec.policy import attributes as A, authorize
+from migsec.protocol.local import (
+    AuthorizationServer as ProtocolAZ,
+    AuthRequest,
+    LocalMigrationRequest,
+    make_auth_reply,
+)
+from migsec.protocol.messages import MigrationRequest, Obligation
+from migsec.protocol.plan import DiskPlan, MigrationPlan
 
 if TYPE_CHECKING:
     from migsec.daemon.services import Services
     from migsec.protocol.local import PasswordKey
-    from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
-    from migsec.protocol.plan import MigrationPlan
+    from migsec.protocol.messages import AuthorizationTicket
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.auth")
@@ -51,10 +62,6 @@ class AuthenticationServer:
         self.services = services
 
     def handle(self, request_text: str) -> dict:
-        from migsec.auth.users import SCRYPT_N, SCRYPT_P, SCRYPT_R, UserError
-        from migsec.crypto import random_bytes
-        from migsec.protocol.local import AuthRequest, make_auth_reply
-
         services = self.services
         request = AuthRequest.decode(request_text.encode())
         lifetime = timedelta(seconds=services.config.limits.ticket_lifetime_s)
@@ -104,14 +111,6 @@ class AuthorizationServer:
 
     def authorize(self, request_text: str) -> Grant:
         """Steps 3-4 at the source; raises AuthorizationDenied (where="source") on anything but Permit."""
-        from migsec import virt
-        from migsec.auth.users import UserError
-        from migsec.policy import authorize
-        from migsec.policy import attributes as A
-        from migsec.protocol.local import AuthorizationServer as ProtocolAZ
-        from migsec.protocol.local import LocalMigrationRequest
-        from migsec.protocol.messages import MigrationRequest, Obligation
-
         services = self.services
         az = ProtocolAZ(did=services.did, key=services.identity.key, sk3=services.sk3,
                         replay_cache=services.replay, clock=services.clock)
@@ -162,8 +161,6 @@ class AuthorizationServer:
 
 def plan_for(request: MigrationRequest, info: DomainInfo) -> MigrationPlan:
     """The typed plan of ``request`` for the VM ``info`` describes (the AZ signs it with the request)."""
-    from migsec.protocol.plan import DiskPlan, MigrationPlan
-
     disks = tuple(DiskPlan(target=d.target, type=d.type, source=d.source, format=d.format,
                            virtual_size=int(d.virtual_size or 0),
                            backing=d.files[1:],  # a file disk's backing files, nearest first
@@ -181,9 +178,6 @@ def admit_incoming(services: Services, *, src_did: str, user_id: str,
 
     Returns the bandwidth limit obligations ask for and the obligations.
     """
-    from migsec.policy import authorize
-    from migsec.policy import attributes as A
-
     plan = request.require_plan()
     decision = authorize(
         services.pdp_destination,
@@ -204,8 +198,6 @@ def admit_incoming(services: Services, *, src_did: str, user_id: str,
 
 def check_capacity(services: Services, plan: MigrationPlan) -> None:
     """Configured limits and the host's free memory; AuthorizationDenied naming what is short."""
-    from migsec import virt
-
     limits = services.config.limits
     vcpus, memory = plan.vcpus, plan.memory_bytes
     if limits.max_vcpus and vcpus > limits.max_vcpus:
@@ -232,8 +224,6 @@ def vm_attributes(plan: MigrationPlan) -> dict[str, Any]:
 
 def apply_obligations(decision: Any, request: MigrationRequest, *, where: str) -> tuple[int | None, list]:
     """The obligations this PEP understands; any other makes the Permit unusable."""
-    from migsec.policy import attributes as A
-
     bandwidth: int | None = None
     for ob in decision.obligations:
         if ob.id == A.OBLIGATION_MAX_BANDWIDTH:
@@ -262,8 +252,6 @@ def _scalars(attributes: dict) -> dict:
 
 
 def _reason(decision: Any) -> str:
-    from migsec.policy import attributes as A
-
     for advice in decision.advice:
         text = advice.attributes.get(A.ASSIGN_REASON)
         if text:

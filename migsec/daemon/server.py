@@ -5,8 +5,9 @@ event loop; anything that blocks (libvirt, the bulk data plane, durable journal
 writes) runs in threads. Components:
 
 - authentication server (AS) and authorization server (AZ): ``migsec.auth``;
-- inter-domain endpoint: ``migsec.migration.destination`` (incoming) and
-  ``migsec.migration.source`` (outgoing, driven by the VMM agent);
+- inter-domain endpoint: ``migsec.daemon.endpoint`` (incoming: the handshake here, then
+  ``migsec.migration.destination`` in a thread) and ``migsec.migration.source`` (outgoing,
+  driven by the VMM agent);
 - VMM agent: ``migsec.virt`` calls made from those threads.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from migsec import virt
 from migsec.daemon import handlers, wire
 from migsec.daemon.notify import sd_notify
 from migsec.errors import ConfigError, MalformedMessageError, MigsecError
-from migsec.migration.destination import serve_peer
+from migsec.daemon.endpoint import serve_peer
 from migsec.migration.recovery import auto_recover
 
 if TYPE_CHECKING:

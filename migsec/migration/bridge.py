@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from migsec.crypto import TAG_SIZE
 from migsec.errors import (
     IntegrityError,
     MigsecError,
@@ -46,7 +47,7 @@ from migsec.errors import (
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
 from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
-from migsec.crypto import TAG_SIZE
+from migsec.transfer.plane import TokenBucket
 
 log = logging.getLogger("migsecd.bridge")
 
@@ -207,7 +208,6 @@ class ChannelBridge:
             raise ProtocolError("the destination's bridge needs connect_target")
         if pre_read:
             raise ProtocolError("bytes already read from the session cannot be bridged")
-        from migsec.transfer.plane import TokenBucket
 
         self.sock = sock
         self.records = records

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from migsec import virt
 from migsec.errors import MappingError, MigsecError, TransferError
+from migsec.transfer.plane import Expected, TokenBucket, receive_streams, send_streams
+from migsec.transfer.sink import Staging
+from migsec.transfer.source import GrowingFileSource, StreamSource
 
 if TYPE_CHECKING:
     from migsec.migration.link import SourceSession
@@ -63,8 +67,6 @@ def source_streams(info: DomainInfo, files: list[str], saver: Any, memory_path: 
     waits for the save to succeed before its commit decision. ``saver`` has
     ``finished()`` and ``error()``; a save that fails earlier fails the stream.
     """
-    from migsec.transfer.source import GrowingFileSource, StreamSource
-
     disks = [StreamSource(2 + i, f"disk{i}", "disk", path=path) for i, path in enumerate(files)]
     for src in disks:
         src.start_digest()
@@ -80,8 +82,6 @@ def source_streams(info: DomainInfo, files: list[str], saver: Any, memory_path: 
 def send(session: SourceSession, streams: Iterator[Any], *, bandwidth: int | None,
          progress: Callable[[str, int, int], None], timeout: float = PLANE_TIMEOUT_S) -> Any:
     """Run the plane on A's session; returns the SendResult. ``timeout``: longest silence of B."""
-    from migsec.transfer.plane import send_streams
-
     def report(p: Any) -> None:
         # past the known total a growing stream (the save image) is being sent: its size is
         # not known until libvirt finished writing it, so the total is 0 = unknown, not 100 %
@@ -120,8 +120,6 @@ def disk_map(services: Services, files: list[str]) -> dict[str, str]:
 
 
 def expected_streams(services: Services, request: MigrationRequest) -> dict[str, Any]:
-    from migsec.transfer.plane import Expected
-
     plan = request.require_plan()
     files = list(plan.files)
     targets = disk_map(services, files)
@@ -151,8 +149,6 @@ class _ThrottledSocket:
     obligation by reading no faster (TCP flow control then slows A)."""
 
     def __init__(self, sock: socket.socket, rate: float) -> None:
-        from migsec.transfer.plane import TokenBucket
-
         self._sock = sock
         self._bucket = TokenBucket(rate)
 
@@ -178,9 +174,6 @@ def receive(services: Services, sock: socket.socket, records: Any, request: Migr
 
     ``bandwidth`` (bytes/s): the limit B's own policy set (an obligation), applied to reading.
     """
-    from migsec import virt
-    from migsec.transfer.plane import receive_streams
-
     expected = expected_streams(services, request)
     wire: Any = _ThrottledSocket(sock, bandwidth) if bandwidth else sock
     result = receive_streams(wire, records, str(staging_dir(services, migration_id)), expected,
@@ -201,8 +194,6 @@ def receive(services: Services, sock: socket.socket, records: Any, request: Migr
 
 def discard(services: Services, migration_id: str) -> None:
     """Remove every partial and installed file of an incoming migration (before its commit)."""
-    from migsec.transfer.sink import Staging
-
     directory = staging_dir(services, migration_id)
     if directory.exists():
         try:

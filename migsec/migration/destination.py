@@ -1,9 +1,5 @@
-"""The destination side: the inter-domain endpoint (asyncio) and the incoming migration (thread).
-
-The handshake runs on the event loop with the socket non-blocking; once B has
-accepted, the socket is switched to blocking and handed to a worker thread for
-the data plane (FACTS: asyncio streams cost ~1.5x the wall time of a blocking
-socket for bulk data).
+"""The destination side: the incoming migration, in the worker thread B's endpoint
+(``migsec.daemon.endpoint``: the handshake on the event loop) hands an accepted socket to.
 
 Journal phases at B: accepted -> receiving -> received -> restored-paused
 -> commit-received -> resumed -> done; or discarded (only before commit-received).
@@ -15,15 +11,19 @@ paused guest in doubt: it never runs here without A's signed commit.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import socket
-import threading
 from typing import TYPE_CHECKING, Any
 
+from migsec import virt
 from migsec.crypto import VerifyingKey
-from migsec.errors import DomainNotFoundError, MigsecError
+from migsec.errors import RESUMABLE, DomainNotFoundError, MigsecError
+from migsec.migration import dataplane
+from migsec.migration.channel import ControlLink
+from migsec.migration.jobs import record
+from migsec.migration.live import discard_destination, is_live, resume_destination, serve_destination
+from migsec.protocol import RecordLayer
 from migsec.protocol.errors import peer_reason
 from migsec.transfer import SourceDecision
 from migsec.transfer.commit import (
@@ -44,69 +44,7 @@ if TYPE_CHECKING:
     from migsec.daemon.services import Services
 
 log = logging.getLogger("migsecd.destination")
-HANDSHAKE_TIMEOUT_S = 30
 DECISION_TIMEOUT_S = 300
-
-_busy: set[str] = set()
-_busy_lock = threading.Lock()
-
-
-async def serve_peer(daemon: Any, conn: socket.socket, address: Any) -> None:
-    """One inter-domain connection: handshake, then a worker thread."""
-    from migsec.migration import link
-
-    loop = asyncio.get_running_loop()
-    services = daemon.services
-    try:
-        try:
-            accepted = await asyncio.wait_for(link.accept_async(services, conn, loop, daemon.executor),
-                                              HANDSHAKE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.warning("peer %s: handshake timed out", address[0])
-            return
-        except MigsecError as exc:
-            # a MigReq that fails verification gets no answer: nothing can be signed for an
-            # unauthenticated peer; the detail stays in this log
-            log.warning("peer %s: handshake failed: %s", address[0], exc)
-            return
-        if accepted is None:
-            return
-        conn.setblocking(True)
-        await loop.run_in_executor(daemon.executor, run_accepted, services, conn, accepted)
-    except Exception:
-        log.exception("peer %s: internal error", address[0])
-    finally:
-        try:
-            conn.close()
-        except OSError:
-            pass
-
-
-def active_incoming() -> int:
-    """Migrations this daemon is receiving right now."""
-    with _busy_lock:
-        return len(_busy)
-
-
-def run_accepted(services: Services, conn: socket.socket, accepted: Accepted) -> None:
-    """Thread body for an accepted connection: a new or resumed migration, or a recovery exchange."""
-    mid = accepted.keys.migration_id
-    if accepted.purpose == "recover":
-        from migsec.migration.recovery import answer_recovery
-
-        answer_recovery(services, conn, accepted)
-        return
-    with _busy_lock:
-        if mid in _busy:
-            log.warning("migration %s is already being received on another connection", mid)
-            return
-        _busy.add(mid)
-    try:
-        IncomingMigration(services, mid).serve(conn, accepted)
-    finally:
-        with _busy_lock:
-            _busy.discard(mid)
-
 
 class IncomingMigration:
     """B's side of one migration: receive, verify, restore paused, receipt, decision.
@@ -134,10 +72,6 @@ class IncomingMigration:
             discard=self.discard_here, cleanup=self.cleanup, clock=self.services.clock)
 
     def serve(self, conn: socket.socket, accepted: Accepted) -> None:
-        from migsec.migration import dataplane
-        from migsec.migration.channel import ControlLink
-        from migsec.protocol import RecordLayer
-
         services, request = self.services, accepted.request
         prepared: dict[str, str] = {}
         live = request.mode == "live"
@@ -160,8 +94,6 @@ class IncomingMigration:
         if accepted.leftover:
             raise MigsecError("bytes after MigReq before the answer: refusing the session")
         if request.mode == "live":
-            from migsec.migration.live import serve_destination
-
             serve_destination(self, conn, accepted, commit)
             return
         records = RecordLayer(accepted.keys, "destination")
@@ -230,8 +162,6 @@ class IncomingMigration:
         """The name the guest will be restored under (B's mapped XML). A domain of that name
         that runs (or is paused) here already is refused now: a discard of this migration, which
         destroys a paused copy found under the name, must never touch another guest."""
-        from migsec import virt
-
         name = virt.restore_name(xml)
         with virt.connect(self.services.config.libvirt.uri) as conn:
             try:
@@ -244,8 +174,6 @@ class IncomingMigration:
 
     def restore(self, memory_path: str, xml: str) -> dict:
         """Restore paused; returns what the machine journals with "restored-paused"."""
-        from migsec import virt
-
         with virt.connect(self.services.config.libvirt.uri) as conn:
             self.restored = name = virt.restore_domain(conn, memory_path, xml=xml, paused=True)
         log.info("migration %s: %s restored paused", self.mid, name)
@@ -253,10 +181,6 @@ class IncomingMigration:
 
     def resume_here(self) -> None:
         """After the commit decision: the guest must run here (idempotent)."""
-        from migsec import virt
-
-        from migsec.migration.live import is_live, resume_destination
-
         entry = self.services.journal.get(self.mid)
         if is_live(entry):  # libvirt's Finish left it paused (and persisted it if asked)
             resume_destination(self.services, self.mid, self.timing, conn=self.held_conn)
@@ -274,8 +198,6 @@ class IncomingMigration:
     def _clear_given_away(self, conn: Any, name: str) -> None:
         """The guest came back to a host that kept its definition: that definition runs it
         again, so it is no longer given away (the hook would refuse its next start)."""
-        from migsec import virt
-
         try:
             mark = virt.clear_moved(conn, name)
         except MigsecError as exc:
@@ -290,10 +212,6 @@ class IncomingMigration:
 
     def discard_here(self) -> None:
         """Before the commit decision: remove any paused copy and every partial file."""
-        from migsec import virt
-        from migsec.migration import dataplane
-        from migsec.migration.live import discard_destination, is_live
-
         entry = self.services.journal.get(self.mid)
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
@@ -320,14 +238,10 @@ class IncomingMigration:
         """Live, a local failure before libvirt's Finish: wait for libvirt to drop the unfinished
         incoming guest (a guest still here may be the only copy: never removed), then remove
         B's pre-created disks and sockets."""
-        from migsec.migration.live import discard_destination
-
         discard_destination(self.services, self.mid, record_phase=False)
 
     def cleanup(self) -> None:
         """The guest runs here: the staging directory goes."""
-        from migsec.migration import dataplane
-
         shutil.rmtree(dataplane.staging_dir(self.services, self.mid), ignore_errors=True)
 
     # ---- A's decision outside the session (recovery): fed to the machine rebuilt from the journal ----
@@ -362,8 +276,6 @@ class IncomingMigration:
 
     def journal(self, phase: str, **fields: Any) -> None:
         """B's journal: the commit machine's writer (cold and live)."""
-        from migsec.migration.jobs import record
-
         record(self.services, self.mid, "destination", phase, **fields)
 
 
@@ -375,6 +287,4 @@ def _send_quietly(control: Any, message: dict) -> None:
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    from migsec.errors import RESUMABLE
-
     return isinstance(exc, RESUMABLE)

@@ -1,16 +1,17 @@
 """The inter-domain link: the handshake on both sides, and B's decision on a MigReq.
 
 A (blocking, in the VMM agent's thread): ``connect()`` -> SourceSession.
-B (asyncio): ``accept_async()`` -> Accepted, then the socket goes to a thread.
+B: ``decide()`` on a verified MigReq -> Accepted (the event loop's half, ``accept_async``, is
+``migsec.daemon.endpoint``'s), then the socket goes to a thread.
 
 Handshake frames are read exactly (header, then payload), so no byte of the
 record layer that follows is ever consumed here.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,16 +33,14 @@ from migsec.migration.dataplane import disk_map, request_files
 from migsec.migration.peers import split_address
 from migsec.pki.ca import load_certificate
 from migsec.pki.peers import PinMismatchError
-from migsec.protocol import NEED_DATA, RecordLayer
-from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason, refusal_decision
-from migsec.protocol.framing import CERT_REQUEST, HEADER_SIZE, parse_header
+from migsec.protocol import RecordLayer
+from migsec.protocol.errors import parse_peer_reason, peer_error_text, refusal_decision
+from migsec.protocol.framing import HEADER_SIZE, parse_header
 from migsec.protocol.handshake import (
-    DestinationHandshake,
     MigrationAccepted,
     MigrationProposed,
     MigrationRefused,
     SourceHandshake,
-    certificate_reply,
     certificate_request,
     parse_certificate_reply,
 )
@@ -66,7 +65,7 @@ class PeerCert:
     cert_pem: bytes
 
 
-def _frame_cert(payload: bytes) -> bytes:
+def frame_cert(payload: bytes) -> bytes:
     """The certificate PEM a handshake frame carried (already verified by the handshake)."""
     import json
 
@@ -171,7 +170,7 @@ def connect(services: Services, peer: Peer, request: MigrationRequest, token: st
     if not isinstance(event, (MigrationAccepted, MigrationRefused)):
         sock.close()
         raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
-    peer_cert = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
+    peer_cert = PeerCert(event.peer.did, event.peer.public_key, frame_cert(payload))
     if isinstance(event, MigrationRefused):
         sock.close()
         services.audit("mig-resp", migration_id, role="source", outcome="refused", reason=event.reason,
@@ -219,7 +218,7 @@ def fetch_pinned_certificate(services: Services, peer: Peer) -> Peer:
     return stored
 
 
-def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) -> None:
+def store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) -> None:
     """B's side of a first contact: a source listed by a pinned fingerprint only, whose MigReq
     verified with the pinned certificate, gets that certificate stored."""
     try:
@@ -238,6 +237,31 @@ def _store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str)
 
 
 # ---- B: the destination side -------------------------------------------------------------------
+# the migrations being received (claimed by B's endpoint for the worker thread's life)
+_busy: set[str] = set()
+_busy_lock = threading.Lock()
+
+
+def active_incoming() -> int:
+    """Migrations this daemon is receiving right now (for ``decide``'s ``[limits].max_incoming`` check)."""
+    with _busy_lock:
+        return len(_busy)
+
+
+def claim_incoming(migration_id: str) -> bool:
+    """Mark a migration as being received; False if another connection receives it already."""
+    with _busy_lock:
+        if migration_id in _busy:
+            return False
+        _busy.add(migration_id)
+        return True
+
+
+def release_incoming(migration_id: str) -> None:
+    with _busy_lock:
+        _busy.discard(migration_id)
+
+
 @dataclass
 class Accepted:
     """What B hands the data-plane thread after sending its Ack."""
@@ -260,80 +284,6 @@ class Accepted:
     @property
     def user_id(self) -> str:
         return self.proposal.user_id
-
-
-async def accept_async(services: Services, conn: socket.socket, loop: asyncio.AbstractEventLoop,
-                       executor: Any) -> Accepted | None:
-    """B's side of the handshake. Returns None when nothing follows (dry run, refusal)."""
-    hs = DestinationHandshake(services.identity, services.trust, replay_cache=services.replay,
-                              clock=services.clock)
-
-    event: Any = NEED_DATA
-    first = True
-    while event is NEED_DATA:
-        header = await _sock_recv_exact(loop, conn, HEADER_SIZE)
-        frame_type, length = parse_header(header)
-        payload = await _sock_recv_exact(loop, conn, length)
-        if frame_type == CERT_REQUEST and first:
-            # a peer that pinned our fingerprint asks for the certificate (public): answer, done
-            await _send(loop, conn, certificate_reply(services.identity.cert_pem), "sending the certificate")
-            return None
-        first = False
-        hs.receive_data(header + payload)
-        try:
-            event = hs.next_event()
-        except UnknownIssuerError as exc:
-            raise UnknownIssuerError(f"{exc}; {trust_hint(services)}") from exc
-    if not isinstance(event, MigrationProposed):
-        raise HandshakeError(f"unexpected handshake event {type(event).__name__}")
-    peer = PeerCert(event.peer.did, event.peer.public_key, _frame_cert(payload))
-    mid = event.migration_id
-    services.audit("authr-tkt", mid, role="destination", peer_token=event.authorization_token,
-                   peer_cert_pem=peer.cert_pem, peer_did=peer.did)
-    services.audit("mig-req", mid, role="destination", peer_token=event.signed_request,
-                   peer_cert_pem=peer.cert_pem, peer_did=peer.did)
-    # the MigReq verified (signature, CA, DID): a source pinned by fingerprint gets its certificate stored
-    await loop.run_in_executor(executor, _store_pinned_source, services, peer, event.peer.fingerprint)
-    try:
-        purpose, bandwidth = await loop.run_in_executor(executor, decide, services, event)
-    except MigsecError as exc:
-        # the signed Nack carries a code and a fixed text; the detail stays in this log and ledger
-        level = logging.INFO if isinstance(exc, AuthorizationDenied) else logging.WARNING
-        log.log(level, "refusing migration %s from %s: %s", event.migration_id, event.src_did, exc)
-        reason = peer_reason(exc)
-        await _send(loop, conn, hs.refuse(reason), f"refusing {event.src_did}")
-        if isinstance(exc, AuthorizationDenied):
-            services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
-                           outcome="refused", reason=str(exc)[:1000])
-        return None
-    await _send(loop, conn, hs.accept(), f"accepting {event.src_did}")
-    services.audit("mig-resp", mid, role="destination", token=hs.signed_response,
-                   outcome="accepted", purpose=purpose)
-    if purpose == "dry-run":
-        return None
-    assert hs.keys is not None  # accept() derived them
-    return Accepted(hs.keys, event, purpose, peer, bandwidth, hs.trailing_data())
-
-
-async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, what: str) -> None:
-    try:
-        await loop.sock_sendall(conn, data)
-    except OSError as exc:
-        raise network_error(exc, what) from exc
-
-
-async def _sock_recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = await loop.sock_recv(conn, n - len(buf))
-        except OSError as exc:
-            raise network_error(exc, "receiving the MigReq") from exc
-        if not chunk:
-            # B is the one waiting for a MigReq here: the causes _recv_exact lists are B's own
-            raise HandshakeError("the peer closed the connection before its MigReq was complete")
-        buf += chunk
-    return bytes(buf)
 
 
 def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | None]:
@@ -365,7 +315,6 @@ def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | 
         pass
     else:
         raise AuthorizationDenied(f"migration id {mid} was used before", decision="Invalid")
-    from migsec.migration.destination import active_incoming
 
     busy, limit = active_incoming(), services.config.limits.max_incoming
     if busy >= limit and not options.get("dry_run"):

@@ -44,10 +44,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from migsec.migration.jobs import MigrationAborted
+from migsec import virt
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
+from migsec.hooks import permit
+from migsec.migration.bridge import ChannelBridge
+from migsec.migration.dataplane import disk_map
+from migsec.migration.jobs import MigrationAborted, record
+from migsec.migration.release import domain_state
+from migsec.protocol import RecordLayer, libvirt_rpc as rpc
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
+from migsec.protocol.libvirt_rpc import RpcFilter, RpcPolicy
 from migsec.transfer.commit import AWAIT_DECISION, AWAIT_STREAMS, FINISHED_PAUSED, LIVE_RECEIPT, RECEIVING
+from migsec.virt import migrate as vmig
+from migsec.virt.describe import DomainState
+from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
+from migsec.virt.migrate import create_sparse_image, system_qemu_owner
 
 if TYPE_CHECKING:
     from migsec.migration.destination import IncomingMigration
@@ -88,8 +99,6 @@ def make_run_dir(migration_id: str, *, group: int | None = None, group_mode: int
 
 def _qemu_gid() -> int | None:
     """QEMU's group when libvirt runs it as non-root (qemu.conf), else None (the lab: root)."""
-    from migsec.virt.migrate import system_qemu_owner
-
     owner = system_qemu_owner()
     return None if owner is None else owner.gid
 
@@ -109,9 +118,6 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
     ``job.commit`` (``migsec.transfer.commit.SourceCommit``, live: it journaled authorized and
     handshaken with B's key and this session's transcript hash): libvirt's migration is its
     "streams sent", its actions are A's copy (``SourceCopy``), as for a cold move."""
-    from migsec import virt
-    from migsec.migration.bridge import ChannelBridge
-
     services, mid, domain = job.services, job.mid, job.domain
     info = virt.describe_domain(conn, domain)
     job.was_paused = info.state.value == "paused"
@@ -145,8 +151,6 @@ def downtime(stats: dict, resumed: dict) -> dict:
 
 def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, bridge: Any,
                  commit: SourceCommit) -> tuple[dict, dict]:
-    from migsec.virt import migrate as vmig
-
     services, mid, domain = job.services, job.mid, job.domain
     paths = _uris(mid)
     try:
@@ -248,8 +252,6 @@ def _send_quietly(bridge: Any, message: dict) -> None:
 
 def _left_here(conn: Any, domain: str) -> bool:
     """Is the guest gone from this host (shut off or undefined by libvirt's Confirm)?"""
-    from migsec.migration.source import domain_state
-
     try:
         return domain_state(conn, domain) in ("absent", "shutoff")
     except MigsecError:
@@ -259,8 +261,6 @@ def _left_here(conn: Any, domain: str) -> bool:
 def _join(job: OutgoingMigration, conn: Any, mover: "_Call") -> None:
     """libvirt's outcome: ``migrateToURI3``'s error, unless the guest left this host after all
     (an error after the Confirm that stopped it here: then B holds it paused)."""
-    from migsec.migration.source import domain_state
-
     try:
         mover.join()
     except MigsecError as exc:
@@ -273,9 +273,6 @@ def _join(job: OutgoingMigration, conn: Any, mover: "_Call") -> None:
 
 def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth: int | None,
              targets: list[str]) -> None:
-    from migsec import virt
-    from migsec.virt import migrate as vmig
-
     with virt.connect(services.config.libvirt.uri) as conn:
         vmig.migrate_live(conn, domain, dconnuri=f"qemu+unix:///system?socket={paths['libvirt']}",
                           migrate_uri=f"unix://{paths['qemu']}", disks_uri=f"unix://{paths['nbd']}",
@@ -285,8 +282,6 @@ def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth
 def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> None:
     """Progress from libvirt's job while it migrates; --timeout, an operator's abort (`migsec jobs
     abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job: libvirt rolls back."""
-    from migsec.virt import migrate as vmig
-
     while not mover.done.wait(0.5):
         aborted = job.abort.reason is not None
         if bridge.error is not None or aborted or (job.deadline is not None and time.monotonic() > job.deadline):
@@ -388,16 +383,12 @@ class _RpcChannel:
 
     def __init__(self, services: Services, mid: str, policy: Any, state: dict,
                  on_finish: Callable[[bool, bool], None] | None = None, mark: Any = None) -> None:
-        from migsec.protocol.libvirt_rpc import RpcFilter
-
         self.services, self.mid, self.state = services, mid, state
         self.filter = RpcFilter(policy)
         self.on_finish = on_finish
         self.mark = mark  # the bridge's timeline (ChannelBridge.mark), or None
 
     def _events(self, events: list) -> None:
-        from migsec.protocol import libvirt_rpc as rpc
-
         for event in events:
             procedure = getattr(event, "procedure", "")
             if self.mark is not None and not procedure.startswith("KEEPALIVE"):
@@ -451,14 +442,6 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
     libvirt's Finish (it leaves the guest paused) is the machine's restore step
     (``finished_paused``), seen in the RPC proxy; the receipt follows once every channel ended.
     """
-    from migsec import virt
-    from migsec.migration.bridge import ChannelBridge
-    from migsec.migration.dataplane import disk_map
-    from migsec.protocol import RecordLayer
-    from migsec.protocol.libvirt_rpc import RpcPolicy
-    from migsec.virt import migrate as vmig
-    from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
-
     services, mid, request = incoming.services, incoming.mid, accepted.request
     records = RecordLayer(accepted.keys, "destination")
     state: dict = {}
@@ -566,8 +549,6 @@ def _decision(incoming: IncomingMigration, accepted: Accepted, commit: Destinati
 
 
 def _precreate(commit: DestinationCommit, disks: tuple[DiskPlan, ...], dmap: dict) -> list[str]:
-    from migsec.virt.migrate import create_sparse_image
-
     created: list[str] = []
     for disk in disks:
         src = str(disk.source)
@@ -584,9 +565,6 @@ def _precreate(commit: DestinationCommit, disks: tuple[DiskPlan, ...], dmap: dic
 def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, commit: DestinationCommit,
                  lock: Any, state: dict, timing: dict, conn: Any) -> None:
     """libvirt finished here (paused): sign the receipt, wait for A's decision, resume on commit."""
-    from migsec import virt
-    from migsec.virt import migrate as vmig
-
     services, mid, request = incoming.services, incoming.mid, accepted.request
     uuid = request.require_plan().vm_uuid
     if not (state.get("finish") and state["finish"][0]):
@@ -625,8 +603,6 @@ def resume_destination(services: Services, mid: str, timing: dict | None = None,
     """After A's commit: the guest libvirt's Finish left paused runs here (or stays paused if it
     was paused at A); its permit and run dir go. Idempotent (recovery may repeat it). ``conn``:
     a libvirt connection already open (none is opened on the guest's pause then)."""
-    from migsec import virt
-
     entry = services.journal.get(mid)
     if not entry.decided:
         raise MigsecError(f"migration {mid}: no commit decision here; refusing to resume")
@@ -644,9 +620,6 @@ def resume_destination(services: Services, mid: str, timing: dict | None = None,
 
 
 def _resume(conn: Any, mid: str, uuid: str, entry: JournalEntry) -> None:
-    from migsec import virt
-    from migsec.virt.describe import DomainState
-
     state = virt.domain_state(conn, uuid)
     if state == DomainState.PAUSED and not entry.plan().paused:
         virt.resume_domain(conn, uuid)
@@ -664,9 +637,6 @@ def discard_destination(services: Services, mid: str, *, aborted: bool = False, 
     a guest still here may be the only copy (A's libvirt may have stopped its own), so nothing is
     removed. A running guest is never destroyed.
     """
-    from migsec import virt
-    from migsec.migration.jobs import record
-
     entry = services.journal.get(mid)
     if entry.decided:
         raise MigsecError(f"migration {mid} is committed here; refusing to discard it")
@@ -691,8 +661,6 @@ def discard_destination(services: Services, mid: str, *, aborted: bool = False, 
 
 
 def _state(conn: Any, uuid: str) -> str:
-    from migsec import virt
-
     try:
         return virt.domain_state(conn, uuid).value
     except MigsecError:
@@ -715,9 +683,6 @@ def _wait_until_dropped(conn: Any, mid: str, uuid: str) -> None:
 def _destroy_paused_copy(conn: Any, mid: str, uuid: str, *, undefine: bool) -> None:
     """A aborted: destroy the incoming copy (paused: it never ran here), then the definition
     libvirt's Finish made for it (PERSIST_DEST), unless the domain was defined here before."""
-    from migsec import virt
-    from migsec.virt import migrate as vmig
-
     deadline = time.monotonic() + 30
     while True:
         state = _state(conn, uuid)
@@ -746,10 +711,6 @@ def left_this_host(services: Services, entry: JournalEntry) -> str | None:
     copy waits paused (recovery commits: ``SourceCommit.moved_by_libvirt``); None when it is
     still active here (presumed abort: B destroys its paused copy). Refuses while libvirt still
     migrates it. The run directory goes either way."""
-    from migsec import virt
-    from migsec.migration.release import domain_state
-    from migsec.virt import migrate as vmig
-
     domain = str(entry.data.get("domain"))
     with virt.connect(services.config.libvirt.uri) as conn:
         if vmig.migration_running(conn, domain):
@@ -767,13 +728,9 @@ def permit_dir(services: Services) -> Path:
 def write_permit(services: Services, mid: str, uuid: str, name: str) -> None:
     """A short-lived permit the ``migrate begin`` hook checks and consumes: libvirt's incoming
     migration of this uuid is migsec's own (bound to the migration id, not a global switch)."""
-    from migsec.hooks.permit import write_permit as write
-
-    write(permit_dir(services), migration_id=mid, uuid=uuid, name=name, ttl=PERMIT_TTL_S)
+    permit.write_permit(permit_dir(services), migration_id=mid, uuid=uuid, name=name, ttl=PERMIT_TTL_S)
 
 
 def consume_permit(services: Services, uuid: str) -> None:
-    from migsec.hooks.permit import remove_permit
-
     if uuid:
-        remove_permit(permit_dir(services), uuid)
+        permit.remove_permit(permit_dir(services), uuid)

@@ -33,9 +33,16 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from migsec.migration.jobs import journal_writer
-from migsec.migration.release import SourceCopy, journal_fields
+from migsec.crypto import random_bytes
 from migsec.errors import MigsecError
+from migsec.migration import link
+from migsec.migration.channel import ControlLink
+from migsec.migration.destination import IncomingMigration
+from migsec.migration.jobs import describe, journal_writer
+from migsec.migration.live import left_this_host
+from migsec.migration.release import SourceCopy, journal_fields
+from migsec.protocol import RecordLayer
+from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
 from migsec.transfer.commit import ROLLED_BACK, SourceCommit
 
 if TYPE_CHECKING:
@@ -50,8 +57,6 @@ _pass_lock = threading.Lock()  # one recovery pass at a time (automatic at start
 
 
 def list_jobs(services: Services, *, show_all: bool = False) -> list[dict]:
-    from migsec.migration.jobs import describe
-
     import time
 
     day_ago = time.time() - 86400
@@ -169,8 +174,6 @@ def _decide_from_libvirt(services: Services, entry: JournalEntry, commit: Source
     """A live move A did not decide: a guest that left this host (libvirt's Confirm stopped it)
     waits paused at B, so the machine commits over B's receipt (``moved_by_libvirt``). A guest
     still active here leaves the machine undecided: the presumed abort follows."""
-    from migsec.migration.live import left_this_host
-
     mid, domain = entry.migration_id, str(entry.data.get("domain"))
     state = left_this_host(services, entry)
     if state is None:
@@ -193,8 +196,6 @@ def _decide_from_libvirt(services: Services, entry: JournalEntry, commit: Source
 
 # ---- B -----------------------------------------------------------------------------------------
 def _recover_destination(services: Services, entry: JournalEntry) -> str:
-    from migsec.migration.destination import IncomingMigration
-
     mid = entry.migration_id
     job = IncomingMigration(services, mid)
     if entry.decided:
@@ -219,10 +220,6 @@ def _recover_destination(services: Services, entry: JournalEntry) -> str:
 
 # ---- talking to the peer --------------------------------------------------------------------------
 def _session(services: Services, entry: JournalEntry) -> Any:
-    from migsec.crypto import random_bytes
-    from migsec.migration import link
-    from migsec.protocol.messages import AuthorizationTicket, MigrationRequest
-
     peer = services.peers.get(cast(str, entry.data.get("peer")))
     request = MigrationRequest(vm=str(entry.data.get("domain")), mode="cold", dest_did=peer.did,
                                options={"purpose": "recover"})
@@ -273,10 +270,6 @@ def _tell_peer(services: Services, entry: JournalEntry, message: dict) -> str:
 
 def answer_recovery(services: Services, conn: socket.socket, accepted: Accepted) -> None:
     """The responder's side of a recovery conversation (in a worker thread)."""
-    from migsec.migration.channel import ControlLink
-    from migsec.migration.destination import IncomingMigration
-    from migsec.protocol import RecordLayer
-
     mid = accepted.keys.migration_id
     control = ControlLink(conn, RecordLayer(accepted.keys, "destination"), accepted.src_did)
     try:

@@ -31,18 +31,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from migsec import virt
 from migsec.errors import (
+    RESUMABLE,
     DomainNotFoundError,
     IntegrityError,
-    RESUMABLE,
     MigrationFailed,
     MigsecError,
     NetworkError,
     TransferError,
 )
+from migsec.migration import dataplane, link
+from migsec.migration.dataplane import PLANE_TIMEOUT_S
+from migsec.migration.jobs import AbortSwitch, record
+from migsec.migration.live import run_source
 from migsec.migration.release import SourceCopy, domain_state, journal_fields, restart_at_source
 from migsec.protocol.errors import parse_peer_reason, peer_error_text
 from migsec.transfer.commit import COLD_RECEIPT, LIVE_RECEIPT, SourceCommit, as_control
+from migsec.transfer.extents import file_digest
 from migsec.transfer.plane import linger
 from migsec.transfer.source import WriterOutcome
 
@@ -85,8 +91,6 @@ class OutgoingMigration:
         self.was_paused = False
         self.released: dict = {}
         self.tracker: ProgressTracker | None = None  # set by the `migrate` handler, read by `jobs`
-        from migsec.migration.jobs import AbortSwitch
-
         self.abort = AbortSwitch()  # `migsec jobs abort`: rolls back as --timeout does
         self.conn: Any = None  # this host's libvirt, once the handshake succeeded
         self.saver: _Background | None = None
@@ -102,9 +106,6 @@ class OutgoingMigration:
 
     # ---- the flow ----------------------------------------------------------------------
     def run(self) -> dict:
-        from migsec import virt
-        from migsec.migration import link
-
         services = self.services
         dry_run = bool(self.options.get("dry_run"))
         plan = self.request.require_plan()  # the AZ signed one: B refuses a request without it
@@ -132,8 +133,6 @@ class OutgoingMigration:
         conn = self.conn = virt.connect(services.config.libvirt.uri)
         try:
             if self.request.mode == "live":
-                from migsec.migration.live import run_source
-
                 return run_source(self, conn, session)
             return self._move(conn, session)
         finally:
@@ -141,8 +140,6 @@ class OutgoingMigration:
 
     def _move(self, conn: Any, session: SourceSession) -> dict:
         """Suspend, save while the disks stream, then the commit exchange (transfer.SourceCommit)."""
-        from migsec import virt
-
         commit = self.commit
         try:
             self.check_deadline()  # an abort (or --timeout) during the handshake: never suspend
@@ -201,8 +198,6 @@ class OutgoingMigration:
 
     def _transfer(self, session: SourceSession, info: DomainInfo, saver: "_Background") -> tuple[Any, Any]:
         """Stream everything, resuming on a new connection after a break; returns the SendResult."""
-        from migsec.migration import dataplane, link
-
         files = dataplane.request_files(self.request)
         attempt = 0
         while True:
@@ -239,8 +234,6 @@ class OutgoingMigration:
                         time.sleep(RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)])
 
     def _recheck_saved_image(self, manifest: Any) -> None:
-        from migsec.transfer.extents import file_digest
-
         sent = _memory_digest(manifest)
         try:
             now = file_digest(self.saved_image)
@@ -307,8 +300,6 @@ class OutgoingMigration:
 
     def remaining(self) -> float:
         """Seconds left before --timeout (the plane's own limit when there is none)."""
-        from migsec.migration.dataplane import PLANE_TIMEOUT_S
-
         return PLANE_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
 
     def check_deadline(self) -> None:
@@ -327,8 +318,6 @@ class OutgoingMigration:
 
     def journal(self, phase: str, **fields: Any) -> None:
         """A's journal (the commit machine's writer)."""
-        from migsec.migration.jobs import record
-
         self.abort.note(phase)  # from "committed" on, `migsec jobs abort` is refused
         record(self.services, self.mid, "source", phase, **fields)
 

@@ -3,7 +3,7 @@
 ``pair(tmp_path)`` builds cloud-a.example (the source) and cloud-b.example (the destination)
 from real config files (a real CA, ``render_default_policies``, peer directories), both on
 libvirt's ``test:///default`` driver. B listens on a loopback port and answers with migsecd's own
-code (``destination.serve_peer`` on a ``server.Daemon`` that is built but not started): the
+code (``endpoint.serve_peer`` on a ``server.Daemon`` that is built but not started): the
 handshake, the record layer, the data plane and the commit exchange are real on both sides.
 
 test:///default is one hypervisor per process (its state lives while a connection is open):
@@ -25,6 +25,7 @@ from migsec import virt
 from migsec.auth.servers import Grant, plan_for
 from migsec.crypto import random_bytes
 from migsec.config import load_config
+from migsec.daemon.endpoint import serve_peer
 from migsec.daemon.server import Daemon
 from migsec.daemon.services import Services
 from migsec.pki import CertificateAuthority, PeerDirectory
@@ -71,7 +72,7 @@ image_dir = "{root}/images"
 
 
 class Endpoint:
-    """B's peer listener: every connection is served by ``destination.serve_peer``.
+    """B's peer listener: every connection is served by ``endpoint.serve_peer``.
 
     ``drop_after`` (bytes from A, per connection): forward that much, then cut the connection
     both ways, as a broken network would; None: no cut. ``delay`` (s): a slow peer, whose
@@ -114,8 +115,6 @@ class Endpoint:
             self.threads.append(t)
 
     async def _serve(self, conn: socket.socket, address: Any) -> None:
-        from migsec.migration.destination import serve_peer
-
         await asyncio.sleep(self.delay)
         await serve_peer(self.daemon, conn, address)
 

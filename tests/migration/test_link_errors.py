@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transfer"))
 from transfer_helpers import A_DID, B_DID, domains  # noqa: E402,F401
 
 from migsec.crypto import random_bytes  # noqa: E402
+from migsec.daemon import endpoint  # noqa: E402
 from migsec.migration import link  # noqa: E402
 from migsec.errors import (  # noqa: E402
     RESUMABLE,
@@ -41,7 +42,7 @@ def services(identity, trust, audited: list) -> SimpleNamespace:
 
 
 class DestinationB:
-    """B's accept_async on a loopback listener, in its own event loop thread."""
+    """B's endpoint.accept_async on a loopback listener, in its own event loop thread."""
 
     def __init__(self, svc) -> None:
         self.svc = svc
@@ -56,7 +57,7 @@ class DestinationB:
         conn, _ = await loop.run_in_executor(None, self.listener.accept)
         conn.setblocking(False)
         try:
-            self.result = await link.accept_async(self.svc, conn, loop, None)
+            self.result = await endpoint.accept_async(self.svc, conn, loop, None)
         except BaseException as exc:  # noqa: BLE001 - the test looks at it
             self.result = exc
         finally:
@@ -87,7 +88,7 @@ def test_b_refuses_with_a_code_and_keeps_the_detail_in_its_log(domains, monkeypa
         raise failure
 
     monkeypatch.setattr(link, "decide", decide)
-    monkeypatch.setattr(link, "_store_pinned_source", lambda *a: None)
+    monkeypatch.setattr(link, "store_pinned_source", lambda *a: None)
     audited_a: list = []
     audited_b: list = []
     b = DestinationB(services(domains.b, domains.trust, audited_b))
