@@ -216,7 +216,7 @@ class IncomingMigration:
         if entry.decided:
             raise MigsecError(f"migration {self.mid} is committed here; refusing to discard it")
         if is_live(entry):  # A's signed abort: the paused copy libvirt's Finish left is destroyed
-            discard_destination(self.services, self.mid, aborted=True, record_phase=False)
+            discard_destination(self.services, self.mid, aborted=True)
             return
         name = entry.data.get("restored") or self.restored  # restored, but not yet journaled
         target = name or entry.data.get("restoring")
@@ -238,7 +238,7 @@ class IncomingMigration:
         """Live, a local failure before libvirt's Finish: wait for libvirt to drop the unfinished
         incoming guest (a guest still here may be the only copy: never removed), then remove
         B's pre-created disks and sockets."""
-        discard_destination(self.services, self.mid, record_phase=False)
+        discard_destination(self.services, self.mid)
 
     def cleanup(self) -> None:
         """The guest runs here: the staging directory goes."""

@@ -49,7 +49,7 @@ from migsec.errors import IntegrityError, MigrationFailed, MigsecError, Transfer
 from migsec.hooks import permit
 from migsec.migration.bridge import ChannelBridge
 from migsec.migration.dataplane import disk_map
-from migsec.migration.jobs import MigrationAborted, record
+from migsec.migration.jobs import MigrationAborted
 from migsec.migration.release import domain_state
 from migsec.protocol import RecordLayer, libvirt_rpc as rpc
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
@@ -627,8 +627,7 @@ def _resume(conn: Any, mid: str, uuid: str, entry: JournalEntry) -> None:
         raise MigsecError(f"migration {mid}: {entry.data.get('domain')} is {state.value} here; cannot resume it")
 
 
-def discard_destination(services: Services, mid: str, *, aborted: bool = False, reason: str = "",
-                        record_phase: bool = True) -> None:
+def discard_destination(services: Services, mid: str, *, aborted: bool = False) -> None:
     """Before the commit: no incoming guest left, B's pre-created disks and sockets removed.
 
     ``aborted`` (A's signed abort Decision, in the session or from recovery): a paused copy
@@ -655,9 +654,7 @@ def discard_destination(services: Services, mid: str, *, aborted: bool = False, 
         except OSError as exc:
             log.error("migration %s: removing the pre-created disk %s: %s", mid, path, exc)
     consume_permit(services, uuid)
-    remove_run_dir(mid)
-    if record_phase:
-        record(services, mid, "destination", "discarded", reason=reason[:500] or "live migration failed")
+    remove_run_dir(mid)  # "discarded" is journaled by B's commit machine, whose discard action this is
 
 
 def _state(conn: Any, uuid: str) -> str:
