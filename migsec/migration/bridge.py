@@ -46,12 +46,11 @@ from migsec.errors import (
 )
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
-from migsec.protocol.records import DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
+from migsec.protocol.records import CONTROL_CHANNEL, DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
 from migsec.transfer.plane import TokenBucket
 
 log = logging.getLogger("migsecd.bridge")
 
-CONTROL_CHANNEL = 0
 CHUNK = 1024 * 1024  # largest read from a unix connection = largest DATA record
 KEEPALIVE_S = 5.0
 PEER_SILENCE_S = 60.0

@@ -13,8 +13,8 @@ from typing import Any
 
 from migsec.errors import PeerClosedError, PeerTimeoutError, UnexpectedMessageError, network_error
 from migsec.protocol import Ack, Close, Control, NEED_DATA
+from migsec.protocol.records import CONTROL_CHANNEL
 
-CONTROL_CHANNEL = 0
 
 
 class ControlLink:

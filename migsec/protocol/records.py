@@ -64,6 +64,7 @@ OVERHEAD = FRAME_HEADER_SIZE + RECORD_HEADER_SIZE + TAG_SIZE  # 50 bytes per rec
 MAX_DATA = RECORD_MAX - RECORD_HEADER_SIZE - TAG_SIZE  # just over 4 MiB
 RECORD_SIZE = 1024 * 1024  # what senders should use per DATA record
 MAX_CONTROL = 64 * 1024
+CONTROL_CHANNEL = 0  # every session's control messages (handshake follow-up, commit, keepalive)
 MAX_OFFSET = 2**63 - 1
 MAX_CHANNEL = 2**32 - 1
 NONCE_LIMIT = 2**48  # records per direction and session; far below GCM's counter-nonce bound

@@ -46,7 +46,7 @@ from migsec.errors import (
 from migsec.protocol import NEED_DATA, Ack, Close, Control, Data, End, Hole, RecordLayer
 from migsec.protocol.errors import parse_peer_reason, peer_error_code, peer_error_text
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
-from migsec.protocol.records import OVERHEAD
+from migsec.protocol.records import CONTROL_CHANNEL, OVERHEAD
 from migsec.transfer.extents import READ_SIZE, bytes_digest
 from migsec.transfer.manifest import Manifest, ManifestEntry
 from migsec.transfer.sink import Staging
@@ -54,7 +54,6 @@ from migsec.transfer.source import KINDS, Source, StreamSpec
 
 log = logging.getLogger(__name__)
 
-CONTROL_CHANNEL = 0
 MANIFEST_CHANNEL = 0xFFFF
 ACK_INTERVAL = 16 * 1024 * 1024
 MAX_MANIFEST = 16 * 1024 * 1024
