@@ -153,12 +153,9 @@ def test_an_operator_abort_while_b_restores_wins_over_the_commit(p, qemu, monkey
     assert phases(p.b, mid) == B_RESTORED + ["discarded"] and p.state("vm1-b") == "absent"
 
 
-def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, qemu):
-    # the abort comes while the streams flow (A's first progress report, before the manifest):
-    # A's abort Decision reaches B inside its data session; B applies it as the decision it is
-    p.guest("vm1")
-    grant = p.grant("vm1")
-    mid = grant.migration_id
+def abort_at_first_progress(p, grant) -> None:
+    """Run A's migration and abort it as an operator would at its first progress report (while
+    the streams flow, before the manifest); the run fails with that abort."""
     holder: dict = {}
 
     def emit(event):
@@ -171,6 +168,15 @@ def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, 
             job.run()
         finally:
             p.endpoint.wait_idle()
+
+
+def test_an_operator_abort_while_b_receives_reaches_b_as_a_s_signed_decision(p, qemu):
+    # the abort comes while the streams flow (A's first progress report, before the manifest):
+    # A's abort Decision reaches B inside its data session; B applies it as the decision it is
+    p.guest("vm1")
+    grant = p.grant("vm1")
+    mid = grant.migration_id
+    abort_at_first_progress(p, grant)
     assert phases(p.a, mid) == ["requested", "authorized", "handshaken", "suspended", "streaming",
                                 "aborted", "rolled-back"]
     assert p.state("vm1") == "running"
@@ -192,18 +198,7 @@ def test_a_decision_b_cannot_verify_while_it_receives_is_refused_and_b_discards_
     monkeypatch.setattr(Decision, "sign", lambda self, key: real_sign(self, p.b.identity.key))  # not A's key
     grant = p.grant("vm1")
     mid = grant.migration_id
-    holder: dict = {}
-
-    def emit(event):
-        if event.get("event") == "progress":
-            holder["job"].abort.request("aborted by the operator (test)")
-
-    job = holder["job"] = OutgoingMigration(p.a, grant, emit)
-    with pytest.raises(MigrationFailed, match="by the operator"):
-        try:
-            job.run()
-        finally:
-            p.endpoint.wait_idle()
+    abort_at_first_progress(p, grant)
     assert p.state("vm1") == "running"
     # B does not take it for A's word: no decision journaled, its own discard with why
     assert phases(p.b, mid) == ["accepted", "receiving", "discarded"]
