@@ -4,41 +4,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def _wait(predicate, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+from migsec.lab.ns import wait_for
 
 
-def _ppid(pid: int) -> int | None:
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of ``pid`` from /proc, None when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
 
 
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()[0]
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent (pid 1 here) to reap it."""
+    stat = _stat(pid)
+    return stat is None or stat[0] == "Z"
 
 
 def _run(tmp_path: Path, script: str) -> tuple[int, int]:
     status = tmp_path / "started"
     subprocess.run([sys.executable, "-m", "migsec.lab.reaper", str(status), "--", "sh", "-c", script],
                    check=True, timeout=30)
-    rc, reaper = _wait(lambda: status.read_text().split() if status.exists() else None)
+    rc, reaper = wait_for(lambda: status.read_text().split() if status.exists() else None, 10,
+                          "the reaper wrote no status")
     return int(rc), int(reaper)
 
 
@@ -47,12 +39,14 @@ def test_a_daemonized_child_is_adopted_and_reaped_at_once(tmp_path):
     pid_file = tmp_path / "orphan.pid"
     rc, reaper = _run(tmp_path, f"sleep 30 & echo $! > {pid_file}; exit 0")
     assert rc == 0
-    orphan = int(_wait(lambda: pid_file.read_text().strip() if pid_file.exists() else None))
-    assert _ppid(orphan) == reaper  # adopted by the reaper, not by pid 1
+    orphan = int(wait_for(lambda: pid_file.read_text().strip() if pid_file.exists() else None, 10,
+                          "the orphan's pid was not written"))
+    orphan_stat = _stat(orphan)
+    assert orphan_stat is not None and orphan_stat[1] == reaper  # adopted by the reaper, not by pid 1
     os.kill(orphan, 15)
     # reaped by the reaper (no zombie left), and the reaper ends with its last child
-    _wait(lambda: _state(orphan) is None)
-    _wait(lambda: _state(reaper) in (None, "Z"))
+    wait_for(lambda: _stat(orphan) is None, 10, "the orphan was not reaped")
+    wait_for(lambda: _ended(reaper), 10, "the reaper did not end")
 
 
 def test_the_commands_exit_status_is_reported(tmp_path):
