@@ -14,9 +14,14 @@ the channel's number (each direction has its own offsets); a side that reads EOF
 sends ``END(ch, total, SHA-256)`` and the other side shuts down writing, so each
 direction closes on its own as with a TCP half-close. Each side hashes every byte of
 each channel in each direction; the receiver checks END's digest against its own,
-and ``digests()`` gives them all for the signed receipt.
+and ``digests()`` gives them all. The signed receipt of a live move vouches for
+``commit_digests()``: the same, except that the libvirt channel, still open when the
+move commits, is cut at the end of libvirt's Finish3 call and reply
+(``migsec.protocol.rpcdigest``); its whole directions are still checked by the ENDs.
 
-Other CONTROL messages on channel 0 (the commit exchange) go to ``recv_control``.
+Other CONTROL messages on channel 0 (the commit exchange) go to ``recv_control``, with
+the host's own events (``post_local``: a ``LocalEvent``, which the peer cannot forge) in
+the same queue; the Finish3 reply's cut posts ``LocalEvent(t="finish3", ok=...)``.
 Threads: one reader of the session, one reader per unix connection; sealing and
 sending share one lock (one record-layer counter); buffers are allocated once per
 connection, never per read.
@@ -46,7 +51,9 @@ from migsec.errors import (
 )
 from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
+from migsec.protocol.libvirt_rpc import MessageType
 from migsec.protocol.records import CONTROL_CHANNEL, DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
+from migsec.protocol.rpcdigest import CUT_SUFFIX, RpcDigest
 from migsec.transfer.plane import TokenBucket
 
 log = logging.getLogger("migsecd.bridge")
@@ -63,6 +70,11 @@ SESSION_BUFFER = 512 * 1024  # A's SO_SNDBUF and B's SO_RCVBUF on the session (s
 
 class BridgeError(MigsecError):
     """The session under the channels failed (cut, silent peer, bad record)."""
+
+
+class LocalEvent(dict):
+    """An event of this host's own in the control queue (never one of the peer's messages,
+    which are plain dicts): the migration flow waits for both in one place."""
 
 
 class ChannelFilter:
@@ -170,6 +182,7 @@ class _Conn:
     last_received: float = 0.0
     records_sent: int = 0  # DATA records each way (bytes / records = the mean read size)
     records_received: int = 0
+    events: list = field(default_factory=list)  # LocalEvents to post once the bytes went on
 
     def note_sent(self) -> None:
         self.last_sent = time.time()
@@ -327,6 +340,8 @@ class ChannelBridge:
             conn.note_sent()
             conn.sent += len(piece)
             pos += len(piece)
+        if conn.events:
+            self._flush_events(conn)
 
     def _send_end(self, conn: _Conn) -> None:
         with conn.lock:
@@ -390,7 +405,10 @@ class ChannelBridge:
                 channel = self._next_channel
                 self._next_channel += 2  # A's channels are odd; 0 is control
                 conn = _Conn(channel, kind, usock)
-                self._add_rings(conn)
+                if kind == "libvirt":
+                    self._add_cuts(conn)  # small and framed: hashed in the pumping threads
+                else:
+                    self._add_rings(conn)
                 self.channels[channel] = conn
             try:
                 self.send_control({"t": "open", "ch": channel, "kind": kind})
@@ -410,6 +428,8 @@ class ChannelBridge:
         if kind not in KINDS:
             raise ProtocolError(f"the source asked for an unknown channel kind {kind!r}")
         conn = _Conn(channel, str(kind), None)
+        if kind == "libvirt":
+            self._add_cuts(conn)
         self.channels[channel] = conn
         assert self.connect_target is not None
         try:
@@ -420,9 +440,25 @@ class ChannelBridge:
             self._send_end(conn)
             return
         conn.sock = usock
-        if conn.filter is None:
+        if conn.filter is None and kind != "libvirt":
             self._add_rings(conn)
         self._spawn(self._pump, f"migsec-ch{channel}", conn)
+
+    def _add_cuts(self, conn: _Conn) -> None:
+        """libvirt's RPC: each direction's digest keeps its Finish3 cut (A -> B the call, B -> A
+        the reply); the reply's cut posts ``LocalEvent(t="finish3")`` on either host."""
+        call, reply = RpcDigest(MessageType.CALL), RpcDigest(MessageType.REPLY)
+        reply.on_cut = lambda cut: self._finish3(conn, cut)
+        conn.sent_hash, conn.received_hash = (call, reply) if self.role == "source" else (reply, call)
+
+    def _finish3(self, conn: _Conn, cut: Any) -> None:
+        # hashed before it is sent on (B) or written to libvirtd (A): posted after that
+        self.mark(f"finish3 reply ({'ok' if cut.ok else 'error'}) at byte {cut.offset} of {conn.kind}.{conn.channel}")
+        conn.events.append(LocalEvent(t="finish3", ok=cut.ok, channel=conn.channel))
+
+    def _flush_events(self, conn: _Conn) -> None:
+        while conn.events:
+            self.post_local(conn.events.pop(0))
 
     def _add_rings(self, conn: _Conn) -> None:
         conn.tx = _Ring(f"migsec-ch{conn.channel}-tx")
@@ -586,13 +622,15 @@ class ChannelBridge:
         conn.note_received()
         if conn.filter is None:
             self._write_local(conn, data)
-            return
-        with conn.lock:
-            local, remote = conn.filter.from_peer(bytes(data))
-            if remote and not conn.out_ended:
-                self._send_data(conn, memoryview(remote), reply_out)
-        if local:
-            self._write_local(conn, local)
+        else:
+            with conn.lock:
+                local, remote = conn.filter.from_peer(bytes(data))
+                if remote and not conn.out_ended:
+                    self._send_data(conn, memoryview(remote), reply_out)
+            if local:
+                self._write_local(conn, local)
+        if conn.events:
+            self._flush_events(conn)
 
     def _write_local(self, conn: _Conn, data: Buffer) -> None:
         if conn.sock is None or conn.target_broken:
@@ -642,19 +680,23 @@ class ChannelBridge:
             raise BridgeError(f"the session to {self.peer_name} ended: {self.error or 'closed'}")
         return message
 
-    def wait_channels_done(self, timeout: float) -> None:
-        """Until every channel ended in both directions (the connections libvirt and QEMU
-        made are all closed); BridgeError on a failure or timeout."""
+    def post_local(self, event: LocalEvent) -> None:
+        """Queue one of this host's own events for ``recv_control`` (from any thread)."""
+        self._control.put(event)
+
+    def wait_channels_done(self, timeout: float, kinds: tuple[str, ...] = KINDS) -> None:
+        """Until every channel of ``kinds`` ended in both directions (the connections libvirt
+        and QEMU made are closed); BridgeError on a failure or timeout."""
         deadline = time.monotonic() + timeout
         with self._state:
             while True:
                 if self.error is not None:
                     raise BridgeError(f"the session to {self.peer_name} failed: {self.error}")
-                if all(c.done for c in self.channels.values()):
+                busy = [f"{c.channel}:{c.kind}" for c in self.channels.values() if c.kind in kinds and not c.done]
+                if not busy:
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    busy = [f"{c.channel}:{c.kind}" for c in self.channels.values() if not c.done]
                     raise BridgeError(f"channels {busy} still open {timeout:.0f} s after libvirt finished")
                 self._state.wait(min(left, 1.0))
 
@@ -666,6 +708,34 @@ class ChannelBridge:
             out[f"{c.kind}.{c.channel}.{mine}"] = c.sent_digest()
             out[f"{c.kind}.{c.channel}.{theirs}"] = c.received_digest()
         return out
+
+    def commit_digests(self) -> dict[str, bytes]:
+        """What a live receipt vouches for: ``digests()``, but each libvirt channel direction
+        cut at its Finish3 packet (named ``...a2b@finish3``); ProtocolError when a direction has
+        no Finish3 (libvirt's Finish did not cross this channel, or not in libvirt's framing)."""
+        out: dict[str, bytes] = {}
+        for name, digest in self.digests().items():
+            kind, ch, direction = name.split(".")
+            conn = self.channels[int(ch)]
+            if kind != "libvirt":
+                out[name] = digest
+                continue
+            mine = "a2b" if self.role == "source" else "b2a"
+            hashed = conn.sent_hash if direction == mine else conn.received_hash
+            cut = hashed.cut if isinstance(hashed, RpcDigest) else None
+            if cut is None:
+                raise ProtocolError(f"no libvirt Finish3 {'call' if direction == 'a2b' else 'reply'} on "
+                                    f"channel {ch} ({direction}): nothing to commit to")
+            out[name + CUT_SUFFIX] = cut.digest
+        return out
+
+    def finish3_ok(self) -> bool:
+        """Did libvirt's successful Finish3 reply cross a libvirt channel of this session?"""
+        for conn in self.channels.values():
+            hashed = conn.received_hash if self.role == "source" else conn.sent_hash
+            if isinstance(hashed, RpcDigest) and hashed.cut is not None and hashed.cut.ok:
+                return True
+        return False
 
     def channel_bytes(self) -> dict[str, int]:
         """Bytes per channel and direction (same names as ``digests``)."""

@@ -11,9 +11,11 @@ B's QEMU listens on the same paths on B. On the wire::
 
     B -> A  {"t": "ready"}               B pre-created the disks (sparse), made its run dir
     ...     channels (libvirt, qemu, nbd) while libvirt migrates
-    A -> B  {"t": "channels-done"}       migrateToURI3 returned: libvirt's Finish/Confirm committed
-    B -> A  {"t": "receipt", "jws", "job"}  Receipt(state "finished-paused", SHA-256 of every channel
-                                          per direction, as B saw them); "job" = domjobinfo --completed
+    B -> A  {"t": "receipt", "jws", "job"}  libvirt's Finish left the guest paused at B and its reply
+                                          went on to A: Receipt(state "finished-paused", SHA-256 per
+                                          direction of the memory and disk channels, and of the
+                                          libvirt channel up to its Finish3 call/reply, as B saw
+                                          them); "job" = domjobinfo --completed
     A -> B  {"t": "decision", "jws"}     A checked the digests against its own; commit
     B -> A  {"t": "resumed", "jws", "paused_wait_us"}   B resumed the guest (after waiting paused so long)
     or, on any failure: A -> B decision abort / B -> A {"t": "abort", "reason"}
@@ -23,13 +25,17 @@ journal it (``migsec.transfer.commit``): A's is ``OutgoingMigration.commit`` (au
 handshaken before ``run_source`` runs), B's the one ``IncomingMigration.serve`` journaled
 ``accepted`` with. libvirt migrates with ``VIR_MIGRATE_PAUSED``, so B's Finish leaves the guest
 paused and B resumes it only once it holds and journaled A's signed commit Decision. A decides
-commit only after ``migrateToURI3`` succeeded (libvirt's Confirm stopped A's copy) and B's
-receipt matches; from then on A never resumes. Were B's Finish reply lost, libvirt's
-Confirm(cancelled) resumes A and A's abort makes B destroy its paused copy. Before the Finish,
-libvirt rolls back and migsec removes its sockets and B's pre-created disks. After a crash,
-recovery asks libvirt at A (``left_this_host``): a guest gone from A went to B (the machine's
+commit only once its own copy is gone for good and B's receipt matches: as soon as the source
+QEMU exited after B's successful Finish3 reply crossed the session (``migsec.virt.qemupid``: a
+pidfd, so the commit does not wait out libvirt's Confirm, which polls for that exit every
+200 ms), or else when ``migrateToURI3`` returned (libvirt's Confirm stopped A's copy); from then
+on A never resumes. Were B's Finish reply lost, libvirt's Confirm(cancelled) resumes A (its QEMU
+never exits) and A's abort makes B destroy its paused copy. Before the Finish, libvirt rolls
+back and migsec removes its sockets and B's pre-created disks. After a crash, recovery asks
+libvirt at A (``left_this_host``): a guest gone from A went to B (the machine's
 ``moved_by_libvirt``: commit), one still active at A stays (abort); B's paused copy is in doubt
-until A answers.
+until A answers. The libvirt channel stays open after the commit (libvirt's Confirm, then its
+close); both hosts wait for its ENDs, which check every byte of it, before the session ends.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 from migsec import virt
 from migsec.errors import IntegrityError, MigrationFailed, MigsecError, TransferError
 from migsec.hooks import permit
-from migsec.migration.bridge import ChannelBridge
+from migsec.migration.bridge import ChannelBridge, LocalEvent
 from migsec.migration.dataplane import disk_map
 from migsec.migration.jobs import MigrationAborted
 from migsec.migration.release import domain_state
@@ -55,7 +61,7 @@ from migsec.protocol import RecordLayer, libvirt_rpc as rpc
 from migsec.protocol.errors import parse_peer_reason, peer_error_text, peer_reason
 from migsec.protocol.libvirt_rpc import RpcFilter, RpcPolicy
 from migsec.transfer.commit import AWAIT_DECISION, AWAIT_STREAMS, FINISHED_PAUSED, LIVE_RECEIPT, RECEIVING
-from migsec.virt import migrate as vmig
+from migsec.virt import migrate as vmig, qemupid
 from migsec.virt.describe import DomainState
 from migsec.virt.incoming import FIRMWARE_DIRS, incoming_domain_xml
 from migsec.virt.migrate import create_sparse_image, system_qemu_owner
@@ -130,7 +136,8 @@ def run_source(job: OutgoingMigration, conn: Any, session: SourceSession) -> dic
     job.bytes_on_wire = bridge.wire_sent + bridge.wire_received
     job.step(f"{domain} is running at {job.dest_did}; every channel's SHA-256 matches B's receipt")
     result = job.result()
-    result.update(mode="live", job=stats, channels=bridge.channel_bytes(), downtime_seconds=None)
+    result.update(mode="live", job=stats, channels=bridge.channel_bytes(), downtime_seconds=None,
+                  commit_signal=job.commit_signal)
     result.update(downtime(stats, resumed))  # None: the pause could not be measured whole
     return result
 
@@ -153,6 +160,7 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
                  commit: SourceCommit) -> tuple[dict, dict]:
     services, mid, domain = job.services, job.mid, job.domain
     paths = _uris(mid)
+    watch = None
     try:
         qemu_gid = _qemu_gid()
         make_run_dir(mid, group=qemu_gid, group_mode=0o010)
@@ -165,11 +173,18 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")))
         targets = [d.target for d in job.request.require_plan().mirrored_disks]
+        watch = qemupid.watch_exit(services.config.libvirt.uri, domain, job.request.require_plan().vm_uuid,
+                                   lambda: bridge.post_local(LocalEvent(t="qemu-exited")))
         job.abort.check()  # an abort while B prepared: libvirt has not started
-        mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets))
-        _watch(job, conn, mover, bridge)
-        _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
+        mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets),
+                      on_done=lambda: bridge.post_local(LocalEvent(t="migrated")))
+        held = _watch(job, conn, mover, bridge, watch)
+        early = held is not None and held.get("t") == "receipt" and not mover.done.is_set()
+        if not early:
+            _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
     except BaseException as exc:
+        if watch is not None:
+            watch.close()
         if _left_here(conn, domain):
             # whatever failed here, libvirt moved the guest (its Confirm stopped this copy): B holds
             # the only copy, paused; an abort would destroy it. Undecided: recovery commits.
@@ -180,23 +195,25 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
                                   "settles it from libvirt's outcome") from exc
         _rollback(job, commit, exc, bridge)
         raise
-    # libvirt's Finish left the guest paused at B and its Confirm stopped it here: from now on
-    # A never resumes it (the machine's stopped_when_sent); B runs it once A's commit arrives
-    returned = time.time()
+    # B's Finish left the guest paused there, and here either its QEMU exited (libvirt's Confirm
+    # stopped it: nobody can resume it) or migrateToURI3 returned: from now on A never resumes it
+    # (the machine's stopped_when_sent); B runs it once A's commit arrives
+    if watch is not None:
+        watch.close()
+    job.commit_signal = "qemu-exit" if early else "libvirt"
+    bridge.mark(f"commit on {job.commit_signal}")
     bridge.stop_listening()
     try:
         waited: MigsecError | None = None
-        try:
-            bridge.wait_channels_done(FINISH_TIMEOUT_S)
+        try:  # the memory and disk channels ended (B's ENDs came before its receipt)
+            bridge.wait_channels_done(FINISH_TIMEOUT_S, kinds=("qemu", "nbd"))
+            digests = bridge.commit_digests()
         except MigsecError as exc:
-            waited = exc
-        log.info("migration %s: libvirt's migration returned; its channels ended %.0f ms later", mid,
-                 (time.time() - returned) * 1000)
-        commit.digests_sent(bridge.digests())
+            waited, digests = exc, bridge.digests()
+        commit.digests_sent(digests)
         if waited is not None:
             raise waited
-        bridge.send_control({"t": "channels-done"})
-        message = bridge.recv_control(REPLY_TIMEOUT_S)
+        message = held if held is not None else _next_message(bridge, REPLY_TIMEOUT_S)
         if message.get("t") == "abort":
             raise TransferError(f"{job.dest_did} aborted: {peer_error_text(parse_peer_reason(message.get('reason')))}")
         token = message.get("jws")
@@ -216,7 +233,7 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
     try:
         decision = commit.receipt_received(token)  # journals receipt-received and committed
     except MigsecError as exc:
-        # refused: abort, although libvirt stopped A's copy; B destroys its paused copy
+        # refused: abort, although A's copy is gone; B destroys its paused copy
         audit_receipt()
         abort = commit.abort_token
         if abort is not None:
@@ -230,7 +247,7 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         # ledgered while B resumes (the journal holds both tokens durably already)
         audit_receipt()
         services.audit("decision", mid, role="source", token=decision, outcome="commit", mode="live")
-        answer = bridge.recv_control(REPLY_TIMEOUT_S)
+        answer = _next_message(bridge, REPLY_TIMEOUT_S)
         if answer.get("t") != "resumed" or not isinstance(answer.get("jws"), str):
             raise TransferError(f"expected resumed from {job.dest_did}, got {answer.get('t')!r}")
         services.audit("resumed", mid, role="source", peer_token=answer["jws"],
@@ -240,7 +257,35 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         commit.fail(str(exc))  # committed: A stays stopped; recovery sends the commit again
         raise MigrationFailed(f"{domain} is committed to {job.dest_did}, which has not confirmed that it "
                               f"resumed it: {exc}; `migsec recover` sends the decision again") from exc
+    if early:
+        _after_commit(job, mover, bridge)
     return stats, answer
+
+
+def _next_message(bridge: Any, timeout: float) -> dict:
+    """The peer's next commit message (this host's own events, which no longer matter, skipped)."""
+    while True:
+        message = bridge.recv_control(timeout)
+        if not isinstance(message, LocalEvent):
+            return message
+
+
+def _after_commit(job: OutgoingMigration, mover: "_Call", bridge: Any) -> None:
+    """Committed on QEMU's exit: libvirt's Confirm still ends its job (and closes its connection
+    to B through this session). Its error cannot change the outcome (A's copy is gone); the
+    libvirt channel's ENDs still check every byte of it."""
+    if not mover.done.wait(FINISH_TIMEOUT_S):
+        log.warning("migration %s: libvirt's migrateToURI3 had not returned %d s after the commit", job.mid,
+                    FINISH_TIMEOUT_S)
+        return
+    if mover.error is not None:
+        log.warning("migration %s: committed (the source QEMU exited after B's Finish), but libvirt "
+                    "reported: %s", job.mid, mover.error)
+    try:
+        bridge.wait_channels_done(FINISH_TIMEOUT_S)
+    except MigsecError as exc:
+        log.warning("migration %s: committed, but libvirt's connection to %s did not end cleanly: %s",
+                    job.mid, job.dest_did, exc)
 
 
 def _send_quietly(bridge: Any, message: dict) -> None:
@@ -279,37 +324,70 @@ def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth
                           flags=flags, bandwidth=bandwidth, disks=targets or None)
 
 
-def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any) -> None:
-    """Progress from libvirt's job while it migrates; --timeout, an operator's abort (`migsec jobs
-    abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job: libvirt rolls back."""
-    while not mover.done.wait(0.5):
+def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, watch: Any) -> dict | None:
+    """While libvirt migrates: progress from its job; --timeout, an operator's abort (`migsec jobs
+    abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job (libvirt rolls back).
+
+    Returns when ``migrateToURI3`` returned, or earlier when the move can commit: B's receipt is
+    here, libvirt's successful Finish3 reply crossed this session, and this host's source QEMU
+    exited (its copy is gone for good). Returns B's message that arrived meanwhile (a receipt or
+    an abort), or None."""
+    held: dict | None = None
+    while True:
+        try:
+            event = bridge.recv_control(0.5)
+        except MigsecError:
+            event = None  # a timeout, or the session failed (bridge.error, below)
+        if isinstance(event, LocalEvent):
+            pass  # migrated, qemu-exited, finish3: the conditions are checked below
+        elif event is not None and held is None:
+            held = event
+        elif event is not None:  # libvirt's job is not ours to leave half-done: its outcome decides
+            log.warning("migration %s: ignoring a second message (%r) from %s while libvirt migrates", job.mid,
+                        event.get("t"), job.dest_did)
+        if mover.done.is_set():
+            return held
+        if (held is not None and held.get("t") == "receipt" and watch is not None and watch.exited.is_set()
+                and bridge.finish3_ok()):
+            log.info("migration %s: the source QEMU exited after B's Finish: committing before libvirt's "
+                     "Confirm returns", job.mid)
+            return held
         aborted = job.abort.reason is not None
         if bridge.error is not None or aborted or (job.deadline is not None and time.monotonic() > job.deadline):
-            why = ("the session failed" if bridge.error is not None
-                   else f"aborted: {job.abort.reason}" if aborted else "--timeout passed")
-            log.warning("migration %s: %s; aborting libvirt's job", job.mid, why)
-            try:
-                vmig.abort_job(conn, job.domain)
-            except MigsecError:
-                pass
-            mover.done.wait(60)
-            ours: BaseException | None = None
-            if aborted and bridge.error is None:
-                ours = MigrationAborted(str(job.abort.reason))
-            elif job.deadline is not None and time.monotonic() > job.deadline and bridge.error is None:
-                ours = TransferError(f"live migration of {job.domain} did not finish within --timeout")
-            if ours is not None:
-                # libvirt's own error is "job canceled by client": say why we canceled it
-                ours.__cause__ = mover.error
-                mover.error = ours
-            return
-        try:
-            stats = vmig.job_stats(conn, job.domain)
-        except MigsecError:  # e.g. the domain just left with --undefinesource: progress is optional
-            stats = None
-        if stats is not None and stats.data_total:
-            job.emit({"event": "progress", "phase": "live", "done": int(stats.data_processed or 0),
-                      "total": int(stats.data_total)})
+            _abort_libvirt(job, conn, mover, bridge, aborted)
+            return held
+        if event is None:
+            _progress(job, conn)
+
+
+def _abort_libvirt(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, aborted: bool) -> None:
+    why = ("the session failed" if bridge.error is not None
+           else f"aborted: {job.abort.reason}" if aborted else "--timeout passed")
+    log.warning("migration %s: %s; aborting libvirt's job", job.mid, why)
+    try:
+        vmig.abort_job(conn, job.domain)
+    except MigsecError:
+        pass
+    mover.done.wait(60)
+    ours: BaseException | None = None
+    if aborted and bridge.error is None:
+        ours = MigrationAborted(str(job.abort.reason))
+    elif job.deadline is not None and time.monotonic() > job.deadline and bridge.error is None:
+        ours = TransferError(f"live migration of {job.domain} did not finish within --timeout")
+    if ours is not None:
+        # libvirt's own error is "job canceled by client": say why we canceled it
+        ours.__cause__ = mover.error
+        mover.error = ours
+
+
+def _progress(job: OutgoingMigration, conn: Any) -> None:
+    try:
+        stats = vmig.job_stats(conn, job.domain)
+    except MigsecError:  # e.g. the domain just left with --undefinesource: progress is optional
+        stats = None
+    if stats is not None and stats.data_total:
+        job.emit({"event": "progress", "phase": "live", "done": int(stats.data_processed or 0),
+                  "total": int(stats.data_total)})
 
 
 def _expect(bridge: Any, job: OutgoingMigration, kind: str, timeout: float) -> Any:
@@ -343,9 +421,9 @@ def _rollback(job: OutgoingMigration, commit: SourceCommit, cause: BaseException
 
 
 class _Call:
-    """Run ``fn`` in a thread; ``join()`` re-raises its error."""
+    """Run ``fn`` in a thread; ``join()`` re-raises its error; ``on_done()`` after it ended."""
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, on_done: Callable[[], None] | None = None) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -356,6 +434,8 @@ class _Call:
                 self.error = exc
             finally:
                 self.done.set()
+                if on_done is not None:
+                    on_done()
 
         threading.Thread(target=body, daemon=True, name="migsec-live-migrate").start()
 
@@ -496,16 +576,20 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
         bridge = ChannelBridge(conn, records, role="destination", peer_name=accepted.src_did,
                                connect_target=connect_target, rate=accepted.bandwidth)
         bridge.send_control({"t": "ready", "disks": len(created)})
-        message = bridge.recv_control(24 * 3600)  # as long as libvirt migrates; keepalives watch the link
-        if message.get("t") == "decision":  # A's libvirt rolled back (its Finish failed, or never came)
-            _decision(incoming, accepted, commit, lock, message)
-            log.info("migration %s: %s aborted; %s discarded here", mid, accepted.src_did, request.vm)
-            bridge.close()
-            return
-        if message.get("t") != "channels-done":
-            raise TransferError(f"expected channels-done from {accepted.src_did}, got {message.get('t')!r}")
-        timing["channels-done"] = time.monotonic()
-        bridge.wait_channels_done(FINISH_TIMEOUT_S)
+        while True:  # as long as libvirt migrates; keepalives watch the link
+            message = bridge.recv_control(24 * 3600)
+            if isinstance(message, LocalEvent):
+                if message.get("t") == "finish3" and message.get("ok"):
+                    break  # libvirt's successful Finish reply went on to A: sign the receipt now
+                continue  # a failed Finish: libvirt removes its guest, A's abort follows
+            if message.get("t") == "decision":  # A's libvirt rolled back (its Finish failed, or never came)
+                _decision(incoming, accepted, commit, lock, message)
+                log.info("migration %s: %s aborted; %s discarded here", mid, accepted.src_did, request.vm)
+                bridge.close()
+                return
+            raise TransferError(f"unexpected {message.get('t')!r} from {accepted.src_did} while libvirt migrates")
+        timing["finish-sent"] = time.monotonic()
+        bridge.wait_channels_done(FINISH_TIMEOUT_S, kinds=("qemu", "nbd"))
         timing["channels-ended"] = time.monotonic()
         with virt.connect(services.config.libvirt.uri) as vconn:
             incoming.held_conn = vconn  # the machine's resume_vm resumes on it (none opened on the pause)
@@ -513,6 +597,11 @@ def serve_destination(incoming: IncomingMigration, conn: socket.socket, accepted
                 _commit_here(incoming, bridge, accepted, commit, lock, state, timing, vconn)
             finally:
                 incoming.held_conn = None
+        try:  # A's libvirt ends its connection after its Confirm; the ENDs check every byte of it
+            bridge.wait_channels_done(FINISH_TIMEOUT_S)
+        except MigsecError as exc:
+            log.warning("migration %s: libvirt's connection from %s did not end cleanly: %s", mid,
+                        accepted.src_did, exc)
     except BaseException as exc:  # noqa: BLE001 - every failure ends in a clean B, or B in doubt
         reason = str(exc) or type(exc).__name__
         log.error("live migration %s failed at the destination: %s", mid, reason)
@@ -573,12 +662,12 @@ def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, c
     stats = vmig.job_stats(conn, uuid, completed=True)
     if here != "paused":
         raise MigsecError(f"libvirt reports {request.vm} {here} here after its Finish, not paused")
-    with lock:
-        receipt = commit.channels_verified(bridge.digests())  # journals restored-paused with it
+    with lock:  # the memory and disk channels whole, libvirt's up to its Finish3 (rpcdigest)
+        receipt = commit.channels_verified(bridge.commit_digests())  # journals restored-paused with it
     bridge.send_control({"t": "receipt", "jws": receipt, "job": stats.as_dict() if stats else {}})
     timing["receipt-sent"] = time.monotonic()
     services.audit("receipt", mid, role="destination", token=receipt, mode="live")  # journaled before it left
-    message = bridge.recv_control(REPLY_TIMEOUT_S)
+    message = _next_message(bridge, REPLY_TIMEOUT_S)
     timing["decision"] = time.monotonic()
     resumed = _decision(incoming, accepted, commit, lock, message)  # commit: journal, resume, Resumed
     if resumed is None:

@@ -95,6 +95,7 @@ class OutgoingMigration:
         self.conn: Any = None  # this host's libvirt, once the handshake succeeded
         self.saver: _Background | None = None
         self.restarted: str | None = None  # how the guest runs here again after an abort
+        self.commit_signal: str | None = None  # live: what let A commit ("qemu-exit" or "libvirt")
         # the commit rules and A's journal, cold or live; B's key comes with the handshake. Live:
         # libvirt's Confirm stops A's copy once its migration returned ("streams sent")
         live = self.request.mode == "live"

@@ -66,6 +66,8 @@ def test_live_move_there_and_back(dep, guest):
     code, result, err = migrate_from(dep, "a", guest.name, "--live", "--persistent", "--undefinesource")
     assert code == 0, (err, result)
     assert result["mode"] == "live" and result["destination_did"] == b.did
+    # A committed on its source QEMU's exit (after B's Finish3 reply), not after libvirt's Confirm
+    assert result["commit_signal"] == "qemu-exit", result
     job = result["job"]
     assert job["downtime_ms"] > 0 and job["memory_processed"] > 0
     # the pause the guest saw: libvirt's downtime (up to B's Finish) + B's wait for A's signed commit

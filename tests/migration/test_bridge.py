@@ -202,8 +202,8 @@ def test_the_timeline_names_each_channel_end_and_control_message_in_order(domain
     assert client_exchange(str(short_dir / "qemu.sock"), payload) == b"ok"
     a.wait_channels_done(10)
     b.wait_channels_done(10)
-    a.send_control({"t": "channels-done"})
-    assert b.recv_control(5) == {"t": "channels-done"}
+    a.send_control({"t": "decision"})
+    assert b.recv_control(5) == {"t": "decision"}
     for bridge, mine, theirs in ((a, "a2b", "b2a"), (b, "b2a", "a2b")):
         events = bridge.timeline()
         times = [t for t, _ in events]
@@ -221,7 +221,7 @@ def test_the_timeline_names_each_channel_end_and_control_message_in_order(domain
     end = "END sent on qemu.1 (%d bytes)" % len(payload)
     assert _at(a_names, "qemu.1.a2b last sent") < _at(a_names, end)
     assert _at(b_names, "qemu.1.a2b last received") < _at(b_names, "END received on qemu.1 (%d bytes)" % len(payload))
-    assert "control channels-done sent" in a_names and "control channels-done received" in b_names
+    assert "control decision sent" in a_names and "control decision received" in b_names
     a.close()
     b.close()
 
@@ -261,5 +261,52 @@ def test_the_session_buffers_in_the_bulk_direction_are_bounded(domains, short_di
     # Linux doubles the value set (bookkeeping), and net.core.[rw]mem_max may cap it
     assert snd <= 2 * SESSION_BUFFER and rcv <= 2 * SESSION_BUFFER
     assert (snd, rcv) != (before_snd, before_rcv)
+    a.close()
+    b.close()
+
+
+def test_the_libvirt_channel_commits_to_the_same_finish3_prefix_on_both_hosts(domains, short_dir):
+    from migsec.migration.bridge import LocalEvent
+    from migsec.protocol.errors import ProtocolError
+    from migsec.protocol.libvirt_rpc import (PROC_CONNECT_CLOSE, PROC_DOMAIN_MIGRATE_FINISH3_PARAMS,
+                                             REMOTE_PROGRAM, Header, MessageType, encode_packet)
+
+    def packet(proc, mtype, serial, body=b""):
+        return encode_packet(Header(REMOTE_PROGRAM, 1, proc, int(mtype), serial, 0), body)
+
+    calls = packet(1, MessageType.CALL, 1) + packet(PROC_DOMAIN_MIGRATE_FINISH3_PARAMS, MessageType.CALL, 2, b"f" * 900)
+    tail_call = packet(PROC_CONNECT_CLOSE, MessageType.CALL, 3)
+    replies = packet(1, MessageType.REPLY, 1) + packet(PROC_DOMAIN_MIGRATE_FINISH3_PARAMS, MessageType.REPLY, 2, b"r" * 40)
+    tail_reply = packet(PROC_CONNECT_CLOSE, MessageType.REPLY, 3)
+    a, b, targets = pair(domains, short_dir)
+    target = Target(short_dir / "t-libvirt", lambda d: replies + tail_reply)
+    targets["libvirt"] = target.path
+    a.listen("libvirt", str(short_dir / "libvirt.sock"))
+    assert client_exchange(str(short_dir / "libvirt.sock"), calls + tail_call) == replies + tail_reply
+    a.wait_channels_done(10)
+    b.wait_channels_done(10)
+    want = {"libvirt.1.a2b@finish3": hashlib.sha256(calls).digest(),
+            "libvirt.1.b2a@finish3": hashlib.sha256(replies).digest()}
+    assert a.commit_digests() == b.commit_digests() == want
+    assert a.digests() == b.digests()  # and the whole directions, as the ENDs checked them
+    assert a.digests()["libvirt.1.a2b"] == hashlib.sha256(calls + tail_call).digest()
+    for bridge in (a, b):  # each host learnt that libvirt's successful Finish3 reply crossed
+        event = bridge.recv_control(5)
+        assert isinstance(event, LocalEvent) and event["t"] == "finish3" and event["ok"]
+        assert bridge.finish3_ok()
+    a.close()
+    b.close()
+
+    # a libvirt connection that never carried Finish3 has nothing to commit to
+    a, b, targets = pair(domains, short_dir)
+    (short_dir / "t-libvirt").unlink()
+    targets["libvirt"] = Target(short_dir / "t-libvirt", lambda d: b"").path
+    (short_dir / "libvirt.sock").unlink()
+    a.listen("libvirt", str(short_dir / "libvirt.sock"))
+    client_exchange(str(short_dir / "libvirt.sock"), packet(1, MessageType.CALL, 1))
+    a.wait_channels_done(10)
+    with pytest.raises(ProtocolError, match="no libvirt Finish3 call"):
+        a.commit_digests()
+    assert not a.finish3_ok()
     a.close()
     b.close()
