@@ -85,14 +85,22 @@ class AbortSwitch:
         self._lock = threading.Lock()
         self.reason: str | None = None
         self.decided = False
+        self._why = ("the source has decided commit: the migration completes at the destination and "
+                     "can no longer be aborted")
 
     def request(self, reason: str) -> None:
         with self._lock:
             if self.decided:
-                raise AbortRefusedError("the source has decided commit: the migration completes at the "
-                                        "destination and can no longer be aborted")
+                raise AbortRefusedError(self._why)
             if self.reason is None:
                 self.reason = reason
+
+    def past_return(self, why: str) -> bool:
+        """Nothing can roll the move back any more (a live move: libvirt stopped the source copy):
+        later aborts are refused with ``why``. False if an abort was requested and came too late."""
+        with self._lock:
+            self.decided, self._why = True, why
+            return self.reason is None
 
     def check(self) -> None:
         if self.reason is not None:

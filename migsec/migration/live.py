@@ -200,6 +200,10 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
     # (the machine's stopped_when_sent); B runs it once A's commit arrives
     if watch is not None:
         watch.close()
+    if not job.abort.past_return(f"libvirt moved {domain} to {job.dest_did} (its copy here is stopped): the "
+                                 "move completes there and can no longer be aborted"):
+        log.warning("migration %s: an abort came after libvirt moved %s: too late, the move completes", mid,
+                    domain)
     job.commit_signal = "qemu-exit" if early else "libvirt"
     bridge.mark(f"commit on {job.commit_signal}")
     bridge.stop_listening()

@@ -104,6 +104,20 @@ def test_a_live_migration_takes_the_abort_until_the_commit(tmp_path):
         abort_running(services, migration_id=MID, domain=None, reason="too late")
 
 
+def test_a_live_move_refuses_aborts_once_libvirt_stopped_the_source_copy(tmp_path):
+    services = _services(tmp_path)
+    job = _job(services, ["requested", "authorized", "handshaken", "streaming"])
+    services.running[MID] = job
+    assert job.abort.past_return("libvirt moved vm1 to cloud-b: it can no longer be aborted")
+    with pytest.raises(AbortRefusedError, match="libvirt moved vm1"):
+        abort_running(services, migration_id=MID, domain=None, reason="operator")
+    job.abort.check()  # nothing to act on
+    # an abort that raced the move's end is reported as too late, not silently dropped
+    late = _job(services, [])
+    late.abort.request("operator")
+    assert not late.abort.past_return("moved")
+
+
 def test_abort_and_commit_race_exactly_one_wins():
     for _ in range(200):
         switch = AbortSwitch()
