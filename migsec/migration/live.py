@@ -662,10 +662,12 @@ def _commit_here(incoming: IncomingMigration, bridge: Any, accepted: Accepted, c
     uuid = request.require_plan().vm_uuid
     if not (state.get("finish") and state["finish"][0]):
         raise MigsecError(f"libvirt's Finish did not succeed here: {(state.get('finish') or (0, 0, 'none seen'))[2]}")
+    timing["connected"] = time.monotonic()
     here = virt.domain_state(conn, uuid).value
     stats = vmig.job_stats(conn, uuid, completed=True)
     if here != "paused":
         raise MigsecError(f"libvirt reports {request.vm} {here} here after its Finish, not paused")
+    timing["checked"] = time.monotonic()
     with lock:  # the memory and disk channels whole, libvirt's up to its Finish3 (rpcdigest)
         receipt = commit.channels_verified(bridge.commit_digests())  # journals restored-paused with it
     bridge.send_control({"t": "receipt", "jws": receipt, "job": stats.as_dict() if stats else {}})

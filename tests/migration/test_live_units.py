@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -53,3 +54,72 @@ def test_downtime_is_libvirts_plus_the_paused_wait_and_absent_figures_stay_absen
     assert live.downtime({"downtime_ms": 150}, {}) == {"libvirt_downtime_ms": 150}
     assert live.downtime({}, {"paused_wait_us": 4.5}) == {}
     assert live.downtime({"downtime_ms": 1}, {"paused_wait_us": -3}) == {"libvirt_downtime_ms": 1}
+
+
+# ---- A's watcher: when the move may commit before migrateToURI3 returns ---------------------------
+class _Bridge:
+    """The control queue of a ChannelBridge (peer messages and LocalEvents), nothing else."""
+
+    def __init__(self, *, finish3_ok: bool) -> None:
+        import queue
+
+        self.q: queue.Queue = queue.Queue()
+        self.error = None
+        self._ok = finish3_ok
+
+    def post_local(self, event) -> None:
+        self.q.put(event)
+
+    def recv_control(self, timeout: float):
+        import queue
+
+        from migsec.migration.bridge import BridgeError
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise BridgeError("timeout") from None
+
+    def finish3_ok(self) -> bool:
+        return self._ok
+
+
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch):
+    monkeypatch.setattr(live, "_progress", lambda job, conn: None)  # libvirt's job stats: not here
+
+
+def _watched(*, finish3_ok: bool, qemu_exits: bool, migrate_s: float):
+    import threading
+    from types import SimpleNamespace
+
+    from migsec.migration import live
+    from migsec.migration.bridge import LocalEvent
+    from migsec.migration.jobs import AbortSwitch
+
+    bridge = _Bridge(finish3_ok=finish3_ok)
+    watch = SimpleNamespace(exited=threading.Event())
+    job = SimpleNamespace(mid="m1", domain="vm1", dest_did="cloud-b", abort=AbortSwitch(), deadline=None,
+                          emit=lambda e: None)
+    mover = live._Call(lambda: time.sleep(migrate_s), on_done=lambda: bridge.post_local(LocalEvent(t="migrated")))
+    bridge.post_local({"t": "receipt", "jws": "token"})  # B's receipt, as its Finish reply went on
+    if qemu_exits:
+        watch.exited.set()
+        bridge.post_local(LocalEvent(t="qemu-exited"))
+    started = time.monotonic()
+    held = live._watch(job, None, mover, bridge, watch)
+    return held, mover, time.monotonic() - started
+
+
+def test_a_commits_on_bs_receipt_once_its_qemu_exited_after_a_successful_finish3():
+    held, mover, took = _watched(finish3_ok=True, qemu_exits=True, migrate_s=5)
+    assert held == {"t": "receipt", "jws": "token"}
+    assert not mover.done.is_set() and took < 2  # libvirt's Confirm is still running
+
+
+@pytest.mark.parametrize("finish3_ok, qemu_exits", [(True, False), (False, True)])
+def test_without_both_signals_a_waits_for_libvirt(finish3_ok, qemu_exits):
+    # the QEMU still runs (a lost Finish reply: libvirt resumes it), or it exited but no successful
+    # Finish3 reply crossed this session (a crash): only libvirt's outcome decides
+    held, mover, _ = _watched(finish3_ok=finish3_ok, qemu_exits=qemu_exits, migrate_s=0.6)
+    assert mover.done.is_set()
+    assert held == {"t": "receipt", "jws": "token"}  # kept for the commit (or refused by the rollback)
