@@ -178,8 +178,7 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         job.abort.check()  # an abort while B prepared: libvirt has not started
         mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets),
                       on_done=lambda: bridge.post_local(LocalEvent(t="migrated")))
-        held = _watch(job, conn, mover, bridge, watch)
-        early = held is not None and held.get("t") == "receipt" and not mover.done.is_set()
+        held, early = _watch(job, conn, mover, bridge, watch)
         if not early:
             _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
     except BaseException as exc:
@@ -328,14 +327,14 @@ def _migrate(services: Services, domain: str, paths: dict, flags: int, bandwidth
                           flags=flags, bandwidth=bandwidth, disks=targets or None)
 
 
-def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, watch: Any) -> dict | None:
+def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, watch: Any) -> tuple[dict | None, bool]:
     """While libvirt migrates: progress from its job; --timeout, an operator's abort (`migsec jobs
     abort`, Ctrl-C of `migsec migrate`) and a failed session abort the job (libvirt rolls back).
 
     Returns when ``migrateToURI3`` returned, or earlier when the move can commit: B's receipt is
     here, libvirt's successful Finish3 reply crossed this session, and this host's source QEMU
     exited (its copy is gone for good). Returns B's message that arrived meanwhile (a receipt or
-    an abort), or None."""
+    an abort, or None) and whether the move may commit before libvirt's job ended."""
     held: dict | None = None
     while True:
         try:
@@ -350,16 +349,16 @@ def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, watch
             log.warning("migration %s: ignoring a second message (%r) from %s while libvirt migrates", job.mid,
                         event.get("t"), job.dest_did)
         if mover.done.is_set():
-            return held
+            return held, False
         if (held is not None and held.get("t") == "receipt" and watch is not None and watch.exited.is_set()
                 and bridge.finish3_ok()):
             log.info("migration %s: the source QEMU exited after B's Finish: committing before libvirt's "
                      "Confirm returns", job.mid)
-            return held
+            return held, True
         aborted = job.abort.reason is not None
         if bridge.error is not None or aborted or (job.deadline is not None and time.monotonic() > job.deadline):
             _abort_libvirt(job, conn, mover, bridge, aborted)
-            return held
+            return held, False
         if event is None:
             _progress(job, conn)
 

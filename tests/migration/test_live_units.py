@@ -106,13 +106,13 @@ def _watched(*, finish3_ok: bool, qemu_exits: bool, migrate_s: float):
         watch.exited.set()
         bridge.post_local(LocalEvent(t="qemu-exited"))
     started = time.monotonic()
-    held = live._watch(job, None, mover, bridge, watch)
-    return held, mover, time.monotonic() - started
+    held, early = live._watch(job, None, mover, bridge, watch)
+    return held, early, mover, time.monotonic() - started
 
 
 def test_a_commits_on_bs_receipt_once_its_qemu_exited_after_a_successful_finish3():
-    held, mover, took = _watched(finish3_ok=True, qemu_exits=True, migrate_s=5)
-    assert held == {"t": "receipt", "jws": "token"}
+    held, early, mover, took = _watched(finish3_ok=True, qemu_exits=True, migrate_s=5)
+    assert held == {"t": "receipt", "jws": "token"} and early
     assert not mover.done.is_set() and took < 2  # libvirt's Confirm is still running
 
 
@@ -120,6 +120,25 @@ def test_a_commits_on_bs_receipt_once_its_qemu_exited_after_a_successful_finish3
 def test_without_both_signals_a_waits_for_libvirt(finish3_ok, qemu_exits):
     # the QEMU still runs (a lost Finish reply: libvirt resumes it), or it exited but no successful
     # Finish3 reply crossed this session (a crash): only libvirt's outcome decides
-    held, mover, _ = _watched(finish3_ok=finish3_ok, qemu_exits=qemu_exits, migrate_s=0.6)
-    assert mover.done.is_set()
+    held, early, mover, _ = _watched(finish3_ok=finish3_ok, qemu_exits=qemu_exits, migrate_s=0.6)
+    assert mover.done.is_set() and not early
     assert held == {"t": "receipt", "jws": "token"}  # kept for the commit (or refused by the rollback)
+
+
+def test_an_abort_that_libvirt_does_not_end_never_counts_as_an_early_commit(monkeypatch):
+    # the operator aborts with B's receipt already here; libvirt's job does not end within the
+    # wait: A must not take that for the early commit (its QEMU may still run)
+    monkeypatch.setattr(live, "_abort_libvirt", lambda job, conn, mover, bridge, aborted: None)
+    import threading
+    from types import SimpleNamespace
+
+    from migsec.migration.jobs import AbortSwitch
+
+    bridge = _Bridge(finish3_ok=True)
+    bridge.post_local({"t": "receipt", "jws": "token"})
+    job = SimpleNamespace(mid="m1", domain="vm1", dest_did="cloud-b", abort=AbortSwitch(), deadline=None,
+                          emit=lambda e: None)
+    job.abort.request("operator")
+    mover = live._Call(lambda: time.sleep(3))
+    held, early = live._watch(job, None, mover, bridge, SimpleNamespace(exited=threading.Event()))
+    assert held == {"t": "receipt", "jws": "token"} and not early and not mover.done.is_set()
