@@ -337,10 +337,12 @@ def _watch(job: OutgoingMigration, conn: Any, mover: "_Call", bridge: Any, watch
     an abort, or None) and whether the move may commit before libvirt's job ended."""
     held: dict | None = None
     while True:
+        asked = time.monotonic()
         try:
             event = bridge.recv_control(0.5)
         except MigsecError:
-            event = None  # a timeout, or the session failed (bridge.error, below)
+            event = None  # a timeout, or the session ended (bridge.error, below)
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - asked)))  # an ended session answers at once
         if isinstance(event, LocalEvent):
             pass  # migrated, qemu-exited, finish3: the conditions are checked below
         elif event is not None and held is None:
