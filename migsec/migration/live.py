@@ -205,6 +205,8 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
                     domain)
     job.commit_signal = "qemu-exit" if early else "libvirt"
     bridge.mark(f"commit on {job.commit_signal}")
+    job.step(f"{job.dest_did} finished the move ({domain} waits paused there) and "
+             + ("the source QEMU here exited: committing" if early else "libvirt's migration returned: committing"))
     bridge.stop_listening()
     try:
         waited: MigsecError | None = None
