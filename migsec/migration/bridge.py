@@ -53,7 +53,7 @@ from migsec.protocol import Ack, Close, Control, Data, End, Hole
 from migsec.protocol.framing import HEADER_SIZE, RECORD, RECORD_MAX, parse_header
 from migsec.protocol.libvirt_rpc import MessageType
 from migsec.protocol.records import CONTROL_CHANNEL, DATA, OVERHEAD, RECORD_HEADER, RECORD_HEADER_SIZE, Buffer
-from migsec.protocol.rpcdigest import CUT_SUFFIX, RpcDigest
+from migsec.protocol.rpcdigest import CUT_SUFFIX, Cut, RpcDigest
 from migsec.transfer.plane import TokenBucket
 
 log = logging.getLogger("migsecd.bridge")
@@ -301,8 +301,8 @@ class ChannelBridge:
         direction, named as in ``digests``. Both hosts' clocks agree in the lab, so A's and B's
         timelines merge into one (bench/bench_live.py --timeline)."""
         events = list(self._marks)
+        mine, theirs = self._directions()
         for c in list(self.channels.values()):
-            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
             name = f"{c.kind}.{c.channel}"
             for t, what in ((c.first_sent, f"{name}.{mine} first sent"),
                             (c.last_sent, f"{name}.{mine} last sent ({c.records_sent} records)"),
@@ -451,7 +451,7 @@ class ChannelBridge:
         reply.on_cut = lambda cut: self._finish3(conn, cut)
         conn.sent_hash, conn.received_hash = (call, reply) if self.role == "source" else (reply, call)
 
-    def _finish3(self, conn: _Conn, cut: Any) -> None:
+    def _finish3(self, conn: _Conn, cut: Cut) -> None:
         # hashed before it is sent on (B) or written to libvirtd (A): posted after that
         self.mark(f"finish3 reply ({'ok' if cut.ok else 'error'}) at byte {cut.offset} of {conn.kind}.{conn.channel}")
         conn.events.append(LocalEvent(t="finish3", ok=cut.ok, channel=conn.channel))
@@ -703,8 +703,8 @@ class ChannelBridge:
     def digests(self) -> dict[str, bytes]:
         """SHA-256 of every channel's bytes per direction, named ``<kind>.<ch>.a2b|b2a``."""
         out: dict[str, bytes] = {}
+        mine, theirs = self._directions()
         for c in sorted(self.channels.values(), key=lambda c: c.channel):
-            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
             out[f"{c.kind}.{c.channel}.{mine}"] = c.sent_digest()
             out[f"{c.kind}.{c.channel}.{theirs}"] = c.received_digest()
         return out
@@ -716,13 +716,10 @@ class ChannelBridge:
         out: dict[str, bytes] = {}
         for name, digest in self.digests().items():
             kind, ch, direction = name.split(".")
-            conn = self.channels[int(ch)]
             if kind != "libvirt":
                 out[name] = digest
                 continue
-            mine = "a2b" if self.role == "source" else "b2a"
-            hashed = conn.sent_hash if direction == mine else conn.received_hash
-            cut = hashed.cut if isinstance(hashed, RpcDigest) else None
+            cut = self._cut(self.channels[int(ch)], direction)
             if cut is None:
                 raise ProtocolError(f"no libvirt Finish3 {'call' if direction == 'a2b' else 'reply'} on "
                                     f"channel {ch} ({direction}): nothing to commit to")
@@ -731,17 +728,22 @@ class ChannelBridge:
 
     def finish3_ok(self) -> bool:
         """Did libvirt's successful Finish3 reply cross a libvirt channel of this session?"""
-        for conn in self.channels.values():
-            hashed = conn.received_hash if self.role == "source" else conn.sent_hash
-            if isinstance(hashed, RpcDigest) and hashed.cut is not None and hashed.cut.ok:
-                return True
-        return False
+        return any(cut is not None and cut.ok for cut in (self._cut(c, "b2a") for c in self.channels.values()))
+
+    def _directions(self) -> tuple[str, str]:
+        """(what this host sends, what it receives), as ``digests`` names them."""
+        return ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
+
+    def _cut(self, conn: _Conn, direction: str) -> Cut | None:
+        """The Finish3 cut of ``conn``'s ``direction`` (a libvirt channel's), or None."""
+        hashed = conn.sent_hash if direction == self._directions()[0] else conn.received_hash
+        return hashed.cut if isinstance(hashed, RpcDigest) else None
 
     def channel_bytes(self) -> dict[str, int]:
         """Bytes per channel and direction (same names as ``digests``)."""
         out: dict[str, int] = {}
+        mine, theirs = self._directions()
         for c in self.channels.values():
-            mine, theirs = ("a2b", "b2a") if self.role == "source" else ("b2a", "a2b")
             out[f"{c.kind}.{c.channel}.{mine}"] = c.sent
             out[f"{c.kind}.{c.channel}.{theirs}"] = c.received
         return out
