@@ -160,7 +160,6 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
                  commit: SourceCommit) -> tuple[dict, dict]:
     services, mid, domain = job.services, job.mid, job.domain
     paths = _uris(mid)
-    watch = None
     try:
         qemu_gid = _qemu_gid()
         make_run_dir(mid, group=qemu_gid, group_mode=0o010)
@@ -173,17 +172,19 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
         flags = vmig.live_flags(persistent=bool(job.options.get("persistent")),
                                 undefine_source=bool(job.options.get("undefine_source")))
         targets = [d.target for d in job.request.require_plan().mirrored_disks]
+        job.abort.check()  # an abort while B prepared: libvirt has not started
         watch = qemupid.watch_exit(services.config.libvirt.uri, domain, job.request.require_plan().vm_uuid,
                                    lambda: bridge.post_local(LocalEvent(t="qemu-exited")))
-        job.abort.check()  # an abort while B prepared: libvirt has not started
-        mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets),
-                      on_done=lambda: bridge.post_local(LocalEvent(t="migrated")))
-        held, early = _watch(job, conn, mover, bridge, watch)
+        try:
+            mover = _Call(lambda: _migrate(services, domain, paths, flags, job.bandwidth(), targets),
+                          on_done=lambda: bridge.post_local(LocalEvent(t="migrated")))
+            held, early = _watch(job, conn, mover, bridge, watch)
+        finally:
+            if watch is not None:
+                watch.close()
         if not early:
             _join(job, conn, mover)  # raises libvirt's error: libvirt rolled back, the guest is here
     except BaseException as exc:
-        if watch is not None:
-            watch.close()
         if _left_here(conn, domain):
             # whatever failed here, libvirt moved the guest (its Confirm stopped this copy): B holds
             # the only copy, paused; an abort would destroy it. Undecided: recovery commits.
@@ -197,8 +198,6 @@ def _source_flow(job: OutgoingMigration, conn: Any, session: SourceSession, brid
     # B's Finish left the guest paused there, and here either its QEMU exited (libvirt's Confirm
     # stopped it: nobody can resume it) or migrateToURI3 returned: from now on A never resumes it
     # (the machine's stopped_when_sent); B runs it once A's commit arrives
-    if watch is not None:
-        watch.close()
     if not job.abort.past_return(f"libvirt moved {domain} to {job.dest_did} (its copy here is stopped): the "
                                  "move completes there and can no longer be aborted"):
         log.warning("migration %s: an abort came after libvirt moved %s: too late, the move completes", mid,
