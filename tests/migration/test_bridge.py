@@ -55,10 +55,21 @@ class Target:
             conn.close()
 
 
-def pair(domains, short_dir, *, filters: dict | None = None):
-    keys = handshake(domains)
-    ra, rb = layers(keys)
+def session(domains):
+    """A real handshake's record layers and a loopback TCP pair: (ra, rb, sa, sb)."""
+    ra, rb = layers(handshake(domains))
     sa, sb = tcp_pair()
+    return ra, rb, sa, sb
+
+
+def bare_bridges(ra, rb, sa, sb):
+    """A's and B's bridges on a session, B with no local targets."""
+    return (ChannelBridge(sa, ra, role="source", peer_name="B"),
+            ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None)))
+
+
+def pair(domains, short_dir, *, filters: dict | None = None):
+    ra, rb, sa, sb = session(domains)
     targets: dict[str, str] = {}
 
     def connect_target(kind: str, channel: int):
@@ -175,12 +186,9 @@ def test_the_source_never_accepts_an_open_and_unknown_kinds_are_refused(domains,
 def test_both_ends_of_the_session_send_small_records_at_once(domains, short_dir):
     # B's socket comes from accept() with Nagle on; a 16-byte NBD reply or the last segment of
     # an RPC reply would wait for the peer's (delayed) ACK
-    keys = handshake(domains)
-    ra, rb = layers(keys)
-    sa, sb = tcp_pair()
+    ra, rb, sa, sb = session(domains)
     sb.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-    a = ChannelBridge(sa, ra, role="source", peer_name="B")
-    b = ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None))
+    a, b = bare_bridges(ra, rb, sa, sb)
     assert sa.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert sb.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     a.close()
@@ -249,13 +257,10 @@ def test_the_session_buffers_in_the_bulk_direction_are_bounded(domains, short_di
     # buffers delay whatever record follows (the NBD flush at the switchover)
     from migsec.migration.bridge import SESSION_BUFFER
 
-    keys = handshake(domains)
-    ra, rb = layers(keys)
-    sa, sb = tcp_pair()
+    ra, rb, sa, sb = session(domains)
     before_snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     before_rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    a = ChannelBridge(sa, ra, role="source", peer_name="B")
-    b = ChannelBridge(sb, rb, role="destination", peer_name="A", connect_target=lambda k, c: (None, None))
+    a, b = bare_bridges(ra, rb, sa, sb)
     snd = sa.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     rcv = sb.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     # Linux doubles the value set (bookkeeping), and net.core.[rw]mem_max may cap it

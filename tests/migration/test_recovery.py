@@ -75,6 +75,15 @@ class Crash:
                     break
 
 
+def recover_b_while_a_answers(p, mid: str) -> str:
+    """B's ``recover_one`` with A's migsecd answering on its peer port."""
+    listener = Endpoint(p.a, p.a.listen[1])
+    try:
+        return recover_one(p.b, p.b.journal.get(mid))
+    finally:
+        listener.close()
+
+
 # ---- A recovers -------------------------------------------------------------------------------
 @pytest.mark.parametrize("a_phase", ["suspended", "streamed", "receipt-received"])
 def test_source_before_committed_rolls_back_and_b_discards(p, a_phase):
@@ -182,11 +191,7 @@ def test_destination_commit_received_resumes_without_asking(p):
 
 def test_destination_undecided_asks_a_which_decided_commit(p):
     c = Crash(p, a_phase="committed", b_phase="restored-paused", a_state="shutoff")
-    listener = Endpoint(p.a, p.a.listen[1])
-    try:
-        outcome = recover_one(p.b, p.b.journal.get(c.mid))
-    finally:
-        listener.close()
+    outcome = recover_b_while_a_answers(p, c.mid)
     assert outcome == f"committed by {A_DID}: vm1 runs here"
     assert phases(p.b, c.mid)[-3:] == ["commit-received", "resumed", "done"]
     assert p.state("vm1b") == "running" and not c.staging.exists()
@@ -197,11 +202,7 @@ def test_destination_undecided_asks_a_which_decided_commit(p):
                                               ("receipt-received", "restored-paused")])
 def test_destination_undecided_asks_a_which_rolls_back_then_aborts(p, a_phase, b_phase):
     c = Crash(p, a_phase=a_phase, b_phase=b_phase, b_state="absent" if b_phase == "receiving" else "paused")
-    listener = Endpoint(p.a, p.a.listen[1])
-    try:
-        outcome = recover_one(p.b, p.b.journal.get(c.mid))
-    finally:
-        listener.close()
+    outcome = recover_b_while_a_answers(p, c.mid)
     assert outcome == f"aborted by {A_DID}: partial files and any paused copy removed here"
     assert p.b.journal.get(c.mid).phase == "discarded"
     assert p.state("vm1b") in ("shutoff", "absent") and not c.staging.exists()
@@ -221,11 +222,7 @@ def test_destination_undecided_with_a_unreachable_stays_paused(p):
 def test_destination_undecided_while_a_still_runs_it_is_pending(p):
     c = Crash(p, a_phase="streamed", b_phase="restored-paused")
     p.a.running[c.mid] = object()  # A's migsecd is still running this migration
-    listener = Endpoint(p.a, p.a.listen[1])
-    try:
-        outcome = recover_one(p.b, p.b.journal.get(c.mid))
-    finally:
-        listener.close()
+    outcome = recover_b_while_a_answers(p, c.mid)
     assert outcome == f"{A_DID} says the migration is still in progress"
     assert p.b.journal.get(c.mid).phase == "restored-paused" and p.state("vm1b") == "paused"
     assert p.a.journal.get(c.mid).phase == "streamed" and p.state("vm1") == "paused"
