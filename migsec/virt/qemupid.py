@@ -58,7 +58,7 @@ class ExitWatch:
     def _run(self) -> None:
         try:
             ready, _, _ = select.select([self._pidfd, self._stop_r], [], [])
-            if self._pidfd in ready and self._stop_r not in ready and not self._closed:
+            if self._pidfd in ready and not self._closed:  # close() sets _closed before it wakes us
                 self.exited.set()
                 self._on_exit()
         finally:
