@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import sys
@@ -33,8 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    faulthandler.enable()  # a crash in a C extension (libvirt's, cryptography's) leaves every thread's stack in the log
     try:
-
         config = load_config(args.config)
         services = Services.load(config)
         daemon = Daemon(services)

@@ -27,6 +27,7 @@ from migsec.daemon import handlers, wire
 from migsec.daemon.notify import sd_notify
 from migsec.errors import ConfigError, MalformedMessageError, MigsecError
 from migsec.daemon.endpoint import serve_peer
+from migsec.migration.live import sweep_run_dirs
 from migsec.migration.recovery import auto_recover
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self._stopping = asyncio.Event()
+        self._sweep_run_dirs()
         await self._start_unix()
         self._start_tcp()
         loop = asyncio.get_running_loop()
@@ -70,6 +72,15 @@ class Daemon:
         if unfinished and self.config.recovery.auto:
             # after the sockets listen: a peer recovering the same migration can reach us
             threading.Thread(target=self._auto_recover, name="migsecd-recover", daemon=True).start()
+
+    def _sweep_run_dirs(self) -> None:
+        try:
+            journaled = {e.migration_id for e in self.services.journal.list()}
+        except MigsecError as exc:
+            log.error("cannot read the migration journal: %s", exc)
+            return
+        for mid in sweep_run_dirs(journaled):
+            log.info("migration %s: removed its run directory (left by a daemon that stopped with it)", mid)
 
     def _auto_recover(self) -> None:
         try:

@@ -113,6 +113,21 @@ def remove_run_dir(migration_id: str) -> None:
     shutil.rmtree(run_dir(migration_id), ignore_errors=True)
 
 
+def sweep_run_dirs(journaled: set[str]) -> list[str]:
+    """migsecd's start, before it listens (nothing migrates yet): a run directory of a journaled
+    migration is a leftover of a daemon that died with it (a kill between its journal's last word
+    and its ``finally``, or a committed move recovery finished without looking at libvirt). Its
+    sockets have no listener any more; they go. Returns the ids removed."""
+    try:
+        names = [p.name for p in RUN_ROOT.iterdir() if p.is_dir() and not p.is_symlink()]
+    except FileNotFoundError:
+        return []
+    stale = sorted(n for n in names if n in journaled)
+    for mid in stale:
+        remove_run_dir(mid)
+    return stale
+
+
 def _uris(migration_id: str) -> dict[str, str]:
     d = run_dir(migration_id)
     return {"libvirt": str(d / "libvirt.sock"), "qemu": str(d / "qemu.sock"), "nbd": str(d / "nbd.sock")}

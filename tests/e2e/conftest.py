@@ -21,6 +21,24 @@ GUEST_REGION_MIB = 16
 GUEST_DISK = "64M"
 
 
+LOG_TAIL = 40
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed lab test carries the end of both migsecd logs (the lab, logs and all, is torn
+    down after the session, so the report is all that is left of them)."""
+    outcome = yield
+    report = outcome.get_result()
+    deployment = item.funcargs.get("dep") if report.when == "call" and report.failed else None
+    for name, domain in getattr(deployment, "domains", {}).items():
+        try:
+            tail = domain.log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        except OSError as exc:
+            tail = [f"(cannot read {domain.log}: {exc})"]
+        report.sections.append((f"migsecd at {name}, last {LOG_TAIL} lines", "\n".join(tail)))
+
+
 @pytest.fixture(scope="session")
 def dep(tmp_path_factory):
     """The lab up, CA + cloud-a/cloud-b deployed, both migsecd running inside their hosts."""

@@ -225,7 +225,7 @@ def test_connection_cut_mid_transfer_resumes(dep, guest):
                                     destination=f"migsec://{b.did}:{PORT}")
     assert "cut" in relay.events, "the relay never cut the connection (transfer smaller than the cut?)"
     assert relay.events.count("connection") >= 1
-    assert code == 0, err
+    assert code == 0, (result, err)
     guest.assert_runs_only_on("b")
     assert_state_intact(guest, "b", guest.console("a").counters[-1])
     assert_counter_continues(guest.console("b").counters[0], guest.console("a").counters[-1])

@@ -142,3 +142,20 @@ def test_an_abort_that_libvirt_does_not_end_never_counts_as_an_early_commit(monk
     mover = live._Call(lambda: time.sleep(3))
     held, early = live._watch(job, None, mover, bridge, SimpleNamespace(exited=threading.Event()))
     assert held == {"t": "receipt", "jws": "token"} and not early and not mover.done.is_set()
+
+
+def test_the_start_sweep_removes_run_dirs_of_journaled_migrations_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "RUN_ROOT", tmp_path)
+    left = live.make_run_dir("a" * 32)
+    (left / "nbd.sock").write_text("")  # a socket nobody listens on any more
+    live.make_run_dir("b" * 32)  # not in this host's journal: not migsec's to remove
+    (tmp_path / "migsecd.sock").write_text("")
+    (tmp_path / "permits").mkdir()
+    assert live.sweep_run_dirs({"a" * 32, "c" * 32, "permits-not"}) == ["a" * 32]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b" * 32, "migsecd.sock", "permits"]
+    assert live.sweep_run_dirs({"a" * 32}) == []
+
+
+def test_the_start_sweep_without_a_run_root_removes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "RUN_ROOT", tmp_path / "absent")
+    assert live.sweep_run_dirs({"a" * 32}) == []
