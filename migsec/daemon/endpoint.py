@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from migsec.errors import AuthorizationDenied, HandshakeError, MigsecError, UnknownIssuerError, network_error
 from migsec.migration import link
 from migsec.migration.destination import IncomingMigration
-from migsec.migration.link import Accepted, PeerCert, claim_incoming, release_incoming
+from migsec.migration.link import RESUMABLE_PHASES, Accepted, PeerCert, claim_incoming, release_incoming
 from migsec.migration.recovery import answer_recovery
 from migsec.protocol import NEED_DATA
 from migsec.protocol.errors import peer_reason
@@ -68,13 +68,17 @@ def run_accepted(services: Services, conn: socket.socket, accepted: Accepted) ->
     if accepted.purpose == "recover":
         answer_recovery(services, conn, accepted)
         return
-    if not claim_incoming(mid):
+    if not claim_incoming(mid, conn, supersede=accepted.purpose == "resume"):
         log.warning("migration %s is already being received on another connection", mid)
         return
     try:
+        if accepted.purpose == "resume" and (phase := services.journal.get(mid).phase) not in RESUMABLE_PHASES:
+            # the connection it superseded got further (its worker ran on until it let go)
+            log.warning("migration %s: not resuming, it is %s here now", mid, phase)
+            return
         IncomingMigration(services, mid).serve(conn, accepted)
     finally:
-        release_incoming(mid)
+        release_incoming(mid, conn)
 
 
 async def accept_async(services: Services, conn: socket.socket, loop: asyncio.AbstractEventLoop,

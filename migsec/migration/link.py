@@ -237,29 +237,49 @@ def store_pinned_source(services: Services, peer: "PeerCert", fingerprint: str) 
 
 
 # ---- B: the destination side -------------------------------------------------------------------
-# the migrations being received (claimed by B's endpoint for the worker thread's life)
-_busy: set[str] = set()
-_busy_lock = threading.Lock()
+# the migrations being received, each with the connection that receives it (claimed by B's
+# endpoint for the worker thread's life)
+_busy: dict[str, socket.socket] = {}
+_busy_changed = threading.Condition()
+SUPERSEDE_WAIT_S = 30
+RESUMABLE_PHASES = ("accepted", "receiving", "received")  # B's journal: a cold transfer A may resume
 
 
 def active_incoming() -> int:
     """Migrations this daemon is receiving right now (for ``decide``'s ``[limits].max_incoming`` check)."""
-    with _busy_lock:
+    with _busy_changed:
         return len(_busy)
 
 
-def claim_incoming(migration_id: str) -> bool:
-    """Mark a migration as being received; False if another connection receives it already."""
-    with _busy_lock:
+def claim_incoming(migration_id: str, conn: socket.socket, *, supersede: bool = False,
+                   wait: float = SUPERSEDE_WAIT_S) -> bool:
+    """Mark a migration as being received on ``conn``; False if another connection receives it.
+
+    ``supersede`` (A's authenticated resume of this migration): A gave the old connection up, so
+    B's side of it is dead too even where no reset told B (a link that went silent): it is shut
+    down, which ends its worker's wait, and the claim waits (``wait`` s) for that worker to let go.
+    """
+    with _busy_changed:
+        old = _busy.get(migration_id)
+        if old is not None and supersede:
+            log.warning("migration %s: a resume arrived while an older connection still receives it; "
+                        "closing that one", migration_id)
+            try:
+                old.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already: its worker is on its way out
+            _busy_changed.wait_for(lambda: migration_id not in _busy, wait)
         if migration_id in _busy:
             return False
-        _busy.add(migration_id)
+        _busy[migration_id] = conn
         return True
 
 
-def release_incoming(migration_id: str) -> None:
-    with _busy_lock:
-        _busy.discard(migration_id)
+def release_incoming(migration_id: str, conn: socket.socket) -> None:
+    with _busy_changed:
+        if _busy.get(migration_id) is conn:
+            del _busy[migration_id]
+            _busy_changed.notify_all()
 
 
 @dataclass
@@ -300,7 +320,7 @@ def decide(services: Services, proposal: MigrationProposed) -> tuple[str, int | 
             raise AuthorizationDenied(f"migration {mid} does not belong to {proposal.src_did}", decision="Invalid")
         if proposal.resume_of is not None:
             if entry.role != "destination" or proposal.resume_of != mid or \
-                    entry.phase not in ("accepted", "receiving", "received"):
+                    entry.phase not in RESUMABLE_PHASES:
                 raise AuthorizationDenied(f"migration {mid} cannot be resumed (it is {entry.phase})", decision="Invalid")
             if proposal.request.require_plan().mode == "live" or entry.plan().mode == "live":
                 raise AuthorizationDenied(f"migration {mid} was live: libvirt cannot resume it (start a new one)", decision="Invalid")

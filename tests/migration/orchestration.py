@@ -75,7 +75,9 @@ class Endpoint:
     """B's peer listener: every connection is served by ``endpoint.serve_peer``.
 
     ``drop_after`` (bytes from A, per connection): forward that much, then cut the connection
-    both ways, as a broken network would; None: no cut. ``delay`` (s): a slow peer, whose
+    both ways, as a broken network would; None: no cut. ``stall_after`` (bytes, the next
+    connection only): then A's end is cut but B's goes silent, as a link that died without a
+    reset: B learns nothing until A's resume supersedes it. ``delay`` (s): a slow peer, whose
     handshake starts that late.
     """
 
@@ -88,6 +90,7 @@ class Endpoint:
         self.connections = 0
         self.drop_after: int | None = None
         self.drop_once = False  # cut only the next connection after drop_after bytes
+        self.stall_after: int | None = None
         self.cut = threading.Event()  # set: every open connection is cut, as a broken network would
         self.cuttable = False  # relay connections so that ``cut`` can cut them
         self.delay = 0.0
@@ -103,7 +106,9 @@ class Endpoint:
             except OSError:
                 return
             self.connections += 1
-            if self.drop_after is not None:
+            if self.stall_after is not None:
+                conn, self.stall_after = _stall_after(conn, self.stall_after, self.cut), None
+            elif self.drop_after is not None:
                 conn = _cut_after(conn, self.drop_after)
                 if self.drop_once:
                     self.drop_after = None
@@ -165,6 +170,45 @@ def _cut_after(conn: socket.socket, limit: int) -> socket.socket:
         except OSError:
             pass
         far.close()
+
+    threading.Thread(target=a_to_b, daemon=True).start()
+    threading.Thread(target=b_to_a, daemon=True).start()
+    return near
+
+
+def _stall_after(conn: socket.socket, limit: int, closing: threading.Event) -> socket.socket:
+    """A relay that, after ``limit`` bytes from A, cuts A's end and leaves B's end open and
+    silent (until ``closing``): B's worker waits on a connection nobody will ever use again."""
+    near, far = socket.socketpair()
+
+    def a_to_b() -> None:
+        sent = 0
+        try:
+            while sent < limit:
+                data = conn.recv(min(65536, limit - sent))
+                if not data:
+                    break
+                far.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+        closing.wait()
+        far.close()
+
+    def b_to_a() -> None:
+        try:
+            while True:
+                data = far.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass  # A's end is gone: B's answers go nowhere, and B is not told
 
     threading.Thread(target=a_to_b, daemon=True).start()
     threading.Thread(target=b_to_a, daemon=True).start()

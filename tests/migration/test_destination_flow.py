@@ -121,6 +121,32 @@ def test_a_cut_keeps_the_staged_part_and_a_resume_continues_it(p):
     assert p.b.journal.get(mid).phase == "discarded" and not staging.exists()
 
 
+def test_a_resume_supersedes_a_connection_that_went_silent_at_b(p):
+    """The link died without a reset: A gave up its connection, B's worker still waits on its
+    own end. A's resume shuts that end down, waits for the worker to let go and continues."""
+    grant, disk, image, xml = prepared(p, disk_bytes=4 * 1024 * 1024)
+    mid = grant.migration_id
+    p.endpoint.stall_after = 256 * 1024
+    session = connect(p, grant)
+    try:
+        with pytest.raises(MigsecError):
+            send(session, streams(disk, image, xml))
+    finally:
+        session.close()
+    assert link.active_incoming() == 1  # B has not noticed: its worker still waits for data
+    session = connect(p, grant, resume_of=mid)
+    try:
+        send(session, streams(disk, image, xml))
+        answer = session.control.recv_control(30)
+    finally:
+        session.close()
+    p.endpoint.wait_idle()
+    assert answer["t"] == "abort"  # the test driver's restore fails, as above: the resume got that far
+    assert p.b.journal.get(mid).data["attempt"] == "resume"
+    assert phases(p.b, mid) == ["accepted", "receiving", "received", "discarded"]
+    assert link.active_incoming() == 0
+
+
 def test_a_resume_of_a_migration_b_does_not_know_is_refused(p):
     grant, disk, image, xml = prepared(p)
     # B says only that it does not expect this (its log says which migration it does not know)
