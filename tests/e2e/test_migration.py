@@ -236,9 +236,10 @@ def test_connection_cut_mid_transfer_resumes(dep, guest):
 def test_destination_daemon_killed_mid_transfer(dep, guest):
     """B's migsecd dies mid-transfer: A rolls back (the guest runs on A), B keeps no partial files."""
     a, b = dep["a"], dep["b"]
+    earlier = set(staged_parts(b))  # (none, unless an earlier test left some: not this migration's)
     proc = migrate_in_background(dep, guest.name, "--bandwidth", "10")
     try:
-        wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in staged_parts(b)),
+        wait_for(lambda: any(p.stat().st_blocks * 512 > 4 * 1024 * 1024 for p in set(staged_parts(b)) - earlier),
                  60, "data arriving at B")
         b.kill(signal.SIGKILL)
         proc.wait(timeout=120)
