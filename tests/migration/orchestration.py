@@ -107,7 +107,7 @@ class Endpoint:
                 return
             self.connections += 1
             if self.stall_after is not None:
-                conn, self.stall_after = _stall_after(conn, self.stall_after, self.cut), None
+                conn, self.stall_after = _cut_after(conn, self.stall_after, silent_until=self.cut), None
             elif self.drop_after is not None:
                 conn = _cut_after(conn, self.drop_after)
                 if self.drop_once:
@@ -138,8 +138,9 @@ class Endpoint:
         self.daemon.executor.shutdown(wait=True)
 
 
-def _cut_after(conn: socket.socket, limit: int) -> socket.socket:
-    """A relay (a socketpair) between A's connection and B that cuts after ``limit`` bytes from A."""
+def _cut_after(conn: socket.socket, limit: int, *, silent_until: threading.Event | None = None) -> socket.socket:
+    """A relay (a socketpair) between A's connection and B that cuts after ``limit`` bytes from A:
+    both ways, or with ``silent_until`` A's end only, B's staying open and silent until it is set."""
     near, far = socket.socketpair()
 
     def a_to_b() -> None:
@@ -153,12 +154,15 @@ def _cut_after(conn: socket.socket, limit: int) -> socket.socket:
                 sent += len(data)
         except OSError:
             pass
-        for s in (conn, far):
+        for s in (conn,) if silent_until is not None else (conn, far):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         conn.close()
+        if silent_until is not None:
+            silent_until.wait()
+            far.close()
 
     def b_to_a() -> None:
         try:
@@ -168,47 +172,9 @@ def _cut_after(conn: socket.socket, limit: int) -> socket.socket:
                     break
                 conn.sendall(data)
         except OSError:
-            pass
-        far.close()
-
-    threading.Thread(target=a_to_b, daemon=True).start()
-    threading.Thread(target=b_to_a, daemon=True).start()
-    return near
-
-
-def _stall_after(conn: socket.socket, limit: int, closing: threading.Event) -> socket.socket:
-    """A relay that, after ``limit`` bytes from A, cuts A's end and leaves B's end open and
-    silent (until ``closing``): B's worker waits on a connection nobody will ever use again."""
-    near, far = socket.socketpair()
-
-    def a_to_b() -> None:
-        sent = 0
-        try:
-            while sent < limit:
-                data = conn.recv(min(65536, limit - sent))
-                if not data:
-                    break
-                far.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        conn.close()
-        closing.wait()
-        far.close()
-
-    def b_to_a() -> None:
-        try:
-            while True:
-                data = far.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
-        except OSError:
-            pass  # A's end is gone: B's answers go nowhere, and B is not told
+            pass  # silent: A's end is gone, B's answers go nowhere and B is not told
+        if silent_until is None:
+            far.close()
 
     threading.Thread(target=a_to_b, daemon=True).start()
     threading.Thread(target=b_to_a, daemon=True).start()

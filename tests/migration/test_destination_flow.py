@@ -90,34 +90,44 @@ def test_a_stream_that_fails_integrity_is_refused_and_discarded(p):
     assert not target(p, disk).exists()
 
 
-def test_a_cut_keeps_the_staged_part_and_a_resume_continues_it(p):
-    grant, disk, image, xml = prepared(p, disk_bytes=4 * 1024 * 1024)
-    mid = grant.migration_id
-    p.endpoint.drop_after = 256 * 1024
+def send_until_cut(p, grant, disk, image, xml) -> None:
+    """A's first connection, which the endpoint cuts (as ``p.endpoint`` was told)."""
     session = connect(p, grant)
     try:
         with pytest.raises(MigsecError):
             send(session, streams(disk, image, xml))
     finally:
         session.close()
-    p.endpoint.wait_idle()
-    entry = p.b.journal.get(mid)
-    assert entry.phase == "receiving" and not entry.decided  # connection lost: kept for a resume
-    staging = p.root / "b/state/staging" / f"in-{mid}"
-    assert staging.is_dir()
 
-    # A reconnects with resume_of: B accepts it as a resume of the same migration
-    p.endpoint.drop_after = None
-    session = connect(p, grant, resume_of=mid)
+
+def resume_to_the_end(p, grant, disk, image, xml) -> dict:
+    """A reconnects with resume_of and sends everything; B's answer at the end."""
+    session = connect(p, grant, resume_of=grant.migration_id)
     try:
         send(session, streams(disk, image, xml))
         answer = session.control.recv_control(30)
     finally:
         session.close()
     p.endpoint.wait_idle()
+    mid = grant.migration_id
     assert answer["t"] == "abort"  # the restore fails here as above, so B discards at the end
     assert p.b.journal.get(mid).data["attempt"] == "resume"
     assert phases(p.b, mid) == ["accepted", "receiving", "received", "discarded"]
+    return answer
+
+
+def test_a_cut_keeps_the_staged_part_and_a_resume_continues_it(p):
+    grant, disk, image, xml = prepared(p, disk_bytes=4 * 1024 * 1024)
+    mid = grant.migration_id
+    p.endpoint.drop_after = 256 * 1024
+    send_until_cut(p, grant, disk, image, xml)
+    p.endpoint.wait_idle()
+    entry = p.b.journal.get(mid)
+    assert entry.phase == "receiving" and not entry.decided  # connection lost: kept for a resume
+    staging = p.root / "b/state/staging" / f"in-{mid}"
+    assert staging.is_dir()
+    p.endpoint.drop_after = None
+    resume_to_the_end(p, grant, disk, image, xml)  # B accepts it as a resume of the same migration
     assert p.b.journal.get(mid).phase == "discarded" and not staging.exists()
 
 
@@ -125,25 +135,10 @@ def test_a_resume_supersedes_a_connection_that_went_silent_at_b(p):
     """The link died without a reset: A gave up its connection, B's worker still waits on its
     own end. A's resume shuts that end down, waits for the worker to let go and continues."""
     grant, disk, image, xml = prepared(p, disk_bytes=4 * 1024 * 1024)
-    mid = grant.migration_id
     p.endpoint.stall_after = 256 * 1024
-    session = connect(p, grant)
-    try:
-        with pytest.raises(MigsecError):
-            send(session, streams(disk, image, xml))
-    finally:
-        session.close()
+    send_until_cut(p, grant, disk, image, xml)
     assert link.active_incoming() == 1  # B has not noticed: its worker still waits for data
-    session = connect(p, grant, resume_of=mid)
-    try:
-        send(session, streams(disk, image, xml))
-        answer = session.control.recv_control(30)
-    finally:
-        session.close()
-    p.endpoint.wait_idle()
-    assert answer["t"] == "abort"  # the test driver's restore fails, as above: the resume got that far
-    assert p.b.journal.get(mid).data["attempt"] == "resume"
-    assert phases(p.b, mid) == ["accepted", "receiving", "received", "discarded"]
+    resume_to_the_end(p, grant, disk, image, xml)
     assert link.active_incoming() == 0
 
 
