@@ -62,8 +62,9 @@ if TYPE_CHECKING:
     from migsec.virt.describe import DomainInfo
 
 log = logging.getLogger("migsecd.source")
-MAX_RESUMES = 3
-RESUME_BACKOFF_S = (0.5, 1.0, 2.0)
+# a cut connection is retried for 15.5 s in all (a WAN blip of seconds, a peer's restart), within --timeout
+MAX_RESUMES = 5
+RESUME_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 REPLY_TIMEOUT_S = 120
 
 
@@ -233,6 +234,7 @@ class OutgoingMigration:
                         if attempt > MAX_RESUMES:
                             raise TransferError(f"cannot reconnect to {self.dest_did}: {exc2}") from exc2
                         time.sleep(RESUME_BACKOFF_S[min(attempt - 1, len(RESUME_BACKOFF_S) - 1)])
+                        self.check_deadline()
 
     def _recheck_saved_image(self, manifest: Any) -> None:
         sent = _memory_digest(manifest)
