@@ -74,11 +74,13 @@ class Daemon:
             threading.Thread(target=self._auto_recover, name="migsecd-recover", daemon=True).start()
 
     def _sweep_run_dirs(self) -> None:
-        try:
-            journaled = {e.migration_id for e in self.services.journal.list()}
-        except MigsecError as exc:
-            log.error("cannot read the migration journal: %s", exc)
-            return
+        def journaled(name: str) -> bool:  # only the run directories there are: not the whole journal
+            try:
+                self.services.journal.get(name)
+            except MigsecError:  # not a migration of ours (or unreadable): left alone
+                return False
+            return True
+
         for mid in sweep_run_dirs(journaled):
             log.info("migration %s: removed its run directory (left by a daemon that stopped with it)", mid)
 

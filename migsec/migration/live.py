@@ -113,16 +113,17 @@ def remove_run_dir(migration_id: str) -> None:
     shutil.rmtree(run_dir(migration_id), ignore_errors=True)
 
 
-def sweep_run_dirs(journaled: set[str]) -> list[str]:
+def sweep_run_dirs(journaled: Callable[[str], bool]) -> list[str]:
     """migsecd's start, before it listens (nothing migrates yet): a run directory of a journaled
     migration is a leftover of a daemon that died with it (a kill between its journal's last word
     and its ``finally``, or a committed move recovery finished without looking at libvirt). Its
-    sockets have no listener any more; they go. Returns the ids removed."""
+    sockets have no listener any more; they go. ``journaled(name)``: is that a migration of this
+    host's journal. Returns the ids removed."""
     try:
         names = [p.name for p in RUN_ROOT.iterdir() if p.is_dir() and not p.is_symlink()]
     except FileNotFoundError:
         return []
-    stale = sorted(n for n in names if n in journaled)
+    stale = sorted(n for n in names if journaled(n))
     for mid in stale:
         remove_run_dir(mid)
     return stale
